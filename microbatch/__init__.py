@@ -1,0 +1,56 @@
+"""microbatch: streaming micro-batch processing on anyio.
+
+Records from a file, a growing log, a TCP socket or any iterable are cut into batches bounded by
+size and time, run through worker processes with backpressure, timeouts and retries, and folded in
+order into a running result that checkpoints make exactly-once across crashes.
+"""
+
+from __future__ import annotations
+
+from ._exceptions import (
+    BackendNotSupported,
+    BatcherClosed,
+    BatcherError,
+    BatcherFull,
+    BatchFailed,
+    BatchTimeout,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointMismatch,
+    CheckpointWriteError,
+    ExecutorError,
+    LineTooLong,
+    MicrobatchError,
+    RemoteError,
+    RemoteTraceback,
+    SourceDecodeError,
+    SourceError,
+    UnpicklableFunction,
+    WorkerCrashed,
+)
+
+# Each public module adds its names below.
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupported",
+    "BatcherClosed",
+    "BatcherError",
+    "BatcherFull",
+    "BatchFailed",
+    "BatchTimeout",
+    "CheckpointCorrupt",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "CheckpointWriteError",
+    "ExecutorError",
+    "LineTooLong",
+    "MicrobatchError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SourceDecodeError",
+    "SourceError",
+    "UnpicklableFunction",
+    "WorkerCrashed",
+]

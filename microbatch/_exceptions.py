@@ -1,0 +1,179 @@
+"""Every error microbatch raises, in one place.
+
+The hierarchy::
+
+    MicrobatchError                     base of everything below
+    ├── SourceError                     a source cannot deliver its records
+    │   ├── LineTooLong                 a line passed max_line_length (names path/peer and byte offset)
+    │   └── SourceDecodeError           bytes that do not decode (names path and byte offset)
+    ├── ExecutorError                   one call on an executor failed for a reason other than fn
+    │   ├── WorkerCrashed               the worker process died while it ran the call
+    │   ├── BatchTimeout                the call ran past its timeout; its worker was killed
+    │   └── RemoteError                 fn raised an exception that could not be sent back as itself
+    ├── UnpicklableFunction             fn cannot be sent to worker processes (raised before any batch)
+    ├── BackendNotSupported             a feature needs another async backend (Dask needs asyncio)
+    ├── BatchFailed                     on_error="raise": a batch failed after its retries
+    ├── CheckpointError                 a checkpoint store cannot be used
+    │   ├── CheckpointCorrupt           no valid checkpoint in a store that holds some
+    │   ├── CheckpointMismatch          the checkpoint belongs to another pipeline
+    │   └── CheckpointWriteError        writing a checkpoint failed; the previous one is intact
+    └── BatcherError                    a Batcher refused an item
+        ├── BatcherFull                 submit_nowait while max_pending items wait
+        └── BatcherClosed               submit after the batcher was closed
+
+``RemoteTraceback`` is not raised on its own: executors attach it as ``__cause__`` of an exception
+raised by ``fn`` in another process, so that the worker's traceback is shown with it.
+
+Invalid arguments raise the built-in ``ValueError`` or ``TypeError`` naming the parameter.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MicrobatchError",
+    "SourceError",
+    "LineTooLong",
+    "SourceDecodeError",
+    "ExecutorError",
+    "WorkerCrashed",
+    "BatchTimeout",
+    "RemoteError",
+    "RemoteTraceback",
+    "UnpicklableFunction",
+    "BackendNotSupported",
+    "BatchFailed",
+    "CheckpointError",
+    "CheckpointCorrupt",
+    "CheckpointMismatch",
+    "CheckpointWriteError",
+    "BatcherError",
+    "BatcherFull",
+    "BatcherClosed",
+]
+
+
+class MicrobatchError(Exception):
+    """Base class of every error raised by microbatch."""
+
+
+class SourceError(MicrobatchError):
+    """Raised by a source that cannot deliver its records."""
+
+
+class LineTooLong(SourceError, ValueError):
+    """Raised by a line source when a line is longer than ``max_line_length`` bytes.
+
+    ``where`` is the file path or the peer address, ``offset`` the byte offset where the line starts.
+    """
+
+    def __init__(self, where: str, offset: int, limit: int) -> None:
+        super().__init__(
+            f"{where}: line starting at byte offset {offset} is longer than "
+            f"max_line_length={limit} bytes"
+        )
+        self.where = where
+        self.offset = offset
+        self.limit = limit
+
+
+class SourceDecodeError(SourceError, ValueError):
+    """Raised by a line source when bytes do not decode; ``errors="replace"`` chooses replacement.
+
+    ``offset`` is the byte offset of the first undecodable byte.
+    """
+
+    def __init__(self, where: str, offset: int, encoding: str, reason: str) -> None:
+        super().__init__(
+            f"{where}: cannot decode byte offset {offset} as {encoding}: {reason} "
+            f"(pass errors='replace' to substitute undecodable bytes)"
+        )
+        self.where = where
+        self.offset = offset
+        self.encoding = encoding
+        self.reason = reason
+
+
+class ExecutorError(MicrobatchError):
+    """Raised by an executor when one call failed for a reason other than an exception of ``fn``."""
+
+
+class WorkerCrashed(ExecutorError):
+    """Raised when the worker process running a call died (a signal, ``os._exit``, out of memory)."""
+
+
+class BatchTimeout(ExecutorError, TimeoutError):
+    """Raised when a call ran longer than its timeout; the worker running it was killed."""
+
+
+class RemoteError(ExecutorError):
+    """Raised when ``fn`` failed in a worker with an exception that could not be pickled back.
+
+    ``type_name`` and ``message`` describe the original exception.
+    """
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of a remote exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.tb}\"\"\""
+
+
+class UnpicklableFunction(MicrobatchError, TypeError):
+    """Raised before any batch runs when ``fn`` cannot be sent to worker processes."""
+
+
+class BackendNotSupported(MicrobatchError, RuntimeError):
+    """Raised when a feature needs another async backend (the Dask executor needs asyncio)."""
+
+
+class BatchFailed(MicrobatchError):
+    """Raised by a pipeline with ``on_error="raise"`` when batch ``seq`` failed after its retries.
+
+    The original error is ``__cause__`` and ``cause``.
+    """
+
+    def __init__(self, seq: int, cause: BaseException, attempts: int) -> None:
+        super().__init__(
+            f"batch {seq} failed after {attempts} attempt(s): {type(cause).__name__}: {cause}"
+        )
+        self.seq = seq
+        self.cause = cause
+        self.attempts = attempts
+
+
+class CheckpointError(MicrobatchError):
+    """Raised when a checkpoint store cannot be used."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """Raised when a checkpoint store holds checkpoints but none of them is valid."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """Raised when a checkpoint was written by another pipeline (another fn, aggregator or source)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Raised when a checkpoint could not be written (full disk, failed fsync); the previous one stays."""
+
+
+class BatcherError(MicrobatchError):
+    """Raised when a ``Batcher`` refuses an item."""
+
+
+class BatcherFull(BatcherError):
+    """Raised by ``Batcher.submit_nowait`` while ``max_pending`` items are waiting."""
+
+
+class BatcherClosed(BatcherError):
+    """Raised by ``Batcher.submit`` after the batcher was closed."""
