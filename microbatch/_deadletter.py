@@ -1,0 +1,135 @@
+"""The dead-letter file: records that failed every attempt, one JSON object a line.
+
+Each line holds the record, the error's type and message, the worker's traceback, the batch number and
+the record's source position (a byte offset for files, a record index otherwise). The pipeline writes
+dead letters in batch order as it folds, so the file's length at a checkpoint covers exactly the
+batches folded; a resumed run cuts the file back to that length and writes no dead letter twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import traceback
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ._exceptions import RemoteError, RemoteTraceback
+
+__all__ = ["DeadLetter", "DeadLetterFile", "describe_error"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record that failed, with where it came from and why."""
+
+    record: Any
+    batch: int
+    position: int | None
+    error_type: str
+    message: str
+    traceback: str
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        record = self.record
+        if isinstance(record, bytes):
+            out["record_base64"] = base64.b64encode(record).decode("ascii")
+        else:
+            try:
+                json.dumps(record)
+            except (TypeError, ValueError):
+                out["record_repr"] = repr(record)
+            else:
+                out["record"] = record
+        out.update(
+            error=self.error_type,
+            message=self.message,
+            traceback=self.traceback,
+            batch=self.batch,
+            position=self.position,
+        )
+        return out
+
+
+def describe_error(exc: BaseException) -> tuple[str, str, str]:
+    """The type name, message and traceback text of an error, the worker's traceback if any."""
+    if isinstance(exc, RemoteError):
+        type_name, message = exc.type_name, exc.message
+    else:
+        type_name, message = type(exc).__qualname__, str(exc)
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        tb = cause.tb
+    else:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return type_name, message, tb
+
+
+class DeadLetterFile:
+    """An append-only JSON-lines file opened lazily on the first dead letter.
+
+    ``truncate_to(length)`` cuts the file back to a checkpoint's length before a resumed run writes
+    anything; ``length`` is the byte length of what has been written and flushed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._file: IO[bytes] | None = None
+        self.count = 0
+
+    @property
+    def length(self) -> int:
+        if self._file is not None:
+            return self._file.tell()
+        try:
+            return os.path.getsize(self.path)
+        except FileNotFoundError:
+            return 0
+
+    def truncate_to(self, length: int) -> None:
+        """Cut the file back to ``length`` bytes (a checkpoint's view of it)."""
+        try:
+            size = os.path.getsize(self.path)
+        except FileNotFoundError:
+            if length:
+                raise FileNotFoundError(
+                    f"dead-letter file {self.path} is missing but the checkpoint expects {length} bytes"
+                ) from None
+            return
+        if size < length:
+            raise ValueError(
+                f"dead-letter file {self.path} holds {size} bytes, fewer than the {length} bytes "
+                f"the checkpoint recorded; it was changed outside microbatch"
+            )
+        if size > length:
+            with open(self.path, "r+b") as f:
+                f.truncate(length)
+
+    def write(self, letters: list[DeadLetter]) -> None:
+        """Append ``letters`` and flush them to the operating system."""
+        if not letters:
+            return
+        if self._file is None:
+            directory = os.path.dirname(self.path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+        payload = b"".join(
+            json.dumps(letter.to_json(), ensure_ascii=False).encode("utf-8") + b"\n"
+            for letter in letters
+        )
+        self._file.write(payload)
+        self._file.flush()
+        self.count += len(letters)
+
+    def sync(self) -> None:
+        """Make what was written durable (called before a checkpoint records the length)."""
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
