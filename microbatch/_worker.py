@@ -1,0 +1,186 @@
+"""The worker process of ``ProcessExecutor``: runs one call at a time for its parent.
+
+Started as ``python .../microbatch/_worker.py PARENT_PID`` (running the file, not ``-m``, keeps the
+package's ``__init__`` and its imports out of the worker until something really needs them). It imports
+only the standard library; ``cloudpickle`` is imported by ``pickle`` itself when a function pickled by
+value arrives.
+
+Protocol: length-prefixed frames over the pipes the parent gave as stdin and stdout. A frame is a
+17-byte header ``<BQQ`` (kind, token, payload length) followed by the payload.
+
+    parent -> worker   INIT   pickled ``sys.path`` of the parent           -> READY
+                       FN     token, a function pickled with cloudpickle    (no reply)
+                       CALL   token of a function sent before, pickled arg  -> RESULT | RAISED | REMOTE_ERROR
+    worker -> parent   RESULT        the pickled return value
+                       RAISED        pickled ``(exception, formatted traceback)``
+                       REMOTE_ERROR  pickled ``(type name, message, formatted traceback)`` when the
+                                     exception itself cannot make the round trip through pickle
+
+Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
+the same order, so the parent knows which functions a worker still holds without asking.
+
+Safety measures taken at start-up:
+
+- the protocol moves to private, non-inheritable file descriptors; fd 0 reads ``/dev/null`` and fd 1
+  points at stderr, so a ``print`` in user code (or in a subprocess it starts) cannot corrupt a frame;
+- the worker dies with its parent: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` on Linux, plus a daemon
+  thread on every platform that checks ``os.getppid()`` every ``PARENT_POLL_INTERVAL`` seconds and
+  calls ``os._exit`` when the parent is gone (this also works while user code loops forever, since
+  the interpreter switches threads every few milliseconds);
+- SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the parent, not the
+  worker, decides what happens to a batch in flight.
+
+The private environment variable ``MICROBATCH_WORKER_NO_PDEATHSIG=1`` skips ``prctl`` so that tests
+can check the watching thread on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any, BinaryIO
+
+HEADER = struct.Struct("<BQQ")
+
+# parent -> worker
+INIT = 1
+FN = 2
+CALL = 3
+# worker -> parent
+READY = 10
+RESULT = 11
+RAISED = 12
+REMOTE_ERROR = 13
+
+FN_CACHE_SIZE = 32
+PARENT_POLL_INTERVAL = 0.2
+# Exit code used when the parent disappeared; distinct from crashes of user code.
+EXIT_PARENT_GONE = 70
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux") and os.environ.get("MICROBATCH_WORKER_NO_PDEATHSIG") != "1":
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no usable libc
+            pass
+    # The parent may have died before prctl took effect: then the worker was already re-parented.
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_PARENT_GONE)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_INTERVAL)
+            if os.getppid() != parent_pid:
+                os._exit(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, name="microbatch-parent-watch", daemon=True).start()
+
+
+def _private_fds() -> tuple[int, int]:
+    """Move the protocol off fds 0 and 1; return (read fd, write fd)."""
+    read_fd = os.dup(0)  # os.dup returns non-inheritable descriptors
+    write_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return read_fd, write_fd
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    data = stream.read(size)
+    if len(data) != size:
+        return None
+    return data
+
+
+def _send(out: BinaryIO, kind: int, payload: bytes) -> None:
+    out.write(HEADER.pack(kind, 0, len(payload)))
+    out.write(payload)
+    out.flush()
+
+
+def _report_exception(out: BinaryIO, exc: BaseException) -> None:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc, Exception):
+        try:
+            payload = pickle.dumps((exc, tb), protocol=5)
+            pickle.loads(payload)  # many exceptions pickle but cannot be rebuilt
+        except Exception:
+            pass
+        else:
+            _send(out, RAISED, payload)
+            return
+    # SystemExit, KeyboardInterrupt and exceptions that do not survive pickle are described instead.
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except Exception as str_exc:  # a broken __str__ must not take the worker down
+        message = f"<str() failed: {type(str_exc).__name__}>"
+    _send(out, REMOTE_ERROR, pickle.dumps((name, message, tb), protocol=5))
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    """Answer frames until the parent closes the pipe."""
+    functions: OrderedDict[int, Any] = OrderedDict()
+    while True:
+        header = _read_exactly(inp, HEADER.size)
+        if header is None:
+            return
+        kind, token, size = HEADER.unpack(header)
+        payload = _read_exactly(inp, size)
+        if payload is None:
+            return
+        if kind == INIT:
+            sys.path[:] = pickle.loads(payload)
+            _send(out, READY, pickle.dumps(os.getpid()))
+        elif kind == FN:
+            try:
+                functions[token] = (True, pickle.loads(payload))
+            except BaseException as exc:  # e.g. the function's module does not import here
+                functions[token] = (False, exc)
+            if len(functions) > FN_CACHE_SIZE:
+                functions.popitem(last=False)
+        elif kind == CALL:
+            functions.move_to_end(token)
+            loaded, fn = functions[token]
+            try:
+                if not loaded:
+                    raise fn
+                result = fn(pickle.loads(payload))
+                data = pickle.dumps(result, protocol=5)
+            except BaseException as exc:
+                _report_exception(out, exc)
+            else:
+                _send(out, RESULT, data)
+            del payload
+        else:  # pragma: no cover - a parent of another version
+            raise SystemExit(f"microbatch worker: unknown frame kind {kind}")
+
+
+def main() -> None:
+    # Running this file put its folder first on sys.path; the parent's sys.path replaces it on INIT.
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]
+    parent_pid = int(sys.argv[1])
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    read_fd, write_fd = _private_fds()
+    with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:
+        serve(inp, out)
+
+
+if __name__ == "__main__":
+    main()

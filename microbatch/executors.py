@@ -1,0 +1,538 @@
+"""Executors: where a pipeline runs ``fn(batch)`` — worker processes, threads, or the event loop itself.
+
+The protocol is small on purpose, so that other executors (a Dask cluster, a remote service) can sit
+behind it::
+
+    class Executor(Protocol):
+        capacity: int                                   # calls that may run at once
+        async def __aenter__(self) -> Self              # start (workers, threads, connections)
+        async def __aexit__(self, *exc_info) -> None    # stop; nothing may be left running
+        async def run(self, fn, arg, *, timeout=None)   # fn(arg) somewhere; its result or its exception
+
+Contract of ``run``:
+
+- at most ``capacity`` calls run at once; further calls wait their turn, first come first served;
+- ``fn`` raising returns as that exception (for processes: re-raised in the parent, with the
+  worker's traceback as a ``RemoteTraceback`` in ``__cause__``);
+- a failure of the machinery rather than of ``fn`` is an ``ExecutorError``: ``WorkerCrashed``,
+  ``BatchTimeout``, ``RemoteError``;
+- one call's failure leaves other calls in flight untouched, and the executor usable;
+- cancelling the caller stops the call as far as the executor can (a process is killed, a thread is
+  abandoned).
+
+A pipeline passes the same ``fn`` object for every batch of a run and a different ``arg`` each time;
+``ProcessExecutor`` relies on that to send the function to each worker only once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import sys
+from collections import OrderedDict
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+import cloudpickle
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from . import _worker as wire
+from ._exceptions import (
+    BatchTimeout,
+    ExecutorError,
+    RemoteError,
+    RemoteTraceback,
+    UnpicklableFunction,
+    WorkerCrashed,
+)
+
+__all__ = [
+    "Executor",
+    "ProcessExecutor",
+    "ThreadExecutor",
+    "InlineExecutor",
+    "check_picklable",
+]
+
+A = TypeVar("A")
+R = TypeVar("R")
+E = TypeVar("E", bound="Executor")
+
+_WORKER_SCRIPT = wire.__file__
+# After a worker's pipe reached end of file, how long to wait for its exit code before killing it.
+_EXIT_GRACE = 2.0
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs ``fn(arg)`` calls, at most ``capacity`` at once; see the module docstring for the contract."""
+
+    capacity: int
+
+    async def __aenter__(self: E) -> E: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def run(self, fn: Callable[[A], R], arg: A, *, timeout: float | None = None) -> R: ...
+
+
+def _name(fn: object) -> str:
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if qualname is None:
+        return repr(fn)
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def _pickle_function(fn: Callable[..., Any]) -> bytes:
+    try:
+        return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise UnpicklableFunction(
+            f"{_name(fn)} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
+            f"Define it at module level, or keep locks, open files, sockets and clients out of "
+            f"what it references (create them inside the function), or use ThreadExecutor."
+        ) from exc
+
+
+def check_picklable(fn: Callable[..., Any]) -> None:
+    """Raise ``UnpicklableFunction`` unless ``fn`` can be sent to worker processes.
+
+    Uses cloudpickle, as ``ProcessExecutor`` does: functions from importable modules travel by
+    reference, functions from ``__main__``, lambdas and closures by value. The message names ``fn``
+    and the pickling error. Pipelines call this before any batch runs.
+    """
+    _pickle_function(fn)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+def _exit_description(returncode: int | None) -> str:
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name} (exit code {returncode})"
+    return f"exit code {returncode}"
+
+
+class _Worker:
+    """One worker process, used by one call at a time."""
+
+    __slots__ = ("process", "pid", "_stdin", "_stdout", "functions", "failed")
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        self.process = process
+        self.pid = process.pid
+        self._stdin = process.stdin
+        self._stdout = BufferedByteReceiveStream(process.stdout)
+        # Tokens of the functions this worker holds, least recently used first (mirrors the worker).
+        self.functions: OrderedDict[int, None] = OrderedDict()
+        self.failed = False
+
+    async def send(self, data: bytes) -> None:
+        await self._stdin.send(data)
+
+    async def receive(self) -> tuple[int, bytes]:
+        kind, _token, size = wire.HEADER.unpack(await self._stdout.receive_exactly(wire.HEADER.size))
+        return kind, await self._stdout.receive_exactly(size)
+
+
+class ProcessExecutor:
+    """A pool of worker processes; each call runs in one worker, isolated from the others.
+
+    ``workers`` processes (default ``os.cpu_count()``) are started together when the executor is
+    entered (``async with ProcessExecutor(2) as executor``), so the first calls do not wait for
+    Python to start. ``capacity`` equals ``workers``; further calls wait, first come first served.
+
+    A worker receives ``fn`` once (pickled with cloudpickle, cached per worker, the 32 most recently
+    used functions) and then, per call, only ``pickle.dumps(arg, protocol=5)``; the result comes
+    back pickled. Workers get the parent's ``sys.path`` so functions from the user's modules import;
+    functions from ``__main__`` travel by value. A worker's stdout goes to stderr.
+
+    Failures concern one call only; other calls in flight go on:
+
+    - ``fn`` raises: the same exception is raised here, its ``__cause__`` a ``RemoteTraceback``
+      holding the worker's traceback; the worker stays. An exception that cannot be pickled back
+      (or ``SystemExit``/``KeyboardInterrupt``) becomes ``RemoteError`` with the same cause.
+    - the worker dies (``os._exit``, a signal, a segfault, the OOM killer): ``WorkerCrashed``
+      naming the pid and the exit code or signal.
+    - the call runs past ``timeout`` seconds: the worker is killed, ``BatchTimeout`` is raised.
+    - the caller is cancelled: the worker is killed, the cancellation goes on.
+    - ``fn`` cannot be pickled: ``UnpicklableFunction`` before anything is sent.
+
+    A killed or dead worker is replaced by a new one when the next call needs it (counted in
+    ``restarts``); ``start_timeout`` (default 60 s) bounds how long a start may take, beyond which
+    the call fails with ``WorkerCrashed``. Counters ``crashes``, ``timeouts`` and ``restarts`` only
+    grow.
+
+    Leaving the ``async with`` block, normally, on an error or on cancellation, kills every worker
+    with SIGKILL and waits for it, shielded from cancellation, also when a worker hangs: no process
+    is left behind. Workers also die when the parent process dies, even by SIGKILL (Linux: at once,
+    through ``PR_SET_PDEATHSIG``; elsewhere within about 0.2 s, through a thread watching the parent).
+    """
+
+    def __init__(self, workers: int | None = None, *, start_timeout: float = 60.0) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer or None (one per CPU), got {workers!r}")
+        if not start_timeout > 0:
+            raise ValueError(f"start_timeout must be a positive number of seconds, got {start_timeout!r}")
+        self.capacity = workers
+        self.start_timeout = start_timeout
+        self.crashes = 0
+        self.timeouts = 0
+        self.restarts = 0
+        self._idle: list[_Worker | None] = [None] * workers
+        self._live: set[_Worker] = set()
+        self._slots = anyio.Semaphore(workers)
+        # id(fn) -> (fn, token, pickled fn); holding fn keeps its id from being reused.
+        self._functions: OrderedDict[int, tuple[Callable[..., Any], int, bytes]] = OrderedDict()
+        self._next_token = 1
+        self._state = "new"
+
+    def __repr__(self) -> str:
+        return (
+            f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} "
+            f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}>"
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the worker processes alive now (for monitoring and tests)."""
+        return sorted(worker.pid for worker in self._live)
+
+    async def __aenter__(self) -> ProcessExecutor:
+        if self._state != "new":
+            raise RuntimeError(f"a ProcessExecutor can be entered only once; this one is {self._state}")
+        self._state = "open"
+        errors: list[Exception] = []
+
+        async def start(slot: int) -> None:
+            try:
+                self._idle[slot] = await self._start_worker()
+            except Exception as exc:
+                errors.append(exc)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for slot in range(self.capacity):
+                    tg.start_soon(start, slot)
+        except BaseException:
+            await self._shutdown()
+            raise
+        if errors:
+            await self._shutdown()
+            raise errors[0]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._state = "closed"
+        with anyio.CancelScope(shield=True):
+            workers = list(self._live)
+            for worker in workers:
+                self._signal_kill(worker)
+            for worker in workers:
+                await self._reap(worker)
+        self._idle = [None] * self.capacity
+
+    @staticmethod
+    def _signal_kill(worker: _Worker) -> None:
+        if worker.process.returncode is None:
+            try:
+                worker.process.kill()
+            except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
+                pass
+
+    async def _reap(self, worker: _Worker) -> None:
+        """Kill ``worker`` (if still running), close its pipes and wait for it; never cancelled."""
+        with anyio.CancelScope(shield=True):
+            self._signal_kill(worker)
+            try:
+                await worker.process.aclose()
+            except (OSError, anyio.BrokenResourceError):  # pragma: no cover - pipe already broken
+                await worker.process.wait()
+        self._live.discard(worker)
+
+    async def _start_worker(self) -> _Worker:
+        process = await anyio.open_process(
+            [sys.executable, _WORKER_SCRIPT, str(os.getpid())],
+            stdin=-1,  # subprocess.PIPE, without importing subprocess for one constant
+            stdout=-1,
+            stderr=None,
+        )
+        worker = _Worker(process)
+        self._live.add(worker)
+        ok = False
+        try:
+            with anyio.move_on_after(self.start_timeout) as scope:
+                init = pickle.dumps(list(sys.path), protocol=5)
+                await worker.send(wire.HEADER.pack(wire.INIT, 0, len(init)) + init)
+                kind, _ = await worker.receive()
+                if kind != wire.READY:  # pragma: no cover - a worker of another version
+                    raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
+                ok = True
+            if scope.cancelled_caught:
+                raise WorkerCrashed(
+                    f"worker process {worker.pid} did not start within start_timeout={self.start_timeout} s "
+                    f"({sys.executable} {_WORKER_SCRIPT}); the machine may be overloaded: raise start_timeout"
+                )
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
+            await self._wait_exit(worker)
+            raise WorkerCrashed(
+                f"worker process {worker.pid} died while starting "
+                f"({_exit_description(worker.process.returncode)}); its stderr says why"
+            ) from exc
+        finally:
+            if not ok:
+                await self._reap(worker)
+        return worker
+
+    async def _wait_exit(self, worker: _Worker) -> None:
+        with anyio.move_on_after(_EXIT_GRACE, shield=True):
+            await worker.process.wait()
+        await self._reap(worker)
+
+    def _prepare(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
+        entry = self._functions.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            self._functions.move_to_end(id(fn))
+            return entry[1], entry[2]
+        data = _pickle_function(fn)
+        token = self._next_token
+        self._next_token += 1
+        self._functions[id(fn)] = (fn, token, data)
+        if len(self._functions) > wire.FN_CACHE_SIZE:
+            self._functions.popitem(last=False)
+        return token, data
+
+    async def run(
+        self,
+        fn: Callable[[A], R],
+        arg: A,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
+    ) -> R:
+        """Run ``fn(arg)`` in a worker process and return its result; see the class docstring."""
+        _check_timeout(timeout)
+        if self._state != "open":
+            raise RuntimeError(
+                f"ProcessExecutor is {self._state}: "
+                f"use it inside 'async with ProcessExecutor(...) as executor:'"
+            )
+        token, fn_data = self._prepare(fn)
+        payload = pickle.dumps(arg, protocol=5)
+        async with self._slots:
+            worker = self._idle.pop()
+            try:
+                if worker is None or worker.failed:
+                    worker = await self._start_worker()
+                    self.restarts += 1
+                result: R = await self._call(worker, fn, token, fn_data, payload, timeout)
+                return result
+            finally:
+                if self._state == "open":
+                    self._idle.append(None if worker is None or worker.failed else worker)
+                else:
+                    self._idle.append(None)
+
+    async def _call(
+        self,
+        worker: _Worker,
+        fn: Callable[..., Any],
+        token: int,
+        fn_data: bytes,
+        payload: bytes,
+        time_limit: float | None,
+    ) -> Any:
+        frames = []
+        if token in worker.functions:
+            worker.functions.move_to_end(token)
+        else:
+            frames.append(wire.HEADER.pack(wire.FN, token, len(fn_data)) + fn_data)
+            worker.functions[token] = None
+            if len(worker.functions) > wire.FN_CACHE_SIZE:
+                worker.functions.popitem(last=False)
+        frames.append(wire.HEADER.pack(wire.CALL, token, len(payload)))
+        frames.append(payload)
+        data = b"".join(frames)
+        del frames
+
+        worker.failed = True  # until a complete answer arrived
+        try:
+            with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
+                await worker.send(data)
+                del data
+                kind, body = await worker.receive()
+                worker.failed = False
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
+            await self._wait_exit(worker)
+            self.crashes += 1
+            raise WorkerCrashed(
+                f"worker process {worker.pid} died while running {_name(fn)} "
+                f"({_exit_description(worker.process.returncode)}); a signal such as SIGSEGV points "
+                f"at a C extension, SIGKILL often at the out-of-memory killer"
+            ) from exc
+        finally:
+            if worker.failed:
+                await self._reap(worker)
+        if scope.cancelled_caught:
+            self.timeouts += 1
+            raise BatchTimeout(
+                f"{_name(fn)} ran longer than timeout={time_limit} s in worker process {worker.pid}; the "
+                f"worker was killed (raise the timeout or make the batches smaller)"
+            )
+        return self._decode(fn, kind, body)
+
+    @staticmethod
+    def _decode(fn: Callable[..., Any], kind: int, body: bytes) -> Any:
+        if kind == wire.RESULT:
+            try:
+                return pickle.loads(body)
+            except Exception as exc:
+                raise ExecutorError(
+                    f"the result of {_name(fn)} was pickled in the worker but cannot be unpickled "
+                    f"here: {type(exc).__name__}: {exc}"
+                ) from exc
+        if kind == wire.RAISED:
+            try:
+                error, tb = pickle.loads(body)
+            except Exception as exc:
+                raise RemoteError(
+                    "<unknown>", f"{_name(fn)} raised an exception that cannot be unpickled here: {exc}"
+                ) from exc
+            raise error from RemoteTraceback(tb)
+        if kind == wire.REMOTE_ERROR:
+            type_name, message, tb = pickle.loads(body)
+            raise RemoteError(type_name, message) from RemoteTraceback(tb)
+        raise ExecutorError(f"unexpected frame kind {kind} from a worker")  # pragma: no cover
+
+
+class ThreadExecutor:
+    """Runs calls in threads of anyio's thread pool, at most ``workers`` (default 4) at once.
+
+    Use it for ``fn`` that releases the GIL (I/O, NumPy, compression) or cannot be pickled. No
+    pickling happens: ``fn`` and ``arg`` are shared with the caller. Exceptions of ``fn`` pass through
+    unchanged.
+
+    Limits: a thread cannot be killed. A call past ``timeout``, or whose caller is cancelled, is
+    abandoned: ``BatchTimeout`` (or the cancellation) is raised at once, but the thread runs on to
+    its end and its result is dropped; while it runs it no longer counts against ``workers``, so
+    abandoned calls can make more than ``workers`` threads busy. ``timeouts`` counts such calls.
+    Entering the executor (``async with``) is optional; leaving it does not wait for abandoned threads.
+    """
+
+    def __init__(self, workers: int = 4) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.capacity = workers
+        self.crashes = 0
+        self.timeouts = 0
+        self.restarts = 0
+        self._limiter = anyio.CapacityLimiter(workers)
+
+    def __repr__(self) -> str:
+        return f"<ThreadExecutor workers={self.capacity} timeouts={self.timeouts}>"
+
+    async def __aenter__(self) -> ThreadExecutor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def run(
+        self,
+        fn: Callable[[A], R],
+        arg: A,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
+    ) -> R:
+        """Run ``fn(arg)`` in a thread and return its result; see the class docstring."""
+        _check_timeout(timeout)
+        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            return await anyio.to_thread.run_sync(fn, arg, limiter=self._limiter, abandon_on_cancel=True)
+        assert scope.cancelled_caught
+        self.timeouts += 1
+        raise BatchTimeout(
+            f"{_name(fn)} ran longer than timeout={timeout} s in a thread; the thread cannot be killed "
+            f"and was abandoned (it runs on in the background; use ProcessExecutor to kill hung calls)"
+        )
+
+
+class InlineExecutor:
+    """Runs each call directly in the event loop's thread, one at a time: for tests and debugging.
+
+    Breakpoints, profilers and coverage see ``fn`` as ordinary code, and exceptions pass through
+    unchanged. ``capacity`` is 1; concurrent calls wait their turn, first come first served.
+
+    Limits: while ``fn`` runs the event loop is blocked (no other task, timer or I/O progresses), and
+    ``timeout`` cannot be enforced: it is checked for validity and otherwise ignored. Cancellation
+    takes effect before ``fn`` starts, never during it.
+    """
+
+    def __init__(self) -> None:
+        self.capacity = 1
+        self.crashes = 0
+        self.timeouts = 0
+        self.restarts = 0
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return "<InlineExecutor>"
+
+    async def __aenter__(self) -> InlineExecutor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def run(
+        self,
+        fn: Callable[[A], R],
+        arg: A,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
+    ) -> R:
+        """Run ``fn(arg)`` now, in this thread, and return its result; ``timeout`` is not enforced."""
+        _check_timeout(timeout)
+        async with self._lock:
+            await anyio.lowlevel.checkpoint()
+            return fn(arg)
