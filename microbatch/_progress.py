@@ -1,0 +1,290 @@
+"""What the ``microbatch`` command shows while a pipeline runs, and how it prints values.
+
+Three displays share one small interface (``start``, ``update``, ``close``):
+
+- :class:`RichDisplay`: a live progress bar on stderr (needs the ``rich`` package, the ``cli`` extra):
+  records, records/s, batches, bytes read of the file's size with the estimated time left, queue
+  depth, retries and dead letters, refreshed a few times a second.
+- :class:`LogDisplay`: one ``logging`` line every ``interval`` seconds, for a terminal without
+  ``rich`` or when progress is forced onto a non-terminal.
+- :class:`NullDisplay`: nothing.
+
+Nothing here writes to stdout: stdout carries only results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pprint
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any, Protocol, TextIO
+
+__all__ = [
+    "Display",
+    "LogDisplay",
+    "NullDisplay",
+    "RichDisplay",
+    "format_bytes",
+    "format_value",
+    "make_display",
+    "stats_line",
+    "to_json",
+]
+
+log = logging.getLogger("microbatch.cli")
+
+
+class Display(Protocol):
+    """Receives the run's updates; ``total`` is the input's size in bytes when known."""
+
+    def start(self, total: int | None, initial: int) -> None: ...
+
+    def update(self, stats: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_count(n: float) -> str:
+    """``1234567`` -> ``1,234,567``; floats with one decimal below 100."""
+    if isinstance(n, float) and not n.is_integer():
+        return f"{n:,.1f}" if n < 100 else f"{n:,.0f}"
+    return f"{int(n):,}"
+
+
+def stats_line(stats: Any) -> str:
+    """One line about a run's counters, e.g. ``1,000 records in 10 batches, 0.4 s (2,500 records/s)``."""
+    parts = [
+        f"{format_count(stats.records)} records in {format_count(stats.batches)} batches",
+        f"{stats.elapsed:.2f} s ({format_count(stats.records_per_second)} records/s)",
+    ]
+    extra = []
+    if stats.retries:
+        extra.append(f"{stats.retries} retries")
+    if stats.crashes:
+        extra.append(f"{stats.crashes} worker crashes")
+    if stats.timeouts:
+        extra.append(f"{stats.timeouts} timeouts")
+    if stats.dead_letters:
+        extra.append(f"{stats.dead_letters} dead letters")
+    line = ", ".join(parts)
+    if extra:
+        line += "; " + ", ".join(extra)
+    return line
+
+
+class NullDisplay:
+    """Shows nothing."""
+
+    def start(self, total: int | None, initial: int) -> None:
+        pass
+
+    def update(self, stats: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LogDisplay:
+    """Logs a progress line at INFO level at most every ``interval`` seconds (default 2 s)."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.total: int | None = None
+        self._last = 0.0
+
+    def start(self, total: int | None, initial: int) -> None:
+        self.total = total
+        self._last = time.monotonic()
+
+    def update(self, stats: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        line = stats_line(stats)
+        if self.total and isinstance(stats.position, int):
+            line += f"; read {format_bytes(stats.position)} of {format_bytes(self.total)}"
+        log.info("progress: %s", line)
+
+    def close(self) -> None:
+        pass
+
+
+class RichDisplay:
+    """A live ``rich`` progress bar on ``stream`` (stderr), refreshed ``refresh_per_second`` times.
+
+    With a known total (a file that is not followed) the bar shows bytes read of the file's size and
+    the estimated time left; otherwise it pulses. Log records emitted while it is live print above it
+    (see :meth:`log_handler`).
+    """
+
+    def __init__(
+        self, stream: TextIO, *, refresh_per_second: float = 8.0, force_terminal: bool = False
+    ) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(file=stream, force_terminal=force_terminal or None, highlight=False)
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[records]}[/] records"),
+            TextColumn("{task.fields[rate]}/s"),
+            TextColumn("{task.fields[batches]} batches"),
+            BarColumn(bar_width=24),
+            DownloadColumn(binary_units=True),
+            TimeRemainingColumn(),
+            TextColumn("queue {task.fields[queue]}"),
+            TextColumn("retries {task.fields[retries]}"),
+            TextColumn("dead {task.fields[dead]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            refresh_per_second=refresh_per_second,
+            transient=False,
+        )
+        self._task: Any = None
+
+    def log_handler(self) -> logging.Handler:
+        """A logging handler that prints above the live display."""
+        from rich.logging import RichHandler
+
+        return RichHandler(
+            console=self.console, show_time=False, show_path=False, markup=False, rich_tracebacks=False
+        )
+
+    def start(self, total: int | None, initial: int) -> None:
+        self.progress.start()
+        self._task = self.progress.add_task(
+            "run",
+            total=total,
+            completed=initial,
+            records="0",
+            rate="0",
+            batches="0",
+            queue="0",
+            retries="0",
+            dead="0",
+        )
+
+    def update(self, stats: Any) -> None:
+        if self._task is None:
+            return
+        position = stats.position if isinstance(stats.position, int) else None
+        self.progress.update(
+            self._task,
+            completed=position,
+            records=format_count(stats.records),
+            rate=format_count(stats.records_per_second),
+            batches=format_count(stats.batches),
+            queue=str(stats.queue_depth),
+            retries=str(stats.retries),
+            dead=str(stats.dead_letters),
+        )
+
+    def close(self) -> None:
+        if self._task is not None:
+            self.progress.refresh()
+        self.progress.stop()
+
+
+def make_display(mode: bool | None, stream: TextIO) -> tuple[Display, logging.Handler | None]:
+    """The display for ``--progress`` (True), ``--no-progress`` (False) or neither (None: a terminal).
+
+    Returns the display and, for a live ``rich`` display, the logging handler to use meanwhile.
+    Without ``rich`` installed, forced progress falls back to :class:`LogDisplay`.
+    """
+    isatty = stream.isatty()
+    if mode is None:
+        mode = isatty
+    if not mode:
+        return NullDisplay(), None
+    try:
+        display = RichDisplay(stream, force_terminal=not isatty)
+    except ImportError:
+        log.debug("rich is not installed (pip install 'microbatch[cli]'): progress as log lines")
+        return LogDisplay(), None
+    return display, display.log_handler()
+
+
+# --- values ------------------------------------------------------------------------------------------
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if hasattr(obj, "_asdict"):
+        return obj._asdict()
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise TypeError(
+        f"the final value holds a {type(obj).__qualname__}, which JSON cannot represent; "
+        "return numbers, str, lists or dicts from the aggregator's value()"
+    )
+
+
+def to_json(value: Any) -> str:
+    """``value`` as one line of JSON (sets as sorted lists, dataclasses as objects).
+
+    Raises ``TypeError`` naming the type JSON cannot hold; NaN and infinities become ``null``.
+    """
+    return json.dumps(_finite(value), default=_json_default, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def format_value(value: Any) -> str:
+    """A readable rendering of a final value.
+
+    A sequence of ``(key, number)`` pairs (``TopK``'s value) becomes aligned ``number  key`` lines, a
+    mapping ``key: value`` lines, a number or a string itself; anything else is pretty-printed.
+    """
+    if isinstance(value, str):
+        return value
+    if _is_number(value):
+        return f"{value:,}" if isinstance(value, int) and abs(value) >= 100_000 else str(value)
+    if (
+        isinstance(value, Sequence)
+        and value
+        and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in value)
+    ):
+        pairs = [(k, n) if _is_number(n) else (n, k) for k, n in value]
+        if all(_is_number(n) for _, n in pairs):
+            width = max(len(f"{n:,}") for _, n in pairs)
+            return "\n".join(f"{n:>{width},}  {k}" for k, n in pairs)
+    if isinstance(value, Mapping) and value:
+        width = max(len(str(k)) for k in value)
+        return "\n".join(f"{k!s:<{width}}  {v}" for k, v in value.items())
+    return pprint.pformat(value, width=100, sort_dicts=False)
