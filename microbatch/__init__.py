@@ -7,6 +7,7 @@ order into a running result that checkpoints make exactly-once across crashes.
 
 from __future__ import annotations
 
+from ._checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
 from ._exceptions import (
     BackendNotSupported,
     BatcherClosed,
@@ -30,10 +31,28 @@ from ._exceptions import (
 )
 
 # Each public module adds its names below.
+from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
+from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregator",
+    "Count",
+    "Max",
+    "Mean",
+    "Min",
+    "Reduce",
+    "Sum",
+    "TopK",
+    "Checkpoint",
+    "CheckpointStore",
+    "DirectoryStore",
+    "SqliteStore",
+    "Executor",
+    "InlineExecutor",
+    "ProcessExecutor",
+    "ThreadExecutor",
     "BackendNotSupported",
     "BatcherClosed",
     "BatcherError",

@@ -105,7 +105,8 @@ class Aggregator(ABC, Generic[R, S, V]):
     - ``load`` returns the data as it is. Override it when the state holds tuples, sets or objects.
     - ``describe`` returns ``ClassName(attr=value, ...)`` from the public instance attributes (the
       constructor arguments, by convention); functions appear as ``module.qualname``. It is part of
-      the pipeline's fingerprint, so a checkpoint is refused when the aggregator changes.
+      the pipeline's fingerprint, so a checkpoint is refused when the aggregator's class or settings
+      change (not when the body of a method or function changes: that is not visible in the text).
 
     ``fold`` may update the state in place and return it (the built-in ``TopK`` does, to avoid
     copying a large dict per batch); the caller must use the returned state from then on.
@@ -136,7 +137,7 @@ class Aggregator(ABC, Generic[R, S, V]):
         args = ", ".join(
             f"{name}={_stable_repr(value)}" for name, value in vars(self).items() if not name.startswith("_")
         )
-        return f"{type(self).__qualname__}({args})"
+        return f"{type(self).__name__}({args})"
 
     def __repr__(self) -> str:
         return self.describe()
