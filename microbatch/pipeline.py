@@ -326,6 +326,7 @@ class _Run(Generic[R, V]):
             dl_path = "dead-letters.jsonl"
         self.dead = DeadLetterFile(dl_path)
         self._stack = AsyncExitStack()
+        self._intake = anyio.CancelScope()
         self._updates_recv: ObjectReceiveStream[Update[V]] | None = None
         self._last_checkpoint = 0.0
         self._batches_since_checkpoint = 0
@@ -382,6 +383,17 @@ class _Run(Generic[R, V]):
             return await self._stack.__aexit__(*exc_info)
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
+
+    def stop(self) -> None:
+        """Stop intake: read no more of the source, finish and fold the batches already read.
+
+        The iteration then ends normally with a final checkpoint that is not ``finished`` (unless
+        the source had already ended), so a rerun with the same checkpoint resumes after the last
+        folded batch; records read but not yet cut into a batch are read again then. Batches in
+        flight still obey ``timeout``; to abandon them, leave the ``async with`` block instead.
+        Calling it again does nothing.
+        """
+        self._intake.cancel()
 
     def __aiter__(self) -> _Run[R, V]:
         return self
@@ -486,16 +498,17 @@ class _Run(Generic[R, V]):
         async with send:
             emit = _Emitter(send, window, self.next_seq)
             source = self.source
-            if isinstance(source, LineSource):
-                await self._read_blocks(source, emit)
-            else:
-                start = self.stats.position if isinstance(self.stats.position, int) else 0
-                tcp = isinstance(source, TcpLines)
-                async with batches(source, max_size=self.p.max_size, max_wait=self.p.max_wait) as stream:
-                    async for records in stream:
-                        end = None if tcp else start + len(records)
-                        await emit(records, len(records), None if tcp else start, end)
-                        start = end or 0
+            with self._intake:
+                if isinstance(source, LineSource):
+                    await self._read_blocks(source, emit)
+                else:
+                    start = self.stats.position if isinstance(self.stats.position, int) else 0
+                    tcp = isinstance(source, TcpLines)
+                    async with batches(source, max_size=self.p.max_size, max_wait=self.p.max_wait) as stream:
+                        async for records in stream:
+                            end = None if tcp else start + len(records)
+                            await emit(records, len(records), None if tcp else start, end)
+                            start = end or 0
 
     async def _read_blocks(self, source: LineSource, emit: _Emitter) -> None:
         """Cut a line source's raw blocks into batches of ``max_size`` lines, bounded by time."""
@@ -668,7 +681,8 @@ class _Run(Generic[R, V]):
                             stats=replace(stats),
                         )
                     )
-            self.finished = True
+            # After stop() the source was not read to its end: a rerun resumes after the last batch.
+            self.finished = not self._intake.cancelled_caught
 
 
 class _Emitter:
