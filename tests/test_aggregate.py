@@ -227,7 +227,7 @@ def test_refused_result_leaves_topk_state_unchanged() -> None:
     agg = TopK(2)
     state = agg.fold(agg.initial(), {"a": 1})
     with pytest.raises(TypeError):
-        agg.fold(state, {"b": 1, "c": "x"})
+        agg.fold(state, {"b": 1, "c": "x"})  # type: ignore[dict-item]
     assert agg.value(state) == [("a", 1)]
 
 
