@@ -33,6 +33,7 @@ from ._exceptions import (
 # Each public module adds its names below.
 from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
 from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
+from .sources import LineSource, TcpLines, read_lines, tcp_lines
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,10 @@ __all__ = [
     "InlineExecutor",
     "ProcessExecutor",
     "ThreadExecutor",
+    "LineSource",
+    "TcpLines",
+    "read_lines",
+    "tcp_lines",
     "BackendNotSupported",
     "BatcherClosed",
     "BatcherError",
