@@ -141,22 +141,24 @@ class RichDisplay:
             DownloadColumn,
             Progress,
             TextColumn,
-            TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
         self.console = Console(file=stream, force_terminal=force_terminal or None, highlight=False)
-        self.progress = Progress(
-            TextColumn("[bold]{task.fields[records]}[/] records"),
-            TextColumn("{task.fields[rate]}/s"),
+        columns: list[Any] = [
+            TextColumn("[bold]{task.fields[records]}[/] records {task.fields[rate]}/s"),
             TextColumn("{task.fields[batches]} batches"),
-            BarColumn(bar_width=24),
+        ]
+        if self.console.width >= 110:
+            # On a narrow terminal the bar goes first: the numbers matter more than the picture.
+            columns.append(BarColumn(bar_width=20))
+        columns += [
             DownloadColumn(binary_units=True),
             TimeRemainingColumn(),
-            TextColumn("queue {task.fields[queue]}"),
-            TextColumn("retries {task.fields[retries]}"),
-            TextColumn("dead {task.fields[dead]}"),
-            TimeElapsedColumn(),
+            TextColumn("queue {task.fields[queue]} retries {task.fields[retries]} dead {task.fields[dead]}"),
+        ]
+        self.progress = Progress(
+            *columns,
             console=self.console,
             refresh_per_second=refresh_per_second,
             transient=False,

@@ -265,7 +265,8 @@ def _load_file(where: str) -> ModuleType:
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = f"microbatch_job_{path.stem}" if path.stem.isidentifier() else "microbatch_job"
+    # The file's own name when free, so that ``jobs.py:p`` and ``jobs:p`` share checkpoints.
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else "microbatch_job"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UsageError(f"cannot load {where!r} as a Python module (is it a .py file?)")
@@ -407,12 +408,12 @@ async def _fd_lines(fd: int, encoding: str, chunk_size: int = 1 << 16) -> AsyncI
 
 
 def _make_source(spec: _Input, encoding: str, follow: bool) -> Any:
-    import microbatch as mb
+    from .sources import read_lines, tcp_lines
 
     if spec.kind == "file":
-        return mb.read_lines(spec.path, encoding=encoding, follow=follow)  # type: ignore[attr-defined]
+        return read_lines(spec.path, encoding=encoding, follow=follow)
     if spec.kind == "tcp":
-        return mb.tcp_lines(spec.port, host=spec.host)  # type: ignore[attr-defined]
+        return tcp_lines(spec.port, host=spec.host)
     return _fd_lines(sys.stdin.fileno(), encoding)
 
 
@@ -690,23 +691,23 @@ def _format_time(created: Any) -> str:
 def _inspect_text(info: dict[str, Any]) -> str:
     position = info["position"]
     fp = info["fingerprint"]
-    lines = [
-        f"checkpoint   {info['location']}",
-        f"written      {_format_time(info['created'])}",
-        f"finished     {'yes' if info['finished'] else 'no (a rerun resumes here)'}",
-        f"batches      {info['batches']:,}",
-        f"records      {info['records']:,}",
-        f"position     {position:,}" if isinstance(position, int) else f"position     {position}",
-        f"dead letters {info['dead_letters']:,}",
+    rows: list[tuple[str, str]] = [
+        ("checkpoint", str(info["location"])),
+        ("written", _format_time(info["created"])),
+        ("finished", "yes" if info["finished"] else "no (a rerun of the same command resumes here)"),
+        ("batches", f"{info['batches']:,}"),
+        ("records", f"{info['records']:,}"),
+        ("position", f"{position:,}" if isinstance(position, int) else str(position)),
+        ("dead letters", f"{info['dead_letters']:,}"),
     ]
-    lines.extend(f"{key:<12} {fp[key]}" for key in ("fn", "aggregate", "source") if key in fp)
+    rows.extend((key, str(fp[key])) for key in ("fn", "aggregate", "source") if key in fp)
+    lines = [f"{label:<14}{text}" for label, text in rows]
     if "value" in info:
         rendered = _progress.format_value(info["value"])
-        lines.append("value" + ("\n" + _indent(rendered) if "\n" in rendered else f"        {rendered}"))
+        lines.append("value" + ("\n" + _indent(rendered) if "\n" in rendered else f"{'':<9}{rendered}"))
     else:
-        lines.append(
-            f"state        {_progress.to_json(info['state'])[:500]}  (pass --target to compute the value)"
-        )
+        state = _progress.to_json(info["state"])
+        lines.append(f"{'state':<14}{state[:500]}  (pass --target to compute the value)")
     return "\n".join(lines)
 
 
