@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from contextlib import aclosing
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 import microbatch as mb
 from microbatch._lines import LineBlock, LineSplitter, cut_lines, decode_lines, find_long_line
 from microbatch.sources import LineSource
+
 
 def _write(tmp_path: Path, data: bytes, name: str = "in.txt") -> Path:
     path = tmp_path / name
@@ -37,10 +39,18 @@ async def _blocks(source: LineSource[Any]) -> list[LineBlock]:
 def test_decode_lines_terminators_and_bytes() -> None:
     data = b"a\nb\r\nc\rd\n\ne"
     assert decode_lines(data, encoding="utf-8", errors="strict", where="x", start=0) == [
-        "a", "b", "c\rd", "", "e"
+        "a",
+        "b",
+        "c\rd",
+        "",
+        "e",
     ]
     assert decode_lines(data, encoding=None, errors="strict", where="x", start=0) == [
-        b"a", b"b", b"c\rd", b"", b"e"
+        b"a",
+        b"b",
+        b"c\rd",
+        b"",
+        b"e",
     ]
     assert decode_lines(b"", encoding="utf-8", errors="strict", where="x", start=0) == []
     assert decode_lines(b"\n", encoding="utf-8", errors="strict", where="x", start=0) == [""]
@@ -67,7 +77,7 @@ def test_cut_lines_edges() -> None:
     head, tail = cut_lines(block, 2)
     assert head == LineBlock(b"a\nbb\n", 2, 10, 15)
     assert tail == LineBlock(b"ccc", 1, 15, 18)
-    with pytest.raises(ValueError, match="block.count=3"):
+    with pytest.raises(ValueError, match=r"block\.count=3"):
         cut_lines(block, 4)
     with pytest.raises(ValueError, match="start \\+ len"):
         LineBlock(b"ab", 1, 0, 5)
@@ -80,7 +90,7 @@ _line = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r"
 def _line_data(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
     lines = draw(st.lists(_line, min_size=1, max_size=60))
     crlf = draw(st.lists(st.booleans(), min_size=len(lines), max_size=len(lines)))
-    data = b"".join(line + (b"\r\n" if c else b"\n") for line, c in zip(lines, crlf))
+    data = b"".join(line + (b"\r\n" if c else b"\n") for line, c in zip(lines, crlf, strict=True))
     if draw(st.booleans()) and lines[-1]:
         data = data[: -2 if crlf[-1] else -1]  # last line without a terminator
     return lines, data
@@ -142,7 +152,7 @@ def test_find_long_line_matches_a_line_by_line_scan(lengths: list[int], limit: i
 @settings(max_examples=150, deadline=None)
 @given(_line_data(), st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=40))
 def test_splitter_reassembles_any_chunking(case: tuple[list[bytes], bytes], cuts: list[int]) -> None:
-    lines, data = case
+    _, data = case
     splitter = LineSplitter("p", 7, max_line_length=1000)
     out: list[bytes] = []
     pos, i = 0, 0
@@ -209,7 +219,7 @@ async def test_large_file_spanning_many_blocks_has_exact_positions(tmp_path: Pat
     assert [line for chunk in chunks for line in chunk] == lines
     blocks = await _blocks(source)
     assert blocks[0].start == 0 and blocks[-1].end == len(raw)
-    for before, after in zip(blocks, blocks[1:]):
+    for before, after in itertools.pairwise(blocks):
         assert before.end == after.start
     for block in blocks:
         assert block.data == raw[block.start : block.end]
@@ -294,9 +304,9 @@ async def test_decode_error_names_path_and_offset_after_earlier_records(tmp_path
 @pytest.mark.anyio
 async def test_missing_file_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.txt"
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         await _lines(mb.read_lines(path))
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         await _lines(mb.read_lines(path, follow=True))
 
 
@@ -348,7 +358,11 @@ async def test_source_is_reusable_and_typed_attributes(tmp_path: Path) -> None:
     path = _write(tmp_path, b"1\n2\n")
     source = mb.read_lines(path, encoding="latin-1", errors="replace")
     assert (source.path, source.encoding, source.errors, source.start, source.follow) == (
-        str(path), "latin-1", "replace", 0, False
+        str(path),
+        "latin-1",
+        "replace",
+        0,
+        False,
     )
     assert await _lines(source) == await _lines(source) == ["1", "2"]
     assert "read_lines(" in repr(source)
