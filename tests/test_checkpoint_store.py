@@ -133,12 +133,14 @@ def test_stale_temporary_files_removed_on_open(tmp_path: Path) -> None:
     "damage, reason",
     [
         (lambda b: b"\x00\xff garbage \x13", "not UTF-8"),
-        (lambda b: b[: len(b) // 2], "not valid JSON"),
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:120] + b[130:], "checksum mismatch"),
         (lambda b: b.replace(b'"sum":3', b'"sum":4'), "checksum mismatch"),
-        (lambda b: b"[1, 2, 3]", "format marker"),
-        (lambda b: b"", "not valid JSON"),
+        (lambda b: b"[1, 2, 3]", "header"),
+        (lambda b: b"", "empty file"),
+        (lambda b: b"{not json", "not valid JSON"),
     ],
-    ids=["garbage", "truncated", "bad-checksum", "other-json", "empty"],
+    ids=["garbage", "truncated", "bytes-missing", "bad-checksum", "other-json", "empty", "not-json"],
 )
 def test_corrupt_newest_falls_back_and_is_reported(
     store: CheckpointStore, damage: Any, reason: str, caplog: pytest.LogCaptureFixture
@@ -172,14 +174,8 @@ def test_all_corrupt_raises_naming_the_store(store: CheckpointStore) -> None:
 
 def test_newer_format_version_is_refused_with_upgrade_hint(store: CheckpointStore) -> None:
     store.save(cp(1))
-    doc = json.loads(encode(cp(2)))
-    doc["body"]["version"] = 99
-    body = json.dumps(doc["body"], sort_keys=True, separators=(",", ":")).encode()
-    import hashlib
-
-    doc["sha256"] = hashlib.sha256(body).hexdigest()
     store.save(cp(2))
-    overwrite(store, 2, json.dumps(doc).encode())
+    overwrite(store, 2, encode(cp(2, version=99)))
     assert store.load().batches == 1  # type: ignore[union-attr]
     assert "upgrade microbatch" in store.skipped[0][1]
 
