@@ -14,8 +14,9 @@ stops at once: in-flight batches are abandoned, their workers killed, and the ch
 holds what was folded. A signal that the parent left ignored (as a non-interactive shell does for
 SIGINT of background jobs) stays ignored.
 
-stdout carries only results: the final value, readable or (``--json``) as one JSON line. Progress,
-logs and the summary go to stderr.
+stdout carries only results: the final value, readable or (``--json``) as one JSON line. An
+interrupted run prints the value of what was folded (the value its final checkpoint holds) and exits
+130 or 143. Progress, logs and the summary go to stderr.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import stat
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -447,6 +449,8 @@ async def _execute(
     """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised."""
     import anyio
 
+    from .sources import TcpLines
+
     outcome = _Outcome()
     run_scope = anyio.CancelScope()
 
@@ -479,14 +483,19 @@ async def _execute(
         await tg.start(watch_signals)
         try:
             with run_scope:
-                async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
-                    outcome.runs.append(updates)
-                    start = updates.stats.position if isinstance(updates.stats.position, int) else 0
-                    display.start(total, start)
-                    async for update in updates:
-                        display.update(update.stats)
-                    outcome.finished = updates.finished
-                    outcome.stats = updates.stats
+                async with AsyncExitStack() as stack:
+                    if isinstance(source, TcpLines):
+                        # A TCP server listens while it is entered; the pipeline iterates it.
+                        await stack.enter_async_context(source)
+                        log.info("listening on tcp://%s:%d", source.host, source.port)
+                    async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
+                        outcome.runs.append(updates)
+                        start = updates.stats.position if isinstance(updates.stats.position, int) else 0
+                        display.start(total, start)
+                        async for update in updates:
+                            display.update(update.stats)
+                        outcome.finished = updates.finished
+                        outcome.stats = updates.stats
             if outcome.runs:
                 run = outcome.runs[0]
                 outcome.value = run.value
@@ -581,7 +590,9 @@ def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
             log.info("stopped after %s; %s", _progress.stats_line(outcome.stats), where)
         return EXIT_ERROR
     stats = outcome.stats
+    code = EXIT_OK
     if outcome.signal is not None:
+        code = 128 + outcome.signal
         name = signal.Signals(outcome.signal).name
         done = _progress.stats_line(stats) if stats is not None else "nothing folded"
         if outcome.finished:
@@ -589,8 +600,9 @@ def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
         else:
             resume = "; run the same command to resume" if args.checkpoint else ""
             log.warning("interrupted by %s after %s; %s%s", name, done, where, resume)
-        return 128 + outcome.signal
-    if stats is not None:
+        if not outcome.runs:
+            return code
+    elif stats is not None:
         if stats.run_batches == 0 and stats.batches and outcome.finished:
             log.info("already finished: %s (%s; --fresh starts over)", _progress.stats_line(stats), where)
         else:
@@ -603,7 +615,7 @@ def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
         _log_error(exc)
         return EXIT_ERROR
     print(text, flush=True)
-    return EXIT_OK
+    return code
 
 
 # --- inspect ---------------------------------------------------------------------------------------------
@@ -641,7 +653,10 @@ def _command_inspect(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.directory!r} does not exist (give the folder passed to --checkpoint)")
     pipeline = load_target(args.target) if args.target else None
     store = open_store(args.directory)
-    cp = store.load()
+    try:
+        cp = store.load()
+    finally:
+        store.close()
     if cp is None:
         log.error("no checkpoint in %s", args.directory)
         return EXIT_ERROR

@@ -286,7 +286,6 @@ def test_first_signal_finishes_in_flight_batches_then_resume_is_exact(
     finally:
         proc.kill()
     assert proc.returncode == code, stderr
-    assert stdout == ""  # an interrupted run prints no value
     assert f"interrupted by {signal.Signals(signum).name}" in stderr
     _assert_gone(workers)
     cp = _checkpoint(state)
@@ -294,6 +293,7 @@ def test_first_signal_finishes_in_flight_batches_then_resume_is_exact(
     # Batch 50 (the paused one) was in flight: it finished and was folded before the final checkpoint.
     assert isinstance(cp["batches"], int) and 51 <= cp["batches"] < 101
     assert cp["value"] == sum(range(int(cp["records"]) - 1)), cp  # type: ignore[call-overload]
+    assert json.loads(stdout) == cp["value"]  # an interrupted run prints what it folded
     resumed = mb(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout) == TOTAL
@@ -422,3 +422,53 @@ def test_progress_updates_in_a_terminal(paused_numbers: Path, tmp_path: Path) ->
     assert stdout == f"{TOTAL:,}\n".encode()  # stdout holds the result only, never the display
     assert {"500", "1,001"} <= counts(), counts()
     assert b"\x1b[" in screen  # a live display redraws with terminal control sequences
+
+
+def test_tcp_input_until_interrupted(tmp_path: Path) -> None:
+    import socket
+
+    from microbatch._checkpoint import open_store
+
+    state = tmp_path / "state"
+    args = [
+        "run",
+        GATED,
+        "--input",
+        "tcp://127.0.0.1:0",
+        "--checkpoint",
+        str(state),
+        "--json",
+        "--max-wait",
+        "0",
+    ]
+    proc = _start(args, _env())
+    try:
+        _wait_for(lambda: "listening on" in _peek(proc), "the server to listen", proc)
+        port = int(re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", _peek(proc)).group(1))  # type: ignore[union-attr]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"1\n2\n3\n")
+
+        def folded() -> bool:
+            store = open_store(state)
+            try:
+                cp = store.load()
+            finally:
+                store.close()
+            return cp is not None and cp.records == 3
+
+        _wait_for(lambda: state.exists() and folded(), "the lines to be folded", proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert json.loads(stdout) == 6
+
+
+def test_checkpoint_of_another_pipeline_is_a_one_line_error(numbers: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert mb("run", GATED, "--input", str(numbers), "--checkpoint", str(state)).returncode == 0
+    other = mb("run", "words:pipeline", "--input", str(numbers), "--checkpoint", str(state))
+    assert other.returncode == 1
+    (line,) = other.stderr.strip().splitlines()
+    assert line.startswith("microbatch: error: ") and str(state) in line, line
