@@ -143,7 +143,7 @@ def _exit_description(returncode: int | None) -> str:
 class _Worker:
     """One worker process, used by one call at a time."""
 
-    __slots__ = ("process", "pid", "_stdin", "_stdout", "functions", "failed")
+    __slots__ = ("process", "pid", "_stdin", "_stdout", "functions", "failed", "killed")
 
     def __init__(self, process: anyio.abc.Process) -> None:
         assert process.stdin is not None and process.stdout is not None
@@ -154,6 +154,9 @@ class _Worker:
         # Tokens of the functions this worker holds, least recently used first (mirrors the worker).
         self.functions: OrderedDict[int, None] = OrderedDict()
         self.failed = False
+        # Sent SIGKILL already. A second kill is not only useless: on asyncio, Popen.send_signal()
+        # polls first and may reap the process behind the event loop's child watcher.
+        self.killed = False
 
     async def send(self, data: bytes) -> None:
         await self._stdin.send(data)
@@ -272,7 +275,8 @@ class ProcessExecutor:
 
     @staticmethod
     def _signal_kill(worker: _Worker) -> None:
-        if worker.process.returncode is None:
+        if not worker.killed and worker.process.returncode is None:
+            worker.killed = True
             try:
                 worker.process.kill()
             except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
@@ -357,7 +361,7 @@ class ProcessExecutor:
         token, fn_data = self._prepare(fn)
         payload = pickle.dumps(arg, protocol=5)
         async with self._slots:
-            worker = self._idle.pop()
+            worker = self._take_idle()
             try:
                 if worker is None or worker.failed:
                     worker = await self._start_worker()
@@ -369,6 +373,14 @@ class ProcessExecutor:
                     self._idle.append(None if worker is None or worker.failed else worker)
                 else:
                     self._idle.append(None)
+
+    def _take_idle(self) -> _Worker | None:
+        """Take a live worker if one is idle, else an empty slot (a worker is started into it)."""
+        for index in range(len(self._idle) - 1, -1, -1):
+            worker = self._idle[index]
+            if worker is not None and not worker.failed:
+                return self._idle.pop(index)
+        return self._idle.pop()
 
     async def _call(
         self,

@@ -1,0 +1,550 @@
+"""Executors with real worker processes and threads, on asyncio, uvloop and trio.
+
+Orderings between the test and a worker go through files (a worker writes "started", waits for
+"go"), never through sleeps; the only waits on time are deadlines that make a broken test fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+import microbatch as mb
+from microbatch.executors import (
+    Executor,
+    InlineExecutor,
+    ProcessExecutor,
+    ThreadExecutor,
+    check_picklable,
+)
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 10.0  # seconds a condition may take before the test fails
+
+
+# ---- functions run in workers (module level: they travel by reference) ----------------------------
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def fail(x: int) -> int:
+    raise ValueError(f"bad record {x}")
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be rebuilt by unpickling (its __init__ needs two arguments)."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def fail_unpicklable(x: int) -> int:
+    raise TwoArgError(x, x + 1)
+
+
+def exit_abruptly(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+
+
+def segfault(_: object) -> None:
+    ctypes.string_at(0)
+
+
+def wait_for_go(paths: tuple[str, str, int]) -> int:
+    """Write our pid to ``started``, wait until ``go`` exists, return ``value``."""
+    started, go, value = paths
+    Path(started + ".tmp").write_text(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    return value
+
+
+def hang(started: str) -> None:
+    Path(started + ".tmp").write_text(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    while True:
+        time.sleep(0.05)
+
+
+def noisy(n: int) -> int:
+    for i in range(n):
+        print(f"noise line {i} " + "x" * 80)
+    sys.stdout.flush()
+    os.write(1, b"raw write to fd 1\n")
+    return n
+
+
+def echo(x: object) -> object:
+    return x
+
+
+def worker_pid(_: object) -> int:
+    return os.getpid()
+
+
+class CountsUnpickling:
+    """A callable that appends a line to a file each time it is unpickled."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+    def __getstate__(self) -> dict[str, str]:
+        return {"log": self.log}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.log = state["log"]
+        with open(self.log, "a") as f:
+            f.write("unpickled\n")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    with anyio.fail_after(DEADLINE):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def all_children() -> list[psutil.Process]:
+    """Every child, zombies included: an unreaped worker counts as left behind."""
+    return psutil.Process().children(recursive=True)
+
+
+# ---- ProcessExecutor ---------------------------------------------------------------------------
+
+
+async def test_many_concurrent_calls_give_correct_results() -> None:
+    results: dict[int, int] = {}
+    async with ProcessExecutor(2) as executor:
+        assert executor.capacity == 2
+        assert len(executor.pids) == 2  # started eagerly
+
+        async def one(i: int) -> None:
+            results[i] = await executor.run(double, i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+    assert results == {i: 2 * i for i in range(200)}
+    assert all_children() == []
+
+
+async def test_large_arguments_and_results_round_trip() -> None:
+    block = bytes(range(256)) * 8192  # 2 MiB, larger than any pipe buffer
+    async with ProcessExecutor(1) as executor:
+        assert await executor.run(echo, block) == block
+        assert await executor.run(echo, [block, "text", 3]) == [block, "text", 3]
+
+
+async def test_function_is_sent_once_per_worker(tmp_path: Path) -> None:
+    log = tmp_path / "unpickled.log"
+    fn = CountsUnpickling(str(log))
+    async with ProcessExecutor(1) as executor:
+        for i in range(20):
+            assert await executor.run(fn, i) == i + 1
+    assert log.read_text().splitlines() == ["unpickled"]
+
+
+async def test_exception_is_reraised_with_remote_traceback() -> None:
+    async with ProcessExecutor(1) as executor:
+        with pytest.raises(ValueError, match="bad record 7") as info:
+            await executor.run(fail, 7)
+        cause = info.value.__cause__
+        assert isinstance(cause, mb.RemoteTraceback)
+        assert "in fail" in cause.tb and "ValueError: bad record 7" in cause.tb
+        # the worker survived: same process answers the next call
+        pid = executor.pids[0]
+        assert await executor.run(worker_pid, None) == pid
+        assert executor.crashes == executor.restarts == 0
+
+
+async def test_exception_that_cannot_be_unpickled_becomes_remote_error() -> None:
+    async with ProcessExecutor(1) as executor:
+        with pytest.raises(mb.RemoteError) as info:
+            await executor.run(fail_unpicklable, 4)
+        assert info.value.type_name.endswith("TwoArgError")
+        assert info.value.message == "4/5"
+        assert isinstance(info.value.__cause__, mb.RemoteTraceback)
+        assert "TwoArgError: 4/5" in info.value.__cause__.tb
+        assert await executor.run(double, 1) == 2
+
+
+async def test_unpicklable_function_fails_before_running() -> None:
+    lock = threading.Lock()
+
+    def uses_lock(x: int) -> int:
+        with lock:
+            return x
+
+    with pytest.raises(mb.UnpicklableFunction, match="uses_lock.*lock"):
+        check_picklable(uses_lock)
+    async with ProcessExecutor(1) as executor:
+        pid = executor.pids[0]
+        with pytest.raises(mb.UnpicklableFunction, match="uses_lock"):
+            await executor.run(uses_lock, 1)
+        assert executor.pids == [pid]  # nothing reached the worker, which is untouched
+        assert await executor.run(worker_pid, None) == pid
+
+
+async def test_main_module_functions_and_closures_travel_by_value() -> None:
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec("def triple(x):\n    return 3 * x\n", namespace)
+    triple = namespace["triple"]
+    assert triple.__module__ == "__main__"
+    offset = 10
+    async with ProcessExecutor(1) as executor:
+        assert await executor.run(triple, 5) == 15
+        assert await executor.run(lambda x: x + offset, 5) == 15
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "expected"),
+    [
+        (exit_abruptly, 3, "exit code 3"),
+        (kill_self, signal.SIGKILL, "SIGKILL"),
+        (segfault, None, "SIGSEGV"),
+    ],
+    ids=["os._exit", "sigkill", "segfault"],
+)
+async def test_crash_fails_only_its_call(
+    tmp_path: Path, fn: Callable[[Any], Any], arg: Any, expected: str
+) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    async with ProcessExecutor(2) as executor:
+        survivor: list[int] = []
+
+        async def long_call() -> None:
+            survivor.append(await executor.run(wait_for_go, (str(started), str(go), 42)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_call)
+            await until(started.exists, "the long call started")
+            with pytest.raises(mb.WorkerCrashed, match=expected) as info:
+                await executor.run(fn, arg)
+            assert str(os.getpid()) not in str(info.value)
+            go.touch()
+        assert survivor == [42]
+        assert executor.crashes == 1
+        # the dead worker is replaced when two calls need workers at once again
+        assert await executor.run(double, 1) == 2
+        assert executor.restarts == 0  # a live worker was idle
+        started2, go2 = tmp_path / "started2", tmp_path / "go2"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.run, wait_for_go, (str(started2), str(go2), 0))
+            await until(started2.exists, "the first call started")
+            assert await executor.run(double, 2) == 4
+            go2.touch()
+        assert executor.restarts == 1
+        assert len(executor.pids) == 2
+
+
+async def test_timeout_kills_the_worker_and_raises_batch_timeout(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    async with ProcessExecutor(1) as executor:
+        with pytest.raises(mb.BatchTimeout, match="timeout=0.5") as info:
+            await executor.run(hang, str(started), timeout=0.5)
+        assert isinstance(info.value, TimeoutError)
+        hung_pid = int(started.read_text())
+        assert not alive(hung_pid)
+        assert executor.timeouts == 1
+        assert await executor.run(double, 21, timeout=30) == 42
+        assert executor.restarts == 1
+        assert executor.pids != [hung_pid]
+
+
+async def test_cancelling_a_call_kills_its_worker_only(tmp_path: Path) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    other_started = tmp_path / "other"
+    async with ProcessExecutor(2) as executor:
+        other: list[int] = []
+
+        async def other_call() -> None:
+            other.append(await executor.run(wait_for_go, (str(other_started), str(go), 7)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_call)
+            await until(other_started.exists, "the other call started")
+            with anyio.CancelScope() as scope:
+
+                async def cancel_when_started() -> None:
+                    await until(started.exists, "the hanging call started")
+                    scope.cancel()
+
+                tg.start_soon(cancel_when_started)
+                await executor.run(hang, str(started))
+            assert scope.cancelled_caught
+            assert not alive(int(started.read_text()))
+            assert alive(int(other_started.read_text()))
+            go.touch()
+        assert other == [7]
+        assert await executor.run(double, 2) == 4
+
+
+async def test_no_process_left_after_normal_end() -> None:
+    async with ProcessExecutor(2) as executor:
+        pids = executor.pids
+        assert {p.pid for p in children()} == set(pids)
+        await executor.run(double, 1)
+    assert all_children() == []
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_no_process_left_after_an_error_with_a_hung_worker(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="boom")):
+        async with ProcessExecutor(2) as executor, anyio.create_task_group() as tg:
+            tg.start_soon(executor.run, hang, str(started))
+            await until(started.exists, "the hanging call started")
+            raise RuntimeError("boom")
+    assert all_children() == []
+
+
+async def test_no_process_left_after_cancellation_with_a_hung_worker(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    with anyio.CancelScope() as scope:
+        async with ProcessExecutor(2) as executor:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(executor.run, hang, str(started))
+                await until(started.exists, "the hanging call started")
+                scope.cancel()
+                await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    assert all_children() == []
+
+
+async def test_no_process_left_when_cancelled_while_starting() -> None:
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with ProcessExecutor(2):
+            pytest.fail("entered a cancelled scope")  # pragma: no cover
+    assert all_children() == []
+
+
+async def test_print_in_worker_does_not_break_the_protocol(capfd: pytest.CaptureFixture[str]) -> None:
+    async with ProcessExecutor(1) as executor:
+        assert await executor.run(noisy, 500) == 500  # ~45 KB of output
+        assert await executor.run(double, 4) == 8
+    err = capfd.readouterr().err
+    assert "noise line 499" in err
+    assert "raw write to fd 1" in err
+
+
+async def test_run_outside_async_with_is_an_error() -> None:
+    executor = ProcessExecutor(1)
+    with pytest.raises(RuntimeError, match="async with ProcessExecutor"):
+        await executor.run(double, 1)
+    async with executor:
+        pass
+    with pytest.raises(RuntimeError, match="closed"):
+        await executor.run(double, 1)
+    with pytest.raises(RuntimeError, match="entered only once"):
+        async with executor:
+            pass  # pragma: no cover
+
+
+def test_invalid_arguments_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        ProcessExecutor(0)
+    with pytest.raises(ValueError, match="start_timeout"):
+        ProcessExecutor(1, start_timeout=0)
+    with pytest.raises(ValueError, match="workers"):
+        ThreadExecutor(0)
+
+
+async def test_invalid_timeout_names_the_parameter() -> None:
+    for executor in (InlineExecutor(), ThreadExecutor(1)):
+        with pytest.raises(ValueError, match="timeout"):
+            await executor.run(double, 1, timeout=0)
+
+
+def test_default_workers_is_cpu_count() -> None:
+    assert ProcessExecutor().capacity == (os.cpu_count() or 1)
+
+
+def test_all_executors_follow_the_protocol() -> None:
+    for executor in (ProcessExecutor(1), ThreadExecutor(), InlineExecutor()):
+        assert isinstance(executor, Executor)
+
+
+# ---- workers die with their parent -------------------------------------------------------------
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import anyio
+    from microbatch import ProcessExecutor
+
+    def spin(_):  # defined in __main__: travels by value
+        while True:
+            pass
+
+    async def main():
+        async with ProcessExecutor(2) as executor, anyio.create_task_group() as tg:
+            tg.start_soon(executor.run, spin, None)
+            print(*executor.pids, flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("backend", "pdeathsig"),
+    [("asyncio", True), ("trio", False)],
+    ids=["pdeathsig-asyncio", "watch-thread-trio"],
+)
+def test_workers_die_within_2s_of_a_sigkilled_parent(tmp_path: Path, backend: str, pdeathsig: bool) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    env = dict(os.environ)
+    if not pdeathsig:
+        env["MICROBATCH_WORKER_NO_PDEATHSIG"] = "1"  # only the thread watching the parent remains
+    parent = subprocess.Popen(
+        [sys.executable, str(script), backend], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        pids = [int(pid) for pid in line.split()]
+        assert len(pids) == 2, f"parent printed {line!r}"
+        assert all(alive(pid) for pid in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=DEADLINE)
+        deadline = time.monotonic() + 2.0
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+# ---- ThreadExecutor and InlineExecutor ---------------------------------------------------------
+
+
+async def test_thread_executor_runs_in_threads_and_passes_exceptions_unchanged() -> None:
+    error = ValueError("mine")
+
+    def raise_it(_: object) -> None:
+        raise error
+
+    async with ThreadExecutor(2) as executor:
+        assert executor.capacity == 2
+        assert await executor.run(double, 21) == 42
+        assert await executor.run(lambda _: threading.get_ident(), None) != threading.get_ident()
+        with pytest.raises(ValueError) as info:
+            await executor.run(raise_it, None)
+        assert info.value is error
+
+
+async def test_thread_executor_limits_concurrency() -> None:
+    release = threading.Event()
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def blocking(_: object) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(DEADLINE)
+        with lock:
+            running -= 1
+
+    executor = ThreadExecutor(2)
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(executor.run, blocking, None)
+        await until(lambda: running == 2, "two threads running")
+        await anyio.wait_all_tasks_blocked()
+        assert executor._limiter.statistics().tasks_waiting == 1
+        release.set()
+    assert peak == 2
+
+
+async def test_thread_executor_timeout_abandons_the_thread() -> None:
+    release = threading.Event()
+    finished = threading.Event()
+
+    def stuck(_: object) -> int:
+        release.wait(DEADLINE)
+        finished.set()
+        return 1
+
+    executor = ThreadExecutor(1)
+    with pytest.raises(mb.BatchTimeout, match="abandoned"):
+        await executor.run(stuck, None, timeout=0.05)
+    assert executor.timeouts == 1
+    assert not finished.is_set()  # the thread still runs: it cannot be killed
+    assert await executor.run(double, 3) == 6
+    release.set()
+    await anyio.to_thread.run_sync(finished.wait, DEADLINE)
+
+
+async def test_inline_executor_runs_in_the_loop_thread_in_order() -> None:
+    order: list[int] = []
+
+    def record(i: int) -> int:
+        order.append(i)
+        return threading.get_ident()
+
+    async with InlineExecutor() as executor:
+        assert executor.capacity == 1
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(executor.run, record, i)
+                await anyio.wait_all_tasks_blocked()
+        assert order == [0, 1, 2, 3, 4]
+        assert await executor.run(record, 5, timeout=0.001) == threading.get_ident()
+        error = KeyError("k")
+
+        def raise_it(_: object) -> None:
+            raise error
+
+        with pytest.raises(KeyError) as info:
+            await executor.run(raise_it, None)
+        assert info.value is error
+
+
+def test_exports() -> None:
+    for name in ("Executor", "ProcessExecutor", "ThreadExecutor", "InlineExecutor"):
+        assert name in mb.__all__
+        assert getattr(mb, name) is globals()[name]
