@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from types import TracebackType
@@ -372,11 +373,11 @@ def read_lines(
 # -- TCP ---------------------------------------------------------------------------------------------
 
 
-def _peer_name(stream: anyio.abc.SocketStream) -> str:
+def _peer_name(sock: socket.socket) -> str:
     try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)
-    except Exception:  # pragma: no cover - an exotic transport
-        return "tcp client <unknown>"
+        address = sock.getpeername()
+    except OSError:  # already reset by the peer
+        return "tcp client <disconnected>"
     if isinstance(address, tuple):
         return f"tcp client {address[0]}:{address[1]}"
     return f"tcp client {address}"
@@ -481,10 +482,9 @@ class TcpLines(Generic[T]):
         self._task_group = task_group
         self._port = multi.extra(anyio.abc.SocketAttribute.local_port)
         for listener in multi.listeners:
-            # create_tcp_listener makes one socket listener per address family of ``host``.
-            if not isinstance(listener, anyio.abc.SocketListener):  # pragma: no cover
-                raise TypeError(f"unexpected listener {listener!r} from anyio.create_tcp_listener")
-            task_group.start_soon(self._accept, listener)
+            # create_tcp_listener makes one listener per address family of ``host``.
+            raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+            task_group.start_soon(self._accept, raw, self._slots, task_group, self._send)
         logger.info("tcp_lines listening on %s:%d", self.host, self._port)
 
     async def _stop(
@@ -506,44 +506,63 @@ class TcpLines(Generic[T]):
                 # Consumers still iterating drain what was read, then their iteration ends.
                 await send.aclose()
 
-    async def _accept(self, listener: anyio.abc.SocketListener) -> None:
+    # The server works on the raw non-blocking sockets: a socket is read only when its handler asks
+    # for data, so a consumer that stops reading stops the reads at once and TCP flow control
+    # blocks the sender. (anyio's asyncio socket streams keep reading an accepted connection into
+    # memory until the first receive() has waited, which under uvloop can buffer without bound.)
+
+    async def _accept(
+        self,
+        listener: socket.socket,
+        slots: anyio.Semaphore,
+        task_group: anyio.abc.TaskGroup,
+        send: MemoryObjectSendStream[list[T]],
+    ) -> None:
         """Accept clients while fewer than ``max_connections`` are served; others wait in the backlog."""
-        slots, task_group = self._slots, self._task_group
-        assert slots is not None and task_group is not None
         while True:
             await slots.acquire()
             try:
-                stream = await listener.accept()
-            except OSError as exc:  # e.g. too many open files: log, wait, go on serving the others
-                slots.release()
-                logger.error("tcp_lines on port %s: accept failed: %s", self._port, exc)
-                await anyio.sleep(0.1)
-                continue
+                while True:
+                    await anyio.wait_readable(listener)
+                    try:
+                        client, _ = listener.accept()
+                        break
+                    except BlockingIOError:  # another process or a reset connection took it
+                        continue
+                    except OSError as exc:  # e.g. too many open files: log, wait, go on
+                        logger.error("tcp_lines on port %s: accept failed: %s", self._port, exc)
+                        await anyio.sleep(0.1)
             except BaseException:
                 slots.release()
                 raise
-            task_group.start_soon(self._serve_client, stream)
+            client.setblocking(False)
+            task_group.start_soon(self._serve_client, client, slots, send)
 
-    async def _serve_client(self, stream: anyio.abc.SocketStream) -> None:
-        slots, send = self._slots, self._send
-        assert slots is not None and send is not None
-        peer = _peer_name(stream)
+    async def _serve_client(
+        self, sock: socket.socket, slots: anyio.Semaphore, send: MemoryObjectSendStream[list[T]]
+    ) -> None:
+        peer = _peer_name(sock)
         splitter = LineSplitter(peer, 0, self.max_line_length)
+        read_size = self.read_size
         self._active += 1
         try:
-            async with stream:
-                while True:
-                    try:
-                        data = await stream.receive(self.read_size)
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        break
-                    lines = splitter.feed(data)
-                    if lines is not None:
-                        await self._deliver(send, lines, splitter.position - len(lines), peer)
-                    splitter.raise_pending()
-                lines = splitter.finish()
+            while True:
+                await anyio.wait_readable(sock)
+                try:
+                    data = sock.recv(read_size)
+                except BlockingIOError:
+                    continue
+                except ConnectionError:
+                    break  # reset by the peer: deliver what was complete, like a close
+                if not data:
+                    break
+                lines = splitter.feed(data)
                 if lines is not None:
                     await self._deliver(send, lines, splitter.position - len(lines), peer)
+                splitter.raise_pending()
+            lines = splitter.finish()
+            if lines is not None:
+                await self._deliver(send, lines, splitter.position - len(lines), peer)
         except (LineTooLong, SourceDecodeError) as exc:
             logger.error("%s; connection closed, other clients go on", exc)
         except OSError as exc:
@@ -551,6 +570,7 @@ class TcpLines(Generic[T]):
         finally:
             self._active -= 1
             slots.release()
+            sock.close()
 
     async def _deliver(
         self, send: MemoryObjectSendStream[list[T]], lines: bytes, start: int, peer: str
