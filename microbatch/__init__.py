@@ -7,6 +7,7 @@ order into a running result that checkpoints make exactly-once across crashes.
 
 from __future__ import annotations
 
+from ._batching import ChunkedSource, batches
 from ._checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
 from ._exceptions import (
     BackendNotSupported,
@@ -38,6 +39,8 @@ from .sources import LineSource, TcpLines, read_lines, tcp_lines
 __version__ = "0.1.0"
 
 __all__ = [
+    "batches",
+    "ChunkedSource",
     "Aggregator",
     "Count",
     "Max",

@@ -231,6 +231,8 @@ class _BatchStream(Generic[T]):
         self._closed = False
         self._consumer_wakeup: anyio.Event | None = None
         self._reader_wakeup: anyio.Event | None = None
+        # anyio.Event() looks the backend up on every call; the backend's own class does not.
+        self._event: type[anyio.Event] = type(anyio.Event())
 
     def __aiter__(self) -> _BatchStream[T]:
         return self
@@ -279,7 +281,7 @@ class _BatchStream(Generic[T]):
         return batch
 
     async def _wait(self) -> None:
-        event = self._consumer_wakeup = anyio.Event()
+        event = self._consumer_wakeup = self._event()
         try:
             await event.wait()
         finally:
@@ -293,8 +295,11 @@ class _BatchStream(Generic[T]):
         """Queue full batches for the consumer and wait until it has taken all of them."""
         self._ready.extend(out)
         self._wake_consumer()
+        # A consumer waiting for this batch runs first and takes it, so the reader usually finds
+        # `_ready` empty after one turn of the event loop and needs no event of its own.
+        await anyio.lowlevel.checkpoint()
         while self._ready:
-            event = self._reader_wakeup = anyio.Event()
+            event = self._reader_wakeup = self._event()
             try:
                 await event.wait()
             finally:
@@ -311,17 +316,24 @@ class _BatchStream(Generic[T]):
         self._wake_consumer()
 
     async def _read_items(self, iterator: AsyncIterator[T]) -> None:
-        """Reader for a per-record async iterator: one store per record, nothing else."""
+        """Reader for a per-record async iterator: one store per record, nothing else.
+
+        The buffer is pre-sized to ``max_size - 1`` slots, so the record that completes a batch is
+        the one that does not fit, and the loop needs no comparison. With ``max_wait`` set, the
+        buffer is empty between batches, so the first record of a batch does not fit either and
+        the reader learns when the batch started (the consumer empties the buffer in place when it
+        takes a partial batch, with the same effect).
+        """
         m, policy = self._max_size, self._policy
         timed = policy.max_wait is not None
+        if not timed:
+            self._buf = [_EMPTY] * (m - 1)
         buf: list[Any] = self._buf
         i = 0
         error: Exception | None = None
         try:
             while True:
-                # The hot loop. A record that does not fit (IndexError) either completes the batch
-                # (buf holds max_size - 1 records) or starts one (buf is empty: just handed over, or
-                # emptied by the consumer at the deadline). A try block costs nothing on 3.11+.
+                # The hot loop; a try block costs nothing until it catches (Python 3.11+).
                 async for x in iterator:
                     try:
                         buf[i] = x
@@ -330,26 +342,23 @@ class _BatchStream(Generic[T]):
                     i += 1
                 else:
                     break
-                if buf:
+                if buf or m == 1:
+                    # x completes the batch: buf holds max_size - 1 records.
                     buf.append(x)
-                    full = policy.add(m - policy.pending, anyio.current_time())
+                    # No record is left over, so `now` is not used: skip the clock.
+                    full = policy.add(m - policy.pending, 0.0)
                     assert full == 1, "the reader's buffer was not full"
                     batch = buf
-                    self._buf = buf = []
+                    self._buf = buf = [] if timed else [_EMPTY] * (m - 1)
                     i = 0
                     await self._hand_over((batch,))
-                elif m == 1:
-                    policy.add(1, anyio.current_time())
-                    await self._hand_over(([x],))
                 else:
+                    # x starts a batch (only with max_wait set): set its deadline.
                     self._buf = buf = [_EMPTY] * (m - 1)
                     buf[0] = x
                     i = 1
-                    # A batch's first record is the only one that reads the clock, and only when
-                    # there is a deadline to set (with max_wait=None the policy ignores `now`).
-                    policy.add(1, anyio.current_time() if timed else 0.0)
-                    if timed:
-                        self._wake_consumer()
+                    policy.add(1, anyio.current_time())
+                    self._wake_consumer()
         except Exception as exc:
             error = exc
         # The consumer may have emptied buf at a deadline since i was last reset.
