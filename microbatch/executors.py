@@ -476,6 +476,7 @@ class ThreadExecutor:
         self.timeouts = 0
         self.restarts = 0
         self._limiter = anyio.CapacityLimiter(workers)
+        self._threads = anyio.CapacityLimiter(math.inf)
 
     def __repr__(self) -> str:
         return f"<ThreadExecutor workers={self.capacity} timeouts={self.timeouts}>"
@@ -501,7 +502,10 @@ class ThreadExecutor:
         """Run ``fn(arg)`` in a thread and return its result; see the class docstring."""
         _check_timeout(timeout)
         with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            return await anyio.to_thread.run_sync(fn, arg, limiter=self._limiter, abandon_on_cancel=True)
+            # Our own limiter, held only while the call is awaited: an abandoned thread frees its
+            # place at once on every backend (trio's thread limiter would keep it until the thread ends).
+            async with self._limiter:
+                return await anyio.to_thread.run_sync(fn, arg, limiter=self._threads, abandon_on_cancel=True)
         assert scope.cancelled_caught
         self.timeouts += 1
         raise BatchTimeout(

@@ -212,7 +212,7 @@ async def test_unpicklable_function_fails_before_running() -> None:
         with lock:
             return x
 
-    with pytest.raises(mb.UnpicklableFunction, match="uses_lock.*lock"):
+    with pytest.raises(mb.UnpicklableFunction, match=r"uses_lock.*lock"):
         check_picklable(uses_lock)
     async with ProcessExecutor(1) as executor:
         pid = executor.pids[0]
@@ -277,7 +277,7 @@ async def test_crash_fails_only_its_call(
 async def test_timeout_kills_the_worker_and_raises_batch_timeout(tmp_path: Path) -> None:
     started = tmp_path / "started"
     async with ProcessExecutor(1) as executor:
-        with pytest.raises(mb.BatchTimeout, match="timeout=0.5") as info:
+        with pytest.raises(mb.BatchTimeout, match=r"timeout=0\.5") as info:
             await executor.run(hang, str(started), timeout=0.5)
         assert isinstance(info.value, TimeoutError)
         hung_pid = int(started.read_text())
