@@ -34,11 +34,15 @@ from ._exceptions import (
 # Each public module adds its names below.
 from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
 from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
+from .pipeline import Pipeline, Stats, Update
 from .sources import LineSource, TcpLines, read_lines, tcp_lines
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Pipeline",
+    "Stats",
+    "Update",
     "batches",
     "ChunkedSource",
     "Aggregator",

@@ -184,7 +184,9 @@ class Pipeline(Generic[R, V]):
         if on_error not in ("dead_letter", "raise"):
             raise ValueError(f"on_error must be 'dead_letter' or 'raise', got {on_error!r}")
         if isinstance(executor, str) and executor not in ("process", "thread", "inline"):
-            raise ValueError(f"executor must be 'process', 'thread', 'inline' or an Executor, got {executor!r}")
+            raise ValueError(
+                f"executor must be 'process', 'thread', 'inline' or an Executor, got {executor!r}"
+            )
         if checkpoint_every is not None and (math.isnan(checkpoint_every) or checkpoint_every < 0):
             raise ValueError(f"checkpoint_every must be >= 0 seconds or None, got {checkpoint_every!r}")
         if checkpoint_every_batches is not None and checkpoint_every_batches < 1:
@@ -347,7 +349,7 @@ class _Run(Generic[R, V]):
             return self
         executor = self._make_executor()
         if isinstance(executor, ProcessExecutor):
-            check_picklable(self.task)
+            check_picklable(self.p.fn)
         stack = self._stack
         try:
             await stack.enter_async_context(executor)
@@ -510,7 +512,7 @@ class _Run(Generic[R, V]):
                             await emit(records, len(records), None if tcp else start, end)
                             start = end or 0
 
-    async def _read_blocks(self, source: LineSource, emit: _Emitter) -> None:
+    async def _read_blocks(self, source: LineSource[Any], emit: _Emitter) -> None:
         """Cut a line source's raw blocks into batches of ``max_size`` lines, bounded by time."""
         policy = BatchPolicy(self.p.max_size, self.p.max_wait)
         block_send, block_recv = anyio.create_memory_object_stream[LineBlock](1)
@@ -584,7 +586,7 @@ class _Run(Generic[R, V]):
         while True:
             try:
                 return await self.executor.run(self.task, payload, timeout=self.p.timeout)
-            except Exception as exc:
+            except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
                 if isinstance(exc, WorkerCrashed):
                     self.stats.crashes += 1
                 elif isinstance(exc, BatchTimeout):
@@ -602,6 +604,7 @@ class _Run(Generic[R, V]):
     ) -> None:
         """Bisect a failing payload: good parts' results count, single failing records are dead."""
         head_n, _ = halves(_payload_size(payload))
+        parts: list[tuple[LineBlock | list[Any], int | None]]
         if isinstance(payload, LineBlock):
             head, tail = cut_lines(payload, head_n)
             parts = [(head, head.start), (tail, tail.start)]
@@ -707,13 +710,11 @@ def _join(a: LineBlock, b: LineBlock) -> LineBlock:
 
 
 async def _skip_async(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
-    it = aiter(source)
-    for _ in range(n):
-        try:
-            await anext(it)
-        except StopAsyncIteration:
-            return
-    async for item in it:
+    seen = 0
+    async for item in source:
+        if seen < n:
+            seen += 1
+            continue
         yield item
 
 

@@ -187,7 +187,7 @@ async def test_on_error_raise_stops_with_batch_failed(tmp_path: Path) -> None:
 async def test_source_error_reaches_caller_and_no_worker_is_left(tmp_path: Path) -> None:
     missing = tmp_path / "missing.txt"
     pipeline = mb.Pipeline(sum_ints, aggregate=mb.Sum(), workers=2)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         await pipeline.run(mb.read_lines(missing))
     assert children() == []
 
