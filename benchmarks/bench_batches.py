@@ -62,12 +62,12 @@ async def run(n: int, repeats: int, max_size: int) -> None:
         for _ in range(repeats):
             # Interleaved, so that a noisy neighbour slows all three alike.
             for label, job in (
-                ("bare", lambda: bare(gen)),
-                ("batches", lambda: batched(gen, max_size, None)),
-                ("batches+max_wait", lambda: batched(gen, max_size, 0.5)),
+                ("bare", bare(gen)),
+                ("batches", batched(gen, max_size, None)),
+                ("batches+max_wait", batched(gen, max_size, 0.5)),
             ):
                 start = time.perf_counter()
-                count = await job()
+                count = await job
                 rates[label].append(count / (time.perf_counter() - start))
                 assert count == n, (label, count)
         med = {label: statistics.median(values) for label, values in rates.items()}
@@ -79,7 +79,9 @@ async def run(n: int, repeats: int, max_size: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-size", type=int, default=1000)

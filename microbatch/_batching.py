@@ -240,6 +240,11 @@ class _BatchStream(Generic[T]):
     async def __anext__(self) -> list[T]:
         policy = self._policy
         while True:
+            if self._closed:
+                raise RuntimeError(
+                    "this batch stream is closed: iterate it inside "
+                    "'async with mb.batches(...) as stream:'"
+                )
             ready = self._ready
             if ready:
                 batch = ready.popleft()
@@ -251,11 +256,6 @@ class _BatchStream(Generic[T]):
                     error, self._error = self._error, None
                     raise error
                 raise StopAsyncIteration
-            if self._closed:
-                raise RuntimeError(
-                    "this batch stream is closed: iterate it inside "
-                    "'async with mb.batches(...) as stream:'"
-                )
             if self._consumer_wakeup is not None:
                 raise RuntimeError("another task is already iterating this batch stream; use one consumer")
             deadline = policy.deadline
