@@ -473,7 +473,14 @@ class TcpLines(Generic[T]):
         return None
 
     async def _start(self) -> None:
-        multi = await anyio.create_tcp_listener(local_host=self.host, local_port=self.requested_port)
+        try:
+            multi = await anyio.create_tcp_listener(local_host=self.host, local_port=self.requested_port)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"tcp_lines cannot listen on {self.host}:{self.requested_port}: {exc.strerror or exc} "
+                f"(pass port=0 to let the system choose a free port)",
+            ) from exc
         self._send, self._receive = anyio.create_memory_object_stream[list[T]](self.buffer_size)
         self._slots = anyio.Semaphore(self.max_connections)
         self._listener = multi

@@ -237,6 +237,13 @@ async def test_iterating_before_entering_is_a_clear_error() -> None:
         server.port  # noqa: B018
 
 
+async def test_port_in_use_names_host_and_port() -> None:
+    async with mb.tcp_lines(0) as first:
+        with pytest.raises(OSError, match=f"127\\.0\\.0\\.1:{first.port}"):
+            async with mb.tcp_lines(first.port):
+                pass
+
+
 def test_invalid_arguments_name_the_parameter() -> None:
     with pytest.raises(ValueError, match="port"):
         mb.tcp_lines(70000)
