@@ -60,6 +60,7 @@ RAISED = 12
 REMOTE_ERROR = 13
 
 FN_CACHE_SIZE = 32
+PIPE_SIZE = 1 << 20
 PARENT_POLL_INTERVAL = 0.2
 # Exit code used when the parent disappeared; distinct from crashes of user code.
 EXIT_PARENT_GONE = 70
@@ -96,7 +97,20 @@ def _private_fds() -> tuple[int, int]:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
+    for fd in (read_fd, write_fd):
+        _grow_pipe(fd)
     return read_fd, write_fd
+
+
+def _grow_pipe(fd: int) -> None:
+    """Let a pipe hold a whole batch (1 MiB, Linux only), so that sending one rarely waits for the reader."""
+    if sys.platform.startswith("linux"):
+        import fcntl
+
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+        except OSError:  # over /proc/sys/fs/pipe-max-size, or not a pipe: keep the default
+            pass
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:

@@ -372,7 +372,10 @@ class ProcessExecutor:
                 if self._state == "open":
                     self._idle.append(None if worker is None or worker.failed else worker)
                 else:
+                    # The executor was closed while this call ran (or started its worker).
                     self._idle.append(None)
+                    if worker is not None:
+                        await self._reap(worker)
 
     def _take_idle(self) -> _Worker | None:
         """Take a live worker if one is idle, else an empty slot (a worker is started into it)."""
