@@ -66,6 +66,14 @@ R = TypeVar("R")
 E = TypeVar("E", bound="Executor")
 
 _WORKER_SCRIPT = wire.__file__
+# What reading or writing a worker's pipes raises when the worker died or the executor closed them.
+_PIPE_ERRORS = (
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
 # After a worker's pipe reached end of file, how long to wait for its exit code before killing it.
 _EXIT_GRACE = 2.0
 
@@ -315,7 +323,7 @@ class ProcessExecutor:
                     f"worker process {worker.pid} did not start within start_timeout={self.start_timeout} s "
                     f"({sys.executable} {_WORKER_SCRIPT}); the machine may be overloaded: raise start_timeout"
                 )
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
+        except _PIPE_ERRORS as exc:
             await self._wait_exit(worker)
             raise WorkerCrashed(
                 f"worker process {worker.pid} died while starting "
@@ -414,8 +422,13 @@ class ProcessExecutor:
                 del data
                 kind, body = await worker.receive()
                 worker.failed = False
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError) as exc:
+        except _PIPE_ERRORS as exc:
             await self._wait_exit(worker)
+            if self._state != "open":
+                raise WorkerCrashed(
+                    f"worker process {worker.pid} was killed while running {_name(fn)} because the "
+                    f"executor was closed ({_exit_description(worker.process.returncode)})"
+                ) from exc
             self.crashes += 1
             raise WorkerCrashed(
                 f"worker process {worker.pid} died while running {_name(fn)} "

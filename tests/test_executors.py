@@ -356,6 +356,35 @@ async def test_no_process_left_when_cancelled_while_starting() -> None:
     assert all_children() == []
 
 
+async def test_closing_with_a_call_in_flight_fails_that_call(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    errors: list[BaseException] = []
+    executor = ProcessExecutor(1)
+    await executor.__aenter__()
+
+    async def call() -> None:
+        try:
+            await executor.run(hang, str(started))
+        except mb.WorkerCrashed as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await until(started.exists, "the hanging call started")
+        await executor.__aexit__(None, None, None)
+    assert len(errors) == 1 and "executor was closed" in str(errors[0])
+    assert executor.crashes == 0
+    assert all_children() == []
+
+
+async def test_more_functions_than_the_worker_cache_holds() -> None:
+    functions = [lambda x, i=i: x + i for i in range(40)]  # more than the 32 a worker keeps
+    async with ProcessExecutor(1) as executor:
+        for _ in range(2):
+            assert [await executor.run(fn, 100) for fn in functions] == [100 + i for i in range(40)]
+        assert await executor.run(functions[0], 1) == 1
+
+
 async def test_print_in_worker_does_not_break_the_protocol(capfd: pytest.CaptureFixture[str]) -> None:
     async with ProcessExecutor(1) as executor:
         assert await executor.run(noisy, 500) == 500  # ~45 KB of output
