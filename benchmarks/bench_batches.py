@@ -4,7 +4,9 @@ Two generators: ``records`` yields records that already exist (a list of short s
 case: records come from a parser or a client), ``range`` yields ``i`` for ``i in range(n)``, the
 cheapest generator Python has, so the relative cost of batching is at its highest. Each line
 prints the median records/s over the repeats and the ratio of the medians, measured in the same
-run, on asyncio, uvloop and trio.
+run, on asyncio, uvloop and trio. Times are the CPU time of this process (nothing here waits for
+I/O, so it equals the wall time on an idle machine): other processes on a busy machine then do not
+skew the ratio.
 
     python benchmarks/bench_batches.py [--records 1000000] [--repeats 5] [--max-size 1000]
 """
@@ -41,11 +43,11 @@ def make_generators(n: int) -> dict[str, Callable[[], AsyncIterator[object]]]:
     return {"records": from_records, "range": from_range}
 
 
-async def bare(gen: Callable[[], AsyncIterator[object]]) -> int:
-    count = 0
+async def bare(gen: Callable[[], AsyncIterator[object]], n: int) -> int:
+    # The cheapest possible consumer: nothing per record, so the ratio is the strictest one.
     async for _ in gen():
-        count += 1
-    return count
+        pass
+    return n
 
 
 async def batched(gen: Callable[[], AsyncIterator[object]], max_size: int, max_wait: float | None) -> int:
@@ -62,13 +64,13 @@ async def run(n: int, repeats: int, max_size: int) -> None:
         for _ in range(repeats):
             # Interleaved, so that a noisy neighbour slows all three alike.
             for label, job in (
-                ("bare", bare(gen)),
+                ("bare", bare(gen, n)),
                 ("batches", batched(gen, max_size, None)),
                 ("batches+max_wait", batched(gen, max_size, 0.5)),
             ):
-                start = time.perf_counter()
+                start = time.process_time()
                 count = await job
-                rates[label].append(count / (time.perf_counter() - start))
+                rates[label].append(count / (time.process_time() - start))
                 assert count == n, (label, count)
         med = {label: statistics.median(values) for label, values in rates.items()}
         print(

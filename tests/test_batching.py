@@ -262,6 +262,14 @@ async def test_read_lines_file(tmp_path: Path) -> None:
     assert batches[2][-1] == "line 24999"
 
 
+async def test_tcp_lines_source_entered_again() -> None:
+    # An entered server can be given to batches(), which enters it once more (nested entry).
+    async with mb.tcp_lines(0) as server, mb.batches(server, max_size=3) as stream:
+        async with await anyio.connect_tcp("127.0.0.1", server.port) as client:
+            await client.send(b"a\nb\r\nc\nd")
+        assert await stream.__anext__() == ["a", "b", "c"]
+
+
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="max_size"):
         mb.batches([1], max_size=0)
