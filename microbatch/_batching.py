@@ -11,9 +11,10 @@ Two tasks share one small state object and never block each other for long:
   deadline it cuts the partial batch out of the reader's buffer itself. It can do that while the
   source is silent, because the reader, not the consumer, is the task waiting on the source.
 
-Batches are cut only when the reader is suspended, so order is kept by construction: the
-consumer cuts a partial batch only when no full batch is waiting, and every record in the buffer
-came after every record in ``_ready``.
+Both tasks run on one event loop thread, so the consumer only ever sees the reader suspended
+(waiting on the source or on the consumer), never halfway through a batch. Order is kept by
+construction: the consumer cuts a partial batch only when no full batch is waiting, and every
+record in the buffer came after every record in ``_ready``.
 """
 
 from __future__ import annotations
