@@ -123,13 +123,20 @@ def _nth_newline(data: bytes, n: int, lo: int, hi: int, before_lo: int, before_h
     """
     step = 0
     while n - before_lo > 16 and hi - lo > 4096:
-        if step % 2 == 0:
-            guess = lo + (hi - lo) * (n - before_lo) // (before_hi - before_lo)
-        else:
-            guess = (lo + hi) // 2
+        guess = lo + (hi - lo) * (n - before_lo) // (before_hi - before_lo)
+        if step % 2:
+            # Move toward the middle, but at most `slack` bytes from the estimate: with even line
+            # lengths the answer lies close to it, and the slack doubles on every step, so uneven
+            # lines still halve the range within a few steps.
+            slack = 4096 << step
+            guess = min(max((lo + hi) // 2, guess - slack), guess + slack)
         guess = min(max(guess, lo + 1), hi - 1)
         step += 1
-        at_guess = before_lo + data.count(b"\n", lo, guess)
+        # Count on the shorter side of the guess.
+        if guess - lo <= hi - guess:
+            at_guess = before_lo + data.count(b"\n", lo, guess)
+        else:
+            at_guess = before_hi - data.count(b"\n", guess, hi)
         if at_guess >= n:
             hi, before_hi = guess, at_guess
         else:
@@ -162,6 +169,31 @@ def cut_lines(block: LineBlock, n: int) -> tuple[LineBlock, LineBlock]:
         LineBlock(data[:cut], n, block.start, at),
         LineBlock(data[cut:], block.count - n, at, block.end),
     )
+
+
+def cut_every(block: LineBlock, n: int, times: int) -> tuple[list[LineBlock], LineBlock]:
+    """Cut ``times`` blocks of ``n`` lines off the front of ``block``; return them and the rest.
+
+    Equivalent to calling :func:`cut_lines` ``times`` times, but each byte is copied once: the
+    cut points are found in the original data and every part is sliced from it directly.
+    """
+    if n < 1 or times < 0 or n * times > block.count:
+        raise ValueError(
+            f"cut_every: cannot cut {times} x {n} lines off a block of {block.count} lines"
+        )
+    data = block.data
+    newlines = block.count if data.endswith(b"\n") else block.count - 1
+    parts: list[LineBlock] = []
+    lo = 0
+    for k in range(1, times + 1):
+        if k * n == block.count:
+            cut = len(data)
+        else:
+            cut = _nth_newline(data, k * n, lo, len(data), (k - 1) * n, newlines) + 1
+        parts.append(LineBlock(data[lo:cut], n, block.start + lo, block.start + cut))
+        lo = cut
+    rest = LineBlock(data[lo:], block.count - n * times, block.start + lo, block.end) if lo else block
+    return parts, rest
 
 
 def find_long_line(data: bytes, limit: int, carried: int = 0) -> int | None:

@@ -34,7 +34,7 @@ from ._batching import batches
 from ._checkpoint import Checkpoint, CheckpointStore, check_fingerprint, open_store
 from ._deadletter import DeadLetter, DeadLetterFile, describe_error
 from ._exceptions import BatchFailed, BatchTimeout, WorkerCrashed
-from ._lines import LineBlock, cut_lines, decode_lines
+from ._lines import LineBlock, cut_every, cut_lines, decode_lines
 from ._policy import BatchPolicy, check_limits
 from ._retry import RetryPolicy, halves
 from ._task import BatchTask
@@ -425,13 +425,13 @@ class _Run(Generic[R, V]):
         store = self.store
         if store is None:
             return
+        # A run without a checkpoint appends to the dead-letter file as it finds it; checkpoints
+        # record the file's absolute length, so a resumed run cuts back only what it wrote itself.
         if self.fresh:
             await anyio.to_thread.run_sync(store.clear)
-            self.dead.truncate_to(0)
             return
         cp = await anyio.to_thread.run_sync(store.load)
         if cp is None:
-            self.dead.truncate_to(0)
             return
         check_fingerprint(cp.fingerprint, self.fingerprint, location=store.location)
         self.state = self.agg.load(cp.state)
@@ -547,10 +547,11 @@ class _Run(Generic[R, V]):
                 if block.count == 0:
                     continue
                 pending = block if pending is None else _join(pending, block)
-                for _ in range(policy.add(block.count, anyio.current_time())):
-                    head, rest = cut_lines(pending, self.p.max_size)
+                full, pending = cut_every(
+                    pending, self.p.max_size, policy.add(block.count, anyio.current_time())
+                )
+                for head in full:
                     await emit(head, head.count, head.start, head.end)
-                    pending = rest
         if policy.flush() and pending is not None:
             await emit(pending, pending.count, pending.start, pending.end)
 
