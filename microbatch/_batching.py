@@ -19,9 +19,19 @@ record in the buffer came after every record in ``_ready``.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from itertools import islice
 from typing import Any, Final, Generic, Protocol, TypeVar, overload, runtime_checkable
@@ -199,6 +209,27 @@ async def _sync_chunks(iterator: Iterator[T], size: int) -> AsyncGenerator[list[
             close()
 
 
+def _bare_checkpoint() -> Callable[[], Awaitable[None]]:
+    """The running backend's own ``checkpoint``: what ``anyio.lowlevel.checkpoint()`` awaits,
+    without looking the backend up on every call (it runs twice per batch)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return functools.partial(asyncio.sleep, 0)
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            checkpoint: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
+            return checkpoint
+    return anyio.lowlevel.checkpoint
+
+
 def _filled(buf: list[Any]) -> int:
     """The number of records at the front of a reader buffer (its free slots hold ``_EMPTY``)."""
     hi = len(buf)
@@ -234,6 +265,7 @@ class _BatchStream(Generic[T]):
         self._reader_wakeup: anyio.Event | None = None
         # anyio.Event() looks the backend up on every call; the backend's own class does not.
         self._event: type[anyio.Event] = type(anyio.Event())
+        self._checkpoint = _bare_checkpoint()
 
     def __aiter__(self) -> _BatchStream[T]:
         return self
@@ -266,7 +298,7 @@ class _BatchStream(Generic[T]):
                     # A reader that never has to wait for its source fills the next batch within
                     # this turn of the event loop: a plain yield is cheaper than an event.
                     yielded = True
-                    await anyio.lowlevel.checkpoint()
+                    await self._checkpoint()
                     continue
                 await self._wait()
                 continue
@@ -305,7 +337,7 @@ class _BatchStream(Generic[T]):
         self._wake_consumer()
         # A consumer waiting for this batch runs first and takes it, so the reader usually finds
         # `_ready` empty after one turn of the event loop and needs no event of its own.
-        await anyio.lowlevel.checkpoint()
+        await self._checkpoint()
         while self._ready:
             event = self._reader_wakeup = self._event()
             try:
