@@ -333,6 +333,72 @@ def test_full_batch_does_not_wait_and_none_waits_for_end() -> None:
     assert run_mock(lambda: main(None)) == [([0, 1, 2], 0.0), ([3, 4], pytest.approx(100.0))]
 
 
+def test_busy_consumer_gets_late_partial_with_what_arrived_meanwhile() -> None:
+    async def ticking() -> AsyncIterator[int]:
+        for i in range(8):
+            yield i
+            await anyio.sleep(0.2)  # records at 0, 0.2, ... 1.4
+        await anyio.sleep_forever()
+
+    async def main() -> list[tuple[list[int], float]]:
+        start = anyio.current_time()
+        out = []
+        async with mb.batches(ticking(), max_size=100, max_wait=0.5) as stream:
+            async for batch in stream:
+                out.append((batch, anyio.current_time() - start))
+                if len(out) == 2:
+                    break
+                await anyio.sleep(1.0)  # busy past the next deadline
+        return out
+
+    out = run_mock(main)
+    # Due at 0.5 with [0, 1, 2]; the next partial (from 0.6) was due at 1.1, but the consumer
+    # asked at 1.5 and got everything that had arrived by then.
+    assert out == [([0, 1, 2], pytest.approx(0.5)), ([3, 4, 5, 6, 7], pytest.approx(1.5))]
+
+
+class Counter:
+    """An async iterator that is not a generator, with an aclose() of its own."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.closed = False
+
+    def __aiter__(self) -> Counter:
+        return self
+
+    async def __anext__(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        self.n += 1
+        return self.n
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_iterator_aclose_called_on_break() -> None:
+    src = Counter()
+    async with mb.batches(src, max_size=3) as stream:
+        assert await stream.__anext__() == [1, 2, 3]
+    assert src.closed
+
+
+async def test_one_consumer_only() -> None:
+    async def silent() -> AsyncIterator[int]:
+        await anyio.sleep_forever()
+        yield 0
+
+    async with mb.batches(silent(), max_size=3) as stream, anyio.create_task_group() as tg:
+        async def first() -> None:
+            await stream.__anext__()
+
+        tg.start_soon(first)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="one consumer"):
+            await stream.__anext__()
+        tg.cancel_scope.cancel()
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     max_size=st.integers(1, 12),
