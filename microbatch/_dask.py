@@ -1,0 +1,503 @@
+"""``DaskExecutor``: run a pipeline's batches on a Dask distributed cluster.
+
+The executor submits one Dask task per call, ``_call(fn, arg)``: the task carries the callable and
+the batch as one payload (a line source's batch is a single ``LineBlock`` of raw bytes, split and
+decoded on the worker), so a batch travels once and no per-record objects are created on the machine
+running the pipeline. The task returns a tagged tuple instead of raising, so that the exception of
+``fn`` comes back as itself with the worker's formatted traceback, and so that any *raised* task
+error is known to come from Dask rather than from ``fn``.
+
+``distributed`` is imported only when a ``DaskExecutor`` is created: ``import microbatch`` works
+without it. Dask's client runs on asyncio only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pickle
+import signal
+import traceback
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import cloudpickle
+
+from ._exceptions import (
+    BackendNotSupported,
+    BatchTimeout,
+    ExecutorError,
+    RemoteError,
+    RemoteTraceback,
+    WorkerCrashed,
+)
+from ._task import BatchTask
+from .executors import check_picklable
+
+__all__ = ["DaskExecutor"]
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+# Tags of the tuple a task returns (see ``_call``).
+_RESULT = 0
+_RAISED = 1
+_REMOTE_ERROR = 2
+
+# How many distinct functions ``run`` remembers as already checked for picklability.
+_CHECKED_CACHE_SIZE = 32
+
+# After a timeout, how long to wait for the scheduler to release the task before killing its worker.
+_RELEASE_WAIT = 5.0
+
+_INSTALL_HINT = "pip install 'microbatch[dask]'"
+
+
+def _call(fn: Callable[[Any], Any], arg: Any) -> tuple[Any, ...]:
+    """Runs on a Dask worker: ``fn(arg)`` as a tagged tuple, never raising for ``fn``'s sake.
+
+    ``(_RESULT, value)``; ``(_RAISED, exception, traceback text)`` when the exception survives a
+    pickle round trip; otherwise ``(_REMOTE_ERROR, type name, message, traceback text)``.
+    """
+    try:
+        return (_RESULT, fn(arg))
+    except BaseException as exc:  # SystemExit/KeyboardInterrupt in a worker thread become RemoteError
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if isinstance(exc, Exception):
+            try:
+                # Dask pickles results with pickle, falling back to cloudpickle; an exception whose
+                # __init__ cannot take its own args back would only fail on the client, too late.
+                pickle.loads(cloudpickle.dumps(exc))
+            except Exception:
+                pass
+            else:
+                exc.__traceback__ = None
+                return (_RAISED, exc, tb)
+        return (_REMOTE_ERROR, type(exc).__qualname__, str(exc), tb)
+
+
+def _kill_worker_process(dask_worker: Any) -> int | None:
+    """Runs in a worker's nanny: SIGKILL the worker process, which the nanny then starts anew.
+
+    A graceful restart waits for the worker's threads, and a hung ``fn`` never ends: only a kill
+    frees the thread. Returns the killed pid (None when the process was already gone).
+    """
+    pid: int | None = dask_worker.pid
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ImportError(
+            f"DaskExecutor needs the 'distributed' package, which is not installed: {_INSTALL_HINT}"
+        ) from exc
+    return distributed
+
+
+def _current_library() -> str:
+    """The running async library's name ("asyncio", "trio"), or a description when unknown."""
+    try:
+        import sniffio
+    except ImportError:  # pragma: no cover - anyio works without sniffio
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return "an async library other than asyncio"
+        return "asyncio"
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return "no async library"
+
+
+def _target(fn: object) -> object:
+    """The user's function behind a ``BatchTask`` and ``functools.partial`` wrappers."""
+    if isinstance(fn, BatchTask):
+        fn = fn.fn
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _name(fn: object) -> str:
+    target = _target(fn)
+    module = getattr(target, "__module__", None)
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{qualname}" if module else str(qualname)
+
+
+def _key_prefix(fn: object) -> str:
+    # Dask groups tasks by the key's leading words: the dashboard then shows the user's function name.
+    target = _target(fn)
+    name = getattr(target, "__name__", None) or type(target).__name__
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "batch"
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+class DaskExecutor:
+    """Runs each call as one task on a Dask distributed cluster; asyncio only.
+
+    ``address_or_client`` is one of:
+
+    - a scheduler address (``"tcp://10.0.0.5:8786"``): a client is connected when the executor is
+      entered (``async with``) and closed when it is left; ``connect_timeout`` (default 30 s) bounds
+      the connection, beyond which ``ConnectionError`` names the address;
+    - a ``distributed.Client`` created with ``asynchronous=True`` in the running event loop: used as
+      is and left open (a synchronous client is not usable from async code: the executor opens its
+      own asynchronous client to the same scheduler instead, and closes it);
+    - a cluster object with a ``scheduler_address`` (``LocalCluster``, ``dask_jobqueue`` and
+      ``dask_kubernetes`` clusters): a client is connected to it, and closed on exit.
+
+    ``capacity`` (how many calls run at once; a pipeline keeps that many batches on the cluster) is
+    ``max_in_flight`` when given, otherwise the total number of worker threads when the executor is
+    entered. Entering waits up to ``worker_timeout`` (default 60 s) for at least one worker and
+    fails with ``ExecutorError`` if none arrives. Workers joining later are used by Dask, but do
+    not raise ``capacity``: pass ``max_in_flight`` for a cluster that grows.
+
+    Each call is one task with ``pure=False`` whose payload is ``fn`` and ``arg`` together;
+    ``fn`` travels pickled with cloudpickle (functions of importable modules by reference, so
+    every worker needs microbatch and the modules ``fn`` lives in installed; functions from
+    ``__main__`` by value). ``fn`` that cannot be pickled raises ``UnpicklableFunction`` before its
+    first task is sent. The task runs in one of the worker's threads: a function holding the GIL
+    needs workers with one thread each (``dask worker --nthreads 1 --nworkers N``) to use N cores.
+
+    Failures:
+
+    - ``fn`` raises: the same exception is raised here with the worker's traceback as a
+      ``RemoteTraceback`` in ``__cause__``; an exception that cannot be pickled back (or
+      ``SystemExit``) becomes ``RemoteError`` with the same cause.
+    - the worker running the call dies: Dask's scheduler itself re-runs the task on another worker,
+      up to its ``distributed.scheduler.allowed-failures`` setting (default 3); past that, Dask
+      gives up (``KilledWorker``) and ``WorkerCrashed`` is raised, and the pipeline's own retries
+      apply. Set ``allowed-failures`` to 0 on the scheduler to leave every retry to the pipeline.
+    - the call runs past ``timeout`` seconds: the task is cancelled and ``BatchTimeout`` raised. A
+      Python thread cannot be stopped, so with ``restart_on_timeout`` (the default) the worker
+      process that ran the task is also killed through its nanny, which starts a new one (other
+      tasks on that worker are re-run elsewhere by Dask). A worker without a nanny
+      (``dask worker --no-nanny``), or ``restart_on_timeout=False``, keeps the hung thread busy
+      until ``fn`` returns.
+    - the task is cancelled or lost by Dask (the client lost its scheduler connection, a worker
+      restarted from outside): ``WorkerCrashed`` naming the reason.
+    - a Dask error outside ``fn`` (the worker cannot import microbatch or ``fn``'s module, a result
+      that cannot be unpickled here): ``ExecutorError`` naming it.
+    - the caller is cancelled: the task is cancelled on the cluster, the cancellation goes on.
+
+    On trio, entering raises ``BackendNotSupported``: Dask's client runs on asyncio (uvloop works).
+    An executor can be entered again after it was left (a new client is then connected), but not
+    twice at once. Counters ``crashes``, ``timeouts`` and ``restarts`` only grow.
+    """
+
+    def __init__(
+        self,
+        address_or_client: Any,
+        *,
+        max_in_flight: int | None = None,
+        connect_timeout: float = 30.0,
+        worker_timeout: float = 60.0,
+        restart_on_timeout: bool = True,
+    ) -> None:
+        distributed = _import_distributed()
+        if max_in_flight is not None and (
+            isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+        ):
+            raise ValueError(
+                f"max_in_flight must be a positive integer or None (the cluster's worker threads), "
+                f"got {max_in_flight!r}"
+            )
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
+        if not worker_timeout > 0:
+            raise ValueError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
+        self._given_client: Any = None
+        self._address: str | None = None
+        if isinstance(address_or_client, str):
+            if not address_or_client:
+                raise ValueError("address_or_client must be a scheduler address such as 'tcp://HOST:8786'")
+            self._address = address_or_client
+        elif isinstance(address_or_client, distributed.Client):
+            self._given_client = address_or_client
+        elif isinstance(getattr(address_or_client, "scheduler_address", None), str):
+            self._address = address_or_client.scheduler_address
+        else:
+            raise TypeError(
+                f"address_or_client must be a scheduler address ('tcp://HOST:8786'), a distributed.Client "
+                f"or a cluster with a scheduler_address (LocalCluster), got {address_or_client!r}"
+            )
+        self.max_in_flight = max_in_flight
+        self.connect_timeout = connect_timeout
+        self.worker_timeout = worker_timeout
+        self.restart_on_timeout = restart_on_timeout
+        self.capacity = max_in_flight or 0
+        self.crashes = 0
+        self.timeouts = 0
+        self.restarts = 0
+        self.client: Any = None
+        self._owns_client = False
+        self._slots: anyio.Semaphore | None = None
+        # id(fn) -> fn for functions already checked for picklability; holding fn keeps its id unique.
+        self._checked: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._distributed = distributed
+        self._state = "new"
+
+    def __repr__(self) -> str:
+        return (
+            f"<DaskExecutor {self.address or 'client'} capacity={self.capacity} {self._state} "
+            f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}>"
+        )
+
+    @property
+    def address(self) -> str | None:
+        """The scheduler's address (known before entering unless a client was given)."""
+        if self._address is not None:
+            return self._address
+        if self.client is not None:
+            return str(self.client.scheduler.address)
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> DaskExecutor:
+        if self._state == "open":
+            raise RuntimeError(
+                "this DaskExecutor is already in use: one 'async with' at a time (it can be entered "
+                "again once left); create one DaskExecutor per concurrent pipeline run"
+            )
+        library = _current_library()
+        if library != "asyncio":
+            raise BackendNotSupported(
+                f"DaskExecutor needs asyncio (Dask's client runs on asyncio), but this code runs on "
+                f"{library}: run the pipeline with anyio.run(..., backend='asyncio') or asyncio.run(...), "
+                f"or use ProcessExecutor"
+            )
+        self._state = "open"
+        try:
+            await self._connect()
+            if self.max_in_flight is None:
+                self.capacity = await self._count_threads()
+        except BaseException:
+            await self._shutdown()
+            raise
+        self._slots = anyio.Semaphore(self.capacity)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def _connect(self) -> None:
+        given = self._given_client
+        if given is not None and given.asynchronous:
+            if given.status != "running":
+                raise ValueError(
+                    f"the distributed.Client given to DaskExecutor is {given.status!r}, not running: "
+                    f"create it with 'async with Client(address, asynchronous=True) as client:'"
+                )
+            self.client = given
+            return
+        address = self._address if given is None else str(given.scheduler.address)
+        client = self._distributed.Client(
+            address, asynchronous=True, timeout=self.connect_timeout, set_as_default=False
+        )
+        try:
+            await client
+        except OSError as exc:
+            await self._close_client(client)
+            raise ConnectionError(
+                f"cannot connect to the Dask scheduler at {address} within "
+                f"connect_timeout={self.connect_timeout} s: {exc}; start one there with "
+                f"'dask scheduler' and workers with 'dask worker {address}'"
+            ) from exc
+        except BaseException:
+            await self._close_client(client)
+            raise
+        self.client = client
+        self._owns_client = True
+
+    async def _count_threads(self) -> int:
+        client = self.client
+        try:
+            await client.wait_for_workers(1, timeout=self.worker_timeout)
+        except TimeoutError as exc:
+            raise ExecutorError(
+                f"no Dask worker joined the scheduler at {self.address} within "
+                f"worker_timeout={self.worker_timeout} s: start some with 'dask worker {self.address}', "
+                f"or raise worker_timeout"
+            ) from exc
+        nthreads: dict[str, int] = await client.nthreads()
+        return max(1, sum(nthreads.values()))
+
+    async def _shutdown(self) -> None:
+        self._state = "closed"
+        self._slots = None
+        client, self.client = self.client, None
+        if client is not None and self._owns_client:
+            await self._close_client(client)
+
+    @staticmethod
+    async def _close_client(client: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await client.close()
+            except Exception:  # pragma: no cover - closing a client whose scheduler is gone
+                pass
+
+    # -- calls --------------------------------------------------------------------------------------
+
+    def _check_function(self, fn: Callable[..., Any]) -> None:
+        known = self._checked.get(id(fn))
+        if known is fn:
+            self._checked.move_to_end(id(fn))
+            return
+        check_picklable(fn)
+        self._checked[id(fn)] = fn
+        if len(self._checked) > _CHECKED_CACHE_SIZE:
+            self._checked.popitem(last=False)
+
+    async def run(
+        self,
+        fn: Callable[[A], R],
+        arg: A,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
+    ) -> R:
+        """Run ``fn(arg)`` as one Dask task and return its result; see the class docstring."""
+        _check_timeout(timeout)
+        if self._state != "open" or self._slots is None:
+            raise RuntimeError(
+                f"DaskExecutor is {self._state}: use it inside 'async with DaskExecutor(...) as executor:'"
+            )
+        self._check_function(fn)
+        async with self._slots:
+            return await self._submit(fn, arg, timeout)  # type: ignore[no-any-return]
+
+    async def _submit(self, fn: Callable[..., Any], arg: Any, time_limit: float | None) -> Any:
+        client = self.client
+        key = f"{_key_prefix(fn)}-{uuid.uuid4().hex}"
+        future = client.submit(_call, fn, arg, key=key, pure=False)
+        finished = False
+        try:
+            with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
+                try:
+                    outcome = await future
+                except self._distributed.CancelledError as exc:
+                    # distributed's CancelledError is concurrent.futures', not a cancellation of ours.
+                    finished = True
+                    self.crashes += 1
+                    raise WorkerCrashed(
+                        f"Dask cancelled the task {key} running {_name(fn)} on {self.address}: {exc} "
+                        f"(the scheduler connection was lost or the task was cancelled from outside)"
+                    ) from exc
+                except self._killed_worker() as exc:
+                    finished = True
+                    self.crashes += 1
+                    raise WorkerCrashed(
+                        f"the Dask workers running task {key} ({_name(fn)}) died every time it ran: {exc}. "
+                        f"A signal such as SIGSEGV points at a C extension, SIGKILL often at the "
+                        f"out-of-memory killer; the scheduler's distributed.scheduler.allowed-failures "
+                        f"sets how often Dask re-runs such a task"
+                    ) from exc
+                except Exception as exc:
+                    finished = True
+                    if self._is_comm_error(exc):
+                        self.crashes += 1
+                        raise WorkerCrashed(
+                            f"lost the connection to the Dask scheduler at {self.address} while task "
+                            f"{key} ({_name(fn)}) ran: {type(exc).__name__}: {exc}"
+                        ) from exc
+                    raise ExecutorError(
+                        f"Dask task {key} failed outside {_name(fn)}: {type(exc).__name__}: {exc}. "
+                        f"Every worker needs microbatch and the module defining {_name(fn)} installed, "
+                        f"and the result must unpickle here"
+                    ) from exc
+                finished = True
+        finally:
+            if not finished:
+                # Timed out or the caller was cancelled: stop the task on the cluster.
+                await self._abandon(future, key, restart=scope.cancelled_caught)
+            else:
+                future.release()
+        if scope.cancelled_caught:
+            self.timeouts += 1
+            restarted = " and its worker restarted" if self.restart_on_timeout else ""
+            raise BatchTimeout(
+                f"{_name(fn)} ran longer than timeout={time_limit} s as Dask task {key}; the task was "
+                f"cancelled{restarted} (raise the timeout or make the batches smaller)"
+            )
+        return self._decode(fn, outcome)
+
+    def _killed_worker(self) -> type[BaseException]:
+        killed: type[BaseException] = self._distributed.scheduler.KilledWorker
+        return killed
+
+    def _is_comm_error(self, exc: BaseException) -> bool:
+        comm_closed: type[BaseException] = self._distributed.comm.CommClosedError
+        return isinstance(exc, (comm_closed, OSError))
+
+    async def _abandon(self, future: Any, key: str, *, restart: bool) -> None:
+        """Cancel ``future`` on the cluster, restarting its worker after a timeout; never cancelled."""
+        client = self.client
+        with anyio.CancelScope(shield=True):
+            worker = None
+            if restart and self.restart_on_timeout:
+                try:
+                    processing: dict[str, list[Any]] = await client.processing()
+                except Exception:  # pragma: no cover - scheduler gone; cancelling below fails too
+                    processing = {}
+                worker = next((w for w, keys in processing.items() if key in keys), None)
+            try:
+                await client.cancel([future], reason="microbatch: timeout or caller cancelled")
+            except Exception:  # pragma: no cover - scheduler gone: the task dies with it
+                pass
+            if worker is not None:
+                # The cancel message travels on the client's batched stream: wait until the scheduler
+                # has released the task, or killing the worker would make Dask re-run it elsewhere.
+                await self._wait_released(key, worker)
+                try:
+                    killed = await client.run(_kill_worker_process, workers=[worker], nanny=True)
+                except Exception:  # pragma: no cover - the nanny is gone too
+                    killed = {}
+                if killed:
+                    self.restarts += 1
+
+    async def _wait_released(self, key: str, worker: str) -> None:
+        with anyio.move_on_after(_RELEASE_WAIT):
+            while True:
+                try:
+                    processing: dict[str, list[Any]] = await self.client.processing([worker])
+                except Exception:  # the worker left the cluster: nothing runs there any more
+                    return
+                if key not in processing.get(worker, ()):
+                    return
+                await anyio.sleep(0.01)
+
+    @staticmethod
+    def _decode(fn: Callable[..., Any], outcome: Any) -> Any:
+        if not isinstance(outcome, tuple) or not outcome:  # pragma: no cover - another version's worker
+            raise ExecutorError(f"unexpected answer from a Dask worker for {_name(fn)}: {outcome!r}")
+        tag = outcome[0]
+        if tag == _RESULT:
+            return outcome[1]
+        if tag == _RAISED:
+            _, error, tb = outcome
+            raise error from RemoteTraceback(tb)
+        _, type_name, message, tb = outcome
+        raise RemoteError(type_name, message) from RemoteTraceback(tb)

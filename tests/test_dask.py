@@ -1,0 +1,330 @@
+"""DaskExecutor on a real cluster: a scheduler and two worker processes (with nannies) on 127.0.0.1.
+
+The cluster is started once for the module, synchronously, so that it lives in its own thread and
+event loop; each test connects its own asynchronous client to it through ``DaskExecutor``. Tests run
+on asyncio and uvloop (Dask's client needs asyncio); one test checks the error on trio.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+pytest.importorskip("distributed")
+
+from distributed import Client, LocalCluster
+
+import microbatch as mb
+from microbatch._dask import DaskExecutor
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ],
+    scope="module",
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    if request.param[1].get("use_uvloop"):
+        pytest.importorskip("uvloop")
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def _cluster() -> Iterator[tuple[LocalCluster, Client]]:
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=50,  # logging.CRITICAL: killed workers are expected here
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        yield cluster, client
+
+
+@pytest.fixture
+def cluster(_cluster: tuple[LocalCluster, Client]) -> LocalCluster:
+    """The module's cluster, once both workers are connected (a killed one is restarted by its nanny)."""
+    cluster, client = _cluster
+    client.wait_for_workers(2, timeout=60)
+    return cluster
+
+
+# -- functions the workers run (module level: workers import this module by name) -------------------
+
+
+def total(numbers: list[int]) -> int:
+    return sum(numbers)
+
+
+def sum_ints(lines: list[str]) -> int:
+    return sum(int(line) for line in lines)
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")  # args == ("a/b",): unpickling calls __init__ with one arg
+
+
+def fail(numbers: list[int]) -> int:
+    if numbers == [13]:
+        raise ValueError(f"unlucky record {numbers[0]}")
+    raise Unpicklable(1, 2)
+
+
+def _write_marker(marker: Path) -> None:
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(marker)
+
+
+def block_once(marker: Path, numbers: list[int]) -> int:
+    """The first call writes its worker's pid to ``marker`` and then blocks; later calls compute."""
+    if not marker.exists():
+        _write_marker(marker)
+        time.sleep(600)
+    return sum(numbers)
+
+
+def sum_ints_blocking_once(marker: Path, trigger: str, lines: list[str]) -> int:
+    """``sum_ints``, except that the first batch holding ``trigger`` blocks after writing ``marker``."""
+    if trigger in lines and not marker.exists():
+        _write_marker(marker)
+        time.sleep(600)
+    return sum(int(line) for line in lines)
+
+
+async def wait_for_pid(marker: Path) -> int:
+    """The pid a blocked call wrote to ``marker`` (polls the file system; no ordering depends on it)."""
+    with anyio.fail_after(30):
+        while not marker.exists():
+            await anyio.sleep(0.02)
+    return int(marker.read_text())
+
+
+async def wait_gone(pid: int) -> None:
+    with anyio.fail_after(30):
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            await anyio.sleep(0.02)
+
+
+# -- the executor on its own --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_results_exact_and_capacity_is_worker_threads(cluster: LocalCluster) -> None:
+    chunks = [list(range(i * 1000, (i + 1) * 1000)) for i in range(20)]
+    results: dict[int, int] = {}
+    async with DaskExecutor(cluster) as executor:
+        assert executor.capacity == 2
+        assert executor.address == cluster.scheduler_address
+
+        async def one(i: int) -> None:
+            results[i] = await executor.run(total, chunks[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(chunks)):
+                tg.start_soon(one, i)
+    assert results == {i: sum(chunk) for i, chunk in enumerate(chunks)}
+    assert executor.crashes == executor.timeouts == 0
+
+
+@pytest.mark.anyio
+async def test_address_string_and_max_in_flight(cluster: LocalCluster) -> None:
+    async with DaskExecutor(cluster.scheduler_address, max_in_flight=5) as executor:
+        assert executor.capacity == 5
+        assert await executor.run(total, [1, 2, 3]) == 6
+    assert executor.client is None
+    # Left executors can be entered again; a new client connects.
+    async with executor:
+        assert await executor.run(total, [4]) == 4
+
+
+@pytest.mark.anyio
+async def test_given_async_client_is_used_and_left_open(cluster: LocalCluster) -> None:
+    async with Client(cluster.scheduler_address, asynchronous=True, set_as_default=False) as client:
+        async with DaskExecutor(client) as executor:
+            assert executor.client is client
+            assert await executor.run(total, [5, 6]) == 11
+        assert client.status == "running"
+        assert await client.submit(total, [1], pure=False) == 1
+
+
+@pytest.mark.anyio
+async def test_entering_twice_at_once_is_refused(cluster: LocalCluster) -> None:
+    executor = DaskExecutor(cluster)
+    async with executor:
+        with pytest.raises(RuntimeError, match="already in use"):
+            await executor.__aenter__()
+
+
+@pytest.mark.anyio
+async def test_run_outside_async_with_is_refused(cluster: LocalCluster) -> None:
+    with pytest.raises(RuntimeError, match="async with DaskExecutor"):
+        await DaskExecutor(cluster).run(total, [1])
+
+
+@pytest.mark.anyio
+async def test_exception_of_fn_comes_back_with_worker_traceback(cluster: LocalCluster) -> None:
+    async with DaskExecutor(cluster) as executor:
+        with pytest.raises(ValueError, match="unlucky record 13") as info:
+            await executor.run(fail, [13])
+        cause = info.value.__cause__
+        assert isinstance(cause, mb.RemoteTraceback)
+        assert "in fail" in cause.tb and "ValueError: unlucky record 13" in cause.tb
+
+        with pytest.raises(mb.RemoteError, match=r"Unpicklable: 1/2") as remote:
+            await executor.run(fail, [1])
+        assert remote.value.type_name == "Unpicklable"
+        assert isinstance(remote.value.__cause__, mb.RemoteTraceback)
+        # The executor goes on after a failed call.
+        assert await executor.run(total, [1, 1]) == 2
+    assert executor.crashes == 0
+
+
+@pytest.mark.anyio
+async def test_unpicklable_function_is_refused_before_submitting(cluster: LocalCluster) -> None:
+    lock = threading.Lock()
+
+    def holds_a_lock(numbers: list[int]) -> int:
+        with lock:
+            return sum(numbers)
+
+    async with DaskExecutor(cluster) as executor:
+        with pytest.raises(mb.UnpicklableFunction, match="holds_a_lock"):
+            await executor.run(holds_a_lock, [1])
+
+
+@pytest.mark.anyio
+async def test_worker_killed_mid_call_is_rerun_elsewhere(cluster: LocalCluster, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    fn = functools.partial(block_once, marker)
+    result: list[int] = []
+    async with DaskExecutor(cluster) as executor:
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                result.append(await executor.run(fn, list(range(1000)), timeout=120))
+
+            tg.start_soon(call)
+            pid = await wait_for_pid(marker)
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+        await wait_gone(pid)
+    # Dask's scheduler re-ran the task on another worker (allowed-failures); the value is exact.
+    assert result == [sum(range(1000))]
+
+
+@pytest.mark.anyio
+async def test_timeout_cancels_the_task_and_restarts_its_worker(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    marker = tmp_path / "started"
+    fn = functools.partial(block_once, marker)
+    async with DaskExecutor(cluster) as executor:
+        with pytest.raises(mb.BatchTimeout, match=r"block_once ran longer than timeout=2\.0 s") as info:
+            await executor.run(fn, [1, 2], timeout=2.0)
+        assert isinstance(info.value, TimeoutError)
+        assert executor.timeouts == 1
+        assert executor.restarts == 1
+        # The worker thread that hung was killed with its process, and the task is gone.
+        await wait_gone(int(marker.read_text()))
+        processing = await executor.client.processing()
+        assert all(not keys for keys in processing.values()), processing
+        # Both workers serve again: two calls at once both complete.
+        async with anyio.create_task_group() as tg:
+            for n in (1, 2):
+                tg.start_soon(executor.run, total, [n])
+        assert executor.capacity == 2
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_caller_cancels_the_task(cluster: LocalCluster, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    fn = functools.partial(block_once, marker)
+    async with DaskExecutor(cluster, restart_on_timeout=False) as executor:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.run, fn, [1])
+            pid = await wait_for_pid(marker)
+            tg.cancel_scope.cancel()
+        # The cancellation reached the scheduler: it forgets the task.
+        with anyio.fail_after(30):
+            while any((await executor.client.processing()).values()):
+                await anyio.sleep(0.02)
+        assert executor.timeouts == 0
+        assert executor.restarts == 0
+    # The hung thread still occupies its worker (a thread cannot be stopped): kill it here, its nanny
+    # starts a new one for the next tests.
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_trio_is_refused_with_a_clear_error(cluster: LocalCluster) -> None:
+    executor = DaskExecutor(cluster)
+    with pytest.raises(mb.BackendNotSupported, match=r"needs asyncio.*runs on trio"):
+        async with executor:
+            pass  # pragma: no cover
+
+
+@pytest.mark.anyio
+async def test_unreachable_scheduler_names_the_address() -> None:
+    with socket_closed_port() as port:
+        address = f"tcp://127.0.0.1:{port}"
+        with pytest.raises(ConnectionError, match=rf"Dask scheduler at {address}.*dask scheduler"):
+            async with DaskExecutor(address, connect_timeout=0.5):
+                pass  # pragma: no cover
+
+
+def socket_closed_port() -> Any:
+    """A context manager giving a port on 127.0.0.1 that nothing listens on."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def closed() -> Iterator[int]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        yield port
+
+    return closed()
+
+
+def test_invalid_arguments_name_the_parameter(cluster: LocalCluster) -> None:
+    with pytest.raises(TypeError, match="address_or_client must be a scheduler address"):
+        DaskExecutor(8786)
+    with pytest.raises(ValueError, match="max_in_flight must be a positive integer"):
+        DaskExecutor(cluster, max_in_flight=0)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        DaskExecutor(cluster, connect_timeout=0)
+
+
+def test_missing_distributed_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(ImportError, match=r"pip install 'microbatch\[dask\]'"):
+        DaskExecutor("tcp://127.0.0.1:8786")
+
+
+def test_import_microbatch_does_not_import_distributed() -> None:
+    code = "import sys, microbatch; assert 'distributed' not in sys.modules; print(microbatch.DaskExecutor)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "DaskExecutor" in out.stdout
