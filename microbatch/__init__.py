@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._batching import ChunkedSource, batches
 from ._checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
+from ._dask import DaskExecutor
 from ._exceptions import (
     BackendNotSupported,
     BatcherClosed,
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointStore",
     "DirectoryStore",
     "SqliteStore",
+    "DaskExecutor",
     "Executor",
     "InlineExecutor",
     "ProcessExecutor",
