@@ -67,6 +67,21 @@ def cluster(_cluster: tuple[LocalCluster, Client]) -> LocalCluster:
     return cluster
 
 
+def _set_allowed_failures(value: int, dask_scheduler: Any = None) -> int:
+    previous: int = dask_scheduler.allowed_failures
+    dask_scheduler.allowed_failures = value
+    return previous
+
+
+@pytest.fixture
+def no_dask_reruns(_cluster: tuple[LocalCluster, Client]) -> Iterator[None]:
+    """The scheduler gives up on a task at its first lost worker (allowed-failures = 0)."""
+    _, client = _cluster
+    previous = client.run_on_scheduler(_set_allowed_failures, 0)
+    yield
+    client.run_on_scheduler(_set_allowed_failures, previous)
+
+
 # -- functions the workers run (module level: workers import this module by name) -------------------
 
 
@@ -87,6 +102,11 @@ def fail(numbers: list[int]) -> int:
     if numbers == [13]:
         raise ValueError(f"unlucky record {numbers[0]}")
     raise Unpicklable(1, 2)
+
+
+def crash(numbers: list[int]) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return 0  # pragma: no cover
 
 
 def _write_marker(marker: Path) -> None:
@@ -233,6 +253,19 @@ async def test_worker_killed_mid_call_is_rerun_elsewhere(cluster: LocalCluster, 
 
 
 @pytest.mark.anyio
+async def test_worker_lost_past_allowed_failures_is_worker_crashed(
+    cluster: LocalCluster, no_dask_reruns: None
+) -> None:
+    async with DaskExecutor(cluster) as executor:
+        with pytest.raises(mb.WorkerCrashed, match=r"task crash-\w+ \(test_dask\.crash\) died") as info:
+            await executor.run(crash, [1])
+        assert type(info.value.__cause__).__name__ == "KilledWorker"
+        assert executor.crashes == 1
+        # The other worker still serves while the nanny restarts the lost one.
+        assert await executor.run(total, [2, 3]) == 5
+
+
+@pytest.mark.anyio
 async def test_timeout_cancels_the_task_and_restarts_its_worker(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
@@ -328,3 +361,112 @@ def test_import_microbatch_does_not_import_distributed() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert "DaskExecutor" in out.stdout
+
+
+# -- a pipeline on the cluster ------------------------------------------------------------------------
+
+
+def write_numbers(path: Path, n: int) -> int:
+    """Write 0..n-1 scrambled, one per line; return their sum."""
+    numbers = [(i * 7919) % 100_003 for i in range(n)]
+    path.write_text("".join(f"{x}\n" for x in numbers))
+    return sum(numbers)
+
+
+@pytest.mark.anyio
+async def test_pipeline_sum_is_exact(cluster: LocalCluster, tmp_path: Path) -> None:
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 50_000)
+    executor = DaskExecutor(cluster)
+    pipeline = mb.Pipeline(
+        sum_ints, aggregate=mb.Sum(), max_size=1_000, executor=executor, dead_letter=tmp_path / "dead.jsonl"
+    )
+    async with pipeline.updates(mb.read_lines(path)) as updates:
+        seqs = [update.seq async for update in updates]
+    assert updates.value == expected
+    assert seqs == list(range(50))
+    assert executor.crashes == executor.timeouts == 0
+
+
+@pytest.mark.anyio
+async def test_pipeline_survives_a_worker_killed_mid_batch(cluster: LocalCluster, tmp_path: Path) -> None:
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 20_000)
+    trigger = str((10_000 * 7919) % 100_003)  # a record of batch 10
+    marker = tmp_path / "started"
+    fn = functools.partial(sum_ints_blocking_once, marker, trigger)
+    pipeline = mb.Pipeline(
+        fn,
+        aggregate=mb.Sum(),
+        max_size=1_000,
+        executor=DaskExecutor(cluster),
+        dead_letter=tmp_path / "dead.jsonl",
+    )
+    result: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            result.append(await pipeline.run(mb.read_lines(path)))
+
+        tg.start_soon(run)
+        pid = await wait_for_pid(marker)
+        os.kill(pid, signal.SIGKILL)
+    await wait_gone(pid)
+    assert result == [expected]
+    assert not (tmp_path / "dead.jsonl").exists() or (tmp_path / "dead.jsonl").read_text() == ""
+
+
+@pytest.mark.anyio
+async def test_pipeline_checkpointed_run_resumes_on_the_cluster(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 30_000)
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        sum_ints,
+        aggregate=mb.Sum(),
+        max_size=1_000,
+        executor=DaskExecutor(cluster),
+        checkpoint_every=None,
+        checkpoint_every_batches=1,
+    )
+    async with pipeline.updates(mb.read_lines(path), checkpoint=state) as updates:
+        async for update in updates:
+            if update.seq == 4:
+                break
+    assert 5 <= updates.stats.batches < 30
+    stopped_at = updates.stats.batches
+
+    # The same pipeline (its executor can be entered again) resumes from the checkpoint.
+    async with pipeline.updates(mb.read_lines(path), checkpoint=state) as resumed:
+        seqs = [update.seq async for update in resumed]
+    assert seqs == list(range(stopped_at, 30))
+    assert resumed.value == expected
+    assert resumed.stats.records == 30_000
+
+
+@pytest.mark.anyio
+async def test_pipeline_retries_a_batch_dask_gave_up_on(
+    cluster: LocalCluster, tmp_path: Path, no_dask_reruns: None
+) -> None:
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 5_000)
+    marker = tmp_path / "started"
+    fn = functools.partial(sum_ints_blocking_once, marker, str((2_500 * 7919) % 100_003))
+    pipeline = mb.Pipeline(
+        fn,
+        aggregate=mb.Sum(),
+        max_size=1_000,
+        executor=DaskExecutor(cluster),
+        backoff=0.01,
+        dead_letter=tmp_path / "dead.jsonl",
+    )
+    async with pipeline.updates(mb.read_lines(path)) as updates:
+        # The reader and the workers go on while nobody consumes updates: batch 2 starts and blocks.
+        pid = await wait_for_pid(marker)
+        os.kill(pid, signal.SIGKILL)
+        last = [update async for update in updates][-1]
+    assert updates.value == expected
+    # Dask gave up at once (KilledWorker): the pipeline's own retry ran the batch again.
+    assert last.stats.crashes == 1 and last.stats.retries == 1
