@@ -13,6 +13,7 @@ without it. Dask's client runs on asyncio only.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import os
@@ -165,8 +166,8 @@ class DaskExecutor:
 
     ``capacity`` (how many calls run at once; a pipeline keeps that many batches on the cluster) is
     ``max_in_flight`` when given, otherwise the total number of worker threads when the executor is
-    entered. Entering waits up to ``worker_timeout`` (default 60 s) for at least one worker and
-    fails with ``ExecutorError`` if none arrives. Workers joining later are used by Dask, but do
+    entered; then entering waits up to ``worker_timeout`` (default 60 s) for at least one worker
+    and fails with ``ExecutorError`` if none arrives. Workers joining later are used by Dask, but do
     not raise ``capacity``: pass ``max_in_flight`` for a cluster that grows.
 
     Each call is one task with ``pure=False`` whose payload is ``fn`` and ``arg`` together;
@@ -190,7 +191,8 @@ class DaskExecutor:
       process that ran the task is also killed through its nanny, which starts a new one (other
       tasks on that worker are re-run elsewhere by Dask). A worker without a nanny
       (``dask worker --no-nanny``), or ``restart_on_timeout=False``, keeps the hung thread busy
-      until ``fn`` returns.
+      until ``fn`` returns. The time counts from submission: with ``max_in_flight`` above the
+      worker threads, time a task waits in Dask's queue counts too.
     - the task is cancelled or lost by Dask (the client lost its scheduler connection, a worker
       restarted from outside): ``WorkerCrashed`` naming the reason.
     - a Dask error outside ``fn`` (the worker cannot import microbatch or ``fn``'s module, a result
@@ -319,7 +321,7 @@ class DaskExecutor:
         )
         try:
             await client
-        except OSError as exc:
+        except (OSError, asyncio.TimeoutError) as exc:  # asyncio's differs from OSError's on 3.10
             await self._close_client(client)
             raise ConnectionError(
                 f"cannot connect to the Dask scheduler at {address} within "
@@ -393,7 +395,7 @@ class DaskExecutor:
         client = self.client
         key = f"{_key_prefix(fn)}-{uuid.uuid4().hex}"
         future = client.submit(_call, fn, arg, key=key, pure=False)
-        finished = False
+        finished = restarted = False
         try:
             with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
                 try:
@@ -432,15 +434,15 @@ class DaskExecutor:
         finally:
             if not finished:
                 # Timed out or the caller was cancelled: stop the task on the cluster.
-                await self._abandon(future, key, restart=scope.cancelled_caught)
+                restarted = await self._abandon(future, key, restart=scope.cancelled_caught)
             else:
                 future.release()
         if scope.cancelled_caught:
             self.timeouts += 1
-            restarted = " and its worker restarted" if self.restart_on_timeout else ""
+            killed = " and its worker process killed (its nanny starts a new one)" if restarted else ""
             raise BatchTimeout(
                 f"{_name(fn)} ran longer than timeout={time_limit} s as Dask task {key}; the task was "
-                f"cancelled{restarted} (raise the timeout or make the batches smaller)"
+                f"cancelled{killed} (raise the timeout or make the batches smaller)"
             )
         return self._decode(fn, outcome)
 
@@ -452,8 +454,11 @@ class DaskExecutor:
         comm_closed: type[BaseException] = self._distributed.comm.CommClosedError
         return isinstance(exc, (comm_closed, OSError))
 
-    async def _abandon(self, future: Any, key: str, *, restart: bool) -> None:
-        """Cancel ``future`` on the cluster, restarting its worker after a timeout; never cancelled."""
+    async def _abandon(self, future: Any, key: str, *, restart: bool) -> bool:
+        """Cancel ``future`` on the cluster, after a timeout also kill its worker; never cancelled.
+
+        Returns whether a worker process was killed.
+        """
         client = self.client
         with anyio.CancelScope(shield=True):
             worker = None
@@ -477,6 +482,8 @@ class DaskExecutor:
                     killed = {}
                 if killed:
                     self.restarts += 1
+                    return True
+        return False
 
     async def _wait_released(self, key: str, worker: str) -> None:
         with anyio.move_on_after(_RELEASE_WAIT):
