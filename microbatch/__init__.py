@@ -36,11 +36,16 @@ from ._exceptions import (
 from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
 from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 from .pipeline import Pipeline, Stats, Update
+from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
 from .sources import LineSource, TcpLines, read_lines, tcp_lines
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batcher",
+    "BatcherStats",
+    "BatchExecutor",
+    "PendingResult",
     "Pipeline",
     "Stats",
     "Update",
