@@ -481,8 +481,9 @@ class Batcher(Generic[T, R]):
     def _recount(self) -> None:
         """Re-derive the policy's counts after an item left the middle of the queue.
 
-        The queue is regrouped from its front; the new partial batch's deadline starts at the
-        admission of its first item, so it is never later than before.
+        ``BatchPolicy`` has no way to remove a record, so the counts are rebuilt from the queue:
+        it is regrouped from its front, and the partial batch's deadline is ``max_wait`` after
+        the admission of its (new) first item.
         """
         queue = self._queue
         self._policy.flush()
