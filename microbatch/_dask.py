@@ -59,6 +59,25 @@ _RELEASE_WAIT = 5.0
 _INSTALL_HINT = "pip install 'microbatch[dask]'"
 
 
+class _ByValue:
+    """A function that Dask ships with cloudpickle, whatever its module.
+
+    Dask pickles a task with plain ``pickle`` first, which sends a function by reference; a
+    pipeline loaded from a job file (``microbatch run jobs.py:pipeline``) has functions the workers
+    cannot import. cloudpickle honours ``register_pickle_by_value``, so such functions travel by
+    value. The pickled bytes are made once per function, not once per batch.
+    """
+
+    __slots__ = ("fn", "payload")
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.payload: bytes = cloudpickle.dumps(fn)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (cloudpickle.loads, (self.payload,))
+
+
 def _call(fn: Callable[[Any], Any], arg: Any) -> tuple[Any, ...]:
     """Runs on a Dask worker: ``fn(arg)`` as a tagged tuple, never raising for ``fn``'s sake.
 
@@ -252,7 +271,7 @@ class DaskExecutor:
         self._owns_client = False
         self._slots: anyio.Semaphore | None = None
         # id(fn) -> fn for functions already checked for picklability; holding fn keeps its id unique.
-        self._checked: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._checked: OrderedDict[int, _ByValue] = OrderedDict()
         self._distributed = distributed
         self._state = "new"
 
@@ -364,15 +383,18 @@ class DaskExecutor:
 
     # -- calls --------------------------------------------------------------------------------------
 
-    def _check_function(self, fn: Callable[..., Any]) -> None:
+    def _shippable(self, fn: Callable[..., Any]) -> _ByValue:
+        """``fn`` wrapped to travel by cloudpickle, checked and pickled once per function."""
         known = self._checked.get(id(fn))
-        if known is fn:
+        if known is not None and known.fn is fn:
             self._checked.move_to_end(id(fn))
-            return
+            return known
         check_picklable(fn)
-        self._checked[id(fn)] = fn
+        shipped = _ByValue(fn)
+        self._checked[id(fn)] = shipped
         if len(self._checked) > _CHECKED_CACHE_SIZE:
             self._checked.popitem(last=False)
+        return shipped
 
     async def run(
         self,
@@ -387,14 +409,15 @@ class DaskExecutor:
             raise RuntimeError(
                 f"DaskExecutor is {self._state}: use it inside 'async with DaskExecutor(...) as executor:'"
             )
-        self._check_function(fn)
+        shipped = self._shippable(fn)
         async with self._slots:
-            return await self._submit(fn, arg, timeout)  # type: ignore[no-any-return]
+            return await self._submit(shipped, arg, timeout)  # type: ignore[no-any-return]
 
-    async def _submit(self, fn: Callable[..., Any], arg: Any, time_limit: float | None) -> Any:
+    async def _submit(self, shipped: _ByValue, arg: Any, time_limit: float | None) -> Any:
         client = self.client
+        fn = shipped.fn
         key = f"{_key_prefix(fn)}-{uuid.uuid4().hex}"
-        future = client.submit(_call, fn, arg, key=key, pure=False)
+        future = client.submit(_call, shipped, arg, key=key, pure=False)
         finished = restarted = False
         try:
             with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:

@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds one batch may run before its worker is killed ('none': no limit)",
     )
+    tuning.add_argument(
+        "--dask",
+        type=_dask_address,
+        metavar="tcp://HOST:PORT",
+        help="run the batches on the Dask cluster whose scheduler is at this address",
+    )
     output = run.add_argument_group("output")
     output.add_argument(
         "--json", action="store_true", help="print the final value as one line of JSON on stdout"
@@ -518,6 +524,18 @@ def _total_size(spec: _Input, follow: bool) -> int | None:
         return None
 
 
+def _dask_address(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not sep or scheme not in ("tcp", "tls", "ucx", "inproc") or not colon or not host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a scheduler address; give it as tcp://HOST:PORT (e.g. tcp://127.0.0.1:8786)"
+        )
+    if not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: the port {port!r} is not a number")
+    return text
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for option in ("workers", "max_size", "queue_size", "retries"):
@@ -529,10 +547,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             changes[option] = getattr(args, option)
     if args.dead_letter is not None:
         changes["dead_letter"] = args.dead_letter
+    if args.dask is not None:
+        from ._dask import DaskExecutor
+
+        changes["executor"] = DaskExecutor(args.dask)
     return changes
 
 
 def _check_paths(args: argparse.Namespace) -> None:
+    if args.dask is not None and args.workers is not None:
+        raise UsageError(
+            "--workers sets local worker processes; with --dask the cluster's workers run the batches"
+        )
     if args.fresh and args.checkpoint is None:
         raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
     if args.checkpoint is not None:

@@ -1,0 +1,69 @@
+"""`microbatch run ... --dask tcp://HOST:PORT` against a real local cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> Iterator[str]:
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "microbatch", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_run_on_a_dask_cluster_gives_the_exact_value(scheduler: str, tmp_path: Path) -> None:
+    numbers = tmp_path / "numbers.txt"
+    numbers.write_text("".join(f"{i}\n" for i in range(20_000)))
+    done = run(
+        f"{EXAMPLES / 'sum_integers.py'}:pipeline",
+        "--input", str(numbers),
+        "--dask", scheduler,
+        "--max-size", "2000",
+        "--json", "--no-progress",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == sum(range(20_000))
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:8786", "http://127.0.0.1:8786", "tcp://127.0.0.1", "tcp://host:port"]
+)
+def test_a_malformed_scheduler_address_is_a_usage_error(address: str) -> None:
+    done = run(f"{EXAMPLES / 'sum_integers.py'}:pipeline", "--input", "-", "--dask", address)
+    assert done.returncode == 2
+    assert "--dask" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_dask_and_workers_together_is_a_usage_error() -> None:
+    done = run(
+        f"{EXAMPLES / 'sum_integers.py'}:pipeline", "--input", "-",
+        "--dask", "tcp://127.0.0.1:8786", "--workers", "2",
+    )
+    assert done.returncode == 2
+    assert "--workers" in done.stderr
