@@ -153,7 +153,7 @@ def main() -> None:
                 "utf-8",
                 sync_blocks_str,
                 "blocks+decode+split",
-            ),  # noqa: E501
+            ),
         ]
         for name, backend, options in backends:
             for label, fn, encoding, base, against in rows:

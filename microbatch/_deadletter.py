@@ -115,7 +115,7 @@ class DeadLetterFile:
             directory = os.path.dirname(self.path)
             if directory:
                 os.makedirs(directory, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run
+            self._file = open(self.path, "ab")
         payload = b"".join(
             json.dumps(letter.to_json(), ensure_ascii=False).encode("utf-8") + b"\n"
             for letter in letters

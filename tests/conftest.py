@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from _procs import remember_existing
 
 _BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
@@ -22,3 +23,9 @@ if sys.platform != "win32":
 @pytest.fixture(params=_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def _existing_children() -> None:
+    """Lets tests tell the processes they started from those that were already there."""
+    remember_existing()

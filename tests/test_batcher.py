@@ -138,15 +138,17 @@ def test_partial_batch_flushes_exactly_max_wait_after_its_first_item() -> None:
     run_on_mock_clock(main)
 
 
-def test_max_wait_zero_dispatches_what_accumulated_in_one_loop_turn() -> None:
+def test_max_wait_zero_dispatches_at_once() -> None:
     async def main() -> None:
         fn = Recorder()
         async with Batcher(fn, max_size=10, max_wait=0) as batcher:
             async with anyio.create_task_group() as tg:
                 for i in range(4):
                     tg.start_soon(batcher.submit, i)
-        assert [sorted(batch) for batch in fn.batches] == [[0, 1, 2, 3]]
-        assert fn.times == [0.0]
+        # Every item leaves at once (virtual time 0); how many share a batch depends on the order
+        # in which the scheduler runs the submitters and the flusher, which trio randomizes.
+        assert sorted(item for batch in fn.batches for item in batch) == [0, 1, 2, 3]
+        assert fn.times == [0.0] * len(fn.batches)
 
     run_on_mock_clock(main)
 

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from _procs import new_children
 
 import microbatch as mb
 from microbatch.executors import (
@@ -138,12 +139,12 @@ def alive(pid: int) -> bool:
 
 
 def children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    return new_children(zombies=False)
 
 
 def all_children() -> list[psutil.Process]:
     """Every child, zombies included: an unreaped worker counts as left behind."""
-    return psutil.Process().children(recursive=True)
+    return new_children()
 
 
 # ---- ProcessExecutor ---------------------------------------------------------------------------

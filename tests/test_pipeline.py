@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from _procs import new_children
 
 import microbatch as mb
 
@@ -55,7 +56,7 @@ def hang_forever(lines: list[str]) -> int:
 
 
 def children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    return new_children()
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,28 @@
+"""Child processes started during the current test (others, such as a resource tracker left by an
+earlier test's Dask cluster, are not the current test's business)."""
+
+from __future__ import annotations
+
+import psutil
+
+_before: set[int] = set()
+
+
+def remember_existing() -> None:
+    _before.clear()
+    _before.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
+def new_children(*, zombies: bool = True) -> list[psutil.Process]:
+    """Children started since the test began; with ``zombies=False`` only the running ones."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        if p.pid in _before:
+            continue
+        try:
+            if not zombies and p.status() == psutil.STATUS_ZOMBIE:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        found.append(p)
+    return found
