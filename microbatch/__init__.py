@@ -3,13 +3,16 @@
 Records from a file, a growing log, a TCP socket or any iterable are cut into batches bounded by
 size and time, run through worker processes with backpressure, timeouts and retries, and folded in
 order into a running result that checkpoints make exactly-once across crashes.
+
+The public names are imported on first use: a worker process that only needs the line splitter and
+the batch task does not pay for anyio, the pipeline and the sources (about 0.1 s and 12 MB each).
 """
 
 from __future__ import annotations
 
-from ._batching import ChunkedSource, batches
-from ._checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
-from ._dask import DaskExecutor
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._exceptions import (
     BackendNotSupported,
     BatcherClosed,
@@ -32,63 +35,91 @@ from ._exceptions import (
     WorkerCrashed,
 )
 
-# Each public module adds its names below.
-from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
-from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
-from .pipeline import Pipeline, Stats, Update
-from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
-from .sources import LineSource, TcpLines, read_lines, tcp_lines
+if TYPE_CHECKING:
+    from ._batching import ChunkedSource, batches
+    from ._checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
+    from ._dask import DaskExecutor
+    from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
+    from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
+    from .pipeline import Pipeline, Stats, Update
+    from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
+    from .sources import LineSource, TcpLines, read_lines, tcp_lines
+
+_LAZY = {
+    "._batching": ["ChunkedSource", "batches"],
+    "._checkpoint": ["Checkpoint", "CheckpointStore", "DirectoryStore", "SqliteStore"],
+    "._dask": ["DaskExecutor"],
+    ".aggregate": ["Aggregator", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
+    ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
+    ".pipeline": ["Pipeline", "Stats", "Update"],
+    ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
+    ".sources": ["LineSource", "TcpLines", "read_lines", "tcp_lines"],
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batcher",
-    "BatcherStats",
-    "BatchExecutor",
-    "PendingResult",
-    "Pipeline",
-    "Stats",
-    "Update",
-    "batches",
-    "ChunkedSource",
     "Aggregator",
-    "Count",
-    "Max",
-    "Mean",
-    "Min",
-    "Reduce",
-    "Sum",
-    "TopK",
-    "Checkpoint",
-    "CheckpointStore",
-    "DirectoryStore",
-    "SqliteStore",
-    "DaskExecutor",
-    "Executor",
-    "InlineExecutor",
-    "ProcessExecutor",
-    "ThreadExecutor",
-    "LineSource",
-    "TcpLines",
-    "read_lines",
-    "tcp_lines",
     "BackendNotSupported",
+    "Batcher",
     "BatcherClosed",
     "BatcherError",
     "BatcherFull",
+    "BatcherStats",
+    "BatchExecutor",
     "BatchFailed",
     "BatchTimeout",
+    "Checkpoint",
     "CheckpointCorrupt",
     "CheckpointError",
     "CheckpointMismatch",
+    "CheckpointStore",
     "CheckpointWriteError",
+    "ChunkedSource",
+    "Count",
+    "DaskExecutor",
+    "DirectoryStore",
+    "Executor",
     "ExecutorError",
+    "InlineExecutor",
+    "LineSource",
     "LineTooLong",
+    "Max",
+    "Mean",
     "MicrobatchError",
+    "Min",
+    "PendingResult",
+    "Pipeline",
+    "ProcessExecutor",
+    "Reduce",
     "RemoteError",
     "RemoteTraceback",
     "SourceDecodeError",
     "SourceError",
+    "SqliteStore",
+    "Stats",
+    "Sum",
+    "TcpLines",
+    "ThreadExecutor",
+    "TopK",
     "UnpicklableFunction",
+    "Update",
     "WorkerCrashed",
+    "batches",
+    "read_lines",
+    "tcp_lines",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'microbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
