@@ -1,8 +1,8 @@
 """Pipeline throughput and memory against a single process and multiprocessing.Pool.map.
 
 (a) Sum of N integers (one per line) from a file: microbatch with 2 workers against a
-    single-process ``for line in f: total += int(line)`` loop and against ``Pool(2).map`` over an
-    in-memory list split into chunks.
+    single-process ``for line in f: total += int(line)`` loop and against ``Pool(2).map`` over the
+    lines read into an in-memory list and split into 10 sub-tasks.
 (b) A CPU-heavy fn (~20 us of Python per record): microbatch with 2 workers against one process.
 
 Every variant runs in its own child process (so peak memory is the RSS of its whole process tree,
@@ -39,10 +39,6 @@ def heavy(lines: list[str]) -> int:
     return total
 
 
-def _chunk_sum(chunk: list[int]) -> int:
-    return sum(chunk)
-
-
 def variant(name: str, path: str) -> None:
     start = time.perf_counter()
     if name == "loop":
@@ -54,14 +50,16 @@ def variant(name: str, path: str) -> None:
         with open(path) as f:
             total = heavy(f.read().splitlines())
     elif name == "pool":
+        # The classic approach: the input as an in-memory list of lines, cut into 10 sub-tasks
+        # that Pool(2).map parses and sums in two processes.
         import multiprocessing
 
         with open(path) as f:
-            numbers = [int(line) for line in f]
-        size = len(numbers) // 10 or 1
-        chunks = [numbers[i : i + size] for i in range(0, len(numbers), size)]
+            lines = f.read().splitlines()
+        size = -(-len(lines) // 10)
+        chunks = [lines[i : i + size] for i in range(0, len(lines), size)]
         with multiprocessing.Pool(2) as pool:
-            total = sum(pool.map(_chunk_sum, chunks))
+            total = sum(pool.map(parse_sum, chunks))
     elif name in ("microbatch", "heavy_microbatch"):
         import anyio
 
@@ -98,29 +96,35 @@ def main() -> None:
         with open(small, "w") as f:
             f.writelines(f"{i}\n" for i in range(args.heavy))
 
-        def measure(name: str, path: str) -> tuple[float, float, int]:
-            runs = [run_variant([me, "--variant", name, "--path", path]) for _ in range(args.repeat)]
-            return (
-                statistics.median(r["seconds"] for r in runs),
-                max(r["peak_rss_mb"] for r in runs),
-                runs[0]["total"],
-            )
+        def measure(names: tuple[str, ...], path: str) -> dict[str, list[dict[str, float]]]:
+            # Interleaved rounds: a noisy neighbour slows every variant of a round alike.
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+            for _ in range(args.repeat):
+                for name in names:
+                    runs[name].append(run_variant([me, "--variant", name, "--path", path]))
+            totals = {r["total"] for rs in runs.values() for r in rs}
+            assert len(totals) == 1, f"variants disagree: {totals}"
+            return runs
 
-        print(f"(a) sum of {args.n:,} integers from a file, medians of {args.repeat}")
-        results = {name: measure(name, numbers) for name in ("loop", "pool", "microbatch")}
-        totals = {r[2] for r in results.values()}
-        assert len(totals) == 1, f"variants disagree: {results}"
-        base = results["loop"][0]
-        for name, (secs, rss, _) in results.items():
-            print(f"  {name:12s} {secs:7.3f} s  {base / secs:5.2f}x the loop  peak {rss:7.1f} MB")
-        print(f"  microbatch vs Pool.map: {results['pool'][0] / results['microbatch'][0]:.2f}x")
+        def report(runs: dict[str, list[dict[str, float]]], base: str) -> None:
+            for name, rs in runs.items():
+                secs = statistics.median(r["seconds"] for r in rs)
+                ratio = statistics.median(
+                    b["seconds"] / r["seconds"] for b, r in zip(runs[base], rs, strict=True)
+                )
+                rss = max(r["peak_rss_mb"] for r in rs)
+                print(f"  {name:17s} {secs:7.3f} s  {ratio:5.2f}x {base}  peak {rss:7.1f} MB")
+
+        print(f"(a) sum of {args.n:,} integers from a file; medians of {args.repeat} interleaved rounds")
+        runs = measure(("loop", "pool", "microbatch"), numbers)
+        report(runs, "loop")
+        vs_pool = statistics.median(
+            p["seconds"] / m["seconds"] for p, m in zip(runs["pool"], runs["microbatch"], strict=True)
+        )
+        print(f"  microbatch vs Pool.map: {vs_pool:.2f}x")
 
         print(f"(b) CPU-heavy fn (~20 us a record), {args.heavy:,} records")
-        heavy_results = {name: measure(name, small) for name in ("heavy_loop", "heavy_microbatch")}
-        assert heavy_results["heavy_loop"][2] == heavy_results["heavy_microbatch"][2]
-        hbase = heavy_results["heavy_loop"][0]
-        for name, (secs, rss, _) in heavy_results.items():
-            print(f"  {name:17s} {secs:7.3f} s  {hbase / secs:5.2f}x one process  peak {rss:7.1f} MB")
+        report(measure(("heavy_loop", "heavy_microbatch"), small), "heavy_loop")
 
 
 if __name__ == "__main__":
