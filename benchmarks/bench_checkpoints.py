@@ -4,7 +4,7 @@ Sum of N integers from a file, 2 workers, batches of 10,000; the three variants 
 rounds in this process, each round with a fresh checkpoint folder. Prints throughput ratios
 (no checkpoints = 1.00).
 
-    python benchmarks/bench_checkpoints.py [--n 5000000] [--repeat 5]
+    python benchmarks/bench_checkpoints.py [--n 20000000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ async def timed(path: Path, state: Path | None, settings: dict[str, Any]) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=5_000_000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--n", type=int, default=20_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "numbers.txt"

@@ -202,6 +202,9 @@ class ProcessExecutor:
     the call fails with ``WorkerCrashed``. Counters ``crashes``, ``timeouts`` and ``restarts`` only
     grow.
 
+    The executor can be entered again after it was left, with a fresh pool of workers, so a
+    pipeline holding one can run more than once; it serves one ``async with`` block at a time.
+
     Leaving the ``async with`` block, normally, on an error or on cancellation, kills every worker
     with SIGKILL and waits for it, shielded from cancellation, also when a worker hangs: no process
     is left behind. Workers also die when the parent process dies, even by SIGKILL (Linux: at once,
@@ -240,9 +243,14 @@ class ProcessExecutor:
         return sorted(worker.pid for worker in self._live)
 
     async def __aenter__(self) -> ProcessExecutor:
-        if self._state != "new":
-            raise RuntimeError(f"a ProcessExecutor can be entered only once; this one is {self._state}")
+        if self._state == "open":
+            raise RuntimeError(
+                "this ProcessExecutor is already running: it serves one 'async with' block at a time"
+            )
+        # Entered again after it was left (a pipeline run more than once): a fresh pool.
         self._state = "open"
+        self._idle = [None] * self.capacity
+        self._slots = anyio.Semaphore(self.capacity)
         errors: list[Exception] = []
 
         async def start(slot: int) -> None:

@@ -306,7 +306,8 @@ class _Run(Generic[R, V]):
         p = self.p = pipeline
         self.source = source
         self.fingerprint = p.fingerprint(source)
-        self.store: CheckpointStore | None = open_store(checkpoint) if checkpoint is not None else None
+        self._checkpoint_target = checkpoint
+        self.store: CheckpointStore | None = None
         self.fresh = fresh
         self.agg = p.aggregate
         self.state: Any = self.agg.initial()
@@ -422,9 +423,12 @@ class _Run(Generic[R, V]):
     # -- checkpoints --------------------------------------------------------------------------------
 
     async def _restore(self) -> None:
-        store = self.store
-        if store is None:
+        target = self._checkpoint_target
+        if target is None:
             return
+        # Opening a folder store also removes stale temporary files: file I/O, off the event loop.
+        store = self.store = await anyio.to_thread.run_sync(open_store, target)
+        self._stack.callback(store.close)
         # A run without a checkpoint appends to the dead-letter file as it finds it; checkpoints
         # record the file's absolute length, so a resumed run cuts back only what it wrote itself.
         if self.fresh:

@@ -403,9 +403,21 @@ async def test_run_outside_async_with_is_an_error() -> None:
         pass
     with pytest.raises(RuntimeError, match="closed"):
         await executor.run(double, 1)
-    with pytest.raises(RuntimeError, match="entered only once"):
-        async with executor:
-            pass  # pragma: no cover
+    async with executor:
+        with pytest.raises(RuntimeError, match="already running"):
+            async with executor:
+                pass  # pragma: no cover
+
+
+async def test_an_executor_can_be_entered_again_after_it_was_left() -> None:
+    executor = ProcessExecutor(1)
+    async with executor:
+        first = executor.pids
+        assert await executor.run(double, 2) == 4
+    async with executor:
+        assert await executor.run(double, 3) == 6
+        assert executor.pids != first
+    assert new_children() == []
 
 
 def test_invalid_arguments_name_the_parameter() -> None:

@@ -302,3 +302,13 @@ async def test_worker_killed_by_signal_mid_batch_is_retried(tmp_path: Path) -> N
     path = write_numbers(tmp_path / "n.txt", 500)
     pipeline = mb.Pipeline(kill_self_once, aggregate=mb.Sum(), max_size=100, workers=2, backoff=0.0)
     assert await pipeline.run(mb.read_lines(path)) == sum(range(500))
+
+
+async def test_a_pipeline_with_an_executor_instance_runs_twice(tmp_path: Path) -> None:
+    path = write_numbers(tmp_path / "n.txt", 3_000)
+    pipeline = mb.Pipeline(
+        sum_ints, aggregate=mb.Sum(), max_size=500, executor=mb.ProcessExecutor(2)
+    )
+    assert await pipeline.run(mb.read_lines(path)) == sum(range(3_000))
+    assert await pipeline.run(mb.read_lines(path)) == sum(range(3_000))
+    assert children() == []
