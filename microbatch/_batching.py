@@ -421,14 +421,22 @@ class _BatchStream(Generic[T]):
                     if started:
                         self._wake_consumer()  # a new deadline to wait for
                     continue
+                # Each record is copied once: the partial batch is completed from the chunk's
+                # head, the other batches are sliced from the chunk itself.
                 pending = self._buf
-                data = pending + chunk if pending else chunk
-                cut = full * m
-                if cut == len(data) and full == 1:
-                    out = [data]  # exactly one batch: hand the list over as it is
-                else:
-                    out = [data[k : k + m] for k in range(0, cut, m)]
-                self._buf = data[cut:]
+                out: list[list[T]] = []
+                start = 0
+                if pending:
+                    start = m - len(pending)
+                    pending.extend(islice(chunk, start))
+                    out.append(pending)
+                    full -= 1
+                elif full == 1 and len(chunk) == m:
+                    out.append(chunk)  # exactly one batch: hand the list over as it is
+                    full, start = 0, m
+                cut = start + full * m
+                out.extend(chunk[k : k + m] for k in range(start, cut, m))
+                self._buf = chunk[cut:]
                 await self._hand_over(out)
         except Exception as exc:
             error = exc
