@@ -14,7 +14,6 @@ back into batch order, folds them into the aggregator's state, and writes checkp
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import random
@@ -30,12 +29,12 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from ._batching import batches
 from ._checkpoint import Checkpoint, CheckpointStore, check_fingerprint, open_store
 from ._deadletter import DeadLetter, DeadLetterFile, describe_error
 from ._exceptions import BatchFailed, BatchTimeout, WorkerCrashed
-from ._lines import LineBlock, cut_every, cut_lines, decode_lines
-from ._policy import BatchPolicy, check_limits
+from ._lines import LineBlock, cut_lines, decode_lines
+from ._policy import check_limits
+from ._reader import Batch, Emitter, read_line_blocks, read_records, skip
 from ._retry import RetryPolicy, halves
 from ._task import BatchTask
 from .aggregate import Aggregator
@@ -100,16 +99,6 @@ class Update(Generic[V]):
     batch_records: int
     position: Any
     stats: Stats
-
-
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    seq: int
-    payload: LineBlock | list[Any]
-    count: int
-    start: int | None
-    end: Any
-    cut_at: float
 
 
 @dataclass(slots=True)
@@ -359,8 +348,8 @@ class _Run(Generic[R, V]):
             stack.push_async_callback(self._final_checkpoint)
             self.executor = executor
             window = anyio.Semaphore(p.queue_size + executor.capacity)
-            batch_send, batch_recv = anyio.create_memory_object_stream[_Batch](p.queue_size)
-            result_send, result_recv = anyio.create_memory_object_stream[tuple[_Batch, _Outcome]](
+            batch_send, batch_recv = anyio.create_memory_object_stream[Batch](p.queue_size)
+            result_send, result_recv = anyio.create_memory_object_stream[tuple[Batch, _Outcome]](
                 executor.capacity
             )
             update_send, self._updates_recv = anyio.create_memory_object_stream[Update[V]](0)
@@ -453,7 +442,7 @@ class _Run(Generic[R, V]):
             return source
         if isinstance(source, LineSource):
             return source.with_start(int(position))
-        return _skip(source, int(position))
+        return skip(source, int(position))
 
     def _checkpoint_now(self, finished: bool) -> Checkpoint:
         return Checkpoint(
@@ -500,69 +489,21 @@ class _Run(Generic[R, V]):
 
     # -- stages -------------------------------------------------------------------------------------
 
-    async def _read(self, send: ObjectSendStream[_Batch], window: anyio.Semaphore) -> None:
+    async def _read(self, send: ObjectSendStream[Batch], window: anyio.Semaphore) -> None:
         async with send:
-            emit = _Emitter(send, window, self.next_seq)
-            source = self.source
+            emit = Emitter(send, window, self.next_seq)
+            source, p = self.source, self.p
             with self._intake:
                 if isinstance(source, LineSource):
-                    await self._read_blocks(source, emit)
+                    await read_line_blocks(source, p.max_size, p.max_wait, emit)
                 else:
-                    start = self.stats.position if isinstance(self.stats.position, int) else 0
-                    tcp = isinstance(source, TcpLines)
-                    async with batches(source, max_size=self.p.max_size, max_wait=self.p.max_wait) as stream:
-                        async for records in stream:
-                            end = None if tcp else start + len(records)
-                            await emit(records, len(records), None if tcp else start, end)
-                            start = end or 0
-
-    async def _read_blocks(self, source: LineSource[Any], emit: _Emitter) -> None:
-        """Cut a line source's raw blocks into batches of ``max_size`` lines, bounded by time."""
-        policy = BatchPolicy(self.p.max_size, self.p.max_wait)
-        block_send, block_recv = anyio.create_memory_object_stream[LineBlock](1)
-
-        async def pump() -> None:
-            async with block_send:
-                async for block in source.blocks():
-                    await block_send.send(block)
-
-        pending: LineBlock | None = None
-        async with anyio.create_task_group() as tg, block_recv:
-            tg.start_soon(pump)
-            while True:
-                block: LineBlock | None = None
-                if policy.deadline is None:
-                    try:
-                        block = await block_recv.receive()
-                    except anyio.EndOfStream:
-                        break
-                else:
-                    with anyio.move_on_after(policy.deadline - anyio.current_time()):
-                        try:
-                            block = await block_recv.receive()
-                        except anyio.EndOfStream:
-                            break
-                    if block is None:
-                        # The source was silent until the partial batch's deadline.
-                        if pending is not None and policy.take_partial():
-                            await emit(pending, pending.count, pending.start, pending.end)
-                            pending = None
-                        continue
-                if block.count == 0:
-                    continue
-                pending = block if pending is None else _join(pending, block)
-                full, pending = cut_every(
-                    pending, self.p.max_size, policy.add(block.count, anyio.current_time())
-                )
-                for head in full:
-                    await emit(head, head.count, head.start, head.end)
-        if policy.flush() and pending is not None:
-            await emit(pending, pending.count, pending.start, pending.end)
+                    start = None if isinstance(source, TcpLines) else self.stats.position or 0
+                    await read_records(source, p.max_size, p.max_wait, start, emit)
 
     async def _dispatch(
         self,
-        batches_in: ObjectReceiveStream[_Batch],
-        results_out: ObjectSendStream[tuple[_Batch, _Outcome]],
+        batches_in: ObjectReceiveStream[Batch],
+        results_out: ObjectSendStream[tuple[Batch, _Outcome]],
     ) -> None:
         async with batches_in, results_out:
             async for batch in batches_in:
@@ -573,7 +514,7 @@ class _Run(Generic[R, V]):
                     self.stats.in_flight -= 1
                 await results_out.send((batch, outcome))
 
-    async def _process(self, batch: _Batch) -> _Outcome:
+    async def _process(self, batch: Batch) -> _Outcome:
         try:
             return _Outcome(results=[await self._attempt(batch.payload)])
         except Exception as exc:
@@ -605,7 +546,7 @@ class _Run(Generic[R, V]):
                 await anyio.sleep(self.p.retry.delay(failed, random.random()))
 
     async def _isolate(
-        self, batch: _Batch, payload: LineBlock | list[Any], start: int | None, outcome: _Outcome
+        self, batch: Batch, payload: LineBlock | list[Any], start: int | None, outcome: _Outcome
     ) -> None:
         """Bisect a failing payload: good parts' results count, single failing records are dead."""
         head_n, _ = halves(_payload_size(payload))
@@ -628,7 +569,7 @@ class _Run(Generic[R, V]):
                     await self._isolate(batch, part, part_start, outcome)
 
     def _dead_letter(
-        self, batch: _Batch, part: LineBlock | list[Any], position: int | None, exc: BaseException
+        self, batch: Batch, part: LineBlock | list[Any], position: int | None, exc: BaseException
     ) -> DeadLetter:
         if isinstance(part, LineBlock):
             record: Any = decode_lines(
@@ -645,12 +586,12 @@ class _Run(Generic[R, V]):
 
     async def _fold(
         self,
-        results: ObjectReceiveStream[tuple[_Batch, _Outcome]],
+        results: ObjectReceiveStream[tuple[Batch, _Outcome]],
         updates: ObjectSendStream[Update[V]],
         window: anyio.Semaphore,
     ) -> None:
         """Fold outcomes strictly in batch order; the reorder buffer is bounded by the window."""
-        reorder: dict[int, tuple[_Batch, _Outcome]] = {}
+        reorder: dict[int, tuple[Batch, _Outcome]] = {}
         sink = self.p.sink
         stats = self.stats
         async with results, updates:
@@ -691,43 +632,6 @@ class _Run(Generic[R, V]):
                     )
             # After stop() the source was not read to its end: a rerun resumes after the last batch.
             self.finished = not self._intake.cancelled_caught
-
-
-class _Emitter:
-    """Numbers batches and sends them, waiting for the window (the reader's lead) first."""
-
-    def __init__(self, send: ObjectSendStream[_Batch], window: anyio.Semaphore, seq: int) -> None:
-        self.send = send
-        self.window = window
-        self.seq = seq
-
-    async def __call__(self, payload: LineBlock | list[Any], count: int, start: int | None, end: Any) -> None:
-        await self.window.acquire()
-        batch = _Batch(self.seq, payload, count, start, end, anyio.current_time())
-        self.seq += 1
-        await self.send.send(batch)
-
-
-def _join(a: LineBlock, b: LineBlock) -> LineBlock:
-    if a.end != b.start:
-        raise AssertionError(f"blocks are not adjacent: {a.end} != {b.start}")
-    return LineBlock(a.data + b.data, a.count + b.count, a.start, b.end)
-
-
-async def _skip_async(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
-    seen = 0
-    async for item in source:
-        if seen < n:
-            seen += 1
-            continue
-        yield item
-
-
-def _skip(source: AsyncIterable[Any] | Iterable[Any], n: int) -> AsyncIterable[Any] | Iterable[Any]:
-    """The source without its first ``n`` records (resume of an iterable: valid if deterministic)."""
-    if isinstance(source, AsyncIterable):
-        return _skip_async(source, n)
-    return itertools.islice(source, n, None)
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1,0 +1,151 @@
+"""The pipeline's reader: a source in, numbered batches out, bounded by size, time and the window.
+
+Line sources are read as raw blocks of bytes (:meth:`LineSource.blocks`) and cut into batches of
+exactly ``max_size`` lines with :func:`cut_every`, so the event loop never touches single lines;
+workers split and decode them. Other sources go through :func:`microbatch.batches`. Either way the
+size/time decisions are :class:`BatchPolicy`'s, and every batch carries the source position after
+its last record (a byte offset, a record count, or None for sources that cannot resume), which is
+what a checkpoint records.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectSendStream
+
+from ._batching import batches
+from ._lines import LineBlock, cut_every
+from ._policy import BatchPolicy
+from .sources import LineSource
+
+__all__ = ["Batch", "Emitter", "read_line_blocks", "read_records", "skip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch on its way to a worker: its number, its records (or block of lines), positions."""
+
+    seq: int
+    payload: LineBlock | list[Any]
+    count: int
+    start: int | None
+    end: Any
+    cut_at: float
+
+
+class Emitter:
+    """Numbers batches and sends them, first waiting for the window (the reader's lead) to allow it."""
+
+    def __init__(self, send: ObjectSendStream[Batch], window: anyio.Semaphore, seq: int) -> None:
+        self.send = send
+        self.window = window
+        self.seq = seq
+
+    async def __call__(self, payload: LineBlock | list[Any], count: int, start: int | None, end: Any) -> None:
+        await self.window.acquire()
+        batch = Batch(self.seq, payload, count, start, end, anyio.current_time())
+        self.seq += 1
+        await self.send.send(batch)
+
+    async def block(self, block: LineBlock) -> None:
+        await self(block, block.count, block.start, block.end)
+
+
+async def read_line_blocks(
+    source: LineSource[Any], max_size: int, max_wait: float | None, emit: Emitter
+) -> None:
+    """Cut a line source's raw blocks into batches of ``max_size`` lines, bounded by time.
+
+    A separate task reads the blocks, so that a partial batch still leaves at its deadline while a
+    followed file is silent.
+    """
+    policy = BatchPolicy(max_size, max_wait)
+    block_send, block_recv = anyio.create_memory_object_stream[LineBlock](1)
+
+    async def pump() -> None:
+        async with block_send:
+            async for block in source.blocks():
+                await block_send.send(block)
+
+    pending: LineBlock | None = None
+    async with anyio.create_task_group() as tg, block_recv:
+        tg.start_soon(pump)
+        while True:
+            block: LineBlock | None = None
+            if policy.deadline is None:
+                try:
+                    block = await block_recv.receive()
+                except anyio.EndOfStream:
+                    break
+            else:
+                with anyio.move_on_after(policy.deadline - anyio.current_time()):
+                    try:
+                        block = await block_recv.receive()
+                    except anyio.EndOfStream:
+                        break
+                if block is None:
+                    # The source was silent until the partial batch's deadline.
+                    if pending is not None and policy.take_partial():
+                        await emit.block(pending)
+                        pending = None
+                    continue
+            if block.count == 0:
+                continue
+            if pending is not None and pending.end != block.start:
+                # A followed file was truncated or replaced: positions restart in the new file, so
+                # the lines of the old one leave as a batch of their own.
+                policy.take_partial()
+                await emit.block(pending)
+                pending = None
+            if pending is not None:
+                pending = LineBlock(
+                    pending.data + block.data, pending.count + block.count, pending.start, block.end
+                )
+            else:
+                pending = block
+            full, pending = cut_every(pending, max_size, policy.add(block.count, anyio.current_time()))
+            for head in full:
+                await emit.block(head)
+    if policy.flush() and pending is not None:
+        await emit.block(pending)
+
+
+async def read_records(
+    source: AsyncIterable[Any] | Iterable[Any],
+    max_size: int,
+    max_wait: float | None,
+    start: int | None,
+    emit: Emitter,
+) -> None:
+    """Batch any other source; positions count records from ``start`` (None: no positions)."""
+    async with batches(source, max_size=max_size, max_wait=max_wait) as stream:
+        async for records in stream:
+            end = None if start is None else start + len(records)
+            await emit(records, len(records), start, end)
+            start = end
+
+
+async def _skip_async(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
+    seen = 0
+    async for item in source:
+        if seen < n:
+            seen += 1
+            continue
+        yield item
+
+
+def skip(source: AsyncIterable[Any] | Iterable[Any], n: int) -> AsyncIterable[Any] | Iterable[Any]:
+    """The source without its first ``n`` records (resume of an iterable: valid if deterministic)."""
+    if isinstance(source, AsyncIterable):
+        return _skip_async(source, n)
+    if isinstance(source, Iterable):
+        return itertools.islice(source, n, None)
+    raise TypeError(
+        f"cannot resume a {type(source).__name__} source at record {n}: only files (read_lines), "
+        f"iterables and async iterables can be resumed"
+    )
