@@ -1,6 +1,6 @@
 """The worker process of ``ProcessExecutor``: runs one call at a time for its parent.
 
-Started as ``python .../microbatch/_worker.py PARENT_PID`` (running the file, not ``-m``, keeps the
+Started as ``python .../microbatch/_worker.py PARENT_PID [NICE]`` (running the file, not ``-m``, keeps the
 package's ``__init__`` and its imports out of the worker until something really needs them). It imports
 only the standard library; ``cloudpickle`` is imported by ``pickle`` itself when a function pickled by
 value arrives.
@@ -190,6 +190,9 @@ def main() -> None:
         del sys.path[0]
     parent_pid = int(sys.argv[1])
     _die_with_parent(parent_pid)
+    nice = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     read_fd, write_fd = _private_fds()
     with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:

@@ -420,7 +420,20 @@ async def test_an_executor_can_be_entered_again_after_it_was_left() -> None:
     assert new_children() == []
 
 
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="Unix scheduling priority")
+async def test_workers_run_at_a_lower_priority_than_their_parent() -> None:
+    parent = psutil.Process().nice()
+    async with ProcessExecutor(1) as executor:
+        [pid] = executor.pids
+        assert psutil.Process(pid).nice() == min(parent + 10, 19)
+    async with ProcessExecutor(1, nice=0) as executor:
+        [pid] = executor.pids
+        assert psutil.Process(pid).nice() == parent
+
+
 def test_invalid_arguments_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="nice"):
+        ProcessExecutor(1, nice=20)
     with pytest.raises(ValueError, match="workers"):
         ProcessExecutor(0)
     with pytest.raises(ValueError, match="start_timeout"):
