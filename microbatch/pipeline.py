@@ -25,6 +25,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -340,26 +341,26 @@ class _Run(Generic[R, V]):
         executor = self._make_executor()
         if isinstance(executor, ProcessExecutor):
             check_picklable(self.p.fn)
+        self.executor = executor
         stack = self._stack
         try:
-            await stack.enter_async_context(executor)
             stack.callback(self.dead.close)
             # Runs after the task group has stopped every stage: it sees the last folded state.
             stack.push_async_callback(self._final_checkpoint)
-            self.executor = executor
-            window = anyio.Semaphore(p.queue_size + executor.capacity)
+            # The window opens to queue_size now and by the executor's capacity once it runs, so
+            # the reader fills the queue while the workers start.
+            window = anyio.Semaphore(p.queue_size)
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch](p.queue_size)
+            # Unbounded in type only: the window holds unfolded batches to queue_size + capacity.
             result_send, result_recv = anyio.create_memory_object_stream[tuple[Batch, _Outcome]](
-                executor.capacity
+                math.inf
             )
             update_send, self._updates_recv = anyio.create_memory_object_stream[Update[V]](0)
             self._batch_send = batch_send
             tg = await stack.enter_async_context(anyio.create_task_group())
             self._tg = tg
             tg.start_soon(self._read, batch_send, window)
-            async with result_send, batch_recv:
-                for _ in range(executor.capacity):
-                    tg.start_soon(self._dispatch, batch_recv.clone(), result_send.clone())
+            tg.start_soon(self._work, batch_recv, result_send, window)
             tg.start_soon(self._fold, result_recv, update_send, window)
         except BaseException:
             await stack.aclose()
@@ -499,6 +500,18 @@ class _Run(Generic[R, V]):
                 else:
                     start = None if isinstance(source, TcpLines) else self.stats.position or 0
                     await read_records(source, p.max_size, p.max_wait, start, emit)
+
+    async def _work(
+        self,
+        batches_in: MemoryObjectReceiveStream[Batch],
+        results_out: MemoryObjectSendStream[tuple[Batch, _Outcome]],
+        window: anyio.Semaphore,
+    ) -> None:
+        """Start the executor and run one dispatcher per call it can take; stop it after them."""
+        async with batches_in, results_out, self.executor, anyio.create_task_group() as tg:
+            for _ in range(self.executor.capacity):
+                window.release()
+                tg.start_soon(self._dispatch, batches_in.clone(), results_out.clone())
 
     async def _dispatch(
         self,
