@@ -127,7 +127,7 @@ async def test_transient_crash_is_retried_and_result_exact(tmp_path: Path) -> No
 async def test_transient_hang_is_timed_out_retried_and_result_exact(tmp_path: Path) -> None:
     path = write_numbers(tmp_path / "n.txt", 2_000)
     pipeline = mb.Pipeline(
-        hang_once, aggregate=mb.Sum(), max_size=1_000, workers=2, timeout=1.0, backoff=0.0
+        hang_once, aggregate=mb.Sum(), max_size=1_000, workers=2, timeout=3.0, backoff=0.0
     )
     async with pipeline.updates(mb.read_lines(path)) as updates:
         async for update in updates:
