@@ -64,10 +64,14 @@ def format_count(n: float) -> str:
     return f"{int(n):,}"
 
 
+def _counted(n: float, one: str, many: str) -> str:
+    return f"{format_count(n)} {one if n == 1 else many}"
+
+
 def stats_line(stats: Any) -> str:
     """One line about a run's counters, e.g. ``1,000 records in 10 batches, 0.4 s (2,500 records/s)``."""
     parts = [
-        f"{format_count(stats.records)} records in {format_count(stats.batches)} batches",
+        f"{_counted(stats.records, 'record', 'records')} in {_counted(stats.batches, 'batch', 'batches')}",
         f"{stats.elapsed:.2f} s ({format_count(stats.records_per_second)} records/s)",
     ]
     extra = []

@@ -128,7 +128,7 @@ def test_stdin_input_and_overrides(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "6\n"
-    assert "in 1 batches" in result.stderr
+    assert "in 1 batch," in result.stderr
 
 
 def test_pipeline_error_is_one_line_and_exit_1(tmp_path: Path) -> None:
@@ -472,3 +472,22 @@ def test_checkpoint_of_another_pipeline_is_a_one_line_error(numbers: Path, tmp_p
     assert other.returncode == 1
     (line,) = other.stderr.strip().splitlines()
     assert line.startswith("microbatch: error: ") and str(state) in line, line
+
+
+def test_stdin_lines_keep_the_line_core_limits_and_endings() -> None:
+    examples = Path(__file__).parent.parent / "examples"
+
+    def run(job: str, data: bytes, *options: str) -> subprocess.CompletedProcess[bytes]:
+        command = [sys.executable, "-m", "microbatch", "run", f"{examples / job}:pipeline", "--input", "-"]
+        return subprocess.run(
+            [*command, "--no-progress", *options], input=data, capture_output=True, timeout=60
+        )
+
+    crlf = run("wordcount.py", b"a b\r\nb c\nlast", "--json")
+    assert crlf.returncode == 0, crlf.stderr
+    last = crlf.stdout.decode().strip().splitlines()[-1]
+    assert json.loads(last) == [["b", 2], ["a", 1], ["c", 1], ["last", 1]]
+    too_long = run("sum_integers.py", b"1\n" + b"9" * (2 << 20) + b"\n")
+    assert too_long.returncode == 1
+    message = too_long.stderr.decode()
+    assert "<stdin>: line starting at byte offset 2 is longer than max_line_length" in message
