@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ._exceptions import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError
+from ._exceptions import CheckpointCorrupt, CheckpointError, CheckpointMismatch, CheckpointWriteError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -246,6 +246,51 @@ def _none_valid(location: str, skipped: list[tuple[str, str]]) -> CheckpointCorr
     )
 
 
+class _WriterLock:
+    """An exclusive ``flock`` on a lock file, so that one run at a time writes a store.
+
+    The operating system releases it when the file is closed or the process dies (also by
+    ``kill -9``), so a crashed run never leaves a stale lock. Where ``fcntl`` is missing (Windows)
+    there is no lock.
+    """
+
+    def __init__(self, path: Path, location: str) -> None:
+        self.path = path
+        self.location = location
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot create the lock file {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.location} is in use by another run (pid {holder}): two runs writing one "
+                f"checkpoint store would overwrite each other's checkpoints. Wait for it to end, or "
+                f"give this run its own checkpoint location"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 _NAME = re.compile(r"^checkpoint-(\d{12,})\.json$")
 _TEMP_PREFIX = ".checkpoint-"
 _TEMP_SUFFIX = ".tmp"
@@ -265,7 +310,8 @@ class DirectoryStore:
     ``CheckpointWriteError`` naming the folder and the cause; the temporary file is removed and the
     previous checkpoint stays as it was.
 
-    One store per folder at a time: two runs sharing a folder overwrite each other's checkpoints.
+    One writer per folder at a time: a run calls ``lock()`` first, and a second run on the same
+    folder gets a ``CheckpointError`` instead of overwriting the first one's checkpoints.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, keep: int = 3) -> None:
@@ -273,8 +319,17 @@ class DirectoryStore:
         self.keep = _check_keep(keep)
         self.location = str(self.path)
         self.skipped: list[tuple[str, str]] = []
-        #: Temporary files left by an earlier crash and removed when this store opened.
+        #: Temporary files left by an earlier crash and removed by ``lock()``.
         self.removed_temporaries: list[str] = []
+        self._writer = _WriterLock(self.path / ".lock", self.location)
+
+    def lock(self) -> None:
+        """Become the one writer of this folder; then remove temporary files a crash left behind.
+
+        Raises ``CheckpointError`` naming the folder while another run holds it. Reading
+        (``load``, ``microbatch inspect``) needs no lock. ``close()`` releases it.
+        """
+        self._writer.acquire()
         if self.path.is_dir():
             for entry in self.path.iterdir():
                 if entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(_TEMP_SUFFIX):
@@ -397,7 +452,8 @@ class DirectoryStore:
         self.skipped = []
 
     def close(self) -> None:
-        """Nothing to release: every call opens and closes its own files."""
+        """Release the writer lock, if held; every other call opens and closes its own files."""
+        self._writer.release()
 
     def __enter__(self) -> DirectoryStore:
         return self
@@ -437,6 +493,7 @@ class SqliteStore:
         self.location = str(self.path)
         self.skipped: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self._writer = _WriterLock(self.path.with_name(self.path.name + ".lock"), self.location)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -528,10 +585,15 @@ class SqliteStore:
                 raise CheckpointWriteError(f"cannot clear the checkpoints in {self.location}: {exc}") from exc
             self.skipped = []
 
+    def lock(self) -> None:
+        """Become the one writer of this database (a ``.lock`` file beside it); see DirectoryStore."""
+        self._writer.acquire()
+
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection and release the writer lock, if held."""
         with self._lock:
             self._conn.close()
+        self._writer.release()
 
     def __enter__(self) -> SqliteStore:
         return self

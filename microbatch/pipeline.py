@@ -335,7 +335,11 @@ class _Run(Generic[R, V]):
         p = self.p
         self.stats.started = anyio.current_time()
         self._last_checkpoint = self.stats.started
-        await self._restore()
+        try:
+            await self._restore()
+        except BaseException:
+            await self._stack.aclose()  # closes the store and releases its lock
+            raise
         if self.finished:
             return self
         executor = self._make_executor()
@@ -416,9 +420,12 @@ class _Run(Generic[R, V]):
         target = self._checkpoint_target
         if target is None:
             return
-        # Opening a folder store also removes stale temporary files: file I/O, off the event loop.
+        # Opening and locking a store is file I/O (the lock also removes stale temporary files).
         store = self.store = await anyio.to_thread.run_sync(open_store, target)
         self._stack.callback(store.close)
+        lock = getattr(store, "lock", None)  # the built-in stores admit one writer at a time
+        if lock is not None:
+            await anyio.to_thread.run_sync(lock)
         # A run without a checkpoint appends to the dead-letter file as it finds it; checkpoints
         # record the file's absolute length, so a resumed run cuts back only what it wrote itself.
         if self.fresh:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from microbatch import CheckpointCorrupt, CheckpointMismatch, CheckpointWriteError
+from microbatch import CheckpointCorrupt, CheckpointError, CheckpointMismatch, CheckpointWriteError
 from microbatch._checkpoint import (
     Checkpoint,
     CheckpointStore,
@@ -116,17 +116,36 @@ def test_keep_must_be_positive(tmp_path: Path) -> None:
         SqliteStore(tmp_path / "x.db", keep="3")  # type: ignore[arg-type]
 
 
-def test_stale_temporary_files_removed_on_open(tmp_path: Path) -> None:
+def test_stale_temporary_files_removed_by_the_writer(tmp_path: Path) -> None:
     folder = tmp_path / "state"
     DirectoryStore(folder).save(cp(1))
     stale = folder / ".checkpoint-abc123.tmp"
     stale.write_bytes(b'{"body": half')
     other = folder / "notes.txt"
     other.write_text("mine")
+    reader = DirectoryStore(folder)
+    assert stale.exists()  # a reader (inspect) never touches a running writer's files
     store = DirectoryStore(folder)
+    store.lock()
     assert not stale.exists() and other.exists()
     assert store.removed_temporaries == [stale.name]
-    assert store.load() is not None
+    assert store.load() is not None and reader.load() is not None
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["folder", "sqlite"])
+def test_one_writer_at_a_time(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / ("state" if kind == "folder" else "state.sqlite")
+    first = open_store(target)
+    first.lock()  # type: ignore[attr-defined]
+    second = open_store(target)
+    with pytest.raises(CheckpointError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+        second.lock()  # type: ignore[attr-defined]
+    assert second.load() is None  # reading needs no lock
+    first.close()
+    second.lock()  # type: ignore[attr-defined]
+    second.save(cp(1))
+    second.close()
 
 
 @pytest.mark.parametrize(
@@ -379,6 +398,7 @@ def test_crash_at_each_step_of_a_save(
         temps = list(target.glob(".checkpoint-*.tmp"))
         assert bool(temps) == temp_left
         store: CheckpointStore = DirectoryStore(target)
+        store.lock()  # the next writer removes what the crashed one left
         assert not list(target.glob(".checkpoint-*.tmp"))
     else:
         store = SqliteStore(target)

@@ -196,3 +196,16 @@ async def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path: Pa
     newest = sorted(p for p in state.iterdir() if p.name.startswith("checkpoint"))[-1]
     newest.write_bytes(newest.read_bytes()[:20])  # truncated by a crash of the disk
     assert await pipeline.run(range(100), checkpoint=state) == sum(range(100))
+
+
+@pytest.mark.anyio
+async def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(sum, aggregate=mb.Sum(), max_size=10, executor="inline")
+    async with pipeline.updates(range(100), checkpoint=state) as updates:
+        async for _ in updates:
+            with pytest.raises(mb.CheckpointError, match="in use by another run"):
+                await pipeline.run(range(100), checkpoint=state)
+            break
+    # The first run ended (its lock went with it): the store is free again.
+    assert await pipeline.run(range(100), checkpoint=state) == sum(range(100))
