@@ -341,7 +341,13 @@ def test_second_signal_stops_at_once_and_leaves_no_worker(paused_numbers: Path, 
     assert "second SIGINT" in _peek(proc)
     _assert_gone(workers)
     cp = _checkpoint(state)
-    assert cp == {**cp, "finished": False, "batches": 50, "records": 500, "value": sum(range(500))}
+    # Results that reached the parent but were not folded yet (the folder waits for each batch's
+    # checkpoint) are dropped when the second signal cuts the run short; what was folded is a
+    # prefix, recorded exactly, and never includes the paused batch 50.
+    assert cp["finished"] is False
+    assert cp["batches"] <= 50
+    assert cp["records"] == 10 * cp["batches"]
+    assert cp["value"] == sum(range(cp["records"]))
     resumed = mb(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout) == TOTAL
