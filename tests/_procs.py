@@ -26,3 +26,11 @@ def new_children(*, zombies: bool = True) -> list[psutil.Process]:
             continue
         found.append(p)
     return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
 import pytest
+from _procs import alive
 
 pytest.importorskip("distributed")
 
@@ -141,7 +141,7 @@ async def wait_for_pid(marker: Path) -> int:
 
 async def wait_gone(pid: int) -> None:
     with anyio.fail_after(30):
-        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        while alive(pid):
             await anyio.sleep(0.02)
 
 

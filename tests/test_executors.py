@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
-from _procs import new_children
+from _procs import alive, new_children
 
 import microbatch as mb
 from microbatch.executors import (
@@ -129,13 +129,6 @@ async def until(condition: Callable[[], bool], what: str) -> None:
     with anyio.fail_after(DEADLINE):
         while not condition():
             await anyio.sleep(0.005)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def children() -> list[psutil.Process]:

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from _procs import alive as is_alive
 
 import microbatch as mb
 
@@ -49,7 +50,7 @@ def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
     deadline = time.monotonic() + within
     alive = pids
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        alive = [p for p in alive if is_alive(p)]
         time.sleep(0.05)
     return alive
 
