@@ -605,6 +605,14 @@ class SqliteStore:
 _SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 
 
+def is_sqlite_target(target: object) -> bool:
+    """Whether ``checkpoint=target`` names a SQLite store (a path ending in .sqlite, .sqlite3, .db)."""
+    if not isinstance(target, (str, os.PathLike)):
+        return False
+    path = os.fspath(target)
+    return isinstance(path, str) and path.lower().endswith(_SQLITE_SUFFIXES)
+
+
 def open_store(target: str | os.PathLike[str] | CheckpointStore, *, keep: int = 3) -> CheckpointStore:
     """Return the store for ``checkpoint=``: a store as is; a path ending in ``.sqlite``,
     ``.sqlite3`` or ``.db`` as a :class:`SqliteStore`; any other path as a :class:`DirectoryStore`.
@@ -616,7 +624,7 @@ def open_store(target: str | os.PathLike[str] | CheckpointStore, *, keep: int = 
         path = os.fspath(target)
         if isinstance(path, bytes):
             raise TypeError("checkpoint= must be a str path, a path-like object or a checkpoint store")
-        if path.lower().endswith(_SQLITE_SUFFIXES):
+        if is_sqlite_target(path):
             return SqliteStore(path, keep=keep)
         return DirectoryStore(path, keep=keep)
     if isinstance(target, CheckpointStore):

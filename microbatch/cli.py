@@ -582,7 +582,9 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
     if args.checkpoint is not None:
         cp = Path(args.checkpoint)
-        if cp.exists() and not cp.is_dir() and cp.suffix not in (".sqlite", ".sqlite3", ".db"):
+        from ._checkpoint import is_sqlite_target
+
+        if cp.exists() and not cp.is_dir() and not is_sqlite_target(cp):
             raise UsageError(
                 f"--checkpoint {args.checkpoint!r} is a file; it must be a folder (or a *.sqlite store)"
             )

@@ -30,7 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from ._checkpoint import Checkpoint, CheckpointStore, check_fingerprint, open_store
+from ._checkpoint import Checkpoint, CheckpointStore, check_fingerprint, is_sqlite_target, open_store
 from ._deadletter import DeadLetter, DeadLetterFile, describe_error
 from ._exceptions import BatchFailed, BatchTimeout, WorkerCrashed
 from ._lines import LineBlock, cut_lines, decode_lines
@@ -311,9 +311,7 @@ class _Run(Generic[R, V]):
         self.task: BatchTask[R] = BatchTask(p.fn, encoding=encoding, errors=errors, where=str(where))
         if p.dead_letter is not None:
             dl_path: str | os.PathLike[str] = p.dead_letter
-        elif isinstance(checkpoint, (str, os.PathLike)) and not os.fspath(checkpoint).endswith(
-            (".sqlite", ".sqlite3", ".db")
-        ):
+        elif isinstance(checkpoint, (str, os.PathLike)) and not is_sqlite_target(checkpoint):
             dl_path = os.path.join(checkpoint, "dead-letters.jsonl")
         else:
             dl_path = "dead-letters.jsonl"

@@ -210,3 +210,20 @@ async def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_ru
             break
     # The first run ended (its lock went with it): the store is free again.
     assert await pipeline.run(range(100), checkpoint=state) == sum(range(100))
+
+
+@pytest.mark.anyio
+async def test_dead_letters_of_a_sqlite_checkpoint_go_beside_it_whatever_the_suffix_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def fussy(xs: list[int]) -> int:
+        if 7 in xs:
+            raise ValueError("7")
+        return sum(xs)
+
+    pipeline = mb.Pipeline(fussy, aggregate=mb.Sum(), max_size=5, executor="inline", retries=0)
+    assert await pipeline.run(range(20), checkpoint=tmp_path / "STATE.DB") == sum(range(20)) - 7
+    assert (tmp_path / "STATE.DB").is_file()
+    assert json.loads((tmp_path / "dead-letters.jsonl").read_text())["record"] == 7
