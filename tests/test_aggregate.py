@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
@@ -73,6 +74,17 @@ def test_sum_values_and_kinds() -> None:
     assert math.isnan(fold_all(Sum(), [math.inf, -math.inf]))
     assert same(fold_all(Sum(), [1e308, 1e308]), math.inf)
     assert same(fold_all(Sum(), [Fraction(1, 2), True]), 1.5)
+
+
+@pytest.mark.parametrize("cut", [(), (1,), (2,), (3,)])
+def test_sum_that_leaves_the_float_range_and_comes_back_is_exact(cut: tuple[int, ...]) -> None:
+    big = sys.float_info.max
+    assert same(fold_all(Sum(), [1e308, 1e308, -1e308], cut), 1e308)
+    assert same(fold_all(Sum(), [-big, -big, big, 5.0], cut), -big)
+    # the exact sum of the first two is just past the largest float; the third brings it back
+    assert same(fold_all(Sum(), [1.1918415484831354e304, 1.7975739507074675e308, -1.0], cut), big)
+    assert same(fold_all(Sum(), [1e308, 1e308, 10**400], cut), math.inf)
+    assert same(fold_all(Sum(), [-1e308, -1e308, 1.0], cut), -math.inf)
 
 
 @given(st.lists(st.one_of(st.integers(min_value=0, max_value=10**6), st.lists(st.integers(), max_size=4),
