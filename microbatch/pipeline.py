@@ -2,9 +2,12 @@
 
 The stages of one run, each a task, talking through bounded memory object streams::
 
-    reader ──Batch──▶ queue (queue_size) ──▶ dispatchers (executor.capacity) ──▶ folder ──Update──▶ you
-       ▲                                                                          │
-       └──────────── window: at most queue_size + capacity batches unfolded ──────┘
+    reader ──Batch──▶ queue (queue_size) ──▶ dispatchers ──▶ folder ──Update──▶ you
+       ▲                                                          │
+       └────── window: at most queue_size + capacity batches unfolded
+
+There are ``capacity * (1 + prefetch)`` dispatchers: an executor with ``prefetch`` (worker
+processes) holds batches ready in each worker, and those batches count against ``queue_size``.
 
 The reader cuts the source into batches (line sources as raw blocks of bytes, split in the worker);
 each dispatcher runs one batch at a time on the executor with retries and, when a batch keeps
@@ -514,8 +517,15 @@ class _Run(Generic[R, V]):
     ) -> None:
         """Start the executor and run one dispatcher per call it can take; stop it after them."""
         async with batches_in, results_out, self.executor, anyio.create_task_group() as tg:
-            for _ in range(self.executor.capacity):
-                window.release()
+            # Known once entered (a Dask cluster counts its threads). An executor with ``prefetch``
+            # takes that many more calls per unit of capacity and queues them where they run (a
+            # worker starts its next batch without waiting for this loop). The window is not
+            # widened: those batches come out of the queue_size share.
+            capacity = self.executor.capacity
+            dispatchers = capacity * (1 + getattr(self.executor, "prefetch", 0))
+            for index in range(dispatchers):
+                if index < capacity:
+                    window.release()
                 tg.start_soon(self._dispatch, batches_in.clone(), results_out.clone())
 
     async def _dispatch(

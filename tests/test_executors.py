@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psutil
 import pytest
 from _procs import alive, new_children
@@ -310,6 +311,121 @@ async def test_cancelling_a_call_kills_its_worker_only(tmp_path: Path) -> None:
         assert await executor.run(double, 2) == 4
 
 
+# ---- calls queued in a worker behind the running one (prefetch) ---------------------------------
+
+
+def queued_calls(executor: ProcessExecutor) -> int:
+    """Calls sent to the executor's only worker and not answered yet."""
+    (slot,) = executor._pool
+    assert slot.worker is not None
+    return len(slot.worker.calls)
+
+
+@pytest.mark.parametrize("failure", ["crash", "timeout"])
+async def test_a_call_queued_behind_a_failing_one_is_sent_again(tmp_path: Path, failure: str) -> None:
+    started = tmp_path / "started"
+    async with ProcessExecutor(1, prefetch=1) as executor:
+        first_pid = executor.pids[0]
+        queued: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def queued_call() -> None:
+                await until(started.exists, "the first call started")
+                queued.append(await executor.run(worker_pid, None, timeout=30))
+
+            tg.start_soon(queued_call)
+            if failure == "crash":
+
+                async def kill_when_queued() -> None:
+                    await until(lambda: queued_calls(executor) == 2, "the second call was queued")
+                    os.kill(first_pid, signal.SIGKILL)
+
+                tg.start_soon(kill_when_queued)
+                with pytest.raises(mb.WorkerCrashed):
+                    await executor.run(hang, str(started))
+            else:
+                with pytest.raises(mb.BatchTimeout):
+                    await executor.run(hang, str(started), timeout=1.0)
+        # the queued call ran in the new worker, and is neither a crash nor a timeout of its own
+        assert queued == executor.pids != [first_pid]
+        assert (executor.crashes, executor.timeouts) == ((1, 0) if failure == "crash" else (0, 1))
+        assert executor.restarts == 1
+
+
+async def test_a_queued_calls_timeout_counts_from_its_own_start(tmp_path: Path) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    async with ProcessExecutor(1, prefetch=1) as executor:
+        results: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def first() -> None:
+                results.append(await executor.run(wait_for_go, (str(started), str(go), 1)))
+
+            async def queued() -> None:
+                results.append(await executor.run(double, 21, timeout=1.0))
+
+            tg.start_soon(first)
+            await until(started.exists, "the first call started")
+            tg.start_soon(queued)
+            await until(lambda: queued_calls(executor) == 2, "the second call was queued")
+            await anyio.sleep(1.5)  # longer than the queued call's timeout, spent waiting for its turn
+            go.touch()
+        assert results == [1, 42]
+        assert executor.timeouts == 0 and executor.restarts == 0
+
+
+async def test_cancelling_a_queued_call_leaves_the_running_one(tmp_path: Path) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    async with ProcessExecutor(1, prefetch=1) as executor:
+        first_pid = executor.pids[0]
+        results: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def first() -> None:
+                results.append(await executor.run(wait_for_go, (str(started), str(go), 7)))
+
+            tg.start_soon(first)
+            await until(started.exists, "the first call started")
+            with anyio.CancelScope() as scope:
+
+                async def cancel_when_queued() -> None:
+                    await until(lambda: queued_calls(executor) == 2, "the second call was queued")
+                    scope.cancel()
+
+                tg.start_soon(cancel_when_queued)
+                await executor.run(hang, str(tmp_path / "never"))
+            assert scope.cancelled_caught
+            assert alive(first_pid)
+            go.touch()
+        assert results == [7]
+        # the worker would now run the cancelled call: it was replaced instead
+        assert not alive(first_pid)
+        assert await executor.run(double, 2) == 4
+        assert executor.restarts == 1 and executor.crashes == 0
+    assert all_children() == []
+
+
+async def test_each_worker_holds_one_more_call_than_it_runs(tmp_path: Path) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    async with ProcessExecutor(1, prefetch=1) as executor:
+        order: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def call(value: int) -> None:
+                order.append(await executor.run(echo, value))
+
+            tg.start_soon(executor.run, wait_for_go, (str(started), str(go), 0))
+            await until(started.exists, "the first call started")
+            for value in range(3):
+                tg.start_soon(call, value)
+            await until(lambda: queued_calls(executor) == 2, "one call was queued")
+            for _ in range(10):  # the limit holds the other two back, however long the wait
+                await anyio.lowlevel.checkpoint()
+            assert queued_calls(executor) == 2
+            go.touch()
+        assert sorted(order) == [0, 1, 2]
+
+
 async def test_no_process_left_after_normal_end() -> None:
     async with ProcessExecutor(2) as executor:
         pids = executor.pids
@@ -431,6 +547,8 @@ def test_invalid_arguments_name_the_parameter() -> None:
         ProcessExecutor(0)
     with pytest.raises(ValueError, match="start_timeout"):
         ProcessExecutor(1, start_timeout=0)
+    with pytest.raises(ValueError, match="prefetch"):
+        ProcessExecutor(1, prefetch=-1)
     with pytest.raises(ValueError, match="workers"):
         ThreadExecutor(0)
 
