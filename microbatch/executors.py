@@ -44,7 +44,6 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 import cloudpickle
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from . import _worker as wire
 from ._exceptions import (
@@ -166,17 +165,84 @@ class _Call:
         self.abandoned = False
 
 
+class _Pipes:
+    """The parent's ends of a worker's two pipes, as non-blocking file descriptors.
+
+    Reads and writes go straight to ``os.read``/``os.write`` and wait with ``anyio.wait_readable``/
+    ``wait_writable`` only when the pipe is empty or full: no stream, transport or protocol
+    objects in between (on asyncio those cost more than the whole round trip to the worker). One
+    task reads and one task writes at a time. ``close()`` wakes a waiting task with
+    ``ClosedResourceError``; a descriptor is never used after it was closed, so a number the OS
+    hands out again cannot be read by mistake.
+    """
+
+    __slots__ = ("read_fd", "write_fd", "_buffer", "closed")
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self._buffer = bytearray()
+        self.closed = False
+
+    def _check(self) -> None:
+        if self.closed:
+            raise anyio.ClosedResourceError
+
+    async def send(self, buffers: list[bytes]) -> None:
+        """Write ``buffers`` one after the other; the common case is a single ``writev`` call."""
+        self._check()
+        total = sum(map(len, buffers))
+        try:
+            written = os.writev(self.write_fd, buffers)
+        except BlockingIOError:
+            written = 0
+        if written == total:
+            return
+        view = memoryview(b"".join(buffers))[written:]
+        while view:
+            self._check()
+            try:
+                written = os.write(self.write_fd, view)
+            except BlockingIOError:
+                await anyio.wait_writable(self.write_fd)
+            else:
+                view = view[written:]
+
+    async def receive_exactly(self, size: int) -> bytes:
+        buffer = self._buffer
+        while len(buffer) < size:
+            self._check()
+            try:
+                chunk = os.read(self.read_fd, max(size - len(buffer), 1 << 16))
+            except BlockingIOError:
+                await anyio.wait_readable(self.read_fd)
+                continue
+            if not chunk:
+                raise anyio.EndOfStream
+            buffer += chunk
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for fd in (self.read_fd, self.write_fd):
+                anyio.notify_closing(fd)
+                os.close(fd)
+
+
 class _Worker:
     """One worker process: runs one call at a time, and may hold more sent calls queued behind it."""
 
-    __slots__ = ("process", "pid", "_stdin", "_stdout", "functions", "calls", "failed", "killed")
+    __slots__ = ("process", "pid", "pipes", "functions", "calls", "failed", "killed")
 
-    def __init__(self, process: anyio.abc.Process) -> None:
-        assert process.stdin is not None and process.stdout is not None
+    def __init__(self, process: anyio.abc.Process, pipes: _Pipes) -> None:
         self.process = process
         self.pid = process.pid
-        self._stdin = process.stdin
-        self._stdout = BufferedByteReceiveStream(process.stdout)
+        self.pipes = pipes
         # Tokens of the functions this worker holds, least recently used first (mirrors the worker).
         self.functions: OrderedDict[int, None] = OrderedDict()
         # Calls sent and not answered yet, in the order they were sent; calls[0] runs now.
@@ -196,12 +262,12 @@ class _Worker:
             call.resend = True
             call.turn.set()
 
-    async def send(self, data: bytes) -> None:
-        await self._stdin.send(data)
+    async def send(self, buffers: list[bytes]) -> None:
+        await self.pipes.send(buffers)
 
     async def receive(self) -> tuple[int, bytes]:
-        kind, _token, size = wire.HEADER.unpack(await self._stdout.receive_exactly(wire.HEADER.size))
-        return kind, await self._stdout.receive_exactly(size)
+        kind, _token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
+        return kind, await self.pipes.receive_exactly(size)
 
 
 class _Slot:
@@ -215,7 +281,7 @@ class _Slot:
         self.load = 0
         # Held while starting the slot's worker and while sending to it, so calls reach the pipe
         # in the order of ``worker.calls``.
-        self.lock = anyio.Lock()
+        self.lock = anyio.Lock(fast_acquire=True)
 
 
 class ProcessExecutor:
@@ -301,7 +367,7 @@ class ProcessExecutor:
         self.restarts = 0
         self._pool: list[_Slot] = []
         self._live: set[_Worker] = set()
-        self._limit = anyio.Semaphore(workers * (1 + prefetch))
+        self._limit = anyio.Semaphore(workers * (1 + prefetch), fast_acquire=True)
         # id(fn) -> (fn, token, pickled fn); holding fn keeps its id from being reused.
         self._functions: OrderedDict[int, tuple[Callable[..., Any], int, bytes]] = OrderedDict()
         self._next_token = 1
@@ -326,7 +392,7 @@ class ProcessExecutor:
         # Entered again after it was left (a pipeline run more than once): a fresh pool.
         self._state = "open"
         self._pool = [_Slot() for _ in range(self.capacity)]
-        self._limit = anyio.Semaphore(self.capacity * (1 + self.prefetch))
+        self._limit = anyio.Semaphore(self.capacity * (1 + self.prefetch), fast_acquire=True)
         errors: list[Exception] = []
 
         async def start(slot: _Slot) -> None:
@@ -380,26 +446,35 @@ class ProcessExecutor:
             return
         with anyio.CancelScope(shield=True):
             self._signal_kill(worker)
-            try:
-                await worker.process.aclose()
-            except (OSError, anyio.BrokenResourceError):  # pragma: no cover - pipe already broken
-                await worker.process.wait()
+            worker.pipes.close()
+            await worker.process.wait()
         self._live.discard(worker)
 
     async def _start_worker(self) -> _Worker:
-        process = await anyio.open_process(
-            [sys.executable, _WORKER_SCRIPT, str(os.getpid()), str(self.nice)],
-            stdin=-1,  # subprocess.PIPE, without importing subprocess for one constant
-            stdout=-1,
-            stderr=None,
-        )
-        worker = _Worker(process)
+        # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
+        to_worker, to_worker_w = os.pipe()
+        from_worker_r, from_worker = os.pipe()
+        try:
+            process = await anyio.open_process(
+                [sys.executable, _WORKER_SCRIPT, str(os.getpid()), str(self.nice)],
+                stdin=to_worker,
+                stdout=from_worker,
+                stderr=None,
+            )
+        except BaseException:
+            for fd in (to_worker_w, from_worker_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_worker)
+            os.close(from_worker)
+        worker = _Worker(process, _Pipes(from_worker_r, to_worker_w))
         self._live.add(worker)
         ok = False
         try:
             with anyio.move_on_after(self.start_timeout) as scope:
                 init = pickle.dumps(list(sys.path), protocol=5)
-                await worker.send(wire.HEADER.pack(wire.INIT, 0, len(init)) + init)
+                await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
                 kind, _ = await worker.receive()
                 if kind != wire.READY:  # pragma: no cover - a worker of another version
                     raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
@@ -500,7 +575,7 @@ class ProcessExecutor:
             if len(worker.calls) == 1:
                 call.turn.set()
             try:
-                await worker.send(b"".join(frames))
+                await worker.send(frames)
             except _PIPE_ERRORS:
                 # The worker died: whichever call is running learns it from the pipe and sends
                 # the queued calls (this one too) elsewhere; a call that was to run first fails.
@@ -536,10 +611,14 @@ class ProcessExecutor:
         assert worker is not None and worker.calls[0] is call
         answered = False
         try:
-            # The time limit counts from the previous answer, when the worker started this call.
-            with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
+            if time_limit is None:
                 kind, body = await worker.receive()
                 answered = True
+            else:
+                # The time limit counts from the previous answer, when the worker started this call.
+                with anyio.move_on_after(time_limit):
+                    kind, body = await worker.receive()
+                    answered = True
         except _PIPE_ERRORS as exc:
             worker.retire()
             await self._wait_exit(worker)
@@ -558,7 +637,7 @@ class ProcessExecutor:
             if not answered:  # timed out, cancelled or crashed
                 worker.retire()
                 await self._reap(worker)
-        if scope.cancelled_caught:
+        if not answered:
             self.timeouts += 1
             raise BatchTimeout(
                 f"{_name(fn)} ran longer than timeout={time_limit} s in worker process {worker.pid}; the "

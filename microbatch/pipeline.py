@@ -251,10 +251,11 @@ class Pipeline(Generic[R, V]):
         With ``checkpoint`` (a folder, a ``*.sqlite`` file or a store), a run resumes from the
         newest valid checkpoint there; ``fresh=True`` discards it first.
         """
-        async with self.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
-            async for _ in updates:
-                pass
-            return updates.value
+        run = _Run(self, source, checkpoint, fresh, updates=False)
+        async with run:
+            async for _ in run:
+                pass  # nothing comes: the run ends when the folder is done
+            return run.value
 
     @asynccontextmanager
     async def updates(
@@ -295,8 +296,11 @@ class _Run(Generic[R, V]):
         source: AsyncIterable[Any] | Iterable[Any],
         checkpoint: str | os.PathLike[str] | CheckpointStore | None,
         fresh: bool,
+        *,
+        updates: bool = True,
     ) -> None:
         p = self.p = pipeline
+        self._send_updates = updates
         self.source = source
         self.fingerprint = p.fingerprint(source)
         self._checkpoint_target = checkpoint
@@ -354,7 +358,7 @@ class _Run(Generic[R, V]):
             stack.push_async_callback(self._final_checkpoint)
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
-            window = anyio.Semaphore(p.queue_size)
+            window = anyio.Semaphore(p.queue_size, fast_acquire=True)
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch](p.queue_size)
             # Unbounded in type only: the window holds unfolded batches to queue_size + capacity.
             result_send, result_recv = anyio.create_memory_object_stream[tuple[Batch, _Outcome]](
@@ -648,16 +652,17 @@ class _Run(Generic[R, V]):
                     self.next_seq += 1
                     window.release()
                     await self._maybe_checkpoint()
-                    await updates.send(
-                        Update(
-                            value=self.agg.value(self.state),
-                            seq=batch.seq,
-                            records=stats.records,
-                            batch_records=batch.count,
-                            position=batch.end,
-                            stats=replace(stats),
+                    if self._send_updates:
+                        await updates.send(
+                            Update(
+                                value=self.agg.value(self.state),
+                                seq=batch.seq,
+                                records=stats.records,
+                                batch_records=batch.count,
+                                position=batch.end,
+                                stats=replace(stats),
+                            )
                         )
-                    )
             # After stop() the source was not read to its end: a rerun resumes after the last batch.
             self.finished = not self._intake.cancelled_caught
 
