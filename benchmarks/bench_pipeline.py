@@ -7,8 +7,9 @@
 
 Every variant runs in its own child process, so each pays its own interpreter start and imports
 (microbatch is byte-compiled first, as an installed package is); the ratios compare timed runs made
-by this script in one go, interleaved. Peak memory (the RSS of the whole process tree, sampled every 20 ms) comes from
-one more run of each variant, since sampling takes CPU from a variant that uses every core.
+by this script in one go, interleaved. Peak memory (the RSS of the whole process tree, sampled
+every 20 ms) comes from one more run of each variant, since sampling takes CPU from a variant that
+uses every core.
 
     python benchmarks/bench_pipeline.py [--n 10000000] [--heavy 1000000] [--repeat 3]
 """
@@ -74,12 +75,12 @@ def main() -> None:
         variant(args.variant, args.path)
         return
 
-    from _tree import run_variant
-
     # Byte-compile microbatch and the jobs first, as pip does when it installs a package: in a
     # source checkout run with PYTHONDONTWRITEBYTECODE=1, every variant (and every worker) would
     # otherwise compile the modules it imports again, about 40 ms per process.
     import compileall
+
+    from _tree import run_variant
 
     import microbatch
 

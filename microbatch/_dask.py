@@ -33,6 +33,7 @@ from ._exceptions import (
     BackendNotSupported,
     BatchTimeout,
     ExecutorError,
+    ExecutorUnavailable,
     RemoteError,
     RemoteTraceback,
     WorkerCrashed,
@@ -212,8 +213,10 @@ class DaskExecutor:
       (``dask worker --no-nanny``), or ``restart_on_timeout=False``, keeps the hung thread busy
       until ``fn`` returns. The time counts from submission: with ``max_in_flight`` above the
       worker threads, time a task waits in Dask's queue counts too.
-    - the task is cancelled or lost by Dask (the client lost its scheduler connection, a worker
-      restarted from outside): ``WorkerCrashed`` naming the reason.
+    - the connection to the scheduler is lost: ``ExecutorUnavailable`` (a ``WorkerCrashed``); a
+      pipeline retries the batch but never dead-letters records for it, and stops after the retries.
+    - the task is cancelled or lost by Dask (a worker restarted from outside): ``WorkerCrashed``
+      naming the reason.
     - a Dask error outside ``fn`` (the worker cannot import microbatch or ``fn``'s module, a result
       that cannot be unpickled here): ``ExecutorError`` naming it.
     - the caller is cancelled: the task is cancelled on the cluster, the cancellation goes on.
@@ -444,7 +447,7 @@ class DaskExecutor:
                     finished = True
                     if self._is_comm_error(exc):
                         self.crashes += 1
-                        raise WorkerCrashed(
+                        raise ExecutorUnavailable(
                             f"lost the connection to the Dask scheduler at {self.address} while task "
                             f"{key} ({_name(fn)}) ran: {type(exc).__name__}: {exc}"
                         ) from exc

@@ -36,6 +36,7 @@ __all__ = [
     "SourceDecodeError",
     "ExecutorError",
     "WorkerCrashed",
+    "ExecutorUnavailable",
     "BatchTimeout",
     "RemoteError",
     "RemoteTraceback",
@@ -101,6 +102,16 @@ class WorkerCrashed(ExecutorError):
     """Raised when the worker process running a call died (a signal, ``os._exit``, out of memory)."""
 
 
+class ExecutorUnavailable(WorkerCrashed):
+    """Raised when an executor cannot run calls at all: a worker process cannot be started, or
+    the connection to a cluster's scheduler is lost.
+
+    The failure says nothing about the batch, so a pipeline retries it (the cause may pass) but
+    never bisects it or sends its records to the dead-letter file: after the retries the run stops
+    with :class:`BatchFailed` (this error as its cause), and a checkpointed run resumes from there.
+    """
+
+
 class BatchTimeout(ExecutorError, TimeoutError):
     """Raised when a call ran longer than its timeout; the worker running it was killed."""
 
@@ -137,7 +148,8 @@ class BackendNotSupported(MicrobatchError, RuntimeError):
 
 
 class BatchFailed(MicrobatchError):
-    """Raised by a pipeline with ``on_error="raise"`` when batch ``seq`` failed after its retries.
+    """Raised by a pipeline with ``on_error="raise"`` when batch ``seq`` failed after its retries,
+    and by any pipeline when its executor became unavailable (:class:`ExecutorUnavailable`).
 
     The original error is ``__cause__`` and ``cause``.
     """

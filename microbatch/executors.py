@@ -49,6 +49,7 @@ from . import _worker as wire
 from ._exceptions import (
     BatchTimeout,
     ExecutorError,
+    ExecutorUnavailable,
     RemoteError,
     RemoteTraceback,
     UnpicklableFunction,
@@ -480,13 +481,13 @@ class ProcessExecutor:
                     raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
                 ok = True
             if scope.cancelled_caught:
-                raise WorkerCrashed(
+                raise ExecutorUnavailable(
                     f"worker process {worker.pid} did not start within start_timeout={self.start_timeout} s "
                     f"({sys.executable} {_WORKER_SCRIPT}); the machine may be overloaded: raise start_timeout"
                 )
         except _PIPE_ERRORS as exc:
             await self._wait_exit(worker)
-            raise WorkerCrashed(
+            raise ExecutorUnavailable(
                 f"worker process {worker.pid} died while starting "
                 f"({_exit_description(worker.process.returncode)}); its stderr says why"
             ) from exc

@@ -35,7 +35,7 @@ if sys.version_info < (3, 11):
 
 from ._checkpoint import Checkpoint, CheckpointStore, check_fingerprint, is_sqlite_target, open_store
 from ._deadletter import DeadLetter, DeadLetterFile, describe_error
-from ._exceptions import BatchFailed, BatchTimeout, WorkerCrashed
+from ._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, WorkerCrashed
 from ._lines import LineBlock, cut_lines, decode_lines
 from ._policy import check_limits
 from ._reader import Batch, Emitter, read_line_blocks, read_records, skip
@@ -138,6 +138,9 @@ class Pipeline(Generic[R, V]):
     - ``on_error``: ``"dead_letter"`` (default) isolates failing records by bisection and writes them
       to ``dead_letter`` (default: ``dead-letters.jsonl`` in the checkpoint folder, or in the
       current directory without one), the rest counts; ``"raise"`` stops with ``BatchFailed``.
+      Either way, an executor that cannot run anything (``ExecutorUnavailable``: workers that do
+      not start, a lost Dask scheduler) stops the run with ``BatchFailed`` after the retries, and
+      no record is dead-lettered for it.
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
@@ -325,6 +328,7 @@ class _Run(Generic[R, V]):
         self.dead = DeadLetterFile(dl_path)
         self._stack = AsyncExitStack()
         self._intake = anyio.CancelScope()
+        self._source_batches: int | None = None
         self._updates_recv: ObjectReceiveStream[Update[V]] | None = None
         self._last_checkpoint = 0.0
         self._batches_since_checkpoint = 0
@@ -512,6 +516,8 @@ class _Run(Generic[R, V]):
                 else:
                     start = None if isinstance(source, TcpLines) else self.stats.position or 0
                     await read_records(source, p.max_size, p.max_wait, start, emit)
+                # The source ended (not stopped): these many batches make the whole run.
+                self._source_batches = emit.seq
 
     async def _work(
         self,
@@ -550,7 +556,8 @@ class _Run(Generic[R, V]):
         try:
             return _Outcome(results=[await self._attempt(batch.payload)])
         except Exception as exc:
-            if self.p.on_error == "raise":
+            if self.p.on_error == "raise" or isinstance(exc, ExecutorUnavailable):
+                # An unavailable executor says nothing about the records: stop, dead-letter none.
                 raise BatchFailed(batch.seq, exc, self.p.retry.attempts) from exc
             if batch.count == 1:
                 return _Outcome(dead=[self._dead_letter(batch, batch.payload, batch.start, exc)])
@@ -595,6 +602,8 @@ class _Run(Generic[R, V]):
                 # A single record gets the full retries before it is declared dead.
                 outcome.results.append(await self._attempt(part, retry=single))
             except Exception as exc:
+                if isinstance(exc, ExecutorUnavailable):
+                    raise BatchFailed(batch.seq, exc, self.p.retry.attempts) from exc
                 if single:
                     outcome.dead.append(self._dead_letter(batch, part, part_start, exc))
                 else:
@@ -663,8 +672,9 @@ class _Run(Generic[R, V]):
                                 stats=replace(stats),
                             )
                         )
-            # After stop() the source was not read to its end: a rerun resumes after the last batch.
-            self.finished = not self._intake.cancelled_caught
+            # Finished only when the source was read to its end (not after stop()) and every one of
+            # its batches was folded: results also stop coming when a dispatcher failed.
+            self.finished = self._source_batches is not None and self.next_seq == self._source_batches
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -680,4 +690,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     collect(group)
+    if leaves and all(isinstance(leaf, BatchFailed) for leaf in leaves):
+        # Dispatchers failing together (an executor gone for every batch in flight): the first.
+        return min(leaves, key=lambda leaf: leaf.seq)  # type: ignore[attr-defined]
     return leaves[0] if len(leaves) == 1 else group

@@ -22,7 +22,8 @@ DOCUMENTED = {
     "Batcher", "BatcherStats", "BatchExecutor", "PendingResult",
     # errors
     "MicrobatchError", "SourceError", "LineTooLong", "SourceDecodeError", "ExecutorError",
-    "WorkerCrashed", "BatchTimeout", "RemoteError", "RemoteTraceback", "UnpicklableFunction",
+    "WorkerCrashed", "ExecutorUnavailable", "BatchTimeout", "RemoteError", "RemoteTraceback",
+    "UnpicklableFunction",
     "BackendNotSupported", "BatchFailed", "CheckpointError", "CheckpointCorrupt",
     "CheckpointMismatch", "CheckpointWriteError", "BatcherError", "BatcherFull", "BatcherClosed",
 }  # fmt: skip

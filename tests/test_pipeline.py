@@ -17,6 +17,7 @@ import pytest
 from _procs import new_children
 
 import microbatch as mb
+from microbatch import executors
 
 pytestmark = pytest.mark.anyio
 
@@ -183,6 +184,68 @@ async def test_on_error_raise_stops_with_batch_failed(tmp_path: Path) -> None:
     assert info.value.seq == 4
     assert isinstance(info.value.cause, ValueError)
     assert children() == []
+
+
+def crash_at_500(lines: list[str]) -> int:
+    """Kills its worker on the batch starting with 500 (once), and new workers fail to start."""
+    here = Path(os.environ["MB_TEST_DIR"])
+    if lines[0] == "500" and not (here / "crashed").exists():
+        (here / "crashed").touch()
+        (here / "no-more-workers").touch()
+        os._exit(7)
+    return sum(int(x) for x in lines)
+
+
+async def test_an_executor_that_cannot_start_workers_stops_the_run_without_dead_letters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers start through a wrapper that fails once the marker exists, as a broken interpreter
+    # or a full process table would.
+    marker = tmp_path / "no-more-workers"
+    wrapper = tmp_path / "worker.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.path.exists({str(marker)!r}):\n"
+        "    sys.exit('cannot start')\n"
+        f"runpy.run_path({executors._WORKER_SCRIPT!r}, "
+        "run_name='__main__')\n"
+    )
+    monkeypatch.setattr(executors, "_WORKER_SCRIPT", str(wrapper))
+    path = write_numbers(tmp_path / "n.txt", 1_000)
+    dead, checkpoint = tmp_path / "dead.jsonl", tmp_path / "ck"
+    pipeline = mb.Pipeline(
+        crash_at_500, aggregate=mb.Sum(), max_size=100, workers=1, retries=2, backoff=0.0,
+        dead_letter=dead,
+    )
+    with pytest.raises(mb.BatchFailed) as info:
+        await pipeline.run(mb.read_lines(path), checkpoint=checkpoint)
+    assert info.value.seq == 5
+    assert isinstance(info.value.cause, mb.ExecutorUnavailable)
+    assert "died while starting" in str(info.value.cause)
+    assert not dead.exists() or dead.read_text() == ""
+    assert children() == []
+    # The checkpoint holds the batches before it; once workers start again the run completes.
+    marker.unlink()
+    assert await pipeline.run(mb.read_lines(path), checkpoint=checkpoint) == sum(range(1_000))
+    assert not dead.exists() or dead.read_text() == ""
+
+
+async def test_a_run_stopped_by_batch_failed_resumes_instead_of_counting_as_finished(
+    tmp_path: Path,
+) -> None:
+    path = write_numbers(tmp_path / "n.txt", 1_000, extra={450: "bad"})
+    checkpoint, dead = tmp_path / "ck", tmp_path / "dead.jsonl"
+    strict = mb.Pipeline(
+        poison, aggregate=mb.Sum(), max_size=100, workers=2, retries=0, on_error="raise",
+        dead_letter=dead,
+    )
+    with pytest.raises(mb.BatchFailed):
+        await strict.run(mb.read_lines(path), checkpoint=checkpoint)
+    lenient = mb.Pipeline(
+        poison, aggregate=mb.Sum(), max_size=100, workers=2, retries=0, dead_letter=dead
+    )
+    # Same fn, aggregate and source: the checkpoint is accepted, and the run goes on from it.
+    assert await lenient.run(mb.read_lines(path), checkpoint=checkpoint) == sum(range(1_000)) - 450
 
 
 async def test_source_error_reaches_caller_and_no_worker_is_left(tmp_path: Path) -> None:
