@@ -157,9 +157,10 @@ class _Call:
 
     __slots__ = ("turn", "resend", "abandoned")
 
-    def __init__(self) -> None:
-        # Set when this call's answer is the next one on the pipe, or when it must be sent again.
-        self.turn = anyio.Event()
+    def __init__(self, first: bool) -> None:
+        # For a call sent behind others: set when its answer is the next one on the pipe, or when
+        # it must be sent again. A call sent to an idle worker is first from the start.
+        self.turn = None if first else anyio.Event()
         # Its worker died before starting it: it goes to another worker, not counted as a failure.
         self.resend = False
         # Its caller was cancelled while it waited behind another call.
@@ -261,6 +262,7 @@ class _Worker:
         self.calls.clear()
         for call in calls[1:]:
             call.resend = True
+            assert call.turn is not None
             call.turn.set()
 
     async def send(self, buffers: list[bytes]) -> None:
@@ -571,10 +573,8 @@ class ProcessExecutor:
                     worker.functions.popitem(last=False)
             frames.append(wire.HEADER.pack(wire.CALL, token, len(payload)))
             frames.append(payload)
-            call = _Call()
+            call = _Call(first=not worker.calls)
             worker.calls.append(call)
-            if len(worker.calls) == 1:
-                call.turn.set()
             try:
                 await worker.send(frames)
             except _PIPE_ERRORS:
@@ -585,11 +585,12 @@ class ProcessExecutor:
                 # Cancelled while sending: the pipe may hold part of a frame.
                 self._drop(worker, call)
                 raise
-        try:
-            await call.turn.wait()
-        except BaseException:
-            self._drop(worker, call)
-            raise
+        if call.turn is not None:
+            try:
+                await call.turn.wait()
+            except BaseException:
+                self._drop(worker, call)
+                raise
         return None if call.resend else call
 
     def _drop(self, worker: _Worker, call: _Call) -> None:
@@ -652,6 +653,7 @@ class ProcessExecutor:
                 worker.retire()
                 await self._reap(worker)
             else:
+                assert following.turn is not None
                 following.turn.set()
         return self._decode(fn, kind, body)
 
