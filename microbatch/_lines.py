@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import Any
 
 from ._exceptions import LineTooLong, SourceDecodeError
 
@@ -28,6 +29,7 @@ __all__ = [
     "find_long_line",
     "cut_lines",
     "decode_lines",
+    "decode_parts",
 ]
 
 
@@ -110,6 +112,72 @@ def decode_lines(
     if not records[-1]:
         # data ended with a newline: the piece after it is not a line.
         records.pop()
+    return records
+
+
+#: Codecs that decode each byte sequence the same wherever it is cut at a newline (no state, no
+#: byte order mark): for them :func:`decode_parts` decodes the lines in place.
+_STATELESS_CODECS = frozenset({"utf-8", "ascii", "iso8859-1", "cp1252"})
+
+
+def decode_parts(
+    head: bytes, data: bytes, end: int, *, encoding: str | None, errors: str, where: str, start: int
+) -> list[str] | list[bytes]:
+    """``decode_lines(head + data[:end], ...)``, without building ``head + data[:end]``.
+
+    ``head`` (possibly empty) is the start of the first line; ``data[:end]`` holds the rest of the
+    lines; what follows ``end`` is ignored. When it can, this splits or decodes ``data`` where it
+    lies (no copy of the block, no second pass over it); otherwise (``\\r`` in ``bytes`` records,
+    a codec with state, undecodable bytes) it joins the parts and calls :func:`decode_lines`, so
+    the records and errors are exactly those of :func:`decode_lines`.
+    """
+    records = _decode_in_place(head, data, end, encoding, errors)
+    if records is not None:
+        return records
+    lines = b"".join((head, memoryview(data)[:end])) if head else data[:end]
+    return decode_lines(lines, encoding=encoding, errors=errors, where=where, start=start)
+
+
+def _decode_in_place(
+    head: bytes, data: bytes, end: int, encoding: str | None, errors: str
+) -> list[Any] | None:
+    """The records of ``head + data[:end]`` decoded in place, or ``None`` to take the general way."""
+    if not end:
+        return None
+    if encoding is None:
+        # Split all of ``data``: its pieces after ``end`` are the partial line, popped below.
+        if b"\r" in data or b"\r" in head or data.rfind(b"\n", end) != -1:
+            return None
+        records: list[Any] = data.split(b"\n")
+        if end < len(data) or not records[-1]:
+            records.pop()  # the partial line after ``end``, or the empty piece after a last newline
+        if head:
+            records[0] = head + records[0]
+        return records
+    if codecs.lookup(encoding).name not in _STATELESS_CODECS:
+        return None
+    lo = 0
+    first: str | None = None
+    try:
+        if head:
+            # The first line is split between ``head`` and ``data``, perhaps inside a character.
+            lo = data.find(b"\n", 0, end) + 1
+            if not lo:
+                return None
+            first = (head + data[:lo]).decode(encoding, errors)
+        text = str(memoryview(data)[lo:end], encoding, errors)
+    except UnicodeDecodeError:
+        return None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    records = text.split("\n")
+    if not records[-1]:
+        records.pop()
+    if first is not None:
+        first = first[:-1]  # its newline
+        if first.endswith("\r"):
+            first = first[:-1]
+        records.insert(0, first)
     return records
 
 
@@ -253,6 +321,20 @@ class LineSplitter:
 
     def feed(self, data: bytes) -> bytes | None:
         """Add ``data``; return the complete lines it finished, or ``None`` when there are none."""
+        parts = self.feed_parts(data)
+        if parts is None:
+            return None
+        head, end = parts
+        # One copy: the carried partial line joined with the completed lines of ``data``.
+        return b"".join((head, memoryview(data)[:end])) if head else data[:end]
+
+    def feed_parts(self, data: bytes) -> tuple[bytes, int] | None:
+        """Like :meth:`feed`, without joining: the complete lines are ``head + data[:end]``.
+
+        Returns ``(head, end)`` (``head`` is the partial line carried from before, often empty) or
+        ``None``. Nothing is copied but a partial line, so a reader that splits the lines itself
+        (:func:`decode_parts`) touches each byte of ``data`` once.
+        """
         if self._error is not None:
             raise self._error
         buf = self._buf
@@ -270,10 +352,8 @@ class LineSplitter:
             return None
         else:
             self._buf = data[last + 1 :]
-        # One copy: the carried partial line joined with the completed lines of ``data``.
-        block = b"".join((buf, memoryview(data)[: last + 1])) if buf else data[: last + 1]
-        self.position += len(block)
-        return block
+        self.position += len(buf) + last + 1
+        return buf, last + 1
 
     def finish(self) -> bytes | None:
         """Return the held-back partial line as the last record (end of the file or connection)."""

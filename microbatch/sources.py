@@ -27,7 +27,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._exceptions import LineTooLong, SourceDecodeError
-from ._lines import LineBlock, LineSplitter, check_encoding, decode_lines
+from ._lines import LineBlock, LineSplitter, check_encoding, decode_lines, decode_parts
 
 __all__ = ["LineSource", "TcpLines", "read_lines", "tcp_lines"]
 
@@ -69,6 +69,18 @@ def _decode_chunk(data: bytes, start: int, encoding: str | None, errors: str, wh
         cut = data.rfind(b"\n", 0, exc.offset - start) + 1
         good = decode_lines(data[:cut], encoding=encoding, errors=errors, where=where, start=start)
         raise _PartialDecode(good, exc) from None
+
+
+def _decode_parts(
+    head: bytes, data: bytes, end: int, start: int, encoding: str | None, errors: str, where: str
+) -> list[Any]:
+    """Records of the lines ``head + data[:end]``, which start at byte ``start``: like
+    :func:`_decode_chunk`, without joining the parts unless the block holds undecodable bytes."""
+    try:
+        return decode_parts(head, data, end, encoding=encoding, errors=errors, where=where, start=start)
+    except SourceDecodeError:
+        lines = b"".join((head, memoryview(data)[:end])) if head else data[:end]
+        return _decode_chunk(lines, start, encoding, errors, where)
 
 
 class _PartialDecode(Exception):
@@ -163,9 +175,9 @@ class LineSource(Generic[T]):
     async def _chunks(self) -> AsyncGenerator[list[T], None]:
         encoding, errors, where = self.encoding, self.errors, self.path
         async with aclosing(self._raw()) as raw:
-            async for data, start in raw:
+            async for head, data, end, start in raw:
                 try:
-                    records = _decode_chunk(data, start, encoding, errors, where)
+                    records = _decode_parts(head, data, end, start, encoding, errors, where)
                 except _PartialDecode as partial:
                     if partial.good:
                         yield partial.good
@@ -184,7 +196,11 @@ class LineSource(Generic[T]):
 
     async def _blocks(self) -> AsyncGenerator[LineBlock, None]:
         async with aclosing(self._raw()) as raw:
-            async for data, start in raw:
+            async for head, data, end, start in raw:
+                if head:
+                    data = b"".join((head, memoryview(data)[:end]))
+                elif end < len(data):
+                    data = data[:end]
                 count = data.count(b"\n")
                 if not data.endswith(b"\n"):
                     count += 1  # the last line of the file, without a newline
@@ -238,8 +254,13 @@ class LineSource(Generic[T]):
         except FileNotFoundError:
             return None
 
-    async def _raw(self) -> AsyncGenerator[tuple[bytes, int], None]:
-        """``(lines, start offset)`` pairs: the reading and following behind every view."""
+    async def _raw(self) -> AsyncGenerator[tuple[bytes, bytes, int, int], None]:
+        """The reading and following behind every view: ``(head, data, end, start)`` tuples.
+
+        The lines of each are ``head + data[:end]`` (``head``: the partial line carried from the
+        block before, often empty; ``data``: the block as read), starting at byte ``start``. The
+        parts are not joined here: decoding splits ``data`` where it lies.
+        """
         f, start = await anyio.to_thread.run_sync(self._open)
         new: IO[bytes] | None = None
         splitter = LineSplitter(self.path, start, self.max_line_length)
@@ -248,9 +269,10 @@ class LineSource(Generic[T]):
             while True:
                 data = await anyio.to_thread.run_sync(read, block_size)
                 if data:
-                    lines = splitter.feed(data)
-                    if lines is not None:
-                        yield lines, splitter.position - len(lines)
+                    parts = splitter.feed_parts(data)
+                    if parts is not None:
+                        head, end = parts
+                        yield head, data, end, splitter.position - len(head) - end
                     splitter.raise_pending()
                     continue
                 if self.follow:
@@ -275,7 +297,7 @@ class LineSource(Generic[T]):
                 # The file this partial line belongs to has ended: it will not be completed.
                 lines = splitter.finish()
                 if lines is not None:
-                    yield lines, splitter.position - len(lines)
+                    yield b"", lines, len(lines), splitter.position - len(lines)
                 if not self.follow:
                     return
                 if f.tell() > 0:

@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import microbatch as mb
-from microbatch._lines import LineBlock, LineSplitter, cut_lines, decode_lines, find_long_line
+from microbatch._lines import (
+    LineBlock,
+    LineSplitter,
+    cut_lines,
+    decode_lines,
+    decode_parts,
+    find_long_line,
+)
 from microbatch.sources import LineSource
 
 
@@ -188,6 +195,49 @@ def test_splitter_reports_long_line_after_the_lines_before_it() -> None:
     with pytest.raises(mb.LineTooLong) as info:
         splitter.feed(b"zz")
     assert info.value.offset == 2
+
+
+_PIECES = [b"a", b"\xc3\xa9", b"\xe2\x82\xac", b"\xc3", b"\xff", b"\r", b"\n", b"\r\n", b"\xef\xbb\xbf"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    head=st.lists(st.sampled_from([p for p in _PIECES if b"\n" not in p]), max_size=4).map(b"".join),
+    body=st.lists(st.sampled_from(_PIECES), max_size=30).map(b"".join),
+    tail=st.lists(st.sampled_from(_PIECES), max_size=6).map(b"".join),
+    final=st.booleans(),
+    encoding=st.sampled_from([None, "utf-8", "latin-1", "ascii", "utf-8-sig", "cp1252"]),
+    errors=st.sampled_from(["strict", "replace", "surrogateescape"]),
+)
+def test_decode_parts_is_decode_lines_of_the_joined_parts(
+    head: bytes, body: bytes, tail: bytes, final: bool, encoding: str | None, errors: str
+) -> None:
+    # As a line reader gives them: complete lines after a carried partial line, then what follows
+    # them in the block (a partial line, or lines after an over-long one); or a last line alone.
+    if final:
+        head, data, end = b"", body, len(body)
+    else:
+        body = body.rstrip(b"\n") + b"\n"
+        data, end = body + tail, len(body)
+    kwargs: dict[str, Any] = {"encoding": encoding, "errors": errors, "where": "w", "start": 5}
+    try:
+        expected: Any = decode_lines(head + data[:end], **kwargs)
+    except mb.SourceDecodeError as exc:
+        expected = ("error", exc.offset)
+    try:
+        got: Any = decode_parts(head, data, end, **kwargs)
+    except mb.SourceDecodeError as exc:
+        got = ("error", exc.offset)
+    assert got == expected
+
+
+def test_splitter_feed_parts_leaves_the_block_unjoined() -> None:
+    splitter = LineSplitter("p", 10, max_line_length=100)
+    assert splitter.feed_parts(b"ab") is None
+    data = b"c\nd\nef"
+    assert splitter.feed_parts(data) == (b"ab", 4)  # lines: b"ab" + data[:4]
+    assert splitter.position == 10 + 6
+    assert splitter.finish() == b"ef"
 
 
 # -- files ------------------------------------------------------------------------------------------
