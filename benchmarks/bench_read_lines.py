@@ -1,7 +1,8 @@
 """read_lines throughput against synchronous reading, on asyncio, uvloop and trio.
 
-Writes a file of LINES lines to a temporary directory, then measures (medians of REPEATS runs, each
-async run interleaved with a run of its synchronous baseline, so that load changes hit both):
+Writes a file of LINES lines to a temporary directory, then measures, in one event loop per backend
+(medians of REPEATS rounds after a warm-up round; each round runs the synchronous baseline, then the
+async variant, so that load changes hit both; the ratio is the median of the per-round ratios):
 
 - per-line ``async for line in read_lines(path)`` vs synchronous ``for line in open(path)``;
 - ``read_lines(path).chunks()`` vs a synchronous loop reading 1 MiB blocks and ``bytes.split``;
@@ -35,7 +36,7 @@ except AttributeError:  # exported by the package once batching is wired in
     from microbatch._batching import batches
 
 LINES = int(sys.argv[1]) if len(sys.argv) > 1 else 1_500_000
-REPEATS = 5
+REPEATS = 7
 BLOCK = 1 << 20
 
 
@@ -99,28 +100,37 @@ async def async_batches(path: Path, encoding: str | None) -> int:
     return n
 
 
-def measure(
+async def measure(
     sync_fn: Callable[[Path], int],
     async_fn: Callable[[Path, str | None], Awaitable[int]],
     path: Path,
     encoding: str | None,
-    backend: str,
-    options: dict[str, Any],
-) -> tuple[float, float]:
-    """Median times of the synchronous baseline and the async variant, runs interleaved."""
-
-    async def run() -> float:
-        start = time.perf_counter()
-        assert await async_fn(path, encoding) == LINES
-        return time.perf_counter() - start
-
+) -> tuple[float, float, float]:
+    """Median times of the synchronous baseline and the async variant, and the median of their
+    per-round ratios. Rounds alternate the two, inside one event loop (no loop start-up or thread
+    pool start-up is timed); a first round warms both up and is not counted."""
     sync_times, async_times = [], []
-    for _ in range(REPEATS):
+    for round_ in range(REPEATS + 1):
         start = time.perf_counter()
         assert sync_fn(path) == LINES
-        sync_times.append(time.perf_counter() - start)
-        async_times.append(anyio.run(run, backend=backend, backend_options=options))
-    return statistics.median(sync_times), statistics.median(async_times)
+        t_sync = time.perf_counter() - start
+        start = time.perf_counter()
+        assert await async_fn(path, encoding) == LINES
+        t_async = time.perf_counter() - start
+        if round_:
+            sync_times.append(t_sync)
+            async_times.append(t_async)
+    ratio = statistics.median(s / a for s, a in zip(sync_times, async_times, strict=True))
+    return statistics.median(sync_times), statistics.median(async_times), ratio
+
+
+Row = tuple[str, Any, str | None, Callable[[Path], int], str]
+
+
+async def run_rows(rows: list[Row], name: str, path: Path) -> None:
+    for label, fn, encoding, base, against in rows:
+        t_sync, t_async, ratio = await measure(base, fn, path, encoding)
+        print(f"{name:8} {label:34} {against:20} {t_sync:7.3f} {t_async:8.3f} {ratio:6.2f}", flush=True)
 
 
 def main() -> None:
@@ -137,7 +147,10 @@ def main() -> None:
         path = Path(tmp) / "lines.txt"
         make_file(path)
         size = path.stat().st_size
-        print(f"{LINES:,} lines, {size / 1e6:.1f} MB; medians of {REPEATS} interleaved runs")
+        print(
+            f"{LINES:,} lines, {size / 1e6:.1f} MB; medians of {REPEATS} interleaved rounds after a warm-up "
+            f"round (ratio: median of the per-round ratios)"
+        )
         print(f"{'backend':8} {'measure':34} {'baseline':20} {'sync s':>7} {'async s':>8} {'ratio':>6}")
         rows = [
             ("async for line (str)", async_lines, "utf-8", sync_lines, "for line in open"),
@@ -156,11 +169,7 @@ def main() -> None:
             ),
         ]
         for name, backend, options in backends:
-            for label, fn, encoding, base, against in rows:
-                t_sync, t_async = measure(base, fn, path, encoding, backend, options)
-                print(
-                    f"{name:8} {label:34} {against:20} {t_sync:7.3f} {t_async:8.3f} {t_sync / t_async:6.2f}"
-                )
+            anyio.run(run_rows, rows, name, path, backend=backend, backend_options=options)
 
 
 if __name__ == "__main__":
