@@ -217,15 +217,21 @@ class _Pipes:
         while len(buffer) < size:
             self._check()
             try:
-                chunk = os.read(self.read_fd, max(size - len(buffer), 1 << 16))
+                # At least 64 KiB (a small frame and its header come in one call), at most what
+                # a widened pipe holds (a big frame does not allocate its whole size per call).
+                chunk = os.read(self.read_fd, min(max(size - len(buffer), 1 << 16), 1 << 20))
             except BlockingIOError:
                 await anyio.wait_readable(self.read_fd)
                 continue
             if not chunk:
                 raise anyio.EndOfStream
             buffer += chunk
-        data = bytes(buffer[:size])
-        del buffer[:size]
+        if len(buffer) == size:
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(memoryview(buffer)[:size])  # one copy; the view is gone before the del
+            del buffer[:size]
         return data
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import psutil
 import pytest
 from _procs import alive, new_children
@@ -424,6 +425,58 @@ async def test_each_worker_holds_one_more_call_than_it_runs(tmp_path: Path) -> N
             assert queued_calls(executor) == 2
             go.touch()
         assert sorted(order) == [0, 1, 2]
+
+
+async def test_worker_pipes_deliver_frames_split_or_joined_in_any_way() -> None:
+    """The parent's pipe reader: frames that arrive together, in pieces, or bigger than the pipe."""
+    from microbatch.executors import _Pipes
+
+    read_fd, write_to_reader = os.pipe()
+    read_from_writer, write_fd = os.pipe()
+    pipes = _Pipes(read_fd, write_fd)
+    big = os.urandom(3 << 20)  # three times what a widened pipe holds
+    try:
+        os.write(write_to_reader, b"abcdefgh")  # two small frames in one write
+        assert await pipes.receive_exactly(3) == b"abc"
+        assert await pipes.receive_exactly(5) == b"defgh"
+
+        def write_in_pieces() -> None:  # blocking writes, in a thread
+            for start in range(0, len(big), 100_000):
+                os.write(write_to_reader, big[start : start + 100_000])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, write_in_pieces)
+            got = await pipes.receive_exactly(len(big))
+        assert len(got) == len(big) and got == big
+
+        # Writing more than the pipe holds waits for the reader instead of failing.
+        def drain() -> bytes:
+            received = bytearray()
+            while len(received) < len(big) + 4:
+                received.extend(os.read(read_from_writer, 1 << 20))
+            return bytes(received)
+
+        results: list[bytes] = []
+
+        async def drain_in_thread() -> None:
+            results.append(await anyio.to_thread.run_sync(drain))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain_in_thread)
+            await pipes.send([b"head", big])
+        assert len(results[0]) == len(big) + 4 and results[0] == b"head" + big
+
+        os.close(write_to_reader)
+        write_to_reader = -1
+        with pytest.raises(anyio.EndOfStream):
+            await pipes.receive_exactly(1)
+    finally:
+        pipes.close()
+        for fd in (write_to_reader, read_from_writer):
+            if fd != -1:
+                os.close(fd)
+    with pytest.raises(anyio.ClosedResourceError):
+        await pipes.receive_exactly(1)
 
 
 async def test_no_process_left_after_normal_end() -> None:
