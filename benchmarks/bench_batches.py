@@ -3,10 +3,10 @@
 Two generators: ``records`` yields records that already exist (a list of short strings, the usual
 case: records come from a parser or a client), ``range`` yields ``i`` for ``i in range(n)``, the
 cheapest generator Python has, so the relative cost of batching is at its highest. Each line
-prints the median records/s over the repeats (after a warm-up round) and the median of the per-round
-ratios, measured in the same run, on asyncio, uvloop and trio. Times are the CPU time of this process (nothing here waits for
-I/O, so it equals the wall time on an idle machine): other processes on a busy machine then do not
-skew the ratio.
+prints the median records/s over the repeats (after a warm-up round) and the median of the
+per-round ratios, measured in the same run, on asyncio, uvloop and trio. Times are the CPU time of
+this process (nothing here waits for I/O, so it equals the wall time on an idle machine): other
+processes on a busy machine then do not skew the ratio.
 
     python benchmarks/bench_batches.py [--records 1000000] [--repeats 5] [--max-size 1000]
 """
