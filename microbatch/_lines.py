@@ -28,6 +28,7 @@ __all__ = [
     "check_encoding",
     "find_long_line",
     "cut_lines",
+    "cut_parts",
     "decode_lines",
     "decode_parts",
 ]
@@ -262,6 +263,47 @@ def cut_every(block: LineBlock, n: int, times: int) -> tuple[list[LineBlock], Li
         lo = cut
     rest = LineBlock(data[lo:], block.count - n * times, block.start + lo, block.end) if lo else block
     return parts, rest
+
+
+def cut_parts(
+    pending: LineBlock | None, head: bytes, data: bytes, end: int, start: int, n: int, count: int
+) -> tuple[list[LineBlock], LineBlock | None]:
+    """Cut blocks of exactly ``n`` lines off ``pending`` followed by the lines ``head + data[:end]``.
+
+    ``head + data[:end]`` holds ``count`` lines starting at byte ``start`` (as a reader's
+    :meth:`LineSplitter.feed_parts` returns them: ``head`` is the partial line carried from the
+    block before); ``pending`` (fewer than ``n`` lines, or ``None``) ends at ``start``. Returns the
+    full blocks and the rest (fewer than ``n`` lines, ``None`` when nothing is left). The parts are
+    never joined as a whole: each block is sliced from ``data`` or, for the first one, joined from
+    ``pending``, ``head`` and the front of ``data``, so each byte is copied once (the rest's bytes
+    once more when a later part completes it).
+    """
+    have = 0 if pending is None else pending.count
+    if not 0 <= have < n or count < 1:
+        raise ValueError(f"cut_parts: pending must hold fewer than n={n} lines and count must be >= 1")
+    base = start + len(head)  # the byte position of data[0]
+    times = (have + count) // n
+    if times == 0:
+        joined = b"".join((pending.data if pending else b"", head, memoryview(data)[:end]))
+        return [], LineBlock(joined, have + count, base + end - len(joined), base + end)
+    newlines = count if data[end - 1] == 10 else count - 1  # a last line without newline at the end
+    blocks: list[LineBlock] = []
+    lo = 0
+    for k in range(1, times + 1):
+        lines = k * n - have  # lines of this part up to the k-th cut
+        if lines == count:
+            cut = end
+        else:
+            cut = _nth_newline(data, lines, lo, end, lines - n if k > 1 else 0, newlines) + 1
+        if k == 1:
+            piece = b"".join((pending.data if pending else b"", head, memoryview(data)[:cut]))
+            blocks.append(LineBlock(piece, n, base + cut - len(piece), base + cut))
+        else:
+            blocks.append(LineBlock(data[lo:cut], n, base + lo, base + cut))
+        lo = cut
+    left = have + count - times * n
+    rest = LineBlock(data[lo:end], left, base + lo, base + end) if left else None
+    return blocks, rest
 
 
 def find_long_line(data: bytes, limit: int, carried: int = 0) -> int | None:

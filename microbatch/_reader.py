@@ -1,7 +1,7 @@
 """The pipeline's reader: a source in, numbered batches out, bounded by size, time and the window.
 
-Line sources are read as raw blocks of bytes (:meth:`LineSource.blocks`) and cut into batches of
-exactly ``max_size`` lines with :func:`cut_every`, so the event loop never touches single lines;
+Line sources are read as raw bytes (:meth:`LineSource.parts`) and cut into batches of exactly
+``max_size`` lines with :func:`cut_parts`, so the event loop never touches single lines;
 workers split and decode them. Other sources go through :func:`microbatch.batches`. Either way the
 size/time decisions are :class:`BatchPolicy`'s, and every batch carries the source position after
 its last record (a byte offset, a record count, or None for sources that cannot resume), which is
@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import ObjectSendStream
 
 from ._batching import batches
-from ._lines import LineBlock, cut_every
+from ._lines import LineBlock, cut_parts
 from ._policy import BatchPolicy
 from .sources import LineSource
 
@@ -59,58 +59,57 @@ class Emitter:
 async def read_line_blocks(
     source: LineSource[Any], max_size: int, max_wait: float | None, emit: Emitter
 ) -> None:
-    """Cut a line source's raw blocks into batches of ``max_size`` lines, bounded by time.
+    """Cut a line source's raw bytes into batches of ``max_size`` lines, bounded by time.
 
-    A separate task reads the blocks, so that a partial batch still leaves at its deadline while a
-    followed file is silent.
+    The source's reads arrive as parts (:meth:`LineSource.parts`) that are cut where they lie, so
+    each byte is copied once, into the batch it belongs to. A separate task reads, so that a
+    partial batch still leaves at its deadline while a followed file is silent.
     """
     policy = BatchPolicy(max_size, max_wait)
-    block_send, block_recv = anyio.create_memory_object_stream[LineBlock](1)
+    part_send, part_recv = anyio.create_memory_object_stream[tuple[bytes, bytes, int, int]](1)
 
     async def pump() -> None:
-        async with block_send:
-            async for block in source.blocks():
-                await block_send.send(block)
+        async with part_send:
+            async for part in source.parts():
+                await part_send.send(part)
 
     pending: LineBlock | None = None
-    async with anyio.create_task_group() as tg, block_recv:
+    async with anyio.create_task_group() as tg, part_recv:
         tg.start_soon(pump)
         while True:
-            block: LineBlock | None = None
+            part: tuple[bytes, bytes, int, int] | None = None
             if policy.deadline is None:
                 try:
-                    block = await block_recv.receive()
+                    part = await part_recv.receive()
                 except anyio.EndOfStream:
                     break
             else:
                 with anyio.move_on_after(policy.deadline - anyio.current_time()):
                     try:
-                        block = await block_recv.receive()
+                        part = await part_recv.receive()
                     except anyio.EndOfStream:
                         break
-                if block is None:
+                if part is None:
                     # The source was silent until the partial batch's deadline.
                     if pending is not None and policy.take_partial():
                         await emit.block(pending)
                         pending = None
                     continue
-            if block.count == 0:
-                continue
-            if pending is not None and pending.end != block.start:
+            head, data, end, start = part
+            if pending is not None and pending.end != start:
                 # A followed file was truncated or replaced: positions restart in the new file, so
                 # the lines of the old one leave as a batch of their own.
                 policy.take_partial()
                 await emit.block(pending)
                 pending = None
-            if pending is not None:
-                pending = LineBlock(
-                    pending.data + block.data, pending.count + block.count, pending.start, block.end
-                )
-            else:
-                pending = block
-            full, pending = cut_every(pending, max_size, policy.add(block.count, anyio.current_time()))
-            for head in full:
-                await emit.block(head)
+            count = data.count(b"\n", 0, end)
+            if data[end - 1] != 10:
+                count += 1  # the last line of the file, without a newline
+            full = policy.add(count, anyio.current_time())
+            blocks, pending = cut_parts(pending, head, data, end, start, max_size, count)
+            assert len(blocks) == full, "the reader and its policy disagree on full batches"
+            for block in blocks:
+                await emit.block(block)
     if policy.flush() and pending is not None:
         await emit.block(pending)
 

@@ -185,6 +185,17 @@ class LineSource(Generic[T]):
                 if records:
                     yield records
 
+    def parts(self) -> AsyncGenerator[tuple[bytes, bytes, int, int], None]:
+        """The lines as read, not joined: ``(head, data, end, start)`` tuples.
+
+        The lines of each are ``head + data[:end]`` (``head``: the partial line carried over from
+        the read before, often empty; ``data``: the bytes of one read), starting at byte
+        ``start``; every tuple holds at least one line. For readers that cut or split the bytes
+        where they lie (the pipeline's reader) instead of joining them first, as
+        :meth:`blocks` does. Positions restart at 0 after a truncation or rotation, as there.
+        """
+        return self._raw()
+
     def blocks(self) -> AsyncGenerator[LineBlock, None]:
         """Raw blocks of complete lines with exact byte positions (no decoding).
 

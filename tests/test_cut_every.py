@@ -1,11 +1,12 @@
-"""cut_every: the pipeline's way of cutting read blocks into batches of exactly max_size lines."""
+"""cut_every and cut_parts: the pipeline's ways of cutting reads into batches of exactly max_size lines."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microbatch._lines import LineBlock, cut_every, cut_lines
+from microbatch._lines import LineBlock, LineSplitter, cut_every, cut_lines, cut_parts
 
 
 @given(
@@ -41,3 +42,56 @@ def test_cut_every_refuses_more_lines_than_the_block_holds() -> None:
         assert "2 x 2" in str(exc)
     else:
         raise AssertionError("cut_every accepted 4 lines from a block of 2")
+
+
+@given(
+    lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=200),
+    last_newline=st.booleans(),
+    n=st.integers(1, 40),
+    reads=st.lists(st.integers(1, 200), min_size=1, max_size=30),
+    start=st.integers(0, 1_000),
+)
+def test_cut_parts_of_split_reads_equal_cut_every_of_the_whole(
+    lines: list[bytes], last_newline: bool, n: int, reads: list[int], start: int
+) -> None:
+    """The pipeline's reader: parts of reads, cut where they lie, give the blocks of the whole."""
+    if not lines[-1]:
+        last_newline = True  # an empty piece after the last newline is not a line
+    data = b"\n".join(lines) + (b"\n" if last_newline else b"")
+    splitter = LineSplitter("<test>", start, max_line_length=1 << 20)
+    parts = []
+    offset, k = 0, 0
+    while offset < len(data):
+        size = reads[k % len(reads)]
+        k += 1
+        chunk = data[offset : offset + size]
+        offset += len(chunk)
+        got = splitter.feed_parts(chunk)
+        if got is not None:
+            head, end = got
+            parts.append((head, chunk, end, splitter.position - len(head) - end))
+    last = splitter.finish()
+    if last is not None:
+        parts.append((b"", last, len(last), splitter.position - len(last)))
+
+    blocks: list[LineBlock] = []
+    pending: LineBlock | None = None
+    for head, chunk, end, at in parts:
+        assert pending is None or pending.end == at
+        count = chunk.count(b"\n", 0, end) + (chunk[end - 1] != 10)
+        full, pending = cut_parts(pending, head, chunk, end, at, n, count)
+        assert all(block.count == n for block in full)
+        blocks.extend(full)
+
+    whole = LineBlock(data, len(lines), start, start + len(data))
+    expected, rest = cut_every(whole, n, len(lines) // n)
+    assert blocks == expected
+    if pending is None:
+        assert rest.count == 0 and rest.end == start + len(data)
+    else:
+        assert pending == rest
+
+
+def test_cut_parts_refuses_a_full_pending_block() -> None:
+    with pytest.raises(ValueError, match="fewer than n"):
+        cut_parts(LineBlock(b"a\nb\n", 2, 0, 4), b"", b"c\n", 2, 4, 2, 1)

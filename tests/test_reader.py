@@ -20,14 +20,18 @@ def block(lines: list[bytes], start: int) -> LineBlock:
 
 
 class Blocks:
-    """A stand-in for a LineSource: only its blocks() view is read."""
+    """A stand-in for a LineSource: only its parts() view is read, one part a block.
+
+    Each block's first line arrives split: its first byte as the carried ``head``, the rest in
+    the read, as a reader sees a line that straddles two reads.
+    """
 
     def __init__(self, *blocks: LineBlock) -> None:
         self._blocks = blocks
 
-    async def blocks(self) -> AsyncIterator[LineBlock]:
+    async def parts(self) -> AsyncIterator[tuple[bytes, bytes, int, int]]:
         for b in self._blocks:
-            yield b
+            yield b.data[:1], b.data[1:] + b"partial", len(b.data) - 1, b.start
 
 
 async def collect(read: Any, *args: Any) -> list[Batch]:
