@@ -17,7 +17,6 @@ the bytes of complete lines, keeps the partial last line, and enforces ``max_lin
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
 from typing import Any
 
 from ._exceptions import LineTooLong, SourceDecodeError
@@ -34,7 +33,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
 class LineBlock:
     """``count`` complete lines of a source as raw bytes, with their exact byte positions.
 
@@ -42,20 +40,52 @@ class LineBlock:
     to its end (then ``end`` is the file size). ``start`` is the byte offset of ``data[0]`` in the
     source and ``end == start + len(data)`` the offset just after the block: resuming a source at
     ``end`` continues with the next line.
+
+    Immutable, compared and hashed by value. A plain class rather than a dataclass: worker
+    processes unpickle one per batch, and importing ``dataclasses`` (with ``inspect``) would add
+    to every worker's start.
     """
+
+    __slots__ = ("data", "count", "start", "end")
 
     data: bytes
     count: int
     start: int
     end: int
 
-    def __post_init__(self) -> None:
-        if self.end != self.start + len(self.data):
-            raise ValueError(
-                f"LineBlock end={self.end} must equal start + len(data) = {self.start + len(self.data)}"
-            )
-        if self.count < 0:
-            raise ValueError(f"LineBlock count must be >= 0, got {self.count}")
+    def __init__(self, data: bytes, count: int, start: int, end: int) -> None:
+        if end != start + len(data):
+            raise ValueError(f"LineBlock end={end} must equal start + len(data) = {start + len(data)}")
+        if count < 0:
+            raise ValueError(f"LineBlock count must be >= 0, got {count}")
+        setattr_ = object.__setattr__
+        setattr_(self, "data", data)
+        setattr_(self, "count", count)
+        setattr_(self, "start", start)
+        setattr_(self, "end", end)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"LineBlock is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"LineBlock is immutable: cannot delete {name!r}")
+
+    def _key(self) -> tuple[bytes, int, int, int]:
+        return (self.data, self.count, self.start, self.end)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LineBlock):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"LineBlock(data={self.data!r}, count={self.count}, start={self.start}, end={self.end})"
+
+    def __reduce__(self) -> tuple[type[LineBlock], tuple[bytes, int, int, int]]:
+        return (LineBlock, self._key())
 
 
 def check_encoding(encoding: str | None, errors: str) -> None:

@@ -95,3 +95,18 @@ def test_cut_parts_of_split_reads_equal_cut_every_of_the_whole(
 def test_cut_parts_refuses_a_full_pending_block() -> None:
     with pytest.raises(ValueError, match="fewer than n"):
         cut_parts(LineBlock(b"a\nb\n", 2, 0, 4), b"", b"c\n", 2, 4, 2, 1)
+
+
+def test_line_blocks_are_immutable_values_that_survive_pickle() -> None:
+    import pickle
+
+    block = LineBlock(b"a\nb\n", 2, 10, 14)
+    assert block == LineBlock(b"a\nb\n", 2, 10, 14) and hash(block) == hash(LineBlock(b"a\nb\n", 2, 10, 14))
+    assert block != LineBlock(b"a\nb\n", 2, 11, 15)
+    assert pickle.loads(pickle.dumps(block, protocol=5)) == block
+    with pytest.raises(AttributeError, match="immutable"):
+        block.count = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="end=15 must equal"):
+        LineBlock(b"a\n", 1, 10, 15)
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        LineBlock(b"", -1, 0, 0)
