@@ -6,6 +6,7 @@ Orderings between the test and a worker go through files (a worker writes "start
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -24,6 +25,7 @@ import anyio.to_thread
 import psutil
 import pytest
 from _procs import alive, new_children
+from trio.testing import MockClock
 
 import microbatch as mb
 from microbatch.executors import (
@@ -353,26 +355,71 @@ async def test_a_call_queued_behind_a_failing_one_is_sent_again(tmp_path: Path, 
         assert executor.restarts == 1
 
 
-async def test_a_queued_calls_timeout_counts_from_its_own_start(tmp_path: Path) -> None:
-    started, go = tmp_path / "started", tmp_path / "go"
-    async with ProcessExecutor(1, prefetch=1) as executor:
-        results: list[int] = []
-        async with anyio.create_task_group() as tg:
+class _JumpLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose clock a test can move forward, as trio's ``MockClock.jump``."""
 
-            async def first() -> None:
-                results.append(await executor.run(wait_for_go, (str(started), str(go), 1)))
+    offset = 0.0
 
-            async def queued() -> None:
-                results.append(await executor.run(double, 21, timeout=1.0))
+    def time(self) -> float:
+        return super().time() + self.offset
 
-            tg.start_soon(first)
-            await until(started.exists, "the first call started")
-            tg.start_soon(queued)
-            await until(lambda: queued_calls(executor) == 2, "the second call was queued")
-            await anyio.sleep(1.5)  # longer than the queued call's timeout, spent waiting for its turn
-            go.touch()
-        assert results == [1, 42]
-        assert executor.timeouts == 0 and executor.restarts == 0
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_queued_calls_timeout_counts_from_its_own_start(tmp_path: Path, backend: str) -> None:
+    """Explicit time: the clock jumps a minute while a call waits behind another in its worker."""
+    started, go, hung = tmp_path / "started", tmp_path / "go", tmp_path / "hung"
+    clock = MockClock(rate=1.0)  # real time, plus the jumps
+
+    def jump(seconds: float) -> None:
+        if backend == "trio":
+            clock.jump(seconds)
+        else:
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, _JumpLoop)
+            loop.offset += seconds
+
+    async def settle() -> None:
+        # Timers that the jump made due fire within a few turns of the event loop.
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        await anyio.sleep(0.01)
+
+    async def main() -> None:
+        async with ProcessExecutor(1, prefetch=1) as executor:
+            results: list[int] = []
+            async with anyio.create_task_group() as tg:
+
+                async def first() -> None:
+                    results.append(await executor.run(wait_for_go, (str(started), str(go), 1)))
+
+                async def queued() -> None:
+                    results.append(await executor.run(double, 21, timeout=30.0))
+
+                tg.start_soon(first)
+                await until(started.exists, "the first call started")
+                tg.start_soon(queued)
+                await until(lambda: queued_calls(executor) == 2, "the second call was queued")
+                jump(60.0)  # twice the queued call's timeout, spent waiting for its turn
+                await settle()
+                go.touch()
+            assert results == [1, 42]
+            assert executor.timeouts == 0 and executor.restarts == 0
+            # The same jump does time out a call that is running.
+            async with anyio.create_task_group() as tg:
+
+                async def jump_when_started() -> None:
+                    await until(hung.exists, "the hanging call started")
+                    jump(60.0)
+
+                tg.start_soon(jump_when_started)
+                with pytest.raises(mb.BatchTimeout):
+                    await executor.run(hang, str(hung), timeout=30.0)
+            assert executor.timeouts == 1
+
+    if backend == "trio":
+        anyio.run(main, backend="trio", backend_options={"clock": clock})
+    else:
+        anyio.run(main, backend="asyncio", backend_options={"loop_factory": _JumpLoop})
 
 
 async def test_cancelling_a_queued_call_leaves_the_running_one(tmp_path: Path) -> None:
