@@ -3,9 +3,9 @@
 This module is imported inside worker processes, so it uses the standard library only and does no
 I/O. A :class:`LineBlock` is what a line source ships to a worker: one ``bytes`` object holding many
 complete lines (pickling one ``bytes`` costs microseconds, a list of 10,000 ``str`` about a
-millisecond). The worker splits it into records with :func:`decode_lines`; the batcher cuts blocks
-into batches of an exact number of lines with :func:`cut_lines`. Neither runs a Python loop per line
-in the common case.
+millisecond). The worker splits it into records with :func:`decode_lines`; the pipeline's reader
+cuts what it reads into batches of an exact number of lines with :func:`cut_parts`, and bisection
+halves a batch with :func:`cut_lines`. None of them runs a Python loop per line in the common case.
 
 Lines end with ``b"\\n"``; a ``b"\\r"`` right before it is part of the terminator (CRLF). Encodings
 must be ASCII-compatible (UTF-8, Latin-1, cp1252, ...), so that byte ``0x0A`` always means newline.
@@ -268,31 +268,6 @@ def cut_lines(block: LineBlock, n: int) -> tuple[LineBlock, LineBlock]:
         LineBlock(data[:cut], n, block.start, at),
         LineBlock(data[cut:], block.count - n, at, block.end),
     )
-
-
-def cut_every(block: LineBlock, n: int, times: int) -> tuple[list[LineBlock], LineBlock]:
-    """Cut ``times`` blocks of ``n`` lines off the front of ``block``; return them and the rest.
-
-    Equivalent to calling :func:`cut_lines` ``times`` times, but each byte is copied once: the
-    cut points are found in the original data and every part is sliced from it directly.
-    """
-    if n < 1 or times < 0 or n * times > block.count:
-        raise ValueError(
-            f"cut_every: cannot cut {times} x {n} lines off a block of {block.count} lines"
-        )
-    data = block.data
-    newlines = block.count if data.endswith(b"\n") else block.count - 1
-    parts: list[LineBlock] = []
-    lo = 0
-    for k in range(1, times + 1):
-        if k * n == block.count:
-            cut = len(data)
-        else:
-            cut = _nth_newline(data, k * n, lo, len(data), (k - 1) * n, newlines) + 1
-        parts.append(LineBlock(data[lo:cut], n, block.start + lo, block.start + cut))
-        lo = cut
-    rest = LineBlock(data[lo:], block.count - n * times, block.start + lo, block.end) if lo else block
-    return parts, rest
 
 
 def cut_parts(

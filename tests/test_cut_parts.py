@@ -1,4 +1,4 @@
-"""cut_every and cut_parts: the pipeline's ways of cutting reads into batches of exactly max_size lines."""
+"""cut_parts and cut_lines: how the pipeline cuts what it reads into batches of exactly max_size lines."""
 
 from __future__ import annotations
 
@@ -6,42 +6,45 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microbatch._lines import LineBlock, LineSplitter, cut_every, cut_lines, cut_parts
+from microbatch._lines import LineBlock, LineSplitter, cut_lines, cut_parts
+
+
+def cut_by_lines(block: LineBlock, n: int) -> tuple[list[LineBlock], LineBlock]:
+    """The reference: blocks of ``n`` lines cut one at a time with ``cut_lines``, and the rest."""
+    blocks = []
+    while block.count >= n:
+        head, block = cut_lines(block, n)
+        blocks.append(head)
+    return blocks, block
 
 
 @given(
-    lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=300),
+    lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=300),
     last_newline=st.booleans(),
     n=st.integers(1, 50),
     start=st.integers(0, 10_000),
 )
-def test_cut_every_matches_repeated_cut_lines(
+def test_cut_parts_of_one_block_matches_repeated_cut_lines(
     lines: list[bytes], last_newline: bool, n: int, start: int
 ) -> None:
-    if lines and not lines[-1]:
+    if not lines[-1]:
         last_newline = True  # an empty piece after the last newline is not a line
-    data = b"\n".join(lines) + (b"\n" if last_newline and lines else b"")
+    data = b"\n".join(lines) + (b"\n" if last_newline else b"")
     block = LineBlock(data, len(lines), start, start + len(data))
-    times = len(lines) // n
-    parts, rest = cut_every(block, n, times)
-    expected = []
-    remainder = block
-    for _ in range(times):
-        head, remainder = cut_lines(remainder, n)
-        expected.append(head)
+    parts, rest = cut_parts(None, b"", data, len(data), start, n, len(lines))
+    expected, remainder = cut_by_lines(block, n)
     assert parts == expected
-    assert rest == remainder
-    assert b"".join(p.data for p in parts) + rest.data == data
+    assert (rest or LineBlock(b"", 0, block.end, block.end)) == remainder
+    assert b"".join(p.data for p in parts) + (rest.data if rest else b"") == data
 
 
-def test_cut_every_refuses_more_lines_than_the_block_holds() -> None:
-    block = LineBlock(b"a\nb\n", 2, 0, 4)
+def test_cut_parts_refuses_a_part_without_lines() -> None:
     try:
-        cut_every(block, 2, 2)
+        cut_parts(None, b"", b"a\n", 2, 0, 2, 0)
     except ValueError as exc:
-        assert "2 x 2" in str(exc)
+        assert "count must be >= 1" in str(exc)
     else:
-        raise AssertionError("cut_every accepted 4 lines from a block of 2")
+        raise AssertionError("cut_parts accepted a part of 0 lines")
 
 
 @given(
@@ -51,7 +54,7 @@ def test_cut_every_refuses_more_lines_than_the_block_holds() -> None:
     reads=st.lists(st.integers(1, 200), min_size=1, max_size=30),
     start=st.integers(0, 1_000),
 )
-def test_cut_parts_of_split_reads_equal_cut_every_of_the_whole(
+def test_cut_parts_of_split_reads_equal_the_blocks_of_the_whole(
     lines: list[bytes], last_newline: bool, n: int, reads: list[int], start: int
 ) -> None:
     """The pipeline's reader: parts of reads, cut where they lie, give the blocks of the whole."""
@@ -84,7 +87,7 @@ def test_cut_parts_of_split_reads_equal_cut_every_of_the_whole(
         blocks.extend(full)
 
     whole = LineBlock(data, len(lines), start, start + len(data))
-    expected, rest = cut_every(whole, n, len(lines) // n)
+    expected, rest = cut_by_lines(whole, n)
     assert blocks == expected
     if pending is None:
         assert rest.count == 0 and rest.end == start + len(data)
