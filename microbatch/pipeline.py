@@ -532,10 +532,9 @@ class _Run(Generic[R, V]):
             # worker starts its next batch without waiting for this loop). The window is not
             # widened: those batches come out of the queue_size share.
             capacity = self.executor.capacity
-            dispatchers = capacity * (1 + getattr(self.executor, "prefetch", 0))
-            for index in range(dispatchers):
-                if index < capacity:
-                    window.release()
+            for _ in range(capacity):
+                window.release()
+            for _ in range(capacity * (1 + getattr(self.executor, "prefetch", 0))):
                 tg.start_soon(self._dispatch, batches_in.clone(), results_out.clone())
 
     async def _dispatch(
@@ -690,7 +689,8 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     collect(group)
-    if leaves and all(isinstance(leaf, BatchFailed) for leaf in leaves):
+    failed = [leaf for leaf in leaves if isinstance(leaf, BatchFailed)]
+    if failed and len(failed) == len(leaves):
         # Dispatchers failing together (an executor gone for every batch in flight): the first.
-        return min(leaves, key=lambda leaf: leaf.seq)  # type: ignore[attr-defined]
+        return min(failed, key=lambda leaf: leaf.seq)
     return leaves[0] if len(leaves) == 1 else group

@@ -382,7 +382,6 @@ def test_a_queued_calls_timeout_counts_from_its_own_start(tmp_path: Path, backen
         # Timers that the jump made due fire within a few turns of the event loop.
         for _ in range(5):
             await anyio.lowlevel.checkpoint()
-        await anyio.sleep(0.01)
 
     async def main() -> None:
         async with ProcessExecutor(1, prefetch=1) as executor:
