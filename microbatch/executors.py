@@ -687,7 +687,25 @@ class ProcessExecutor:
         raise ExecutorError(f"unexpected frame kind {kind} from a worker")  # pragma: no cover
 
 
-class ThreadExecutor:
+_N = TypeVar("_N", bound="_NothingToStart")
+
+
+class _NothingToStart:
+    """Base of executors with nothing to start or stop: entering them (``async with``) is optional."""
+
+    async def __aenter__(self: _N) -> _N:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+class ThreadExecutor(_NothingToStart):
     """Runs calls in threads of anyio's thread pool, at most ``workers`` (default 4) at once.
 
     Use it for ``fn`` that releases the GIL (I/O, NumPy, compression) or cannot be pickled. No
@@ -714,16 +732,6 @@ class ThreadExecutor:
     def __repr__(self) -> str:
         return f"<ThreadExecutor workers={self.capacity} timeouts={self.timeouts}>"
 
-    async def __aenter__(self) -> ThreadExecutor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     async def run(
         self,
@@ -747,7 +755,7 @@ class ThreadExecutor:
         )
 
 
-class InlineExecutor:
+class InlineExecutor(_NothingToStart):
     """Runs each call directly in the event loop's thread, one at a time: for tests and debugging.
 
     Breakpoints, profilers and coverage see ``fn`` as ordinary code, and exceptions pass through
@@ -768,16 +776,6 @@ class InlineExecutor:
     def __repr__(self) -> str:
         return "<InlineExecutor>"
 
-    async def __aenter__(self) -> InlineExecutor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     async def run(
         self,
