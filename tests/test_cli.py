@@ -257,28 +257,33 @@ def _checkpoint(folder: Path) -> dict[str, object]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
+def _start_paused(
+    paused_numbers: Path, tmp_path: Path
+) -> tuple[list[str], subprocess.Popen[str], Path, Path, set[int]]:
+    """Start a checkpointed run whose batch 50 pauses in its worker; return the command's
+    arguments, the process, the gate and checkpoint folders, and the pids of the run's tree."""
+    gate, state = tmp_path / "gate", tmp_path / "state"
+    gate.mkdir()
+    args = ["run", GATED, "--input", str(paused_numbers), "--checkpoint", str(state)]
+    args += ["--json", "--no-progress"]
+    proc = _start(args, _env(MB_TEST_GATE=str(gate)))
+    try:
+        worker = _paused_worker(gate, proc)
+        workers = {worker} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    except BaseException:
+        proc.kill()
+        raise
+    return args, proc, gate, state, workers
+
+
 @pytest.mark.parametrize(
     ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
 )
 def test_first_signal_finishes_in_flight_batches_then_resume_is_exact(
     signum: int, code: int, paused_numbers: Path, tmp_path: Path
 ) -> None:
-    gate, state = tmp_path / "gate", tmp_path / "state"
-    gate.mkdir()
-    args = [
-        "run",
-        GATED,
-        "--input",
-        str(paused_numbers),
-        "--checkpoint",
-        str(state),
-        "--json",
-        "--no-progress",
-    ]
-    proc = _start(args, _env(MB_TEST_GATE=str(gate)))
+    args, proc, gate, state, workers = _start_paused(paused_numbers, tmp_path)
     try:
-        worker = _paused_worker(gate, proc)
-        workers = {worker} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signum)
         _wait_for(lambda: proc.poll() is None and "stopped reading" in _peek(proc), "the stop message", proc)
         (gate / "release").write_text("")  # the batch in flight may now finish
@@ -315,22 +320,8 @@ def _peek(proc: subprocess.Popen[str]) -> str:
 
 
 def test_second_signal_stops_at_once_and_leaves_no_worker(paused_numbers: Path, tmp_path: Path) -> None:
-    gate, state = tmp_path / "gate", tmp_path / "state"
-    gate.mkdir()
-    args = [
-        "run",
-        GATED,
-        "--input",
-        str(paused_numbers),
-        "--checkpoint",
-        str(state),
-        "--no-progress",
-        "--json",
-    ]
-    proc = _start(args, _env(MB_TEST_GATE=str(gate)))
+    args, proc, _gate, state, workers = _start_paused(paused_numbers, tmp_path)
     try:
-        worker = _paused_worker(gate, proc)
-        workers = {worker} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
         proc.send_signal(signal.SIGTERM)
         _wait_for(lambda: "stopped reading" in _peek(proc), "the stop message", proc)
         proc.send_signal(signal.SIGINT)  # the worker is still paused: it must be killed
