@@ -38,18 +38,18 @@ from ._exceptions import (
 
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
-    from ._checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
-    from ._dask import DaskExecutor
+    from ._core.checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
     from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
+    from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
     from .sources import LineSource, TcpLines, read_lines, tcp_lines
 
 _LAZY = {
     "._batching": ["ChunkedSource", "batches"],
-    "._checkpoint": ["Checkpoint", "CheckpointStore", "DirectoryStore", "SqliteStore"],
-    "._dask": ["DaskExecutor"],
+    "._core.checkpoint": ["Checkpoint", "CheckpointStore", "DirectoryStore", "SqliteStore"],
+    ".executors.dask": ["DaskExecutor"],
     ".aggregate": ["Aggregator", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Stats", "Update"],

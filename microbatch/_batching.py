@@ -39,7 +39,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar, overload, runtime_che
 import anyio
 import anyio.lowlevel
 
-from ._policy import BatchPolicy, check_limits
+from ._core.policy import BatchPolicy, check_limits
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]

@@ -34,8 +34,8 @@ from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 import anyio
 import anyio.to_thread
 
+from ._core.policy import BatchPolicy, check_limits
 from ._exceptions import BatcherClosed, BatcherFull
-from ._policy import BatchPolicy, check_limits
 
 __all__ = ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"]
 

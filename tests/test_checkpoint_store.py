@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from microbatch import CheckpointCorrupt, CheckpointError, CheckpointMismatch, CheckpointWriteError
-from microbatch._checkpoint import (
+from microbatch._core.checkpoint import (
     Checkpoint,
     CheckpointStore,
     DirectoryStore,
@@ -319,7 +319,7 @@ def test_encode_refuses_non_json_state() -> None:
 CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys
-    from microbatch._checkpoint import Checkpoint, DirectoryStore, SqliteStore
+    from microbatch._core.checkpoint import Checkpoint, DirectoryStore, SqliteStore
 
     kind, path, step = sys.argv[1:4]
     store = DirectoryStore(path) if kind == "dir" else SqliteStore(path)
@@ -413,7 +413,7 @@ def test_crash_at_each_step_of_a_save(
 LOOP_SCRIPT = textwrap.dedent(
     """
     import sys
-    from microbatch._checkpoint import Checkpoint, DirectoryStore, SqliteStore
+    from microbatch._core.checkpoint import Checkpoint, DirectoryStore, SqliteStore
 
     kind, path = sys.argv[1:3]
     store = DirectoryStore(path, keep=2) if kind == "dir" else SqliteStore(path, keep=2)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microbatch._lines import LineBlock, LineSplitter, cut_lines, cut_parts
+from microbatch._core.lines import LineBlock, LineSplitter, cut_lines, cut_parts
 
 
 def cut_by_lines(block: LineBlock, n: int) -> tuple[list[LineBlock], LineBlock]:

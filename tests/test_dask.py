@@ -27,7 +27,7 @@ pytest.importorskip("distributed")
 from distributed import Client, LocalCluster
 
 import microbatch as mb
-from microbatch._dask import DaskExecutor
+from microbatch.executors.dask import DaskExecutor
 
 
 @pytest.fixture(

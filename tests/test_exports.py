@@ -54,7 +54,7 @@ def test_errors_form_one_hierarchy() -> None:
 
 def test_the_worker_side_imports_neither_anyio_nor_the_pipeline() -> None:
     code = (
-        "import sys, microbatch._task, microbatch._lines;"
+        "import sys, microbatch._core.task, microbatch._core.lines;"
         "print(sorted(m for m in ('anyio', 'aiofiles', 'microbatch.pipeline') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

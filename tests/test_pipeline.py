@@ -17,7 +17,7 @@ import pytest
 from _procs import new_children
 
 import microbatch as mb
-from microbatch import executors
+from microbatch.executors import process as executors
 
 pytestmark = pytest.mark.anyio
 

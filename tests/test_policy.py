@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microbatch._policy import BatchPolicy, check_limits
+from microbatch._core.policy import BatchPolicy, check_limits
 
 
 def test_full_batches_and_pending() -> None:

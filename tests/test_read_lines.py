@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import microbatch as mb
-from microbatch._lines import (
+from microbatch._core.lines import (
     LineBlock,
     LineSplitter,
     cut_lines,

@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 import pytest
 
-from microbatch._lines import LineBlock
-from microbatch._reader import Batch, Emitter, read_line_blocks, read_records
+from microbatch._core.lines import LineBlock
+from microbatch.pipeline.reader import Batch, Emitter, read_line_blocks, read_records
 
 pytestmark = pytest.mark.anyio
 

@@ -39,10 +39,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import _progress
+from . import progress as _progress
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from ..pipeline.run import Pipeline
 
 __all__ = [
     "EXIT_ERROR",
@@ -139,7 +139,7 @@ def _add_logging_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``microbatch`` argument parser (subcommands ``run`` and ``inspect``)."""
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog=PROG,
@@ -331,7 +331,7 @@ def load_target(spec: str) -> Pipeline[Any, Any]:
     pipelines the module does define) or is not a ``Pipeline`` (saying what it is). Exceptions raised
     by the job's own code while it is imported propagate unchanged.
     """
-    from .pipeline import Pipeline
+    from ..pipeline.run import Pipeline
 
     where, name = _split_target(spec)
     module = _load_file(where) if _looks_like_path(where) else _load_module(where)
@@ -404,7 +404,7 @@ class _StdinLines:
     async def chunks(self) -> AsyncIterator[list[Any]]:
         import anyio
 
-        from ._lines import LineSplitter, decode_lines
+        from .._core.lines import LineSplitter, decode_lines
 
         fd, size = self.fd, self.read_size
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
@@ -435,7 +435,7 @@ class _StdinLines:
 
 
 def _make_source(spec: _Input, encoding: str, follow: bool) -> Any:
-    from .sources import read_lines, tcp_lines
+    from ..sources.files import read_lines, tcp_lines
 
     if spec.kind == "file":
         return read_lines(spec.path, encoding=encoding, follow=follow)
@@ -474,7 +474,7 @@ async def _execute(
     """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised."""
     import anyio
 
-    from .sources import TcpLines
+    from ..sources.files import TcpLines
 
     outcome = _Outcome()
     run_scope = anyio.CancelScope()
@@ -567,7 +567,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.dead_letter is not None:
         changes["dead_letter"] = args.dead_letter
     if args.dask is not None:
-        from ._dask import DaskExecutor
+        from ..executors.dask import DaskExecutor
 
         changes["executor"] = DaskExecutor(args.dask)
     return changes
@@ -582,7 +582,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
     if args.checkpoint is not None:
         cp = Path(args.checkpoint)
-        from ._checkpoint import is_sqlite_target
+        from .._core.checkpoint import is_sqlite_target
 
         if cp.exists() and not cp.is_dir() and not is_sqlite_target(cp):
             raise UsageError(
@@ -672,7 +672,7 @@ def _aggregator_from(description: str) -> Any:
     """A built-in aggregator from its ``describe()`` text (``TopK(k=10)``), or None."""
     import ast
 
-    from . import aggregate
+    from .. import aggregate
 
     try:
         call = ast.parse(description, mode="eval").body
@@ -693,7 +693,7 @@ def _aggregator_from(description: str) -> Any:
 
 
 def _command_inspect(args: argparse.Namespace) -> int:
-    from ._checkpoint import open_store
+    from .._core.checkpoint import open_store
 
     path = Path(args.directory)
     if not path.exists():
@@ -817,7 +817,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 
 
 def _log_error(exc: BaseException) -> None:
-    from ._exceptions import MicrobatchError
+    from .._exceptions import MicrobatchError
 
     if isinstance(exc, MicrobatchError):
         message = str(exc)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import codecs
 from typing import Any
 
-from ._exceptions import LineTooLong, SourceDecodeError
+from .._exceptions import LineTooLong, SourceDecodeError
 
 __all__ = [
     "LineBlock",

@@ -45,8 +45,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import cloudpickle
 
-from . import _worker as wire
-from ._exceptions import (
+from .._exceptions import (
     BatchTimeout,
     ExecutorError,
     ExecutorUnavailable,
@@ -55,6 +54,7 @@ from ._exceptions import (
     UnpicklableFunction,
     WorkerCrashed,
 )
+from . import worker as wire
 
 __all__ = [
     "Executor",

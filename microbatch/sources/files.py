@@ -26,8 +26,8 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._exceptions import LineTooLong, SourceDecodeError
-from ._lines import LineBlock, LineSplitter, check_encoding, decode_lines, decode_parts
+from .._core.lines import LineBlock, LineSplitter, check_encoding, decode_lines, decode_parts
+from .._exceptions import LineTooLong, SourceDecodeError
 
 __all__ = ["LineSource", "TcpLines", "read_lines", "tcp_lines"]
 

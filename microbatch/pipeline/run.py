@@ -33,17 +33,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from ._checkpoint import Checkpoint, CheckpointStore, check_fingerprint, is_sqlite_target, open_store
-from ._deadletter import DeadLetter, DeadLetterFile, describe_error
-from ._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, WorkerCrashed
-from ._lines import LineBlock, cut_lines, decode_lines
-from ._policy import check_limits
-from ._reader import Batch, Emitter, read_line_blocks, read_records, skip
-from ._retry import RetryPolicy, halves
-from ._task import BatchTask
-from .aggregate import Aggregator
-from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
-from .sources import LineSource, TcpLines
+from .._core.checkpoint import Checkpoint, CheckpointStore, check_fingerprint, is_sqlite_target, open_store
+from .._core.lines import LineBlock, cut_lines, decode_lines
+from .._core.policy import check_limits
+from .._core.retry import RetryPolicy, halves
+from .._core.task import BatchTask
+from .._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, WorkerCrashed
+from ..aggregate import Aggregator
+from ..executors.process import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
+from ..sources.files import LineSource, TcpLines
+from .deadletter import DeadLetter, DeadLetterFile, describe_error
+from .reader import Batch, Emitter, read_line_blocks, read_records, skip
 
 __all__ = ["Pipeline", "Stats", "Update"]
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ._exceptions import CheckpointCorrupt, CheckpointError, CheckpointMismatch, CheckpointWriteError
+from .._exceptions import CheckpointCorrupt, CheckpointError, CheckpointMismatch, CheckpointWriteError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from ._lines import LineBlock, decode_lines
+from .lines import LineBlock, decode_lines
 
 __all__ = ["BatchTask"]
 

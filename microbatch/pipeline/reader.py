@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 from anyio.abc import ObjectSendStream
 
-from ._batching import batches
-from ._lines import LineBlock, cut_parts
-from ._policy import BatchPolicy
-from .sources import LineSource
+from .._batching import batches
+from .._core.lines import LineBlock, cut_parts
+from .._core.policy import BatchPolicy
+from ..sources.files import LineSource
 
 __all__ = ["Batch", "Emitter", "read_line_blocks", "read_records", "skip"]
 

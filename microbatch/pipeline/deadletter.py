@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ._exceptions import RemoteError, RemoteTraceback
+from .._exceptions import RemoteError, RemoteTraceback
 
 __all__ = ["DeadLetter", "DeadLetterFile", "describe_error"]
 

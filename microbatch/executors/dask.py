@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 import anyio
 import cloudpickle
 
-from ._exceptions import (
+from .._core.task import BatchTask
+from .._exceptions import (
     BackendNotSupported,
     BatchTimeout,
     ExecutorError,
@@ -38,8 +39,7 @@ from ._exceptions import (
     RemoteTraceback,
     WorkerCrashed,
 )
-from ._task import BatchTask
-from .executors import check_picklable
+from .process import check_picklable
 
 __all__ = ["DaskExecutor"]
 
