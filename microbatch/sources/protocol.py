@@ -26,7 +26,6 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 __all__ = ["Chunk", "LineParts", "Part", "Source"]
 
-T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 JSON = Any
 
@@ -37,7 +36,7 @@ JSON = Any
 Part = tuple[bytes, bytes, int, int]
 
 
-class Chunk(Generic[T]):
+class Chunk(Generic[T_co]):
     """Records read together, and the source position just after the last of them.
 
     ``position`` is JSON data (numbers, strings, lists, dicts, None) that the same source's
@@ -46,7 +45,7 @@ class Chunk(Generic[T]):
 
     __slots__ = ("position", "records")
 
-    def __init__(self, records: Sequence[T], position: JSON) -> None:
+    def __init__(self, records: Sequence[T_co], position: JSON) -> None:
         self.records = records
         self.position = position
 
