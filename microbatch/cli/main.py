@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import progress as _progress
 
 if TYPE_CHECKING:
-    from ..pipeline.run import Pipeline
+    from ..pipeline import Pipeline
 
 __all__ = [
     "EXIT_ERROR",
@@ -331,7 +331,7 @@ def load_target(spec: str) -> Pipeline[Any, Any]:
     pipelines the module does define) or is not a ``Pipeline`` (saying what it is). Exceptions raised
     by the job's own code while it is imported propagate unchanged.
     """
-    from ..pipeline.run import Pipeline
+    from ..pipeline import Pipeline
 
     where, name = _split_target(spec)
     module = _load_file(where) if _looks_like_path(where) else _load_module(where)

@@ -1,5 +1,10 @@
-"""The pipeline: a source's batches run in workers, folded in order, checkpointed."""
+"""The pipeline: a source's batches run in workers, folded in order, checkpointed.
 
-from .run import Pipeline, Stats, Update
+``pipeline.py`` holds the reusable description (``Pipeline``); ``run.py`` wires one run's stages:
+``reader.py`` → ``dispatch.py`` → ``fold.py``, with ``checkpoints.py`` and ``deadletter.py``.
+"""
+
+from .pipeline import Pipeline
+from .stats import Stats, Update
 
 __all__ = ["Pipeline", "Stats", "Update"]

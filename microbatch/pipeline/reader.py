@@ -21,7 +21,7 @@ from anyio.abc import ObjectSendStream
 from .._batching import batches
 from .._core.lines import LineBlock, cut_parts
 from .._core.policy import BatchPolicy
-from ..sources.files import LineSource
+from ..sources.files import LineSource, TcpLines
 
 __all__ = ["Batch", "Emitter", "read_line_blocks", "read_records", "skip"]
 
@@ -148,3 +148,36 @@ def skip(source: AsyncIterable[Any] | Iterable[Any], n: int) -> AsyncIterable[An
         f"cannot resume a {type(source).__name__} source at record {n}: only files (read_lines), "
         f"iterables and async iterables can be resumed"
     )
+
+
+def describe_source(source: object) -> str:
+    """The source's part of a pipeline's fingerprint."""
+    describe = getattr(source, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return f"iterable:{type(source).__qualname__}"
+
+
+def decoding(source: object) -> tuple[str, str | None, str]:
+    """``(where, encoding, errors)``: how workers decode the source's batches."""
+    if isinstance(source, LineSource):
+        return str(source.path), source.encoding, source.errors
+    return "<records>", None, "strict"
+
+
+def resume_source(source: Any, position: Any) -> Any:
+    """What to read after a checkpointed ``position``."""
+    if position is None or position == 0 or isinstance(source, TcpLines):
+        return source
+    if isinstance(source, LineSource):
+        return source.with_start(int(position))
+    return skip(source, int(position))
+
+
+async def read(source: Any, max_size: int, max_wait: float | None, emit: Emitter, *, position: Any) -> None:
+    """Cut any source into batches and emit them; each batch's ``end`` is the position after it."""
+    if isinstance(source, LineSource):
+        await read_line_blocks(source, max_size, max_wait, emit)
+    else:
+        start = None if isinstance(source, TcpLines) else position or 0
+        await read_records(source, max_size, max_wait, start, emit)

@@ -1,0 +1,178 @@
+"""Dispatchers: run each batch on the executor, with retries, and bisect the batches that keep failing.
+
+A dispatcher decides nothing about the run's state: it reports forward, to the folder, every event
+the run counts — a batch started, an attempt failed (and whether it will be retried), a batch done
+with its results and dead letters. Only the folder updates stats and state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from .._core.bisect import BisectionPlan, Part
+from .._core.lines import LineBlock, cut_lines, decode_lines
+from .._core.retry import RetryPolicy
+from .._core.task import BatchTask
+from .._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, WorkerCrashed
+from ..executors import Executor
+from .deadletter import DeadLetter, describe_error
+from .reader import Batch
+
+__all__ = ["Dispatcher", "Done", "End", "Event", "Failure", "Started"]
+
+FailureKind = Literal["crash", "timeout", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The source ended (it was not stopped): ``batches`` batches make the whole run."""
+
+    batches: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A dispatcher took batch ``seq`` and sent it to the executor."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One attempt at batch ``seq`` (or a part of it) failed; ``retrying``: another attempt follows."""
+
+    seq: int
+    kind: FailureKind
+    retrying: bool
+    error: BaseException
+
+
+@dataclass(slots=True)
+class Done:
+    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters."""
+
+    batch: Batch
+    results: list[Any] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    split: bool = False
+
+
+#: What dispatchers send the folder; ``End`` comes from the reader, passed on by a dispatcher.
+Event = Started | Failure | Done | End
+
+
+def _kind(exc: BaseException) -> FailureKind:
+    if isinstance(exc, WorkerCrashed):
+        return "crash"
+    if isinstance(exc, BatchTimeout):
+        return "timeout"
+    return "error"
+
+
+def cut(payload: LineBlock | list[Any], lo: int, hi: int) -> LineBlock | list[Any]:
+    """Records ``lo..hi`` of a payload: a list slice, or the lines of a block (no decoding)."""
+    if isinstance(payload, list):
+        return payload[lo:hi]
+    if lo:
+        _, payload = cut_lines(payload, lo)
+    if hi - lo < payload.count:
+        payload, _ = cut_lines(payload, hi - lo)
+    return payload
+
+
+class Dispatcher:
+    """Runs batches from the queue on ``executor`` and reports every event to the folder."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        task: BatchTask[Any],
+        retry: RetryPolicy,
+        timeout: float | None,
+        *,
+        raise_on_error: bool,
+    ) -> None:
+        self.executor = executor
+        self.task = task
+        self.retry = retry
+        self.timeout = timeout
+        self.raise_on_error = raise_on_error
+
+    async def serve(self, batches: ObjectReceiveStream[Batch | End], events: ObjectSendStream[Event]) -> None:
+        async with batches, events:
+            async for batch in batches:
+                if isinstance(batch, End):
+                    await events.send(batch)
+                    continue
+                await events.send(Started(batch.seq))
+                await events.send(await self.process(batch, events))
+
+    async def process(self, batch: Batch, events: ObjectSendStream[Event]) -> Done:
+        try:
+            return Done(batch, [await self.attempt(batch.seq, batch.payload, events)])
+        except Exception as exc:
+            if self.raise_on_error or isinstance(exc, ExecutorUnavailable):
+                # An unavailable executor says nothing about the records: stop, dead-letter none.
+                raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
+            if batch.count == 1:
+                return Done(batch, dead=[self.dead_letter(batch, Part(0, 1), batch.payload, exc)])
+            return await self.isolate(batch, events)
+
+    async def attempt(
+        self, seq: int, payload: LineBlock | list[Any], events: ObjectSendStream[Event], *, retry: bool = True
+    ) -> Any:
+        """Run one payload, retrying with backoff on any failure; raise the last failure."""
+        failed = 0
+        while True:
+            try:
+                return await self.executor.run(self.task, payload, timeout=self.timeout)
+            except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
+                failed += 1
+                retrying = retry and self.retry.should_retry(failed)
+                await events.send(Failure(seq, _kind(exc), retrying, exc))
+                if not retrying:
+                    raise
+                await anyio.sleep(self.retry.delay(failed, random.random()))
+
+    async def isolate(self, batch: Batch, events: ObjectSendStream[Event]) -> Done:
+        """Bisect a failing batch: good parts' results count, single failing records are dead."""
+        done = Done(batch, split=True)
+        plan = BisectionPlan(batch.count)
+        while (part := plan.next()) is not None:
+            payload = cut(batch.payload, part.lo, part.hi)
+            try:
+                # A single record gets the full retries before it is declared dead.
+                done.results.append(await self.attempt(batch.seq, payload, events, retry=part.retry))
+            except Exception as exc:
+                if isinstance(exc, ExecutorUnavailable):
+                    raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
+                plan.failed(part)
+                if part.size == 1:
+                    done.dead.append(self.dead_letter(batch, part, payload, exc))
+            else:
+                plan.succeeded(part)
+        return done
+
+    def dead_letter(
+        self, batch: Batch, part: Part, payload: LineBlock | list[Any], exc: BaseException
+    ) -> DeadLetter:
+        position: int | None
+        if isinstance(payload, LineBlock):
+            position = payload.start
+            record: Any = decode_lines(
+                payload.data,
+                encoding=self.task.encoding,
+                errors="replace" if self.task.encoding else "strict",
+                where=self.task.where,
+                start=payload.start,
+            )[0]
+        else:
+            position = None if batch.start is None else batch.start + part.lo
+            record = payload[0]
+        type_name, message, tb = describe_error(exc)
+        return DeadLetter(record, batch.seq, position, type_name, message, tb)

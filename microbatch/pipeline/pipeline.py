@@ -1,0 +1,199 @@
+"""``Pipeline``: a reusable description of a job — ``fn``, how to fold its results, and the limits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Generic, Literal, TypeVar
+
+from .._core.checkpoint import CheckpointStore
+from .._core.params import callable_name, check_int, check_seconds
+from .._core.policy import check_limits
+from .._core.retry import RetryPolicy
+from ..aggregate import Aggregator
+from ..executors import Executor
+from .reader import describe_source
+from .run import Discard, Run
+
+__all__ = ["Pipeline"]
+
+R = TypeVar("R")
+V = TypeVar("V")
+
+Sink = Callable[[int, Any], Awaitable[None]]
+OnError = Literal["dead_letter", "raise"]
+ExecutorSpec = Literal["process", "thread", "inline"] | Executor
+Source = AsyncIterable[Any] | Iterable[Any]
+Target = str | os.PathLike[str] | CheckpointStore
+
+
+class Pipeline(Generic[R, V]):
+    """Runs ``fn`` on micro-batches of a source in workers and folds the results in batch order.
+
+    ``fn(records) -> result`` receives a list of 1..``max_size`` records; ``aggregate`` folds the
+    results (``Sum()``, ``TopK(10)``, your own ``Aggregator``). Without ``aggregate``, a run keeps no
+    value: use :meth:`map` (or :meth:`updates`, or a ``sink``) for ``fn``'s results. A pipeline is a
+    reusable description: the source is given to :meth:`run`, :meth:`updates` or :meth:`map`.
+
+    Parameters (all limits have defaults; memory is bounded by
+    ``(queue_size + workers) * max_size`` records plus one read block):
+
+    - ``max_size`` (10,000), ``max_wait`` (0.5 s): batch bounds, see :func:`microbatch.batches`.
+    - ``workers``: worker processes (default: the number of CPUs); ignored with an executor instance.
+    - ``executor``: ``"process"`` (default), ``"thread"``, ``"inline"`` or an ``Executor``.
+    - ``queue_size`` (4): batches waiting for a worker; the reader stops reading when it is full.
+    - ``retries`` (3), ``backoff`` (0.1 s), ``max_backoff`` (10 s): attempts after a failure, with
+      exponential backoff and full jitter.
+    - ``timeout`` (60 s, None for none): seconds one batch may run; the worker is then killed.
+    - ``on_error``: ``"dead_letter"`` (default) isolates failing records by bisection and writes them
+      to ``dead_letter`` (default: ``dead-letters.jsonl`` in the checkpoint folder, or in the
+      current directory without one), the rest counts; ``"raise"`` stops with ``BatchFailed``.
+      Either way, an executor that cannot run anything (``ExecutorUnavailable``: workers that do
+      not start, a lost Dask scheduler) stops the run with ``BatchFailed`` after the retries, and
+      no record is dead-lettered for it.
+    - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
+      written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
+    - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
+      covers the batch: results written elsewhere at least once, deduplicated by batch number. A
+      batch split to isolate failing records calls it once per surviving part, in order.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], R],
+        *,
+        aggregate: Aggregator[R, Any, V] | None = None,
+        max_size: int = 10_000,
+        max_wait: float | None = 0.5,
+        workers: int | None = None,
+        queue_size: int = 4,
+        retries: int = 3,
+        backoff: float = 0.1,
+        max_backoff: float = 10.0,
+        timeout: float | None = 60.0,
+        on_error: OnError = "dead_letter",
+        dead_letter: str | os.PathLike[str] | None = None,
+        executor: ExecutorSpec = "process",
+        checkpoint_every: float | None = 5.0,
+        checkpoint_every_batches: int | None = None,
+        sink: Sink | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        check_limits(max_size, max_wait)
+        if workers is not None:
+            check_int("workers", workers, minimum=1)
+        check_int("queue_size", queue_size, minimum=1)
+        if timeout is not None:
+            check_seconds("timeout", timeout)
+        if on_error not in ("dead_letter", "raise"):
+            raise ValueError(f"on_error must be 'dead_letter' or 'raise', got {on_error!r}")
+        if isinstance(executor, str) and executor not in ("process", "thread", "inline"):
+            raise ValueError(
+                f"executor must be 'process', 'thread', 'inline' or an Executor, got {executor!r}"
+            )
+        if checkpoint_every is not None:
+            check_seconds("checkpoint_every", checkpoint_every, allow_zero=True)
+        if checkpoint_every_batches is not None:
+            check_int("checkpoint_every_batches", checkpoint_every_batches, minimum=1)
+        self.fn = fn
+        self.aggregate = aggregate
+        self.max_size = max_size
+        self.max_wait = max_wait
+        self.workers = workers
+        self.queue_size = queue_size
+        self.retry = RetryPolicy(retries, backoff, max_backoff)
+        self.timeout = timeout
+        self.on_error: OnError = on_error
+        self.dead_letter = dead_letter
+        self.executor = executor
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every_batches = checkpoint_every_batches
+        self.sink = sink
+
+    @property
+    def retries(self) -> int:
+        return self.retry.retries
+
+    def __repr__(self) -> str:
+        return f"Pipeline({callable_name(self.fn)}, aggregate={self.aggregate!r})"
+
+    def replace(self, **changes: Any) -> Pipeline[R, V]:
+        """A copy with some settings changed (the command line's overrides use this)."""
+        settings: dict[str, Any] = {
+            "aggregate": self.aggregate,
+            "max_size": self.max_size,
+            "max_wait": self.max_wait,
+            "workers": self.workers,
+            "queue_size": self.queue_size,
+            "retries": self.retry.retries,
+            "backoff": self.retry.backoff,
+            "max_backoff": self.retry.max_backoff,
+            "timeout": self.timeout,
+            "on_error": self.on_error,
+            "dead_letter": self.dead_letter,
+            "executor": self.executor,
+            "checkpoint_every": self.checkpoint_every,
+            "checkpoint_every_batches": self.checkpoint_every_batches,
+            "sink": self.sink,
+        }
+        unknown = set(changes) - set(settings) - {"fn"}
+        if unknown:
+            raise TypeError(f"unknown Pipeline setting(s): {', '.join(sorted(unknown))}")
+        settings.update(changes)
+        fn = settings.pop("fn", self.fn)
+        return Pipeline(fn, **settings)
+
+    def fingerprint(self, source: object) -> dict[str, str]:
+        """What a checkpoint must match to be resumed: the function, the aggregator, the source."""
+        return {
+            "fn": callable_name(self.fn),
+            "aggregate": (self.aggregate or Discard()).describe(),
+            "source": describe_source(source),
+        }
+
+    async def run(self, source: Source, *, checkpoint: Target | None = None, fresh: bool = False) -> V:
+        """Run to the end of ``source`` and return the aggregate's final value (None without one).
+
+        With ``checkpoint`` (a folder, a ``*.sqlite`` file or a store), a run resumes from the
+        newest valid checkpoint there; ``fresh=True`` discards it first.
+        """
+        run = Run(self, source, checkpoint, fresh, updates=False)
+        async with run:
+            async for _ in run:
+                pass  # nothing comes: the run ends when the folder is done
+            return run.value
+
+    @asynccontextmanager
+    async def updates(
+        self, source: Source, *, checkpoint: Target | None = None, fresh: bool = False
+    ) -> AsyncIterator[Run[R, V]]:
+        """Run over ``source``, yielding an async iterator of :class:`Update`, one per folded batch.
+
+        Leaving the block early (``break``, an error, cancellation) stops every stage, writes a final
+        checkpoint of what was folded and stops every worker.
+        """
+        run = Run(self, source, checkpoint, fresh)
+        async with run:
+            yield run
+
+    @asynccontextmanager
+    async def map(
+        self, source: Source, *, checkpoint: Target | None = None, fresh: bool = False
+    ) -> AsyncIterator[AsyncIterator[R]]:
+        """Run over ``source``, yielding an async iterator of ``fn``'s results in batch order.
+
+        A batch split to isolate failing records gives its parts' results, in order. With
+        ``checkpoint``, a resumed run delivers results again from the last checkpoint on: delivery
+        is at least once. Deduplicate by batch number with :meth:`updates` (``update.seq`` and
+        ``update.results``) where that matters.
+        """
+        async with self.updates(source, checkpoint=checkpoint, fresh=fresh) as run:
+            yield _results(run)
+
+
+async def _results(run: Run[R, Any]) -> AsyncIterator[R]:
+    async for update in run:
+        for result in update.results:
+            yield result

@@ -1,0 +1,72 @@
+"""What a run reports: its counters (``Stats``) and one ``Update`` per folded batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Stats", "Update"]
+
+V = TypeVar("V")
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters of one run; every ``Update`` carries a snapshot.
+
+    ``records`` and ``batches`` count what was folded (including what a resumed run inherited);
+    ``queue_depth`` is the number of batches waiting for a worker, ``in_flight`` those running;
+    latencies are seconds from a batch being cut to its result being folded.
+    """
+
+    records: int = 0
+    batches: int = 0
+    retries: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    dead_letters: int = 0
+    checkpoints: int = 0
+    queue_depth: int = 0
+    in_flight: int = 0
+    position: Any = None
+    started: float = 0.0
+    elapsed: float = 0.0
+    last_latency: float = 0.0
+    total_latency: float = 0.0
+    run_records: int = 0
+    run_batches: int = 0
+
+    @property
+    def mean_latency(self) -> float:
+        """Mean seconds from cutting a batch to folding it, over this run."""
+        return self.total_latency / self.run_batches if self.run_batches else 0.0
+
+    @property
+    def records_per_second(self) -> float:
+        """Records folded per second in this run."""
+        return self.run_records / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Generic[V]):
+    """The state after one batch was folded.
+
+    ``results`` holds ``fn``'s results for the batch: one, or one per part that succeeded when the
+    batch was split to isolate failing records (none when every record failed). ``result`` is the
+    single result of a batch that ran whole, None otherwise.
+    """
+
+    value: V
+    seq: int
+    records: int
+    batch_records: int
+    position: Any
+    stats: Stats
+    results: list[Any] = field(default_factory=list)
+    split: bool = False
+
+    @property
+    def result(self) -> Any:
+        """``fn``'s result for a batch that ran whole; None for a batch that was split."""
+        return None if self.split or not self.results else self.results[0]
