@@ -44,12 +44,14 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One attempt at batch ``seq`` (or a part of it) failed; ``retrying``: another attempt follows."""
+    """One attempt at batch ``seq`` failed; ``retrying``: another attempt follows; ``whole``: the
+    attempt ran the whole batch (not a part being isolated)."""
 
     seq: int
     kind: FailureKind
     retrying: bool
     error: BaseException
+    whole: bool = True
 
 
 @dataclass(slots=True)
@@ -124,7 +126,13 @@ class Dispatcher:
             return await self.isolate(batch, events)
 
     async def attempt(
-        self, seq: int, payload: LineBlock | list[Any], events: ObjectSendStream[Event], *, retry: bool = True
+        self,
+        seq: int,
+        payload: LineBlock | list[Any],
+        events: ObjectSendStream[Event],
+        *,
+        retry: bool = True,
+        whole: bool = True,
     ) -> Any:
         """Run one payload, retrying with backoff on any failure; raise the last failure."""
         failed = 0
@@ -134,7 +142,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
                 failed += 1
                 retrying = retry and self.retry.should_retry(failed)
-                await events.send(Failure(seq, _kind(exc), retrying, exc))
+                await events.send(Failure(seq, _kind(exc), retrying, exc, whole))
                 if not retrying:
                     raise
                 await anyio.sleep(self.retry.delay(failed, random.random()))
@@ -147,7 +155,8 @@ class Dispatcher:
             payload = cut(batch.payload, part.lo, part.hi)
             try:
                 # A single record gets the full retries before it is declared dead.
-                done.results.append(await self.attempt(batch.seq, payload, events, retry=part.retry))
+                result = await self.attempt(batch.seq, payload, events, retry=part.retry, whole=False)
+                done.results.append(result)
             except Exception as exc:
                 if isinstance(exc, ExecutorUnavailable):
                     raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc

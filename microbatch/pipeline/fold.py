@@ -62,6 +62,8 @@ class Folder(Generic[V]):
         self.source_batches: int | None = None
         #: The source was read to its end (not stopped) and every one of its batches was folded.
         self.finished = False
+        #: A batch was folded but its update not received: no checkpoint may cover it.
+        self.undelivered = False
 
     @property
     def value(self) -> V:
@@ -90,6 +92,7 @@ class Folder(Generic[V]):
             self.finished = self.source_batches == self.sequencer.next_seq
 
     def _count(self, failure: Failure) -> None:
+        """Count a failed attempt; the dead letters it leads to are logged when they are folded."""
         stats = self.stats
         if failure.kind == "crash":
             stats.crashes += 1
@@ -99,13 +102,13 @@ class Folder(Generic[V]):
             stats.errors += 1
         if failure.retrying:
             stats.retries += 1
+        if failure.retrying:
+            then = "; retrying"
         else:
-            log.warning(
-                "batch %d: attempts exhausted: %s: %s",
-                failure.seq,
-                type(failure.error).__name__,
-                failure.error,
-            )
+            then = "; isolating its failing records" if failure.whole else ""
+        level = logging.INFO if failure.whole and not failure.retrying else logging.DEBUG
+        log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.seq, type(failure.error).__name__,
+                failure.error, then)
 
     async def _fold(
         self, done: Done, updates: ObjectSendStream[Update[V]], window: anyio.Semaphore
@@ -141,9 +144,12 @@ class Folder(Generic[V]):
         stats.queue_depth = self.queue_depth()
         log.debug("batch %d folded: %d records, position %s", batch.seq, batch.count, batch.end)
         window.release()  # the reader may cut one more batch
-        if self.schedule.folded(now):
-            await self.save(finished=False)
+        due = self.schedule.folded(now)
         if self.send_updates:
+            # A checkpoint covers only batches whose update was delivered: when the consumer leaves
+            # while this send waits, the final checkpoint is skipped and a rerun delivers again
+            # from the last checkpoint (at least once).
+            self.undelivered = True
             await updates.send(
                 Update(
                     value=self.agg.value(self.state),
@@ -156,6 +162,9 @@ class Folder(Generic[V]):
                     split=done.split,
                 )
             )
+            self.undelivered = False
+        if due:
+            await self.save(finished=False)
 
     async def save(self, *, finished: bool) -> None:
         stats = self.stats

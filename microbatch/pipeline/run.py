@@ -214,8 +214,11 @@ class Run(Generic[R, V]):
     async def _final_checkpoint(self) -> None:
         folder = self.folder
         assert folder is not None
-        with anyio.CancelScope(shield=True):
-            await folder.save(finished=folder.finished)
+        if folder.undelivered:
+            log.info("the last folded batch was not delivered: no final checkpoint covers it")
+        else:
+            with anyio.CancelScope(shield=True):
+                await folder.save(finished=folder.finished)
         stats = self.stats
         log.info(
             "run %s: %d batches, %d records folded, %d dead letters%s",

@@ -1,0 +1,115 @@
+"""Map-style pipelines (no aggregate) and the pipeline's log messages, on every backend."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anyio
+import pytest
+
+import microbatch as mb
+
+pytestmark = pytest.mark.anyio
+
+
+def doubled(lines: list[str]) -> list[int]:
+    return [2 * int(x) for x in lines]
+
+
+def doubled_or_fail(lines: list[str]) -> list[int]:
+    if "bad" in lines:
+        raise ValueError("cannot parse 'bad'")
+    return [2 * int(x) for x in lines]
+
+
+def numbers(path: Path, n: int, bad_at: int | None = None) -> Path:
+    path.write_text("".join(("bad" if i == bad_at else str(i)) + "\n" for i in range(n)))
+    return path
+
+
+async def test_map_yields_results_in_batch_order_with_worker_processes(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 5_000)
+    pipeline = mb.Pipeline(doubled, max_size=100, workers=2)
+    out: list[int] = []
+    async with pipeline.map(mb.read_lines(src)) as results:
+        async for result in results:
+            out += result
+    assert out == [2 * i for i in range(5_000)]
+    assert await pipeline.run(mb.read_lines(src)) is None  # no aggregate: no value
+
+
+async def test_a_split_batch_yields_its_parts_results_in_order(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 40, bad_at=17)
+    pipeline = mb.Pipeline(
+        doubled_or_fail, max_size=40, executor="inline", retries=0, dead_letter=tmp_path / "dl.jsonl"
+    )
+    parts: list[list[int]] = []
+    async with pipeline.updates(mb.read_lines(src)) as updates:
+        async for update in updates:
+            assert update.split and update.result is None
+            parts = update.results
+    assert [x for part in parts for x in part] == [2 * i for i in range(40) if i != 17]
+    assert len(parts) > 1
+
+
+async def test_update_result_is_the_result_of_a_batch_that_ran_whole(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 30)
+    pipeline = mb.Pipeline(doubled, aggregate=mb.Count(), max_size=10, executor="inline")
+    async with pipeline.updates(mb.read_lines(src)) as updates:
+        got = [(u.seq, u.result) for u in [u async for u in updates]]
+    assert got == [(s, [2 * i for i in range(10 * s, 10 * s + 10)]) for s in range(3)]
+
+
+async def test_map_resumes_from_the_checkpoint_after_cancellation(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 2_000)
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(doubled, max_size=100, workers=2, checkpoint_every_batches=1)
+    first: list[list[int]] = []
+    async with pipeline.map(mb.read_lines(src), checkpoint=state) as results:
+        async for result in results:
+            first.append(result)
+            if len(first) == 5:
+                break  # leaving the block cancels the run and writes a final checkpoint
+    rest: list[list[int]] = []
+    async with pipeline.map(mb.read_lines(src), checkpoint=state) as results:
+        async for result in results:
+            rest.append(result)
+    # Delivery is at least once: the second run starts at the last checkpoint, at or before the 6th.
+    assert len(first) == 5 and 15 <= len(rest) <= 20
+    merged = first[: 20 - len(rest)] + rest
+    assert [x for r in merged for x in r] == [2 * i for i in range(2_000)]
+
+
+async def test_a_poison_record_logs_one_warning_naming_its_position_and_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = numbers(tmp_path / "n.txt", 50, bad_at=7)
+    dead = tmp_path / "dead.jsonl"
+    pipeline = mb.Pipeline(
+        doubled_or_fail, aggregate=mb.Count(), max_size=10, workers=1, retries=0, dead_letter=dead
+    )
+    caplog.set_level(logging.INFO, logger="microbatch")
+    assert await pipeline.run(mb.read_lines(src)) == 49  # Count counts the items of each result
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "position" in r.getMessage()]
+    assert len(warnings) == 1
+    offset = len("".join(f"{i}\n" for i in range(7)))
+    assert f"position {offset}" in warnings[0].getMessage() and str(dead) in warnings[0].getMessage()
+    infos = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert "run started" in infos and "run finished" in infos and "1 dead letters" in infos
+
+
+async def test_stop_then_map_again_ends_with_every_result(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 300)
+    state = tmp_path / "s"
+    pipeline = mb.Pipeline(doubled, max_size=10, executor="inline", checkpoint_every_batches=1)
+    seen = anyio.Event()
+    async with pipeline.updates(mb.read_lines(src), checkpoint=state) as run:
+        async for update in run:
+            if update.seq == 2:
+                run.stop()
+                seen.set()
+    assert seen.is_set()
+    async with pipeline.map(mb.read_lines(src), checkpoint=state) as results:
+        tail = [r async for r in results]
+    assert tail[-1] == [2 * i for i in range(290, 300)]
