@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
-    from .sources import LineSource, TcpLines, read_lines, tcp_lines
+    from .sources import Chunk, LineSource, Source, TcpLines, read_lines, tcp_lines
 
 _LAZY = {
     "._batching": ["ChunkedSource", "batches"],
@@ -54,7 +54,7 @@ _LAZY = {
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
-    ".sources": ["LineSource", "TcpLines", "read_lines", "tcp_lines"],
+    ".sources": ["Chunk", "LineSource", "Source", "TcpLines", "read_lines", "tcp_lines"],
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -77,6 +77,7 @@ __all__ = [
     "CheckpointMismatch",
     "CheckpointStore",
     "CheckpointWriteError",
+    "Chunk",
     "ChunkedSource",
     "Count",
     "DaskExecutor",
@@ -98,6 +99,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SourceDecodeError",
+    "Source",
     "SourceError",
     "SqliteStore",
     "Stats",
@@ -124,4 +126,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names only (not the helpers this module imports for itself)."""
+    return sorted([*__all__, "__version__"])

@@ -10,6 +10,8 @@ import microbatch as mb
 DOCUMENTED = {
     # batching and sources
     "batches", "ChunkedSource", "read_lines", "tcp_lines", "LineSource", "TcpLines",
+    # the source protocol: a source that resumes from its own positions
+    "Source", "Chunk",
     # pipelines
     "Pipeline", "Stats", "Update",
     # aggregators
@@ -32,6 +34,10 @@ DOCUMENTED = {
 def test_public_names_are_exactly_the_documented_ones() -> None:
     assert set(mb.__all__) == DOCUMENTED
     assert len(mb.__all__) == len(set(mb.__all__))
+
+
+def test_dir_lists_the_public_names_only() -> None:
+    assert set(dir(mb)) == DOCUMENTED | {"__version__"}
 
 
 def test_every_public_name_resolves_and_unknown_names_fail_clearly() -> None:
