@@ -32,6 +32,7 @@ from ._exceptions import (
     RemoteTraceback,
     SourceDecodeError,
     SourceError,
+    TooManyDeadLetters,
     UnpicklableFunction,
     WorkerCrashed,
 )
@@ -106,6 +107,7 @@ __all__ = [
     "Sum",
     "TcpLines",
     "ThreadExecutor",
+    "TooManyDeadLetters",
     "TopK",
     "UnpicklableFunction",
     "Update",

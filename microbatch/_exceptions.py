@@ -13,6 +13,7 @@ The hierarchy::
     ├── UnpicklableFunction             fn cannot be sent to worker processes (raised before any batch)
     ├── BackendNotSupported             a feature needs another async backend (Dask needs asyncio)
     ├── BatchFailed                     on_error="raise": a batch failed after its retries
+    │   └── TooManyDeadLetters          many records in a row failed and none succeeded in between
     ├── CheckpointError                 a checkpoint store cannot be used
     │   ├── CheckpointCorrupt           no valid checkpoint in a store that holds some
     │   ├── CheckpointMismatch          the checkpoint belongs to another pipeline
@@ -43,6 +44,7 @@ __all__ = [
     "UnpicklableFunction",
     "BackendNotSupported",
     "BatchFailed",
+    "TooManyDeadLetters",
     "CheckpointError",
     "CheckpointCorrupt",
     "CheckpointMismatch",
@@ -161,6 +163,25 @@ class BatchFailed(MicrobatchError):
         self.seq = seq
         self.cause = cause
         self.attempts = attempts
+
+
+class TooManyDeadLetters(BatchFailed):
+    """Raised by a pipeline when ``max_dead_letters_in_a_row`` records failed every attempt with no
+    record succeeding in between: ``fn`` most likely fails on every record (a bug, a wrong input).
+
+    ``cause`` (also ``__cause__``) is the first of those failures, with the worker's traceback.
+    """
+
+    def __init__(self, seq: int, cause: BaseException, count: int) -> None:
+        MicrobatchError.__init__(
+            self,
+            f"{count} records in a row failed every attempt and none succeeded in between (batch "
+            f"{seq}); the first failure was {type(cause).__name__}: {cause}. Fix fn or the input, "
+            f"or raise the Pipeline's max_dead_letters_in_a_row (None: never stop for this)",
+        )
+        self.seq = seq
+        self.cause = cause
+        self.attempts = count
 
 
 class CheckpointError(MicrobatchError):

@@ -26,7 +26,7 @@ DOCUMENTED = {
     "MicrobatchError", "SourceError", "LineTooLong", "SourceDecodeError", "ExecutorError",
     "WorkerCrashed", "ExecutorUnavailable", "BatchTimeout", "RemoteError", "RemoteTraceback",
     "UnpicklableFunction",
-    "BackendNotSupported", "BatchFailed", "CheckpointError", "CheckpointCorrupt",
+    "BackendNotSupported", "BatchFailed", "TooManyDeadLetters", "CheckpointError", "CheckpointCorrupt",
     "CheckpointMismatch", "CheckpointWriteError", "BatcherError", "BatcherFull", "BatcherClosed",
 }  # fmt: skip
 

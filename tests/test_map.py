@@ -113,3 +113,51 @@ async def test_stop_then_map_again_ends_with_every_result(tmp_path: Path) -> Non
     async with pipeline.map(mb.read_lines(src), checkpoint=state) as results:
         tail = [r async for r in results]
     assert tail[-1] == [2 * i for i in range(290, 300)]
+
+
+def always_fails(lines: list[str]) -> int:
+    raise ValueError(f"no record is valid here: {lines[0]!r}")
+
+
+async def test_fn_failing_on_every_record_stops_the_run_with_the_first_error(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 100_000)
+    dead = tmp_path / "dead.jsonl"
+    pipeline = mb.Pipeline(
+        always_fails, aggregate=mb.Sum(), max_size=10_000, workers=2, backoff=0.0, dead_letter=dead
+    )
+    with pytest.raises(mb.TooManyDeadLetters) as info:
+        await pipeline.run(mb.read_lines(src))
+    err = info.value
+    assert "10 records in a row" in str(err) and "no record is valid here" in str(err)
+    assert isinstance(err, mb.BatchFailed) and isinstance(err.cause, ValueError)
+    # The worker's traceback travels with the first failure.
+    assert isinstance(err.cause.__cause__, mb.RemoteTraceback)
+    assert "always_fails" in err.cause.__cause__.tb
+    # The batch that stopped the run is not folded: a rerun after a fix runs it again.
+    assert not dead.exists()
+
+
+def fails_on_odd_hundreds(lines: list[str]) -> int:
+    if any((int(x) // 100) % 2 for x in lines):
+        raise ValueError("odd hundred")
+    return len(lines)
+
+
+async def test_failures_separated_by_successes_do_not_stop_the_run(tmp_path: Path) -> None:
+    # 1,000 records, 500 of them bad in blocks of 100: each block is 100 dead letters in a row.
+    src = numbers(tmp_path / "n.txt", 1_000)
+    pipeline = mb.Pipeline(
+        fails_on_odd_hundreds, aggregate=mb.Sum(), max_size=100, executor="inline", retries=0,
+        dead_letter=tmp_path / "dl.jsonl", max_dead_letters_in_a_row=None,
+    )
+    assert await pipeline.run(mb.read_lines(src)) == 500
+    with pytest.raises(mb.TooManyDeadLetters):
+        await pipeline.replace(max_dead_letters_in_a_row=100).run(mb.read_lines(src))
+    assert await pipeline.replace(max_dead_letters_in_a_row=101).run(mb.read_lines(src)) == 500
+
+
+def test_max_dead_letters_in_a_row_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_dead_letters_in_a_row"):
+        mb.Pipeline(len, max_dead_letters_in_a_row=0)
+    with pytest.raises(TypeError, match="max_dead_letters_in_a_row"):
+        mb.Pipeline(len, max_dead_letters_in_a_row=True)

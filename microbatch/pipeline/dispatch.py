@@ -18,7 +18,7 @@ from .._core.bisect import BisectionPlan, Part
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
 from .._core.task import BatchTask
-from .._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, WorkerCrashed
+from .._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, TooManyDeadLetters, WorkerCrashed
 from ..executors import Executor
 from .deadletter import DeadLetter, describe_error
 from .reader import Batch
@@ -98,12 +98,17 @@ class Dispatcher:
         timeout: float | None,
         *,
         raise_on_error: bool,
+        max_dead_in_a_row: int | None,
     ) -> None:
         self.executor = executor
         self.task = task
         self.retry = retry
         self.timeout = timeout
         self.raise_on_error = raise_on_error
+        self.max_dead_in_a_row = max_dead_in_a_row
+        # Shared by every dispatcher of a run: records dead since the last success anywhere.
+        self._dead_in_a_row = 0
+        self._first_dead: BaseException | None = None
 
     async def serve(self, batches: ObjectReceiveStream[Batch | End], events: ObjectSendStream[Event]) -> None:
         async with batches, events:
@@ -138,7 +143,7 @@ class Dispatcher:
         failed = 0
         while True:
             try:
-                return await self.executor.run(self.task, payload, timeout=self.timeout)
+                result = await self.executor.run(self.task, payload, timeout=self.timeout)
             except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
                 failed += 1
                 retrying = retry and self.retry.should_retry(failed)
@@ -146,6 +151,9 @@ class Dispatcher:
                 if not retrying:
                     raise
                 await anyio.sleep(self.retry.delay(failed, random.random()))
+            else:
+                self._dead_in_a_row, self._first_dead = 0, None
+                return result
 
     async def isolate(self, batch: Batch, events: ObjectSendStream[Event]) -> Done:
         """Bisect a failing batch: good parts' results count, single failing records are dead."""
@@ -170,6 +178,12 @@ class Dispatcher:
     def dead_letter(
         self, batch: Batch, part: Part, payload: LineBlock | list[Any], exc: BaseException
     ) -> DeadLetter:
+        """The dead letter of one record; stops the run when too many failed in a row."""
+        self._dead_in_a_row += 1
+        first = self._first_dead = self._first_dead or exc
+        limit = self.max_dead_in_a_row
+        if limit is not None and self._dead_in_a_row >= limit:
+            raise TooManyDeadLetters(batch.seq, first, self._dead_in_a_row) from first
         position: int | None
         if isinstance(payload, LineBlock):
             position = payload.start

@@ -52,6 +52,9 @@ class Pipeline(Generic[R, V]):
       Either way, an executor that cannot run anything (``ExecutorUnavailable``: workers that do
       not start, a lost Dask scheduler) stops the run with ``BatchFailed`` after the retries, and
       no record is dead-lettered for it.
+    - ``max_dead_letters_in_a_row`` (10, None for no limit): a run whose records keep failing with
+      none succeeding in between (``fn`` fails on everything) stops with ``TooManyDeadLetters``,
+      showing the first failure, instead of isolating and dead-lettering the whole input.
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
@@ -74,6 +77,7 @@ class Pipeline(Generic[R, V]):
         timeout: float | None = 60.0,
         on_error: OnError = "dead_letter",
         dead_letter: str | os.PathLike[str] | None = None,
+        max_dead_letters_in_a_row: int | None = 10,
         executor: ExecutorSpec = "process",
         checkpoint_every: float | None = 5.0,
         checkpoint_every_batches: int | None = None,
@@ -93,6 +97,8 @@ class Pipeline(Generic[R, V]):
             raise ValueError(
                 f"executor must be 'process', 'thread', 'inline' or an Executor, got {executor!r}"
             )
+        if max_dead_letters_in_a_row is not None:
+            check_int("max_dead_letters_in_a_row", max_dead_letters_in_a_row, minimum=1)
         if checkpoint_every is not None:
             check_seconds("checkpoint_every", checkpoint_every, allow_zero=True)
         if checkpoint_every_batches is not None:
@@ -107,6 +113,7 @@ class Pipeline(Generic[R, V]):
         self.timeout = timeout
         self.on_error: OnError = on_error
         self.dead_letter = dead_letter
+        self.max_dead_letters_in_a_row = max_dead_letters_in_a_row
         self.executor = executor
         self.checkpoint_every = checkpoint_every
         self.checkpoint_every_batches = checkpoint_every_batches
@@ -133,6 +140,7 @@ class Pipeline(Generic[R, V]):
             "timeout": self.timeout,
             "on_error": self.on_error,
             "dead_letter": self.dead_letter,
+            "max_dead_letters_in_a_row": self.max_dead_letters_in_a_row,
             "executor": self.executor,
             "checkpoint_every": self.checkpoint_every,
             "checkpoint_every_batches": self.checkpoint_every_batches,

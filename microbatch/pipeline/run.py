@@ -251,7 +251,14 @@ class Run(Generic[R, V]):
     ) -> None:
         """Start the executor and run one dispatcher per call it can take; stop it after them."""
         p = self.p
-        dispatcher = Dispatcher(executor, self.task, p.retry, p.timeout, raise_on_error=p.on_error == "raise")
+        dispatcher = Dispatcher(
+            executor,
+            self.task,
+            p.retry,
+            p.timeout,
+            raise_on_error=p.on_error == "raise",
+            max_dead_in_a_row=p.max_dead_letters_in_a_row,
+        )
         async with batches, events, executor, anyio.create_task_group() as tg:
             # Known once entered (a Dask cluster counts its threads). An executor with ``prefetch``
             # takes that many more calls per unit of capacity and queues them where they run (a
