@@ -18,17 +18,23 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .._exceptions import CheckpointMismatch
+from .._exceptions import CheckpointCorrupt, CheckpointMismatch
 
 if TYPE_CHECKING:
     from ..stores import CheckpointStore, DirectoryStore, SqliteStore, is_sqlite_target, open_store
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_DEPTH",
     "Checkpoint",
+    "InvalidCheckpoint",
+    "PositionKind",
+    "check_position",
+    "checked",
     "CheckpointStore",
     "DirectoryStore",
     "SqliteStore",
@@ -109,10 +115,22 @@ def _is_json(value: JSON) -> bool:
     return True
 
 
+class InvalidCheckpoint(CheckpointCorrupt, ValueError):
+    """One checkpoint is invalid: ``field`` names the field at fault (``None`` for the whole record).
+
+    Raised by ``decode``, ``check_position`` and ``checked``; a store's ``load`` reports it and falls
+    back to the previous checkpoint. It is a ``ValueError`` too, as ``decode`` always raised.
+    """
+
+    def __init__(self, field: str | None, why: str) -> None:
+        super().__init__(f"field {field!r} {why}" if field is not None else why)
+        self.field = field
+
+
 def _check_int(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"field {name!r} is {value!r:.60}, not an int >= 0")
+        raise InvalidCheckpoint(name, f"is {value!r:.60}, not an int >= 0")
     return value
 
 
@@ -127,61 +145,212 @@ def _why_not_a_checkpoint(data: bytes) -> str:
         json.loads(text)
     except json.JSONDecodeError as exc:
         return f"not valid JSON ({exc.msg} at character {exc.pos}): not a checkpoint"
+    except RecursionError:
+        return "JSON nested too deep to parse: not a checkpoint"
     return f"JSON without the {_MAGIC!r} header: not a checkpoint"
 
 
-def decode(data: bytes) -> Checkpoint:
-    """Verify and parse a serialized checkpoint; ``ValueError`` saying what is wrong when it is invalid.
+#: The deepest nesting of lists and objects a checkpoint field may hold (the state of an aggregator,
+#: a source position). Deeper data is refused before it is parsed, so that a hostile or corrupt
+#: checkpoint cannot exhaust the interpreter's recursion limit in the parser or in ``load``.
+MAX_DEPTH = 200
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+
+
+def _check_depth(raw: bytes, limit: int) -> None:
+    """Refuse a JSON body whose fields nest deeper than ``limit``, naming the field and byte offset.
+
+    The body object itself is one level, so its fields may nest ``limit`` levels below it. The
+    common case costs two ``bytes.count`` calls; a body with many brackets is checked by removing
+    strings and then, ``limit + 1`` times at most, every innermost pair of brackets (C-speed regular
+    expressions, one pass per level). Only a body found too deep is scanned byte by byte, to name
+    the field.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit + 1:
+        return
+    skeleton = _STRING.sub(b'""', raw)
+    for _ in range(limit + 1):
+        if b"[" not in skeleton and b"{" not in skeleton:
+            return
+        skeleton = _INNERMOST.sub(b"", skeleton)
+    if b"[" not in skeleton and b"{" not in skeleton:
+        return
+    field, offset = _deepest_field(raw, limit + 1)
+    raise InvalidCheckpoint(
+        field, f"nests lists or objects more than {limit} levels deep (byte offset {offset} of the body), "
+        f"deeper than a checkpoint may hold (MAX_DEPTH={limit}): refused before parsing"
+    )
+
+
+def _deepest_field(raw: bytes, limit: int) -> tuple[str | None, int]:
+    """The top-level key under which nesting first passes ``limit``, and the offset where it does."""
+    depth, i, n = 0, 0, len(raw)
+    key: str | None = None
+    last_string = b""
+    while i < n:
+        c = raw[i]
+        if c == 0x22:  # a string: skip it, remembering it in case it is a key
+            match = _STRING.match(raw, i)
+            end = match.end() if match else n
+            last_string = raw[i + 1 : end - 1]
+            i = end
+            continue
+        if c == 0x3A and depth == 1:  # ':' after a key of the body object
+            key = last_string.decode("utf-8", "replace")
+        elif c in b"[{":
+            depth += 1
+            if depth > limit:
+                return key, i
+        elif c in b"]}":
+            depth -= 1
+        i += 1
+    return key, n  # pragma: no cover - only called when the body is too deep
+
+
+def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Checkpoint:
+    """Verify and parse a serialized checkpoint; ``InvalidCheckpoint`` saying what is wrong if invalid.
 
     The checksum is verified on the raw bytes before any parsing, and only JSON is ever parsed:
-    a pickle, garbage, a truncated or altered file is refused without being interpreted.
+    a pickle, garbage, a truncated or altered file is refused without being interpreted. Every field
+    is checked for its type and range (``InvalidCheckpoint.field`` names the one at fault), and
+    fields nested deeper than ``max_depth`` levels (default ``MAX_DEPTH``, 200) are refused before
+    parsing. What only the pipeline knows — the kind of position its source resumes from, the
+    aggregator's state — is checked by ``check_position`` and the aggregator's ``load``.
     """
     match = _HEADER_RE.match(data)
     if match is None:
-        raise ValueError(_why_not_a_checkpoint(data))
+        raise InvalidCheckpoint(None, _why_not_a_checkpoint(data))
     stripped = data.rstrip(b"\r\n")
     if not stripped.endswith(b"}"):
-        raise ValueError(f"truncated: {len(data)} bytes, the end of the checkpoint is missing")
+        raise InvalidCheckpoint(None, f"truncated: {len(data)} bytes, the end of the checkpoint is missing")
     raw = stripped[match.end() : -1]
     if hashlib.sha256(raw).hexdigest() != match.group(1).decode("ascii"):
-        raise ValueError("checksum mismatch: the content changed after it was written (or was cut short)")
+        raise InvalidCheckpoint(
+            None, "checksum mismatch: the content changed after it was written (or was cut short)"
+        )
+    _check_depth(raw, max_depth)
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # pragma: no cover - checksum passed
-        raise ValueError(f"checksummed body is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidCheckpoint(None, f"checksummed body is not JSON that can be read: {exc}") from None
     if not isinstance(body, dict):
-        raise ValueError("the body is not a JSON object")
+        raise InvalidCheckpoint(None, "the body is not a JSON object")
     version = body.get("version")
-    if version != FORMAT_VERSION:
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise ValueError(
-                f"format version {version} is newer than this microbatch reads ({FORMAT_VERSION}): "
-                f"upgrade microbatch"
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise InvalidCheckpoint(
+                "version",
+                f"is {version}, newer than this microbatch reads ({FORMAT_VERSION}): upgrade microbatch",
             )
-        raise ValueError(f"unknown format version {version!r:.60}")
-    fingerprint = body.get("fingerprint")
-    if not isinstance(fingerprint, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in fingerprint.items()
-    ):
-        raise ValueError("field 'fingerprint' is not a mapping of str to str")
-    created = body.get("created")
-    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
-        raise ValueError(f"field 'created' is {created!r:.60}, not a time")
-    if not isinstance(body.get("finished"), bool):
-        raise ValueError("field 'finished' is not a bool")
-    if "position" not in body or "state" not in body:
-        raise ValueError("no 'position' or no 'state' field")
+        raise InvalidCheckpoint("version", f"is {version!r:.60}: an unknown format version")
     return Checkpoint(
         batches=_check_int(body, "batches"),
         records=_check_int(body, "records"),
-        position=body["position"],
-        state=body["state"],
+        position=_present(body, "position"),
+        state=_present(body, "state"),
         dead_letters=_check_int(body, "dead_letters"),
-        fingerprint=dict(fingerprint),
-        finished=body["finished"],
-        created=float(created),
+        fingerprint=_check_fingerprint_field(body.get("fingerprint")),
+        finished=_check_bool(body, "finished"),
+        created=_check_created(body.get("created")),
         version=version,
     )
+
+
+def _present(body: dict[str, Any], name: str) -> JSON:
+    if name not in body:
+        raise InvalidCheckpoint(name, "is missing")
+    return body[name]
+
+
+def _check_bool(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if not isinstance(value, bool):
+        raise InvalidCheckpoint(name, f"is {value!r:.60}, not a bool")
+    return value
+
+
+def _check_fingerprint_field(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidCheckpoint("fingerprint", f"is {value!r:.60}, not a mapping of str to str")
+    return dict(value)
+
+
+def _check_created(value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise InvalidCheckpoint("created", f"is {value!r:.60}, not a time (seconds since the epoch, >= 0)")
+
+
+#: How a source resumes, which decides what a checkpoint's ``position`` must be:
+#: ``"offset"`` a byte offset (files), ``"count"`` a number of records to skip (iterables),
+#: ``"chunk"`` the JSON position a resumable source put in its last chunk, ``"none"`` nothing (TCP).
+PositionKind = Literal["offset", "count", "chunk", "none"]
+
+
+def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
+    """Return ``checkpoint.position`` checked for a source that resumes by ``kind``; ``InvalidCheckpoint``
+    naming the field ``position`` otherwise.
+
+    - ``"offset"`` and ``"count"``: an int >= 0 (a bool is refused). ``null`` is accepted, as 0,
+      only when no batch was folded; after that it would silently read the input again from its
+      start and count it twice. The int is returned.
+    - ``"chunk"``: any JSON value, but not ``null`` once batches were folded (the source could not
+      resume after them).
+    - ``"none"``: the source cannot resume; the position must be ``null``.
+    """
+    position = checkpoint.position
+    if kind in ("offset", "count"):
+        what = "a byte offset" if kind == "offset" else "a number of records to skip"
+        if position is None:
+            if checkpoint.batches == 0 and checkpoint.records == 0:
+                return 0
+            raise InvalidCheckpoint(
+                "position", f"is null after {checkpoint.batches} batches, but this source resumes from "
+                f"{what} (an int >= 0): resuming from the start would fold its records twice"
+            )
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise InvalidCheckpoint("position", f"is {position!r:.60}, not {what} (an int >= 0)")
+        return position
+    if kind == "chunk":
+        if position is None and checkpoint.batches > 0:
+            raise InvalidCheckpoint(
+                "position", f"is null after {checkpoint.batches} batches, but this source resumes from "
+                f"the position of its last chunk"
+            )
+        return position
+    if kind == "none":
+        if position is not None:
+            raise InvalidCheckpoint(
+                "position", f"is {position!r:.60}, but this source cannot resume (null expected)"
+            )
+        return None
+    raise ValueError(f"kind must be 'offset', 'count', 'chunk' or 'none', got {kind!r}")
+
+
+T = TypeVar("T")
+
+
+def checked(field: str, load: Callable[[JSON], T], value: JSON) -> T:
+    """Return ``load(value)``; turn any ``Exception`` it raises into ``InvalidCheckpoint`` naming ``field``.
+
+    For the parts of a checkpoint that another object interprets, e.g.
+    ``checked("state", aggregator.load, checkpoint.state)``, so that a store's ``load`` falls back
+    to the previous checkpoint with an error naming the field instead of failing the resume.
+    """
+    try:
+        return load(value)
+    except InvalidCheckpoint:
+        raise
+    except Exception as exc:
+        owner = getattr(load, "__self__", None)
+        describe = getattr(owner, "describe", None)
+        who = f"{describe()}.load" if callable(describe) else getattr(load, "__qualname__", "load")
+        raise InvalidCheckpoint(field, f"was refused by {who}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_fingerprint(saved: dict[str, str], current: dict[str, str], *, location: str) -> None:

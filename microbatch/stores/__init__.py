@@ -13,14 +13,25 @@ as invalid by ``load``, or belong to a run that was abandoned).
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Protocol, runtime_checkable
 
-from .._core.checkpoint import Checkpoint
+from .._core.checkpoint import Checkpoint, encode
+from .._exceptions import CheckpointCorrupt
+from ._common import Validate, accept
 from .directory import DirectoryStore
 from .sqlite import SqliteStore
 
-__all__ = ["CheckpointStore", "DirectoryStore", "SqliteStore", "is_sqlite_target", "open_store"]
+__all__ = [
+    "CheckpointStore",
+    "DirectoryStore",
+    "SqliteStore",
+    "Validate",
+    "is_sqlite_target",
+    "load_valid",
+    "open_store",
+]
 
 
 @runtime_checkable
@@ -36,7 +47,10 @@ class CheckpointStore(Protocol):
 
     def load(self) -> Checkpoint | None:
         """Return the newest valid checkpoint, ``None`` when there is none; ``CheckpointCorrupt``
-        when checkpoints exist but none is valid."""
+        when checkpoints exist but none is valid.
+
+        The built-in stores also take ``validate`` (see :func:`load_valid`): a store that does
+        falls back past checkpoints the pipeline refuses."""
         ...
 
     def save(self, checkpoint: Checkpoint) -> None:
@@ -50,6 +64,29 @@ class CheckpointStore(Protocol):
     def close(self) -> None:
         """Release the store's resources; the store cannot be used after."""
         ...
+
+
+def load_valid(store: CheckpointStore, validate: Validate) -> Checkpoint | None:
+    """``store.load(validate=validate)``: the newest checkpoint that decodes and passes ``validate``.
+
+    ``validate(checkpoint)`` raises to refuse a checkpoint (``InvalidCheckpoint`` naming the field,
+    or any ``Exception``); the store then reports it and falls back to the previous one. For a
+    store whose ``load`` takes no ``validate`` (one written for an older microbatch), the newest
+    checkpoint is validated here, and a refusal raises ``CheckpointCorrupt`` naming the store, as
+    there is nothing to fall back to.
+    """
+    if "validate" in inspect.signature(store.load).parameters:
+        loaded: Checkpoint | None = store.load(validate=validate)  # type: ignore[call-arg]
+        return loaded
+    checkpoint = store.load()
+    if checkpoint is not None:
+        try:
+            accept(encode(checkpoint), checkpoint.batches, validate)
+        except ValueError as exc:
+            raise CheckpointCorrupt(f"the newest checkpoint in {store.location} cannot be resumed: {exc}") \
+                from exc
+    return checkpoint
+
 
 _SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 

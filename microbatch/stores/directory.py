@@ -9,9 +9,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from .._core.checkpoint import Checkpoint, decode, encode
+from .._core.checkpoint import Checkpoint, encode
 from .._exceptions import CheckpointWriteError
-from ._common import WriterLock, check_keep, logger, none_valid, report_skipped
+from ._common import Validate, WriterLock, accept, check_keep, logger, none_valid, report_skipped
 
 _NAME = re.compile(r"^checkpoint-(\d{12,})\.json$")
 _TEMP_PREFIX = ".checkpoint-"
@@ -76,12 +76,16 @@ class DirectoryStore:
         found.sort(reverse=True)
         return found
 
-    def load(self) -> Checkpoint | None:
+    def load(self, validate: Validate | None = None) -> Checkpoint | None:
         """Return the newest valid checkpoint, or ``None`` when the folder holds none (or is missing).
 
-        Invalid newer files (not JSON, truncated, wrong checksum, a newer format) are each reported
-        with a ``logging`` warning and listed in ``skipped``; the newest valid one is returned.
-        Raises ``CheckpointCorrupt`` naming the folder when checkpoint files exist but none is valid.
+        Invalid newer files (not JSON, truncated, wrong checksum, a newer format, a field of the
+        wrong type or range, nesting deeper than ``MAX_DEPTH``, or refused by ``validate``) are each
+        reported with a ``logging`` warning and listed in ``skipped``; the newest valid one is
+        returned. ``validate(checkpoint)`` is the pipeline's own check (the position's kind, the
+        aggregator's ``load``): it raises to refuse a checkpoint, and the last call that returned
+        was for the checkpoint returned. Raises ``CheckpointCorrupt`` naming the folder when
+        checkpoint files exist but none is valid.
         """
         self.skipped = []
         numbered = self._numbered()
@@ -92,15 +96,9 @@ class DirectoryStore:
                 report_skipped(self.location, self.skipped, str(file), f"cannot be read: {exc}")
                 continue
             try:
-                checkpoint = decode(data)
+                return accept(data, number, validate)
             except ValueError as exc:
                 report_skipped(self.location, self.skipped, str(file), str(exc))
-                continue
-            if checkpoint.batches != number:
-                report_skipped(self.location, self.skipped, str(file),
-                        f"holds batch {checkpoint.batches}, not the {number} of its name")
-                continue
-            return checkpoint
         if numbered:
             raise none_valid(self.location, self.skipped)
         return None
@@ -109,9 +107,13 @@ class DirectoryStore:
         """Write ``checkpoint`` atomically as the newest; prune to the newest ``keep``.
 
         Raises ``CheckpointWriteError`` (the previous checkpoint intact) on any ``OSError``, and
-        ``TypeError`` when the checkpoint holds data that JSON cannot.
+        ``TypeError`` when the checkpoint holds data that JSON cannot. When this store holds the
+        writer lock and its lock file vanished (the folder was deleted under the run), the lock is
+        taken again on a new file with a warning, or ``CheckpointWriteError`` is raised when another
+        run holds it by then: never two writers.
         """
         data = encode(checkpoint)
+        self._writer.verify()
         final = self.path / f"checkpoint-{checkpoint.batches:012d}.json"
         tmp: str | None = None
         fd: int | None = None
@@ -159,7 +161,7 @@ class DirectoryStore:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                logger.warning("microbatch: cannot remove old checkpoint %s: %s", file, exc)
+                logger.warning("cannot remove old checkpoint %s: %s", file, exc)
 
     def clear(self) -> None:
         """Remove every checkpoint and temporary file of the folder (the folder itself stays)."""

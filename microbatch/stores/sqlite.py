@@ -8,9 +8,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from .._core.checkpoint import Checkpoint, decode, encode
+from .._core.checkpoint import Checkpoint, encode
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from ._common import WriterLock, check_keep, none_valid, report_skipped
+from ._common import Validate, WriterLock, accept, check_keep, none_valid, report_skipped
 
 
 class SqliteStore:
@@ -21,10 +21,12 @@ class SqliteStore:
     checksummed JSON as a checkpoint file, verified on load. Like :class:`DirectoryStore` it keeps
     the newest ``keep`` checkpoints (default 3) and reports invalid rows in ``skipped``.
 
-    The file (and its folder) is created when the store opens. Raises ``CheckpointCorrupt`` when
-    the file is not a SQLite database, ``CheckpointWriteError`` when a save fails (a full disk,
-    ``SQLITE_FULL``, a read-only file); the transaction is rolled back and the previous checkpoint
-    stays. Calls are serialized by a lock, so any thread may use the store.
+    The file (and its folder) is created when the store opens, with mode 0600 (it holds the
+    aggregator's state; SQLite gives its ``-wal`` and ``-shm`` files the same mode). Raises
+    ``CheckpointCorrupt`` when the file is not a SQLite database, ``CheckpointWriteError`` when a
+    save fails (a full disk, ``SQLITE_FULL``, a read-only file, the file deleted under the run); the
+    transaction is rolled back and the previous checkpoint stays. Calls are serialized by a lock,
+    so any thread may use the store.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, keep: int = 3) -> None:
@@ -36,6 +38,9 @@ class SqliteStore:
         self._writer = WriterLock(self.path.with_name(self.path.name + ".lock"), self.location)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise CheckpointWriteError(f"cannot open the checkpoint database {self.location}: {exc}") from exc
@@ -56,11 +61,12 @@ class SqliteStore:
     def __repr__(self) -> str:
         return f"SqliteStore({self.location!r}, keep={self.keep})"
 
-    def load(self) -> Checkpoint | None:
+    def load(self, validate: Validate | None = None) -> Checkpoint | None:
         """Return the newest valid checkpoint, or ``None`` when the table is empty.
 
-        Invalid rows are reported (``logging`` warning, ``skipped``) and passed over; when rows exist
-        but none is valid, raises ``CheckpointCorrupt`` naming the file.
+        Invalid rows (see ``DirectoryStore.load``, also for ``validate``) are reported (``logging``
+        warning, ``skipped``) and passed over; when rows exist but none is valid, raises
+        ``CheckpointCorrupt`` naming the file.
         """
         with self._lock:
             self.skipped = []
@@ -72,15 +78,11 @@ class SqliteStore:
                 raise CheckpointCorrupt(f"cannot read checkpoints from {self.location}: {exc}") from exc
             for number, body in rows:
                 where = f"{self.location} (row batches={number})"
+                data = bytes(body) if not isinstance(body, str) else body.encode("utf-8")
                 try:
-                    checkpoint = decode(bytes(body) if not isinstance(body, str) else body.encode("utf-8"))
+                    return accept(data, number, validate)
                 except ValueError as exc:
                     report_skipped(self.location, self.skipped, where, str(exc))
-                    continue
-                if checkpoint.batches != number:
-                    report_skipped(self.location, self.skipped, where, f"holds batch {checkpoint.batches}")
-                    continue
-                return checkpoint
             if rows:
                 raise none_valid(self.location, self.skipped)
             return None
@@ -89,6 +91,8 @@ class SqliteStore:
         """Store ``checkpoint`` in one transaction with the pruning; ``CheckpointWriteError`` on failure."""
         data = encode(checkpoint)
         with self._lock:
+            self._writer.verify()
+            self._check_file()
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -115,6 +119,21 @@ class SqliteStore:
                     f"the previous checkpoint is intact. Free space or fix the file's permissions, "
                     f"then run again to resume"
                 ) from exc
+
+    def _check_file(self) -> None:
+        # A database file deleted or replaced under an open connection would take the checkpoints
+        # to a file nobody can open again: stop instead.
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise CheckpointWriteError(
+                f"the checkpoint database {self.location} was deleted or replaced while this run "
+                f"wrote to it; no checkpoint can be saved there. Run again to start over (or resume "
+                f"from a restored copy)"
+            )
 
     def clear(self) -> None:
         """Remove every checkpoint row (the file stays)."""
