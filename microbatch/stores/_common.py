@@ -52,6 +52,7 @@ class WriterLock:
         self.location = location
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
+        self._lost: str | None = None  # why this store may no longer write, once it lost the lock
 
     @property
     def held(self) -> bool:
@@ -91,6 +92,8 @@ class WriterLock:
         Does nothing when the lock is not held (a store used without ``lock()``). Raises
         ``CheckpointWriteError`` naming the store when another run took the lock meanwhile.
         """
+        if self._lost is not None:
+            raise CheckpointWriteError(self._lost)
         if self._fd is None:
             return
         try:
@@ -105,11 +108,12 @@ class WriterLock:
         try:
             self.acquire()
         except CheckpointError as exc:
-            raise CheckpointWriteError(
+            self._lost = (
                 f"the lock file {self.path} was deleted or replaced while this run held it, and "
                 f"another run now holds the new one; this run stops writing checkpoints to "
                 f"{self.location} so that two runs never write one store ({exc})"
-            ) from None
+            )
+            raise CheckpointWriteError(self._lost) from None
         logger.warning(
             "the lock file %s was deleted or replaced while this run held it (was the "
             "checkpoint location deleted?); it was recreated, and checkpoints written before are gone",
