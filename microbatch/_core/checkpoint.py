@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .._exceptions import CheckpointCorrupt, CheckpointMismatch
+from .._exceptions import CheckpointCorrupt
+from .fingerprint import check_fingerprint
 
 if TYPE_CHECKING:
     from ..stores import CheckpointStore, DirectoryStore, SqliteStore, is_sqlite_target, open_store
@@ -351,27 +352,6 @@ def checked(field: str, load: Callable[[JSON], T], value: JSON) -> T:
         describe = getattr(owner, "describe", None)
         who = f"{describe()}.load" if callable(describe) else getattr(load, "__qualname__", "load")
         raise InvalidCheckpoint(field, f"was refused by {who}: {type(exc).__name__}: {exc}") from exc
-
-
-def check_fingerprint(saved: dict[str, str], current: dict[str, str], *, location: str) -> None:
-    """Raise ``CheckpointMismatch`` listing every key whose saved and current values differ.
-
-    A key present on one side only counts as a difference (shown as ``(absent)``). The message says
-    how to start fresh: ``fresh=True`` on ``Pipeline.run`` or ``--fresh`` on the command line.
-    """
-    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-    if not differing:
-        return
-
-    def show(d: dict[str, str], k: str) -> str:
-        return repr(d[k]) if k in d else "(absent)"
-
-    details = "; ".join(f"{k}: saved {show(saved, k)}, now {show(current, k)}" for k in differing)
-    raise CheckpointMismatch(
-        f"the checkpoint in {location} belongs to another pipeline ({', '.join(differing)} differ: "
-        f"{details}). Resuming would mix two computations. Pass fresh=True to Pipeline.run (or --fresh "
-        f"on the command line) to discard the checkpoint and start over, or use another checkpoint location"
-    )
 
 
 _MOVED = frozenset({"CheckpointStore", "DirectoryStore", "SqliteStore", "is_sqlite_target", "open_store"})
