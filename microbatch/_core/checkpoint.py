@@ -64,7 +64,9 @@ class Checkpoint:
     ``state`` the aggregator's ``dump``; ``dead_letters`` the byte length of the dead-letter file
     (cut back to it on resume); ``fingerprint`` what identifies the pipeline (fn, aggregator,
     source...); ``finished`` whether the source was read to its end; ``created`` the
-    ``time.time()`` of the save; ``version`` the format version.
+    ``time.time()`` of the save; ``version`` the format version; ``identity`` which input the
+    position belongs to (for a file, ``sources.identity.FileIdentity.to_json()``; ``None`` when
+    unknown, as in checkpoints of earlier versions).
     """
 
     batches: int
@@ -76,6 +78,7 @@ class Checkpoint:
     finished: bool = False
     created: float = field(default_factory=time.time)
     version: int = FORMAT_VERSION
+    identity: JSON = None
 
 
 def _canonical(data: JSON) -> bytes:
@@ -256,7 +259,15 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Checkpoint:
         finished=_check_bool(body, "finished"),
         created=_check_created(body.get("created")),
         version=version,
+        identity=_check_identity(body.get("identity")),
     )
+
+
+def _check_identity(value: object) -> JSON:
+    # Checked in full by the source that wrote it (sources.identity.FileIdentity.from_json).
+    if value is not None and not isinstance(value, dict):
+        raise InvalidCheckpoint("identity", f"is {value!r:.60}, not null or an object")
+    return value
 
 
 def _present(body: dict[str, Any], name: str) -> JSON:
