@@ -95,7 +95,8 @@ JOB = textwrap.dedent(
 
 
     OBJECTS = {
-        "fn": fn, "ping": ping, "decorated": decorated, "partial": functools.partial(scaled, 2),
+        "fn": fn, "ping": ping, "method": Parser().parse, "decorated": decorated,
+        "partial": functools.partial(scaled, 2),
         "agg_sum": Sum(), "agg_longest": Longest(), "agg_reduce": Reduce(longer, 0),
     }
     '''
@@ -155,8 +156,8 @@ def test_moving_code_or_editing_a_comment_changes_nothing(tmp_path: Path) -> Non
         ("return sum(min(", "return 2 * sum(min(", {"fn"}),  # the body
         ('"skip", "ignore"', '"skip", "ignored"', {"fn"}),  # a constant of a comprehension's set
         ("return line.strip()", "return line.strip(' ')", {"fn"}),  # a helper function it calls
-        ("return int(text) * self.scale", "return int(text) + self.scale", {"fn"}),  # a class it uses
-        ("    scale = 1\n", "    scale = 2\n", {"fn"}),  # a class attribute
+        ("return int(text) * self.scale", "return int(text) + self.scale", {"fn", "method"}),  # a class
+        ("    scale = 1\n", "    scale = 2\n", {"fn", "method"}),  # a class attribute
         ("LIMIT = 10", "LIMIT = 11", {"fn"}),  # a module constant it names
         ("psi omega", "psi", {"fn"}),  # a frozenset it names
         ("return pong(n - 1) if n else 0", "return pong(n - 2) if n else 0", {"ping"}),  # mutual recursion

@@ -228,12 +228,18 @@ def code_digest(fn: object) -> str:
     It changes when the body, a constant, a default, or a function or class of the same module that
     the code names changes; it does not change when the function moves or a comment is edited. A
     partial's arguments count by value when they are plain data, by type otherwise. For a callable
-    instance the code of its class is hashed (not its attributes). A builtin is named only.
+    instance, and for a bound method, the code of its class is hashed (not its attributes). A
+    builtin is named only.
     """
     target = _unwrap(fn)
 
     def feed(h: _Hasher) -> None:
-        if isinstance(target, (types.FunctionType, functools.partial, type)):
+        if isinstance(target, types.MethodType):  # a bound method: its function and its class
+            owner = type(target.__self__) if not isinstance(target.__self__, type) else target.__self__
+            h.put("method")
+            h.obj(target.__func__, target.__func__.__module__)
+            h.obj(owner, owner.__module__)
+        elif isinstance(target, (types.FunctionType, functools.partial, type)):
             h.obj(target, getattr(target, "__module__", None) if not isinstance(target, functools.partial)
                   else getattr(target.func, "__module__", None))
         elif callable(target) and type(target).__module__ not in ("builtins",) \
