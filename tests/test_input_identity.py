@@ -12,7 +12,7 @@ import pytest
 
 from microbatch import CheckpointMismatch
 from microbatch._core.checkpoint import Checkpoint, InvalidCheckpoint, decode, encode
-from microbatch.sources.identity import FileIdentity, classify, file_identity, siblings
+from microbatch.sources.identity import FileIdentity, classify, fd_identity, file_identity, siblings
 
 
 def lines(start: int, stop: int) -> str:
@@ -81,6 +81,16 @@ def test_a_file_replaced_by_another_is_refused_and_by_a_copy_continues(log: Path
     os.replace(other, log)
     state = classify(log, saved)
     assert state.kind == "changed" and "is another file" in state.why
+
+
+def test_an_open_file_keeps_its_identity_after_a_rename(log: Path, tmp_path: Path) -> None:
+    with log.open("rb") as f:
+        log.rename(tmp_path / "app.log.1")
+        log.write_text(lines(3000, 4000))
+        saved = fd_identity(f.fileno(), 500, where=str(log))
+    assert saved == file_identity(tmp_path / "app.log.1", 500)
+    state = classify(log, saved)
+    assert state.kind == "rotated" and state.path == str(tmp_path / "app.log.1")
 
 
 def test_the_rotation_of_the_issue_finds_the_old_file(log: Path, tmp_path: Path) -> None:

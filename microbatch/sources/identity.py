@@ -39,6 +39,7 @@ __all__ = [
     "FileIdentity",
     "FileState",
     "classify",
+    "fd_identity",
     "file_identity",
     "siblings",
 ]
@@ -107,12 +108,21 @@ def file_identity(
     """
     fd = os.open(path, os.O_RDONLY)
     try:
-        return _identity_of_fd(fd, os.fspath(path), offset, head_bytes, tail_bytes)
+        return fd_identity(fd, offset, where=os.fspath(path), head_bytes=head_bytes, tail_bytes=tail_bytes)
     finally:
         os.close(fd)
 
 
-def _identity_of_fd(fd: int, where: str, offset: int, head_bytes: int, tail_bytes: int) -> FileIdentity:
+def fd_identity(
+    fd: int,
+    offset: int,
+    *,
+    where: str = "the file",
+    head_bytes: int = HEAD_BYTES,
+    tail_bytes: int = TAIL_BYTES,
+) -> FileIdentity:
+    """The identity of the open file ``fd`` read up to ``offset``: for a reader that keeps a file open
+    after it was renamed (a rotation), whose path now names another file. ``where`` names it in errors."""
     st = os.fstat(fd)
     if st.st_size < offset:
         raise ValueError(f"{where} holds {st.st_size} bytes, fewer than the offset {offset}")
