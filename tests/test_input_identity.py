@@ -103,6 +103,8 @@ def test_the_rotation_of_the_issue_finds_the_old_file(log: Path, tmp_path: Path)
     state = classify(log, saved)
     assert state.kind == "rotated" and state.path == str(tmp_path / "app.log.1")
     assert state.size == len(lines(0, 2000).encode())
+    rotated = tmp_path / "app.log.1"
+    assert state.why == f"{log} was rotated: the data read before is now in {rotated} (renamed)"
     with open(state.path, "rb") as f:  # what the pipeline reads next: the rest of the old file
         f.seek(state.offset)
         assert f.read().decode() == lines(1000, 2000)
@@ -116,6 +118,7 @@ def test_copytruncate_is_found_by_content(log: Path, tmp_path: Path) -> None:
     log.write_text(lines(7000, 7100))
     state = classify(log, saved)
     assert state.kind == "rotated" and state.path == str(tmp_path / "app.log-20261130")
+    assert state.why.endswith("(copied)")
 
 
 def test_a_deleted_or_compressed_rotation_cannot_be_recovered(log: Path, tmp_path: Path) -> None:

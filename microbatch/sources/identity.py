@@ -141,7 +141,8 @@ Kind = Literal["grown", "same", "rotated", "changed", "missing"]
 @dataclass(frozen=True)
 class FileState:
     """What :func:`classify` found: ``kind``, the ``path`` that holds the saved data (the sibling
-    when ``rotated``), its ``size`` now, and ``why`` (what differs, for ``changed`` and ``missing``)."""
+    when ``rotated``), its ``size`` now, and ``why`` (what differs, for ``rotated``, ``changed``
+    and ``missing``)."""
 
     kind: Kind
     path: str
@@ -150,7 +151,8 @@ class FileState:
     why: str = ""
 
     def error(self) -> CheckpointMismatch:
-        """The refusal to resume for ``changed`` or ``missing``, naming the file and what differs."""
+        """The refusal to resume for ``changed`` or ``missing`` (or ``rotated`` where a rotation
+        cannot be followed, without ``follow``), naming the file and what differs."""
         return CheckpointMismatch(
             f"the input changed: {self.why}. Resuming from byte offset {self.offset} would skip or "
             f"repeat records. Pass fresh=True to Pipeline.run (--fresh on the command line) to start "
@@ -232,14 +234,15 @@ def classify(path: str | os.PathLike[str], saved: FileIdentity) -> FileState:
     candidates = [
         (sibling, found) for sibling in siblings(path) if (found := _compare_or_none(sibling, saved))
     ]
+    rotated = f"{path} was rotated: the data read before is now in "
     for sibling, (same_inode, same_content, size, _) in candidates:
         if same_inode and same_content:
-            return FileState("rotated", sibling, offset, size)
+            return FileState("rotated", sibling, offset, size, f"{rotated}{sibling} (renamed)")
     if here is not None and here[1]:
         return FileState("grown" if here[2] > offset else "same", path, offset, here[2])
     for sibling, (_, same_content, size, _) in candidates:
         if same_content:
-            return FileState("rotated", sibling, offset, size)
+            return FileState("rotated", sibling, offset, size, f"{rotated}{sibling} (copied)")
     looked = f"; no file beside it ({len(candidates)} looked at) holds the data read before"
     if here is None:
         return FileState("missing", path, offset, 0, f"{path} is missing{looked}")
