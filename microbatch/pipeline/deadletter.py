@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import traceback
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import IO, Any
 from .._exceptions import RemoteError, RemoteTraceback
 
 __all__ = ["DeadLetter", "DeadLetterFile", "describe_error"]
+
+logger = logging.getLogger("microbatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +71,7 @@ def describe_error(exc: BaseException) -> tuple[str, str, str]:
 
 
 class DeadLetterFile:
-    """An append-only JSON-lines file opened lazily on the first dead letter.
+    """An append-only JSON-lines file opened lazily on the first dead letter, created with mode 0600.
 
     ``truncate_to(length)`` cuts the file back to a checkpoint's length before a resumed run writes
     anything; ``length`` is the byte length of what has been written and flushed.
@@ -89,14 +92,23 @@ class DeadLetterFile:
             return 0
 
     def truncate_to(self, length: int) -> None:
-        """Cut the file back to ``length`` bytes (a checkpoint's view of it)."""
+        """Cut the file back to ``length`` bytes (a checkpoint's view of it).
+
+        A file that is missing although the checkpoint recorded dead letters is created again
+        (empty, mode 0600) with a WARNING on the ``microbatch`` logger that the earlier dead letters
+        are gone: the resume goes on, as the folded state does not depend on them. A file shorter
+        than ``length`` was changed outside microbatch: ``ValueError`` naming the file.
+        """
         try:
             size = os.path.getsize(self.path)
         except FileNotFoundError:
             if length:
-                raise FileNotFoundError(
-                    f"dead-letter file {self.path} is missing but the checkpoint expects {length} bytes"
-                ) from None
+                logger.warning(
+                    "dead-letter file %s is missing but the checkpoint recorded %d bytes of dead "
+                    "letters: those earlier dead letters are gone; a new file is started for this run",
+                    self.path, length,
+                )
+                self._open().close()
             return
         if size < length:
             raise ValueError(
@@ -107,15 +119,20 @@ class DeadLetterFile:
             with open(self.path, "r+b") as f:
                 f.truncate(length)
 
+    def _open(self) -> IO[bytes]:
+        """Open the file to append, creating it (and its folder) with mode 0600: it holds raw records."""
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "ab")
+
     def write(self, letters: list[DeadLetter]) -> None:
         """Append ``letters`` and flush them to the operating system."""
         if not letters:
             return
         if self._file is None:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            self._file = open(self.path, "ab")
+            self._file = self._open()
         payload = b"".join(
             json.dumps(letter.to_json(), ensure_ascii=False).encode("utf-8") + b"\n"
             for letter in letters

@@ -1,0 +1,153 @@
+"""What both checkpoint stores share: the writer lock, the ``keep`` check, reporting skipped checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .._core.checkpoint import Checkpoint, InvalidCheckpoint, decode
+from .._exceptions import CheckpointCorrupt, CheckpointError, CheckpointWriteError
+
+logger = logging.getLogger("microbatch.checkpoint")
+
+def check_keep(keep: int) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise TypeError(f"keep must be an int, got {type(keep).__qualname__}")
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (checkpoints kept), got {keep}")
+    return keep
+
+
+def report_skipped(location: str, skipped: list[tuple[str, str]], where: str, why: str) -> None:
+    skipped.append((where, why))
+    logger.warning("skipping invalid checkpoint %s: %s", where, why)
+
+
+def none_valid(location: str, skipped: list[tuple[str, str]]) -> CheckpointCorrupt:
+    reasons = "; ".join(f"{where}: {why}" for where, why in skipped)
+    return CheckpointCorrupt(
+        f"no valid checkpoint in {location} ({len(skipped)} invalid: {reasons}). Move the store aside "
+        f"to keep it for inspection, or pass fresh=True to Pipeline.run (--fresh on the command line) "
+        f"to discard it and start over"
+    )
+
+
+class WriterLock:
+    """An exclusive ``flock`` on a lock file (mode 0600), so that one run at a time writes a store.
+
+    The operating system releases it when the file is closed or the process dies (also by
+    ``kill -9``), so a crashed run never leaves a stale lock. Where ``fcntl`` is missing (Windows)
+    there is no lock.
+
+    A lock on a file that was deleted protects nothing: a second run would create a new lock file
+    and take it. ``verify()``, called before every save, notices that the lock file is gone or
+    replaced; it takes a lock on a new file when nobody else holds one (logging a warning) and raises
+    ``CheckpointWriteError`` when another run already does, so there are never two writers.
+    """
+
+    def __init__(self, path: Path, location: str) -> None:
+        self.path = path
+        self.location = location
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+        self._lost: str | None = None  # why this store may no longer write, once it lost the lock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot create the lock file {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.location} is in use by another run (pid {holder}): two runs writing one "
+                f"checkpoint store would overwrite each other's checkpoints. Wait for it to end, or "
+                f"give this run its own checkpoint location"
+            ) from None
+        os.fchmod(fd, 0o600)  # also a lock file an older version created 0644
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        st = os.fstat(fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+
+    def verify(self) -> None:
+        """Check that the held lock file is still the one at ``path``; take it again if it vanished.
+
+        Does nothing when the lock is not held (a store used without ``lock()``). Raises
+        ``CheckpointWriteError`` naming the store when another run took the lock meanwhile.
+        """
+        if self._lost is not None:
+            raise CheckpointWriteError(self._lost)
+        if self._fd is None:
+            return
+        try:
+            st = os.stat(self.path)
+            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            current = None
+        if current == self._identity:
+            return
+        os.close(self._fd)
+        self._fd = self._identity = None
+        try:
+            self.acquire()
+        except CheckpointError as exc:
+            self._lost = (
+                f"the lock file {self.path} was deleted or replaced while this run held it, and "
+                f"another run now holds the new one; this run stops writing checkpoints to "
+                f"{self.location} so that two runs never write one store ({exc})"
+            )
+            raise CheckpointWriteError(self._lost) from None
+        logger.warning(
+            "the lock file %s was deleted or replaced while this run held it (was the "
+            "checkpoint location deleted?); it was recreated, and checkpoints written before are gone",
+            self.path,
+        )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._identity = None
+
+
+#: ``validate`` callback of a store's ``load``: raises (ideally ``InvalidCheckpoint`` naming the
+#: field) when the pipeline cannot resume from a checkpoint, so that the store falls back.
+Validate = Callable[[Checkpoint], object]
+
+
+def accept(data: bytes, number: int, validate: Validate | None) -> Checkpoint:
+    """Decode the checkpoint stored as number ``number`` and run ``validate`` on it.
+
+    Raises ``InvalidCheckpoint`` (a ``ValueError``) saying why it cannot be used. Any ``Exception``
+    from ``validate`` counts as invalid, except the ``CheckpointError``s that are not about this one
+    checkpoint (a ``CheckpointMismatch`` must stop the resume, not fall back to an older one).
+    """
+    checkpoint = decode(data)
+    if checkpoint.batches != number:
+        raise InvalidCheckpoint("batches", f"is {checkpoint.batches}, not the {number} it is stored as")
+    if validate is not None:
+        try:
+            validate(checkpoint)
+        except InvalidCheckpoint:
+            raise
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise InvalidCheckpoint(None, f"refused by the pipeline: {type(exc).__name__}: {exc}") from exc
+    return checkpoint
