@@ -39,17 +39,19 @@ from ._exceptions import (
 
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
-    from ._core.checkpoint import Checkpoint, CheckpointStore, DirectoryStore, SqliteStore
+    from ._core.checkpoint import Checkpoint
     from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
     from .sources import Chunk, LineSource, Source, TcpLines, read_lines, tcp_lines
+    from .stores import CheckpointStore, DirectoryStore, SqliteStore
 
 _LAZY = {
     "._batching": ["ChunkedSource", "batches"],
-    "._core.checkpoint": ["Checkpoint", "CheckpointStore", "DirectoryStore", "SqliteStore"],
+    "._core.checkpoint": ["Checkpoint"],
+    ".stores": ["CheckpointStore", "DirectoryStore", "SqliteStore"],
     ".executors.dask": ["DaskExecutor"],
     ".aggregate": ["Aggregator", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],

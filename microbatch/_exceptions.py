@@ -16,6 +16,7 @@ The hierarchy::
     │   └── TooManyDeadLetters          many records in a row failed and none succeeded in between
     ├── CheckpointError                 a checkpoint store cannot be used
     │   ├── CheckpointCorrupt           no valid checkpoint in a store that holds some
+    │   │   └── InvalidCheckpoint       one checkpoint has a field of the wrong type or range (names it)
     │   ├── CheckpointMismatch          the checkpoint belongs to another pipeline
     │   └── CheckpointWriteError        writing a checkpoint failed; the previous one is intact
     └── BatcherError                    a Batcher refused an item
@@ -47,6 +48,7 @@ __all__ = [
     "TooManyDeadLetters",
     "CheckpointError",
     "CheckpointCorrupt",
+    "InvalidCheckpoint",
     "CheckpointMismatch",
     "CheckpointWriteError",
     "BatcherError",
@@ -190,6 +192,18 @@ class CheckpointError(MicrobatchError):
 
 class CheckpointCorrupt(CheckpointError):
     """Raised when a checkpoint store holds checkpoints but none of them is valid."""
+
+
+class InvalidCheckpoint(CheckpointCorrupt, ValueError):
+    """One checkpoint is invalid: ``field`` names the field at fault (``None`` for the whole record).
+
+    Raised by ``decode``, ``check_position`` and ``checked``; a store's ``load`` reports it and falls
+    back to the previous checkpoint. It is a ``ValueError`` too, as ``decode`` always raised.
+    """
+
+    def __init__(self, field: str | None, why: str) -> None:
+        super().__init__(f"field {field!r} {why}" if field is not None else why)
+        self.field = field
 
 
 class CheckpointMismatch(CheckpointError):

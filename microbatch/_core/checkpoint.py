@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .._exceptions import CheckpointCorrupt
+from .._exceptions import InvalidCheckpoint
 from .fingerprint import check_fingerprint
 
 if TYPE_CHECKING:
@@ -117,18 +117,6 @@ def _is_json(value: JSON) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-class InvalidCheckpoint(CheckpointCorrupt, ValueError):
-    """One checkpoint is invalid: ``field`` names the field at fault (``None`` for the whole record).
-
-    Raised by ``decode``, ``check_position`` and ``checked``; a store's ``load`` reports it and falls
-    back to the previous checkpoint. It is a ``ValueError`` too, as ``decode`` always raised.
-    """
-
-    def __init__(self, field: str | None, why: str) -> None:
-        super().__init__(f"field {field!r} {why}" if field is not None else why)
-        self.field = field
 
 
 def _check_int(body: dict[str, Any], name: str) -> int:

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from contextlib import asynccontextmanager
 from typing import Any, Generic, Literal, TypeVar
 
-from .._core.checkpoint import CheckpointStore
+from .._core.fingerprint import pipeline_fingerprint
 from .._core.params import callable_name, check_int, check_seconds
 from .._core.policy import check_limits
 from .._core.retry import RetryPolicy
 from ..aggregate import Aggregator
 from ..executors import Executor
+from ..stores import CheckpointStore
 from .reader import describe_source
 from .run import Discard, Run
 
@@ -154,20 +155,27 @@ class Pipeline(Generic[R, V]):
         return Pipeline(fn, **settings)
 
     def fingerprint(self, source: object) -> dict[str, str]:
-        """What a checkpoint must match to be resumed: the function, the aggregator, the source."""
-        return {
-            "fn": callable_name(self.fn),
-            "aggregate": (self.aggregate or Discard()).describe(),
-            "source": describe_source(source),
-        }
+        """What a checkpoint must match to be resumed: the function and the aggregator (names and
+        code), the source and the Python version. See ``microbatch._core.fingerprint``."""
+        return pipeline_fingerprint(self.fn, self.aggregate or Discard(), describe_source(source))
 
-    async def run(self, source: Source, *, checkpoint: Target | None = None, fresh: bool = False) -> V:
+    async def run(
+        self,
+        source: Source,
+        *,
+        checkpoint: Target | None = None,
+        fresh: bool = False,
+        accept_changes: bool = False,
+    ) -> V:
         """Run to the end of ``source`` and return the aggregate's final value (None without one).
 
         With ``checkpoint`` (a folder, a ``*.sqlite`` file or a store), a run resumes from the
-        newest valid checkpoint there; ``fresh=True`` discards it first.
+        newest valid checkpoint there; ``fresh=True`` discards it first. A checkpoint of a pipeline
+        whose function, aggregator or input changed is refused with ``CheckpointMismatch`` naming
+        the change; ``accept_changes=True`` resumes anyway (for a change known to be compatible).
+        A finished run over a file that has grown since reads only the appended lines.
         """
-        run = Run(self, source, checkpoint, fresh, updates=False)
+        run = Run(self, source, checkpoint, fresh, accept_changes=accept_changes, updates=False)
         async with run:
             async for _ in run:
                 pass  # nothing comes: the run ends when the folder is done
@@ -175,7 +183,12 @@ class Pipeline(Generic[R, V]):
 
     @asynccontextmanager
     async def updates(
-        self, source: Source, *, checkpoint: Target | None = None, fresh: bool = False
+        self,
+        source: Source,
+        *,
+        checkpoint: Target | None = None,
+        fresh: bool = False,
+        accept_changes: bool = False,
     ) -> AsyncIterator[Run[R, V]]:
         """Run over ``source``, yielding an async iterator of :class:`Update`, one per folded batch.
 
@@ -188,7 +201,12 @@ class Pipeline(Generic[R, V]):
 
     @asynccontextmanager
     async def map(
-        self, source: Source, *, checkpoint: Target | None = None, fresh: bool = False
+        self,
+        source: Source,
+        *,
+        checkpoint: Target | None = None,
+        fresh: bool = False,
+        accept_changes: bool = False,
     ) -> AsyncIterator[AsyncIterator[R]]:
         """Run over ``source``, yielding an async iterator of ``fn``'s results in batch order.
 
@@ -197,7 +215,9 @@ class Pipeline(Generic[R, V]):
         is at least once. Deduplicate by batch number with :meth:`updates` (``update.seq`` and
         ``update.results``) where that matters.
         """
-        async with self.updates(source, checkpoint=checkpoint, fresh=fresh) as run:
+        async with self.updates(
+            source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
+        ) as run:
             yield _results(run)
 
 

@@ -19,6 +19,7 @@ import anyio
 from anyio.abc import ObjectSendStream
 
 from .._batching import batches
+from .._core.checkpoint import PositionKind
 from .._core.lines import LineBlock, cut_parts
 from .._core.policy import BatchPolicy
 from ..sources.files import LineSource, TcpLines
@@ -163,6 +164,15 @@ def decoding(source: object) -> tuple[str, str | None, str]:
     if isinstance(source, LineSource):
         return str(source.path), source.encoding, source.errors
     return "<records>", None, "strict"
+
+
+def position_kind(source: object) -> PositionKind:
+    """The kind of position checkpoints of this source hold."""
+    if isinstance(source, LineSource):
+        return "offset"
+    if isinstance(source, TcpLines):
+        return "none"
+    return "count"
 
 
 def resume_source(source: Any, position: Any) -> Any:

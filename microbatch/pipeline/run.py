@@ -28,7 +28,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from .._core.checkpoint import CheckpointStore
 from .._core.schedule import CheckpointSchedule
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
@@ -38,12 +37,13 @@ from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
-from .reader import Batch, Emitter, decoding, read, resume_source
+from .reader import Batch, Emitter, decoding, position_kind, read, resume_source
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
     import os
 
+    from ..stores import CheckpointStore
     from .pipeline import Pipeline, Source
 
 __all__ = ["Discard", "Run"]
@@ -80,18 +80,28 @@ class Run(Generic[R, V]):
         checkpoint: str | os.PathLike[str] | CheckpointStore | None,
         fresh: bool,
         *,
+        accept_changes: bool = False,
         updates: bool = True,
     ) -> None:
         self.p = pipeline
         self.source = source
         self.fresh = fresh
+        self.accept_changes = accept_changes
         self._send_updates = updates
         self.agg: Aggregator[Any, Any, V] = pipeline.aggregate or Discard()  # type: ignore[assignment]
         self.stats = Stats()
         where, encoding, errors = decoding(source)
         self.task: BatchTask[R] = BatchTask(pipeline.fn, encoding=encoding, errors=errors, where=where)
         self.dead = DeadLetterFile(dead_letter_path(pipeline.dead_letter, checkpoint))
-        self.checkpoints = Checkpoints(checkpoint, pipeline.fingerprint(source), self.dead)
+        kind = position_kind(source)
+        path = getattr(source, "path", None) if kind == "offset" else None
+        self.checkpoints = Checkpoints(
+            checkpoint,
+            pipeline.fingerprint(source),
+            self.dead,
+            kind=kind,
+            path=None if path is None else str(path),
+        )
         self.folder: Folder[V] | None = None
         self._state: Any = self.agg.initial()
         self._stack = AsyncExitStack()
@@ -119,16 +129,19 @@ class Run(Generic[R, V]):
         self.stats.started = anyio.current_time()
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
-            cp = await self.checkpoints.open(fresh=self.fresh)
+            restored = await self.checkpoints.open(
+                fresh=self.fresh, accept_changes=self.accept_changes, load_state=self.agg.load
+            )
         except BaseException:
             await stack.aclose()
             raise
         next_seq, position = 0, None
-        if cp is not None:
-            self._state = self.agg.load(cp.state)
-            next_seq, position = cp.batches, cp.position
+        if restored is not None:
+            cp, self._state, position = restored.checkpoint, restored.state, restored.position
+            next_seq = cp.batches
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
-            if cp.finished:
+            grown = restored.file is not None and restored.file.kind == "grown"
+            if cp.finished and not grown:
                 self._finished_before = True
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self

@@ -61,7 +61,15 @@ def restore(
 
     loaded: list[Any] = []
 
+    found: list[list[str]] = []
+
     def validate(checkpoint: Checkpoint) -> None:
+        # Another pipeline's checkpoint is a mismatch (which stops the resume), not a bad state.
+        found[:] = [
+            check_fingerprint(
+                checkpoint.fingerprint, fingerprint, location=store.location, accept_changes=accept_changes
+            )
+        ]
         position = check_position(checkpoint, kind)
         if path is not None and checkpoint.identity is not None:
             identity = FileIdentity.from_json(checkpoint.identity)
@@ -74,16 +82,17 @@ def restore(
     checkpoint = load_valid(store, validate)
     if checkpoint is None:
         return None
-    changes = check_fingerprint(
-        checkpoint.fingerprint, fingerprint, location=store.location, accept_changes=accept_changes
-    )
+    changes = found[0]
     position = check_position(checkpoint, kind)
     file_state = None
     if path is not None and checkpoint.identity is not None:
         file_state = classify(path, FileIdentity.from_json(checkpoint.identity))
-        if file_state.kind in ("changed", "missing"):
+        if file_state.kind == "missing" and checkpoint.finished:
+            # Nothing is left to read: the finished run's value stands without its input.
+            logger.info("%s is gone; the finished run of %s still has its value", path, store.location)
+        elif file_state.kind in ("changed", "missing"):
             raise file_state.error()
-        if checkpoint.finished and file_state.kind != "same":
+        if checkpoint.finished and file_state.kind == "grown":
             logger.info(
                 "%s has %d new bytes since the finished run of %s: reading only those",
                 file_state.path, max(0, file_state.size - file_state.offset), store.location,
