@@ -36,8 +36,16 @@ async def _lines(source: Any) -> list[Any]:
     return [line async for line in source]
 
 
+def _block(part: tuple[bytes, bytes, int, int]) -> LineBlock:
+    """The lines of one read of a line source, joined, with their byte positions."""
+    head, data, end, start = part
+    lines = head + data[:end]
+    count = lines.count(b"\n") + (not lines.endswith(b"\n"))
+    return LineBlock(lines, count, start, start + len(lines))
+
+
 async def _blocks(source: LineSource[Any]) -> list[LineBlock]:
-    return [block async for block in source.blocks()]
+    return [_block(part) async for part in source.parts()]
 
 
 # -- pure core -------------------------------------------------------------------------------------
@@ -398,8 +406,8 @@ async def test_closing_an_iteration_early_closes_the_file(tmp_path: Path) -> Non
     assert _open_fds_to(path) == 0
     async with aclosing(source.chunks()) as chunks:
         await chunks.__anext__()
-    async with aclosing(source.blocks()) as blocks:
-        await blocks.__anext__()
+    async with aclosing(source.parts()) as parts:
+        await parts.__anext__()
     assert _open_fds_to(path) == 0
 
 

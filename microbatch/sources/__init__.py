@@ -1,5 +1,18 @@
-"""Sources: where records come from (files, growing files, TCP clients, any iterable)."""
+"""Sources: where records come from (files, growing files, TCP clients, standard input, any iterable)."""
 
-from .files import LineSource, TcpLines, read_lines, tcp_lines
+from .files import LineSource, read_lines
+from .protocol import Chunk, LineParts, Source
+from .stdin import StdinLines, stdin_lines
+from .tcp import TcpLines, tcp_lines
 
-__all__ = ["LineSource", "TcpLines", "read_lines", "tcp_lines"]
+__all__ = [
+    "Chunk",
+    "LineParts",
+    "LineSource",
+    "Source",
+    "StdinLines",
+    "TcpLines",
+    "read_lines",
+    "stdin_lines",
+    "tcp_lines",
+]
