@@ -23,7 +23,7 @@ from microbatch._core.lines import (
     decode_parts,
     find_long_line,
 )
-from microbatch.sources import LineSource
+from microbatch.sources import LineParts, LineSource
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "in.txt") -> Path:
@@ -426,3 +426,16 @@ async def test_source_is_reusable_and_typed_attributes(tmp_path: Path) -> None:
     assert "read_lines(" in repr(source)
     with anyio.fail_after(5):
         assert await _lines(mb.read_lines(str(path))) == ["1", "2"]
+
+
+@pytest.mark.anyio
+async def test_protocol_describe_and_resume_at_a_byte_offset(tmp_path: Path) -> None:
+    path = _write(tmp_path, b"one\ntwo\nthree\n")
+    source = mb.read_lines(path)
+    assert isinstance(source, LineParts)
+    # The fingerprint text of checkpoints written before the protocol existed.
+    assert source.describe() == f"file:{os.path.abspath(path)}"
+    assert source.resume(None) is source and source.resume(0) is source
+    assert await _lines(source.resume(4)) == ["two", "three"]
+    with pytest.raises(TypeError, match="position"):
+        source.resume("4")

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 import microbatch as mb
+from microbatch.sources import Source
 
 pytestmark = pytest.mark.anyio
 
@@ -253,3 +254,16 @@ def test_invalid_arguments_name_the_parameter() -> None:
         mb.tcp_lines(0, max_line_length=0)
     with pytest.raises(ValueError, match="ASCII-compatible"):
         mb.tcp_lines(0, encoding="utf-32")
+
+
+async def test_protocol_describe_and_resume_is_the_same_server() -> None:
+    server = mb.tcp_lines(0)
+    assert isinstance(server, Source)
+    assert server.describe() == "tcp"
+    assert server.resume({"chunk": None, "skip": 3}) is server
+    async with server:
+        async with await _connect(server) as client:
+            await client.send(b"x\n")
+            chunk = await server.chunks().__anext__()
+    # Plain lists, not Chunks: a TCP server's records have no positions.
+    assert type(chunk) is list and chunk == ["x"]

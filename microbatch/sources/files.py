@@ -75,6 +75,8 @@ class LineSource(Generic[T]):
         check_int("max_line_length", max_line_length, minimum=1)
         check_seconds("poll_interval", poll_interval)
         self.path: str = os.fspath(path)
+        #: Names the source in messages (its path).
+        self.where: str = self.path
         self.encoding = encoding
         self.errors = errors
         self.follow = follow
@@ -88,6 +90,16 @@ class LineSource(Generic[T]):
             f"read_lines({self.path!r}, encoding={self.encoding!r}, errors={self.errors!r}, "
             f"follow={self.follow}, start={self.start})"
         )
+
+    def describe(self) -> str:
+        """``file:`` and the absolute path: names what is read, for the pipeline's fingerprint."""
+        return f"file:{os.path.abspath(self.path)}"
+
+    def resume(self, position: Any) -> LineSource[T]:
+        """The source continued at byte offset ``position`` (a batch's end); None or 0: itself."""
+        if position is None or position == 0:
+            return self
+        return self.with_start(check_int("position", position))
 
     def with_start(self, offset: int) -> LineSource[T]:
         """A copy of this source that starts at byte ``offset`` (the ``end`` of a block read before).

@@ -109,6 +109,15 @@ class TcpLines(Generic[T]):
         state = f"listening on port {self._port}" if self._port is not None else "not started"
         return f"tcp_lines({self.requested_port}, host={self.host!r}) [{state}]"
 
+    def describe(self) -> str:
+        """``"tcp"``: what arrives on a socket is not named by where it listens."""
+        return "tcp"
+
+    def resume(self, position: Any) -> TcpLines[T]:
+        """This server itself: lines sent to it cannot be read again, so a resumed run goes on
+        with what arrives next (``position`` is ignored)."""
+        return self
+
     @property
     def port(self) -> int:
         """The bound port (the one chosen by the system when created with ``port=0``)."""
