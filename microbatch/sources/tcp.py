@@ -8,7 +8,6 @@ connection it came from.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
@@ -18,12 +17,21 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._core.lines import check_encoding
-from .._core.params import check_int
-from .._exceptions import LineTooLong, SourceDecodeError
-from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader
-from .protocol import Part
+from .._core.params import check_int, check_seconds
+from .connections import ConnectionTable
+from .linereader import DEFAULT_MAX_LINE_LENGTH
+from .tcpserve import Clients
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_READ_SIZE", "TcpLines", "tcp_lines"]
+__all__ = [
+    "DEFAULT_BUFFER_SIZE",
+    "DEFAULT_EVICT_AFTER",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BUFFERED_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_READ_SIZE",
+    "TcpLines",
+    "tcp_lines",
+]
 
 logger = logging.getLogger("microbatch.sources")
 
@@ -35,28 +43,12 @@ DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_READ_SIZE = 1 << 16
 #: Chunks (one per socket read) a TCP server holds for a consumer that does not read.
 DEFAULT_BUFFER_SIZE = 16
-
-
-async def _recv(sock: socket.socket, size: int) -> bytes:
-    """One read of a client socket; ``b""`` when the client closed or reset the connection."""
-    while True:
-        await anyio.wait_readable(sock)
-        try:
-            return sock.recv(size)
-        except BlockingIOError:
-            continue
-        except ConnectionError:
-            return b""  # reset by the peer: deliver what was complete, like a close
-
-
-def _peer_name(sock: socket.socket) -> str:
-    try:
-        address = sock.getpeername()
-    except OSError:  # already reset by the peer
-        return "tcp client <disconnected>"
-    if isinstance(address, tuple):
-        return f"tcp client {address[0]}:{address[1]}"
-    return f"tcp client {address}"
+#: Seconds a connection may go without completing a line before it is closed.
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: Seconds without a complete line after which a connection may be evicted for a waiting client.
+DEFAULT_EVICT_AFTER = 1.0
+#: Bytes of partial lines held across all connections of one server.
+DEFAULT_MAX_BUFFERED_BYTES = 16 << 20
 
 
 class TcpLines(Generic[T]):
@@ -80,6 +72,9 @@ class TcpLines(Generic[T]):
         max_connections: int,
         read_size: int,
         buffer_size: int,
+        idle_timeout: float | None = None,
+        evict_after: float | None = None,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
         check_encoding(encoding, errors)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -88,6 +83,11 @@ class TcpLines(Generic[T]):
         check_int("max_connections", max_connections, minimum=1)
         check_int("read_size", read_size, minimum=1)
         check_int("buffer_size", buffer_size, minimum=1)
+        if idle_timeout is not None:
+            check_seconds("idle_timeout", idle_timeout)
+        if evict_after is not None:
+            check_seconds("evict_after", evict_after, allow_zero=True)
+        check_int("max_buffered_bytes", max_buffered_bytes, minimum=1)
         self.host = host
         self.requested_port = port
         self.encoding = encoding
@@ -96,14 +96,16 @@ class TcpLines(Generic[T]):
         self.max_connections = max_connections
         self.read_size = read_size
         self.buffer_size = buffer_size
+        self.idle_timeout = idle_timeout
+        self.evict_after = evict_after
+        self.max_buffered_bytes = max_buffered_bytes
         self._depth = 0
         self._port: int | None = None
-        self._active = 0
+        self._table: ConnectionTable | None = None
         self._listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[list[T]] | None = None
         self._receive: MemoryObjectReceiveStream[list[T]] | None = None
-        self._slots: anyio.Semaphore | None = None
 
     def __repr__(self) -> str:
         state = f"listening on port {self._port}" if self._port is not None else "not started"
@@ -131,7 +133,12 @@ class TcpLines(Generic[T]):
     @property
     def active_connections(self) -> int:
         """Clients being served now (at most ``max_connections``)."""
-        return self._active
+        return 0 if self._table is None else len(self._table)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of partial lines held across all connections (at most ``max_buffered_bytes``)."""
+        return 0 if self._table is None else self._table.buffered
 
     @property
     def buffered_chunks(self) -> int:
@@ -167,16 +174,30 @@ class TcpLines(Generic[T]):
                 f"(pass port=0 to let the system choose a free port)",
             ) from exc
         self._send, self._receive = anyio.create_memory_object_stream[list[T]](self.buffer_size)
-        self._slots = anyio.Semaphore(self.max_connections)
+        self._table = ConnectionTable(
+            idle_timeout=self.idle_timeout,
+            evict_after=self.evict_after,
+            max_buffered_bytes=self.max_buffered_bytes,
+        )
         self._listener = multi
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
         self._port = multi.extra(anyio.abc.SocketAttribute.local_port)
+        clients = Clients(
+            self._send,
+            self._table,
+            max_connections=self.max_connections,
+            max_line_length=self.max_line_length,
+            encoding=self.encoding,
+            errors=self.errors,
+            read_size=self.read_size,
+            name=f"tcp_lines on {self.host}:{self._port}",
+        )
         for listener in multi.listeners:
             # create_tcp_listener makes one listener per address family of ``host``.
             raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-            task_group.start_soon(self._accept, raw, self._slots, task_group, self._send)
+            task_group.start_soon(clients.accept, raw, task_group)
         logger.info("tcp_lines listening on %s:%d", self.host, self._port)
 
     async def _stop(
@@ -197,73 +218,6 @@ class TcpLines(Generic[T]):
                 await listener.aclose()
                 # Consumers still iterating drain what was read, then their iteration ends.
                 await send.aclose()
-
-    # The server works on the raw non-blocking sockets: a socket is read only when its handler asks
-    # for data, so a consumer that stops reading stops the reads at once and TCP flow control
-    # blocks the sender. (anyio's asyncio socket streams keep reading an accepted connection into
-    # memory until the first receive() has waited, which under uvloop can buffer without bound.)
-
-    async def _accept(
-        self,
-        listener: socket.socket,
-        slots: anyio.Semaphore,
-        task_group: anyio.abc.TaskGroup,
-        send: MemoryObjectSendStream[list[T]],
-    ) -> None:
-        """Accept clients while fewer than ``max_connections`` are served; others wait in the backlog."""
-        while True:
-            await slots.acquire()
-            try:
-                while True:
-                    await anyio.wait_readable(listener)
-                    try:
-                        client, _ = listener.accept()
-                        break
-                    except BlockingIOError:  # another process or a reset connection took it
-                        continue
-                    except OSError as exc:  # e.g. too many open files: log, wait, go on
-                        logger.error("tcp_lines on port %s: accept failed: %s", self._port, exc)
-                        await anyio.sleep(0.1)
-            except BaseException:
-                slots.release()
-                raise
-            client.setblocking(False)
-            task_group.start_soon(self._serve_client, client, slots, send)
-
-    async def _serve_client(
-        self, sock: socket.socket, slots: anyio.Semaphore, send: MemoryObjectSendStream[list[T]]
-    ) -> None:
-        peer = _peer_name(sock)
-        reader = LineReader(
-            peer, max_line_length=self.max_line_length, encoding=self.encoding, errors=self.errors
-        )
-        read_size = self.read_size
-        self._active += 1
-        try:
-            while True:
-                data = await _recv(sock, read_size)
-                part = reader.feed(data) if data else reader.finish()
-                if part is not None:
-                    await self._deliver(send, reader, part)
-                if not data:
-                    break
-                reader.raise_pending()
-        except (LineTooLong, SourceDecodeError) as exc:
-            logger.error("%s; connection closed, other clients go on", exc)
-        except OSError as exc:
-            logger.error("%s: connection failed: %s", peer, exc)
-        finally:
-            self._active -= 1
-            slots.release()
-            sock.close()
-
-    async def _deliver(self, send: MemoryObjectSendStream[list[T]], reader: LineReader, part: Part) -> None:
-        """Send the records of ``part``; the good lines before undecodable bytes go first."""
-        records, error = reader.records(part)
-        if records:
-            await send.send(records)
-        if error is not None:
-            raise error from error.__cause__
 
     def _stream(self) -> MemoryObjectReceiveStream[list[T]]:
         if self._receive is None or self._task_group is None:
@@ -304,6 +258,9 @@ def tcp_lines(
     max_connections: int = ...,
     read_size: int = ...,
     buffer_size: int = ...,
+    idle_timeout: float | None = ...,
+    evict_after: float | None = ...,
+    max_buffered_bytes: int = ...,
 ) -> TcpLines[str]: ...
 
 
@@ -318,6 +275,9 @@ def tcp_lines(
     max_connections: int = ...,
     read_size: int = ...,
     buffer_size: int = ...,
+    idle_timeout: float | None = ...,
+    evict_after: float | None = ...,
+    max_buffered_bytes: int = ...,
 ) -> TcpLines[bytes]: ...
 
 
@@ -331,6 +291,9 @@ def tcp_lines(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     read_size: int = DEFAULT_READ_SIZE,
     buffer_size: int = DEFAULT_BUFFER_SIZE,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    evict_after: float | None = DEFAULT_EVICT_AFTER,
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
 ) -> TcpLines[Any]:
     """A TCP server on ``host:port`` whose records are the lines sent by all of its clients.
 
@@ -346,12 +309,23 @@ def tcp_lines(
       ``microbatch.sources`` logger naming the peer and the byte offset in that connection; the lines
       it sent before are delivered, other clients go on.
     - ``max_connections`` (default 100): further clients wait in the listen backlog (their connect
-      succeeds, their data waits in socket buffers) until a served client disconnects; they are not
-      refused.
+      succeeds, their data waits in socket buffers) until a slot frees; they are not refused.
+    - ``evict_after`` (default 1 s; None: never): while every slot is taken and a client waits,
+      the connection that has gone longest without completing a line is closed to make room,
+      once that is longer than ``evict_after``, so idle or trickling clients cannot hold every
+      slot. Connections whose lines wait for a consumer that does not read are not evicted.
+    - ``idle_timeout`` (default 300 s; None: never): a connection that completes no line for this
+      long is closed (its partial line is dropped), also when slots are free.
+    - ``max_buffered_bytes`` (default 16 MiB): bound on the partial lines held across all
+      connections; a read that goes over it closes the connection holding the longest partial
+      line (an error names it), the others go on.
     - ``read_size`` (default 64 KiB) bytes per socket read; ``buffer_size`` (default 16) chunks held
       for a consumer that does not read. Memory is bounded by about ``buffer_size * read_size``
-      plus ``max_connections * (max_line_length + read_size)``: when the consumer stops reading,
-      the server stops reading its sockets and TCP flow control blocks the senders.
+      plus ``max_buffered_bytes`` plus ``max_connections * read_size``: when the consumer stops
+      reading, the server stops reading its sockets and TCP flow control blocks the senders.
+
+    Closing a connection for one of these limits logs it on the ``microbatch.sources`` logger,
+    naming the peer and the limit.
 
     A client that closes after a last line without a newline delivers that line. A TCP source has
     no positions: a pipeline cannot resume it after a crash, lines sent meanwhile are lost.
@@ -365,4 +339,7 @@ def tcp_lines(
         max_connections=max_connections,
         read_size=read_size,
         buffer_size=buffer_size,
+        idle_timeout=idle_timeout,
+        evict_after=evict_after,
+        max_buffered_bytes=max_buffered_bytes,
     )
