@@ -34,14 +34,16 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from itertools import islice
-from typing import Any, Final, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 import anyio
 import anyio.lowlevel
 
 from ._core.deadline import wait_deadline
 from ._core.policy import BatchPolicy, check_limits
-from .sources.protocol import Chunk, Source
+
+if TYPE_CHECKING:
+    from .sources.protocol import Source
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -429,6 +431,9 @@ class _BatchStream(Generic[T]):
 
     async def _read_chunks(self, iterator: AsyncIterator[list[T]]) -> None:
         """Reader for lists of records: cuts batches by slicing, one clock read per list."""
+        # Imported here: the sources import this module (for wait_until), not the other way round.
+        from .sources.protocol import Chunk
+
         m, policy = self._max_size, self._policy
         error: Exception | None = None
         try:
