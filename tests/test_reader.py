@@ -9,6 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import microbatch as mb
 from microbatch._core.lines import LineBlock
@@ -237,3 +239,47 @@ def test_a_position_of_another_kind_is_refused_with_the_position_named() -> None
 async def test_batches_takes_the_records_of_a_sources_chunks() -> None:
     async with mb.batches(Log(7, 3), max_size=2) as stream:
         assert [b async for b in stream] == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+class Pages:
+    """A user-defined source with pages of given sizes (some empty); a position is a page number."""
+
+    def __init__(self, sizes: list[int], page: int = 0, yielded: list[int] | None = None) -> None:
+        self.sizes, self.page = sizes, page
+        self.yielded: list[int] = [] if yielded is None else yielded
+
+    def describe(self) -> str:
+        return "pages"
+
+    async def chunks(self) -> AsyncIterator[Chunk[int]]:
+        first = sum(self.sizes[: self.page])
+        for page in range(self.page, len(self.sizes)):
+            records = list(range(first, first + self.sizes[page]))
+            first += self.sizes[page]
+            self.yielded.extend(records)
+            yield Chunk(records, {"page": page + 1})
+
+    def resume(self, position: Any) -> Pages:
+        return Pages(self.sizes, position["page"], self.yielded)
+
+
+async def _check_pages(sizes: list[int], max_size: int) -> None:
+    total = sum(sizes)
+    out = await read_all(Pages(sizes), max_size)
+    assert [r for b in out for r in b.payload] == list(range(total))  # type: ignore[union-attr]
+    assert all(1 <= b.count <= max_size for b in out)
+    done = 0
+    for b in out:
+        done += b.count
+        source = Pages(sizes)
+        rest = await read_all(resume_source(source, b.end), max_size, position=b.end)
+        assert [r for x in rest for r in x.payload] == list(range(done, total))  # type: ignore[union-attr]
+        again = [r for r in source.yielded if r < done]
+        assert len(again) < max(sizes), "more than the chunk in progress was read again"
+
+
+@given(sizes=st.lists(st.integers(0, 7), max_size=10), max_size=st.integers(1, 6))
+@settings(max_examples=40, deadline=None)
+def test_any_chunk_sizes_resume_exactly_from_every_batch_end(sizes: list[int], max_size: int) -> None:
+    for backend in ("asyncio", "trio"):
+        anyio.run(_check_pages, sizes, max_size, backend=backend)
