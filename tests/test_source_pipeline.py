@@ -10,16 +10,9 @@ from typing import Any
 import pytest
 
 import microbatch as mb
-import microbatch.pipeline.run as run_module
 from microbatch.sources import Chunk
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(
-        not hasattr(run_module, "read"),
-        reason="the pipeline reads sources through microbatch.pipeline.reader.read once integrated",
-    ),
-]
+pytestmark = pytest.mark.anyio
 
 N, CHUNK = 1000, 70  # chunks larger than a batch, and not a multiple of it
 
