@@ -34,17 +34,21 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from itertools import islice
-from typing import Any, Final, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar, overload, runtime_checkable
 
 import anyio
 import anyio.lowlevel
 
+from ._core.deadline import wait_deadline
 from ._core.policy import BatchPolicy, check_limits
+
+if TYPE_CHECKING:
+    from .sources.protocol import Source
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["ChunkedSource", "batches"]
+__all__ = ["ChunkedSource", "batches", "wait_until"]
 
 T = TypeVar("T")
 
@@ -69,9 +73,29 @@ class ChunkedSource(Protocol[T]):
     def chunks(self) -> AsyncIterator[list[T]]: ...
 
 
+async def wait_until(deadline: float | None, wait: Callable[[], Awaitable[object]]) -> bool:
+    """Await ``wait()`` until the absolute ``deadline`` (``anyio.current_time()``; None: no limit).
+
+    Returns True when ``wait()`` returned, False when the deadline came first (``wait()`` is then
+    cancelled, so it must be safe to cancel: an event's ``wait()``, a memory stream's
+    ``receive()``). Exceptions of ``wait()`` propagate. The one way microbatch waits for a
+    partial batch's deadline.
+    """
+    with anyio.CancelScope(deadline=wait_deadline(deadline)):
+        await wait()
+        return True
+    return False
+
+
 @overload
 def batches(
     source: ChunkedSource[T], *, max_size: int, max_wait: float | None = None
+) -> AbstractAsyncContextManager[AsyncIterator[list[T]]]: ...
+
+
+@overload
+def batches(
+    source: Source[T], *, max_size: int, max_wait: float | None = None
 ) -> AbstractAsyncContextManager[AsyncIterator[list[T]]]: ...
 
 
@@ -82,7 +106,7 @@ def batches(
 
 
 def batches(
-    source: ChunkedSource[T] | AsyncIterable[T] | Iterable[T],
+    source: ChunkedSource[T] | Source[T] | AsyncIterable[T] | Iterable[T],
     *,
     max_size: int,
     max_wait: float | None = None,
@@ -109,7 +133,9 @@ def batches(
     Sources, in order of preference:
 
     - a :class:`ChunkedSource` (``source.chunks()``, e.g. ``mb.read_lines(path)``): batches are cut
-      by slicing its lists, with no per-record work;
+      by slicing its lists, with no per-record work; a :class:`~microbatch.Source` whose
+      ``chunks()`` yields :class:`~microbatch.Chunk` objects is read the same way (their
+      ``records``; positions matter only to a pipeline's checkpoints);
     - an async iterable of records: read one record per ``__anext__``;
     - a plain iterable (a list, a generator): drawn in slices of up to ``min(max_size, 65536)``
       records with the event loop free between slices. Drawing must not block: an iterator that
@@ -305,8 +331,7 @@ class _BatchStream(Generic[T]):
             now = anyio.current_time()
             if policy.due(now):
                 return self._take_partial(now)
-            with anyio.move_on_after(deadline - now):
-                await self._wait()
+            await wait_until(deadline, self._wait)
 
     def _take_partial(self, now: float) -> list[T]:
         """Cut the reader's partial batch, whose deadline has passed."""
@@ -406,14 +431,20 @@ class _BatchStream(Generic[T]):
 
     async def _read_chunks(self, iterator: AsyncIterator[list[T]]) -> None:
         """Reader for lists of records: cuts batches by slicing, one clock read per list."""
+        # Imported here: the sources import this module (for wait_until), not the other way round.
+        from .sources.protocol import Chunk
+
         m, policy = self._max_size, self._policy
         error: Exception | None = None
         try:
             async for chunk in iterator:
+                if type(chunk) is not list:
+                    if isinstance(chunk, Chunk):
+                        chunk = chunk.records
+                    if type(chunk) is not list:
+                        chunk = list(chunk)
                 if not chunk:
                     continue
-                if type(chunk) is not list:
-                    chunk = list(chunk)
                 started = policy.pending == 0
                 full = policy.add(len(chunk), anyio.current_time())
                 if not full:

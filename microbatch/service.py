@@ -34,6 +34,7 @@ from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 import anyio
 import anyio.to_thread
 
+from ._batching import wait_until
 from ._core.policy import BatchPolicy, check_limits
 from ._exceptions import BatcherClosed, BatcherFull
 
@@ -518,12 +519,10 @@ class Batcher(Generic[T, R]):
                 if self._state != _OPEN and not self._queue and not self._blocked:
                     return
                 self._wake = wake = anyio.Event()
-                deadline = self._policy.deadline
-                if deadline is None or self._running >= self.max_concurrent_batches:
-                    await wake.wait()  # woken by _notify: new batch, new partial, batch done, close
-                else:
-                    with anyio.CancelScope(deadline=deadline):
-                        await wake.wait()
+                # Woken by _notify (new batch, new partial, batch done, close) or by the partial
+                # batch's deadline, which does not matter while every batch slot is taken.
+                busy = self._running >= self.max_concurrent_batches
+                await wait_until(None if busy else self._policy.deadline, wake.wait)
                 self._wake = None
         finally:
             self._wake = None

@@ -72,21 +72,21 @@ async def test_follow_holds_back_a_partial_line_until_its_newline(tmp_path: Path
         assert await _take(records, 2) == ["partial", "next"]
 
 
-async def test_follow_blocks_have_exact_positions(tmp_path: Path) -> None:
+async def test_follow_parts_have_exact_positions(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_bytes(b"a\nbb\n")
     source = mb.read_lines(path, follow=True, poll_interval=POLL)
 
-    class Blocks:
+    class Parts:
         def __aiter__(self) -> Any:
-            return source.blocks()
+            return source.parts()
 
-    async with _follow(Blocks()) as received:
-        first = await received.receive()
-        assert (first.data, first.start, first.end, first.count) == (b"a\nbb\n", 0, 5, 2)
+    async with _follow(Parts()) as received:
+        head, data, end, start = await received.receive()
+        assert (head + data[:end], start) == (b"a\nbb\n", 0)
         _append(path, b"ccc\n")
-        second = await received.receive()
-        assert (second.data, second.start, second.end) == (b"ccc\n", 5, 9)
+        head, data, end, start = await received.receive()
+        assert (head + data[:end], start) == (b"ccc\n", 5)
     # Resuming at a block's end reads exactly what came after it.
     async with _follow(source.with_start(5)) as records:
         assert await records.receive() == "ccc"

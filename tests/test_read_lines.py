@@ -23,7 +23,7 @@ from microbatch._core.lines import (
     decode_parts,
     find_long_line,
 )
-from microbatch.sources import LineSource
+from microbatch.sources import LineParts, LineSource
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "in.txt") -> Path:
@@ -36,8 +36,16 @@ async def _lines(source: Any) -> list[Any]:
     return [line async for line in source]
 
 
+def _block(part: tuple[bytes, bytes, int, int]) -> LineBlock:
+    """The lines of one read of a line source, joined, with their byte positions."""
+    head, data, end, start = part
+    lines = head + data[:end]
+    count = lines.count(b"\n") + (not lines.endswith(b"\n"))
+    return LineBlock(lines, count, start, start + len(lines))
+
+
 async def _blocks(source: LineSource[Any]) -> list[LineBlock]:
-    return [block async for block in source.blocks()]
+    return [_block(part) async for part in source.parts()]
 
 
 # -- pure core -------------------------------------------------------------------------------------
@@ -398,8 +406,8 @@ async def test_closing_an_iteration_early_closes_the_file(tmp_path: Path) -> Non
     assert _open_fds_to(path) == 0
     async with aclosing(source.chunks()) as chunks:
         await chunks.__anext__()
-    async with aclosing(source.blocks()) as blocks:
-        await blocks.__anext__()
+    async with aclosing(source.parts()) as parts:
+        await parts.__anext__()
     assert _open_fds_to(path) == 0
 
 
@@ -418,3 +426,16 @@ async def test_source_is_reusable_and_typed_attributes(tmp_path: Path) -> None:
     assert "read_lines(" in repr(source)
     with anyio.fail_after(5):
         assert await _lines(mb.read_lines(str(path))) == ["1", "2"]
+
+
+@pytest.mark.anyio
+async def test_protocol_describe_and_resume_at_a_byte_offset(tmp_path: Path) -> None:
+    path = _write(tmp_path, b"one\ntwo\nthree\n")
+    source = mb.read_lines(path)
+    assert isinstance(source, LineParts)
+    # The fingerprint text of checkpoints written before the protocol existed.
+    assert source.describe() == f"file:{os.path.abspath(path)}"
+    assert source.resume(None) is source and source.resume(0) is source
+    assert await _lines(source.resume(4)) == ["two", "three"]
+    with pytest.raises(TypeError, match="position"):
+        source.resume("4")

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 import microbatch as mb
+from microbatch.sources import Source
 
 pytestmark = pytest.mark.anyio
 
@@ -253,3 +254,103 @@ def test_invalid_arguments_name_the_parameter() -> None:
         mb.tcp_lines(0, max_line_length=0)
     with pytest.raises(ValueError, match="ASCII-compatible"):
         mb.tcp_lines(0, encoding="utf-32")
+
+
+async def test_protocol_describe_and_resume_is_the_same_server() -> None:
+    server = mb.tcp_lines(0)
+    assert isinstance(server, Source)
+    assert server.describe() == "tcp"
+    assert server.resume({"chunk": None, "skip": 3}) is server
+    async with server:
+        async with await _connect(server) as client:
+            await client.send(b"x\n")
+            chunk = await server.chunks().__anext__()
+    # Plain lists, not Chunks: a TCP server's records have no positions.
+    assert type(chunk) is list and chunk == ["x"]
+
+
+async def _until(condition: Any) -> None:
+    """Wait for a condition on the server's state (never what decides an outcome)."""
+    with anyio.fail_after(SAFETY):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+async def test_idle_clients_holding_every_slot_are_evicted_for_a_waiting_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with mb.tcp_lines(0, max_connections=3, evict_after=0.05) as server:
+        chunks = server.chunks()
+        idle = []
+        for i in range(3):
+            client = await _connect(server)
+            await client.send(b"idle %d\n" % i)
+            idle.append(client)
+            assert await chunks.__anext__() == [f"idle {i}"]  # served, then silent
+        good = await _connect(server)  # waits in the backlog: every slot is taken
+        await good.send(b"hello\n")
+        with anyio.fail_after(SAFETY):
+            assert await chunks.__anext__() == ["hello"]
+            assert await _closed_by_peer(idle[0])  # the longest idle
+        assert server.active_connections == 3
+        for client in (*idle, good):
+            await client.aclose()
+    assert "evict_after=0.05" in caplog.text and "tcp client 127.0.0.1:" in caplog.text
+
+
+async def test_a_client_that_completes_no_line_is_closed_after_idle_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with mb.tcp_lines(0, idle_timeout=0.05) as server:
+        chunks = server.chunks()
+        async with await _connect(server) as client:
+            await client.send(b"a\npartial")
+            assert await chunks.__anext__() == ["a"]
+            with anyio.fail_after(SAFETY):
+                assert await _closed_by_peer(client)
+        await _until(lambda: server.active_connections == 0)
+        # Its partial line was dropped, not delivered.
+        assert server.buffered_chunks == 0
+    assert "idle_timeout=0.05" in caplog.text
+
+
+async def test_partial_lines_across_connections_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    server = mb.tcp_lines(0, max_buffered_bytes=1000, max_line_length=100_000, evict_after=None)
+    async with server:
+        big = await _connect(server)
+        await big.send(b"x" * 800)
+        await _until(lambda: server.buffered_bytes == 800)
+        small = await _connect(server)
+        await small.send(b"y" * 300)  # 1100 > 1000: the largest holder goes
+        with anyio.fail_after(SAFETY):
+            assert await _closed_by_peer(big)
+        await _until(lambda: server.active_connections == 1)
+        assert server.buffered_bytes == 300
+        await small.send(b"\n")
+        with anyio.fail_after(SAFETY):
+            assert await server.chunks().__anext__() == ["y" * 300]
+        assert server.buffered_bytes == 0
+        await small.aclose()
+        await big.aclose()
+    assert "max_buffered_bytes=1000" in caplog.text and "held the most (800 bytes)" in caplog.text
+
+
+def test_limit_arguments_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        mb.tcp_lines(0, idle_timeout=0)
+    with pytest.raises(ValueError, match="evict_after"):
+        mb.tcp_lines(0, evict_after=-1)
+    with pytest.raises(ValueError, match="max_buffered_bytes"):
+        mb.tcp_lines(0, max_buffered_bytes=0)
+
+
+async def test_with_the_defaults_100_idle_connections_do_not_starve_a_good_client() -> None:
+    async with mb.tcp_lines(0) as server:
+        idle = [await _connect(server) for _ in range(100)]
+        await _until(lambda: server.active_connections == 100)
+        async with await _connect(server) as good:
+            await good.send(b"served\n")
+            with anyio.fail_after(SAFETY):
+                assert await server.chunks().__anext__() == ["served"]
+        for client in idle:
+            await client.aclose()

@@ -299,8 +299,8 @@ def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
     - ``"offset"`` and ``"count"``: an int >= 0 (a bool is refused). ``null`` is accepted, as 0,
       only when no batch was folded; after that it would silently read the input again from its
       start and count it twice. The int is returned.
-    - ``"chunk"``: any JSON value, but not ``null`` once batches were folded (the source could not
-      resume after them).
+    - ``"chunk"``: any JSON value; ``null`` for a chunk source whose chunks carry no position (a
+      TCP server), which continues with what arrives next.
     - ``"none"``: the source cannot resume; the position must be ``null``.
     """
     position = checkpoint.position
@@ -317,11 +317,6 @@ def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
             raise InvalidCheckpoint("position", f"is {position!r:.60}, not {what} (an int >= 0)")
         return position
     if kind == "chunk":
-        if position is None and checkpoint.batches > 0:
-            raise InvalidCheckpoint(
-                "position", f"is null after {checkpoint.batches} batches, but this source resumes from "
-                f"the position of its last chunk"
-            )
         return position
     if kind == "none":
         if position is not None:

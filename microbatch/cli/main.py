@@ -29,10 +29,9 @@ import logging
 import math
 import os
 import signal
-import stat
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,62 +385,14 @@ def _parse_input(text: str, follow: bool) -> _Input:
     return _Input("file", path=text)
 
 
-class _StdinLines:
-    """Lines of a file descriptor (standard input) as a chunked source, without blocking the loop.
-
-    Pipes and terminals are awaited with ``anyio.wait_readable``; a regular file (``< file``), which
-    is always readable, is read in a worker thread. Splitting, limits and decoding are the ones of
-    ``read_lines`` (``LineTooLong`` and ``SourceDecodeError`` name ``<stdin>`` and the byte offset).
-    Standard input cannot be replayed: a resumed run skips the records a checkpoint counted, which
-    is right only when the same input is piped again.
-    """
-
-    def __init__(self, fd: int, encoding: str | None, *, read_size: int = 1 << 16) -> None:
-        self.fd = fd
-        self.encoding = encoding
-        self.read_size = read_size
-
-    async def chunks(self) -> AsyncIterator[list[Any]]:
-        import anyio
-
-        from .._core.lines import LineSplitter, decode_lines
-
-        fd, size = self.fd, self.read_size
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        splitter = LineSplitter("<stdin>", 0, 1 << 20)
-        while True:
-            if regular:
-                data = await anyio.to_thread.run_sync(os.read, fd, size)
-            else:
-                await anyio.wait_readable(fd)
-                data = os.read(fd, size)
-            lines = splitter.feed(data) if data else splitter.finish()
-            if lines:
-                yield decode_lines(
-                    lines,
-                    encoding=self.encoding,
-                    errors="strict",
-                    where="<stdin>",
-                    start=splitter.position - len(lines),
-                )
-            if not data:
-                return
-            splitter.raise_pending()
-
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        async for chunk in self.chunks():
-            for line in chunk:
-                yield line
-
-
 def _make_source(spec: _Input, encoding: str, follow: bool) -> Any:
-    from ..sources.files import read_lines, tcp_lines
+    from ..sources import read_lines, stdin_lines, tcp_lines
 
     if spec.kind == "file":
         return read_lines(spec.path, encoding=encoding, follow=follow)
     if spec.kind == "tcp":
         return tcp_lines(spec.port, host=spec.host)
-    return _StdinLines(sys.stdin.fileno(), encoding)
+    return stdin_lines(encoding=encoding)
 
 
 # --- running ---------------------------------------------------------------------------------------------

@@ -1,35 +1,62 @@
-"""The pipeline's reader: a source in, numbered batches out, bounded by size, time and the window.
+"""The pipeline's reading stage: a source in, numbered batches out, each with the position after it.
 
-Line sources are read as raw bytes (:meth:`LineSource.parts`) and cut into batches of exactly
-``max_size`` lines with :func:`cut_parts`, so the event loop never touches single lines;
-workers split and decode them. Other sources go through :func:`microbatch.batches`. Either way the
-size/time decisions are :class:`BatchPolicy`'s, and every batch carries the source position after
-its last record (a byte offset, a record count, or None for sources that cannot resume), which is
-what a checkpoint records.
+This is the only place that looks at what a source can do, and it asks the protocols
+(:mod:`microbatch.sources.protocol`), never a source's class. A source is read one of three ways:
+
+1. **Line parts** (:class:`LineParts`: files, standard input): the raw bytes of each read are cut
+   into batches of exactly ``max_size`` lines with :func:`cut_parts`, so the event loop never
+   touches single lines; workers split and decode them. A batch ends at a byte offset.
+2. **Chunks** (:class:`Source`): ``chunks()`` yields :class:`Chunk` objects. A batch ends at
+   ``{"chunk": <position of the last chunk whose records are all in this or earlier batches, or
+   None>, "skip": <records of the next chunk in this and earlier batches>}``; a batch may end in
+   the middle of a chunk, and a chunk may hold more or fewer records than ``max_size``. A
+   ``chunks()`` that yields plain lists (a TCP server) has no positions: batches end at None.
+3. **Any iterable or async iterable**: a batch ends at a count of records.
+
+The size/time decisions are :class:`BatchPolicy`'s either way, and a checkpoint records a batch's
+end; :func:`resume_source` turns it back into what is left to read.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import anyio
 from anyio.abc import ObjectSendStream
 
-from .._batching import batches
+from .._batching import batches, wait_until
 from .._core.checkpoint import PositionKind
 from .._core.lines import LineBlock, cut_parts
+from .._core.params import check_int
 from .._core.policy import BatchPolicy
-from ..sources.files import LineSource, TcpLines
+from ..sources.protocol import Chunk, LineParts, Part, Source
 
-__all__ = ["Batch", "Emitter", "read_line_blocks", "read_records", "skip"]
+__all__ = [
+    "Batch",
+    "Emitter",
+    "decoding",
+    "describe_source",
+    "read",
+    "read_line_blocks",
+    "read_records",
+    "resume_source",
+    "skip",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One batch on its way to a worker: its number, its records (or block of lines), positions."""
+    """One batch on its way to a worker: its number, its records (or block of lines), positions.
+
+    ``start`` is the position of its first record when positions are numbers (a byte offset, a
+    record count), else None; ``end`` is the source position just after its last record.
+    """
 
     seq: int
     payload: LineBlock | list[Any]
@@ -57,46 +84,132 @@ class Emitter:
         await self(block, block.count, block.start, block.end)
 
 
-async def read_line_blocks(
-    source: LineSource[Any], max_size: int, max_wait: float | None, emit: Emitter
+# -- what a source can do ---------------------------------------------------------------------------
+
+
+def describe_source(source: object) -> str:
+    """The source's text for the pipeline's fingerprint: ``describe()``, else its type's name."""
+    describe = getattr(source, "describe", None)
+    if callable(describe):
+        text = describe()
+        if not isinstance(text, str):
+            raise TypeError(f"{type(source).__qualname__}.describe() must return a str, got {text!r}")
+        return text
+    return f"iterable:{type(source).__qualname__}"
+
+
+def decoding(source: object) -> tuple[str, str | None, str]:
+    """``(where, encoding, errors)`` with which workers decode the source's lines.
+
+    ``("<records>", None, "strict")`` for sources whose records need no decoding.
+    """
+    if isinstance(source, LineParts):
+        return str(source.where), source.encoding, source.errors
+    return "<records>", None, "strict"
+
+
+def position_kind(source: object) -> PositionKind:
+    """The kind of position a checkpoint of ``source`` holds (checked when resuming)."""
+    if isinstance(source, LineParts):
+        return "offset"
+    if isinstance(source, Source):
+        return "chunk"
+    return "count"
+
+
+def resume_source(source: Any, position: Any) -> Any:
+    """What to read after the checkpointed ``position`` (a batch's ``end``) of ``source``.
+
+    - line parts: ``source.resume(position)`` (a byte offset);
+    - chunks with positions: ``source.resume(position["chunk"])`` when a chunk was complete, then
+      the first ``position["skip"]`` records are skipped: at most the one chunk that was in
+      progress is read again;
+    - chunks without positions (a TCP server, position None): the source itself;
+    - other iterables: read again, skipping ``position`` records (right when the iterable yields
+      the same records in the same order each time).
+
+    A position of the wrong kind for the source raises ``ValueError`` naming it.
+    """
+    if position is None:
+        return source
+    if isinstance(source, LineParts):
+        return source.resume(position)
+    if isinstance(source, Source):
+        chunk, count = _chunk_position(position)
+        resumed = source if chunk is None else source.resume(chunk)
+        return _Skipped(resumed, count) if count else resumed
+    if position == 0:
+        return source
+    return skip(source, check_int("position", position))
+
+
+def _chunk_position(position: Any) -> tuple[Any, int]:
+    if not isinstance(position, dict) or set(position) != {"chunk", "skip"}:
+        raise ValueError(
+            f"position {position!r} is not a chunk source's position "
+            f"({{'chunk': <a chunk's position or None>, 'skip': <records>}}); "
+            f"was the checkpoint written for another source?"
+        )
+    return position["chunk"], check_int("position['skip']", position["skip"])
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+async def read(
+    source: Any, max_size: int, max_wait: float | None, emit: Emitter, *, position: Any = None
 ) -> None:
+    """Batch ``source`` (as :func:`resume_source` returned it, after ``position``) into ``emit``.
+
+    Every batch's ``end`` is the source position just after it: a byte offset for line parts, a
+    chunk position for chunk sources (None when its chunks are plain lists), a record count for
+    other iterables.
+    """
+    if isinstance(source, LineParts):
+        await read_line_blocks(source, max_size, max_wait, emit)
+    elif isinstance(source, Source):
+        chunk, count = (None, 0) if position is None else _chunk_position(position)
+        await _read_chunks(source, max_size, max_wait, emit, chunk, count)
+    else:
+        start = 0 if position is None else check_int("position", position)
+        await read_records(source, max_size, max_wait, start, emit)
+
+
+async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | None, emit: Emitter) -> None:
     """Cut a line source's raw bytes into batches of ``max_size`` lines, bounded by time.
 
-    The source's reads arrive as parts (:meth:`LineSource.parts`) that are cut where they lie, so
+    The source's reads arrive as parts (``source.parts()``) that are cut where they lie, so
     each byte is copied once, into the batch it belongs to. A separate task reads, so that a
     partial batch still leaves at its deadline while a followed file is silent.
     """
     policy = BatchPolicy(max_size, max_wait)
-    part_send, part_recv = anyio.create_memory_object_stream[tuple[bytes, bytes, int, int]](1)
+    part_send, part_recv = anyio.create_memory_object_stream[Part](1)
 
     async def pump() -> None:
         async with part_send:
             async for part in source.parts():
                 await part_send.send(part)
 
+    received: list[Part] = []
+
+    async def receive() -> None:
+        received.append(await part_recv.receive())
+
     pending: LineBlock | None = None
     async with anyio.create_task_group() as tg, part_recv:
         tg.start_soon(pump)
         while True:
-            part: tuple[bytes, bytes, int, int] | None = None
-            if policy.deadline is None:
-                try:
-                    part = await part_recv.receive()
-                except anyio.EndOfStream:
-                    break
-            else:
-                with anyio.move_on_after(policy.deadline - anyio.current_time()):
-                    try:
-                        part = await part_recv.receive()
-                    except anyio.EndOfStream:
-                        break
-                if part is None:
-                    # The source was silent until the partial batch's deadline.
-                    if pending is not None and policy.take_partial():
-                        await emit.block(pending)
-                        pending = None
-                    continue
-            head, data, end, start = part
+            try:
+                arrived = await wait_until(policy.deadline, receive)
+            except anyio.EndOfStream:
+                break
+            if not arrived:
+                # The source was silent until the partial batch's deadline.
+                if pending is not None and policy.take_partial():
+                    await emit.block(pending)
+                    pending = None
+                continue
+            head, data, end, start = received.pop()
             if pending is not None and pending.end != start:
                 # A followed file was truncated or replaced: positions restart in the new file, so
                 # the lines of the old one leave as a batch of their own.
@@ -130,6 +243,122 @@ async def read_records(
             start = end
 
 
+async def _read_chunks(
+    source: Source[Any], max_size: int, max_wait: float | None, emit: Emitter, chunk: Any, count: int
+) -> None:
+    """Batch a chunk source; each batch ends at the chunk position after its last record."""
+    positions = _Positions(source, chunk, count)
+    async with AsyncExitStack() as stack:
+        if hasattr(type(source), "__aenter__"):
+            await stack.enter_async_context(source)  # type: ignore[arg-type]
+        stream = await stack.enter_async_context(batches(positions, max_size=max_size, max_wait=max_wait))
+        async for records in stream:
+            await emit(records, len(records), None, positions.end_after(len(records)))
+
+
+class _Positions:
+    """A chunk source's records for :func:`batches`, noting each chunk's position and size.
+
+    The batches come out in order and hold every record once, so walking the noted chunks by
+    each batch's length gives the position after the batch. Work per chunk, not per record.
+    """
+
+    def __init__(self, source: Source[Any], chunk: Any, count: int) -> None:
+        self.source = source
+        #: [position, records of that chunk not yet in a batch], oldest first.
+        self.segments: deque[list[Any]] = deque()
+        self.chunk = chunk
+        self.count = count
+        self.positioned = True
+
+    def chunks(self) -> AsyncGenerator[list[Any], None]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncGenerator[list[Any], None]:
+        iterator = self.source.chunks()
+        try:
+            async for chunk in iterator:
+                if isinstance(chunk, Chunk):
+                    records = chunk.records
+                    self.segments.append([chunk.position, len(records)])
+                else:
+                    records = chunk  # a plain list: a source without positions
+                    self.positioned = False
+                yield records if type(records) is list else list(records)
+        finally:
+            await _aclose(iterator)
+
+    def end_after(self, n: int) -> Any:
+        """The position after the next ``n`` records (None once a chunk had no position)."""
+        if not self.positioned:
+            return None
+        segments = self.segments
+        while n:
+            segment = segments[0]
+            take = min(n, segment[1])
+            segment[1] -= take
+            n -= take
+            if segment[1]:
+                self.count += take
+            else:
+                segments.popleft()
+                self.chunk, self.count = segment[0], 0
+        while segments and not segments[0][1]:  # empty chunks right after the batch
+            self.chunk, self.count = segments.popleft()[0], 0
+        return {"chunk": self.chunk, "skip": self.count}
+
+
+class _Skipped:
+    """A chunk source without its first ``count`` records (the part of a chunk already folded)."""
+
+    def __init__(self, source: Source[Any], count: int) -> None:
+        self.source = source
+        self.count = count
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def resume(self, position: Any) -> Source[Any]:
+        return self.source.resume(position)
+
+    def chunks(self) -> AsyncGenerator[Any, None]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncGenerator[Any, None]:
+        left = self.count
+        iterator = self.source.chunks()
+        try:
+            async for chunk in iterator:
+                if left:
+                    records = chunk.records if isinstance(chunk, Chunk) else chunk
+                    dropped = min(left, len(records))
+                    left -= dropped
+                    records = records[dropped:]
+                    chunk = Chunk(records, chunk.position) if isinstance(chunk, Chunk) else records
+                yield chunk
+        finally:
+            await _aclose(iterator)
+
+    async def __aenter__(self) -> _Skipped:
+        if hasattr(type(self.source), "__aenter__"):
+            await self.source.__aenter__()  # type: ignore[attr-defined]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if hasattr(type(self.source), "__aexit__"):
+            result: bool | None = await self.source.__aexit__(exc_type, exc, tb)  # type: ignore[attr-defined]
+            return result
+        return None
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 async def _skip_async(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
     seen = 0
     async for item in source:
@@ -149,45 +378,3 @@ def skip(source: AsyncIterable[Any] | Iterable[Any], n: int) -> AsyncIterable[An
         f"cannot resume a {type(source).__name__} source at record {n}: only files (read_lines), "
         f"iterables and async iterables can be resumed"
     )
-
-
-def describe_source(source: object) -> str:
-    """The source's part of a pipeline's fingerprint."""
-    describe = getattr(source, "describe", None)
-    if callable(describe):
-        return str(describe())
-    return f"iterable:{type(source).__qualname__}"
-
-
-def decoding(source: object) -> tuple[str, str | None, str]:
-    """``(where, encoding, errors)``: how workers decode the source's batches."""
-    if isinstance(source, LineSource):
-        return str(source.path), source.encoding, source.errors
-    return "<records>", None, "strict"
-
-
-def position_kind(source: object) -> PositionKind:
-    """The kind of position checkpoints of this source hold."""
-    if isinstance(source, LineSource):
-        return "offset"
-    if isinstance(source, TcpLines):
-        return "none"
-    return "count"
-
-
-def resume_source(source: Any, position: Any) -> Any:
-    """What to read after a checkpointed ``position``."""
-    if position is None or position == 0 or isinstance(source, TcpLines):
-        return source
-    if isinstance(source, LineSource):
-        return source.with_start(int(position))
-    return skip(source, int(position))
-
-
-async def read(source: Any, max_size: int, max_wait: float | None, emit: Emitter, *, position: Any) -> None:
-    """Cut any source into batches and emit them; each batch's ``end`` is the position after it."""
-    if isinstance(source, LineSource):
-        await read_line_blocks(source, max_size, max_wait, emit)
-    else:
-        start = None if isinstance(source, TcpLines) else position or 0
-        await read_records(source, max_size, max_wait, start, emit)

@@ -1,9 +1,18 @@
-"""Sources: where records come from (files, growing files, TCP clients, any iterable).
+"""Sources: where records come from (files, growing files, TCP clients, standard input, any iterable)."""
 
-``protocol.py`` says what the pipeline asks of a source; the other modules are the built-in ones.
-"""
-
-from .files import LineSource, TcpLines, read_lines, tcp_lines
+from .files import LineSource, read_lines
 from .protocol import Chunk, LineParts, Source
+from .stdin import StdinLines, stdin_lines
+from .tcp import TcpLines, tcp_lines
 
-__all__ = ["Chunk", "LineParts", "LineSource", "Source", "TcpLines", "read_lines", "tcp_lines"]
+__all__ = [
+    "Chunk",
+    "LineParts",
+    "LineSource",
+    "Source",
+    "StdinLines",
+    "TcpLines",
+    "read_lines",
+    "stdin_lines",
+    "tcp_lines",
+]
