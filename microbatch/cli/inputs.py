@@ -1,0 +1,114 @@
+"""What ``--input`` names: a file, standard input (``-``) or a TCP server (``tcp://HOST:PORT``)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .codes import UsageError
+
+
+@dataclass(frozen=True)
+class _Input:
+    kind: str  # "file", "stdin" or "tcp"
+    path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+def _parse_input(text: str, follow: bool) -> _Input:
+    if text == "-":
+        if follow:
+            raise UsageError("--follow needs a file: standard input ('-') is read until it ends")
+        return _Input("stdin")
+    if text.startswith("tcp://"):
+        if follow:
+            raise UsageError("--follow needs a file: a TCP input (tcp://) runs until interrupted")
+        hostport = text[len("tcp://") :]
+        host, sep, port_text = hostport.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise UsageError(
+                f"--input {text!r}: expected tcp://HOST:PORT with PORT 0..65535, e.g. tcp://127.0.0.1:9000"
+            )
+        return _Input("tcp", host=host, port=int(port_text))
+    if "://" in text:
+        raise UsageError(f"--input {text!r}: unknown scheme; use a file path, '-' or tcp://HOST:PORT")
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"--input {text!r} is a folder, not a file")
+    if not path.exists() and not follow:
+        raise UsageError(f"--input {text!r}: no such file (use --follow to wait for a file that grows)")
+    return _Input("file", path=text)
+
+
+class _StdinLines:
+    """Lines of a file descriptor (standard input) as a chunked source, without blocking the loop.
+
+    Pipes and terminals are awaited with ``anyio.wait_readable``; a regular file (``< file``), which
+    is always readable, is read in a worker thread. Splitting, limits and decoding are the ones of
+    ``read_lines`` (``LineTooLong`` and ``SourceDecodeError`` name ``<stdin>`` and the byte offset).
+    Standard input cannot be replayed: a resumed run skips the records a checkpoint counted, which
+    is right only when the same input is piped again.
+    """
+
+    def __init__(self, fd: int, encoding: str | None, *, read_size: int = 1 << 16) -> None:
+        self.fd = fd
+        self.encoding = encoding
+        self.read_size = read_size
+
+    async def chunks(self) -> AsyncIterator[list[Any]]:
+        import anyio
+
+        from .._core.lines import LineSplitter, decode_lines
+
+        fd, size = self.fd, self.read_size
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        splitter = LineSplitter("<stdin>", 0, 1 << 20)
+        while True:
+            if regular:
+                data = await anyio.to_thread.run_sync(os.read, fd, size)
+            else:
+                await anyio.wait_readable(fd)
+                data = os.read(fd, size)
+            lines = splitter.feed(data) if data else splitter.finish()
+            if lines:
+                yield decode_lines(
+                    lines,
+                    encoding=self.encoding,
+                    errors="strict",
+                    where="<stdin>",
+                    start=splitter.position - len(lines),
+                )
+            if not data:
+                return
+            splitter.raise_pending()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for chunk in self.chunks():
+            for line in chunk:
+                yield line
+
+
+def _make_source(spec: _Input, encoding: str, follow: bool) -> Any:
+    from ..sources.files import read_lines, tcp_lines
+
+    if spec.kind == "file":
+        return read_lines(spec.path, encoding=encoding, follow=follow)
+    if spec.kind == "tcp":
+        return tcp_lines(spec.port, host=spec.host)
+    return _StdinLines(sys.stdin.fileno(), encoding)
+
+
+def _total_size(spec: _Input, follow: bool) -> int | None:
+    if spec.kind != "file" or follow:
+        return None
+    try:
+        return os.path.getsize(spec.path)
+    except OSError:
+        return None
