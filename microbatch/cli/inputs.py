@@ -95,10 +95,12 @@ class _StdinLines:
                 yield line
 
 
-def _make_source(spec: _Input, encoding: str, follow: bool) -> Any:
+def _make_source(spec: _Input, encoding: str, follow: bool, *, poll_interval: float | None = None) -> Any:
     from ..sources.files import read_lines, tcp_lines
 
     if spec.kind == "file":
+        if poll_interval is not None:
+            return read_lines(spec.path, encoding=encoding, follow=follow, poll_interval=poll_interval)
         return read_lines(spec.path, encoding=encoding, follow=follow)
     if spec.kind == "tcp":
         return tcp_lines(spec.port, host=spec.host)

@@ -109,7 +109,7 @@ def _inspect_text(info: dict[str, Any]) -> str:
     rows.extend((key, str(fp[key])) for key in ("fn", "aggregate", "source") if key in fp)
     lines = [f"{label:<14}{text}" for label, text in rows]
     if "value" in info:
-        rendered = _progress.format_value(info["value"])
+        rendered = _progress.format_value(info["value"], human=True)  # people read it; --json: programs
         lines.append("value" + ("\n" + _indent(rendered) if "\n" in rendered else f"{'':<9}{rendered}"))
     else:
         state = _progress.to_json(info["state"])

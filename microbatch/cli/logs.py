@@ -14,6 +14,8 @@ log = logging.getLogger("microbatch.cli")
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
+        # Messages of the library that name it already do not get the prefix twice.
+        message = message.removeprefix(f"{PROG}: ")
         if record.levelno >= logging.ERROR:
             prefix = "error: "
         elif record.levelno >= logging.WARNING:

@@ -75,18 +75,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _seconds(*, allow_zero: bool) -> Callable[[str], float | None]:
+def _seconds(*, allow_zero: bool, allow_none: bool = True) -> Callable[[str], float | None]:
     bound = ">= 0" if allow_zero else "> 0"
+    expected = f"seconds {bound}" + (" or 'none'" if allow_none else "")
 
     def parse(text: str) -> float | None:
-        if text.lower() == "none":
+        if allow_none and text.lower() == "none":
             return None
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected seconds {bound} or 'none', got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"expected seconds {bound} or 'none', got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     parse.__name__ = "seconds"
@@ -146,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="keep reading a file as it grows (like tail -f)"
     )
     source.add_argument(
+        "--poll-interval",
+        type=_seconds(allow_zero=False, allow_none=False),
+        default=None,
+        metavar="SECONDS",
+        help="with --follow: how often an idle file is checked for new lines (default 0.2)",
+    )
+    source.add_argument(
         "--encoding", type=_encoding, default="utf-8", help="text encoding of the input (default: utf-8)"
     )
     state = run.add_argument_group("checkpoints")
@@ -156,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint folder: a rerun of the same command resumes from it",
     )
     state.add_argument("--fresh", action="store_true", help="discard the checkpoint in DIR and start over")
+    state.add_argument(
+        "--checkpoint-every",
+        type=_seconds(allow_zero=True),
+        default=_UNSET,
+        metavar="SECONDS",
+        help="seconds between checkpoints (0: after every batch; 'none': only at the end and on a stop)",
+    )
     state.add_argument(
         "--dead-letter",
         metavar="PATH",
@@ -191,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     output = run.add_argument_group("output")
     output.add_argument(
         "--json", action="store_true", help="print the final value as one line of JSON on stdout"
+    )
+    output.add_argument(
+        "--human",
+        action="store_true",
+        help="print numbers in the value with thousands separators (5,000,050,000); "
+        "default: as Python prints them (5000050000)",
     )
     output.add_argument(
         "--progress",

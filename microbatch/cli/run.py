@@ -86,9 +86,9 @@ async def _execute(
             with run_scope:
                 async with AsyncExitStack() as stack:
                     if isinstance(source, TcpLines):
-                        # A TCP server listens while it is entered; the pipeline iterates it.
+                        # A TCP server listens while it is entered (and logs where); the pipeline
+                        # iterates it.
                         await stack.enter_async_context(source)
-                        log.info("listening on tcp://%s:%d", source.host, source.port)
                     async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
                         outcome.runs.append(updates)
                         start = updates.stats.position if isinstance(updates.stats.position, int) else 0
@@ -116,7 +116,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, option)
         if value is not None:
             changes[option] = value
-    for option in ("max_wait", "timeout"):
+    for option in ("max_wait", "timeout", "checkpoint_every"):
         if getattr(args, option) is not _UNSET:
             changes[option] = getattr(args, option)
     if args.dead_letter is not None:
@@ -133,6 +133,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError(
             "--workers sets local worker processes; with --dask the cluster's workers run the batches"
         )
+    if args.poll_interval is not None and not args.follow:
+        raise UsageError("--poll-interval sets how often a followed file is checked: it needs --follow")
     if args.fresh and args.checkpoint is None:
         raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
     if args.checkpoint is not None:
@@ -163,8 +165,8 @@ def _command_run(args: argparse.Namespace) -> int:
         pipeline = pipeline.replace(**_overrides(args))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid setting for {args.target}: {exc}") from None
-    source = _make_source(spec, args.encoding, args.follow)
-    display, handler = _progress.make_display(args.progress, sys.stderr)
+    source = _make_source(spec, args.encoding, args.follow, poll_interval=args.poll_interval)
+    display, handler = _progress.make_display(args.progress, sys.stderr, byte_positions=spec.kind == "file")
     if handler is not None:
         _use_handler(handler)
     try:
@@ -212,7 +214,10 @@ def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
         if stats.dead_letters:
             log.warning("%d records failed and were written to the dead-letter file", stats.dead_letters)
     try:
-        text = _progress.to_json(outcome.value) if args.json else _progress.format_value(outcome.value)
+        if args.json:
+            text = _progress.to_json(outcome.value)
+        else:
+            text = _progress.format_value(outcome.value, human=args.human)
     except (TypeError, ValueError) as exc:
         _log_error(exc)
         return EXIT_ERROR
