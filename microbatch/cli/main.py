@@ -94,6 +94,12 @@ def _seconds(*, allow_zero: bool, allow_none: bool = True) -> Callable[[str], fl
     return parse
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return int(text)
+
+
 def _encoding(text: str) -> str:
     try:
         return codecs.lookup(text).name
@@ -218,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="live progress on stderr (default: when stderr is a terminal)",
+    )
+    metrics = run.add_argument_group("metrics (needs microbatch[metrics])")
+    metrics.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics while the run lasts "
+        "(0: a free port, logged)",
+    )
+    metrics.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address the metrics endpoint binds (default 127.0.0.1: this machine only)",
     )
     _add_logging_options(run)
 

@@ -15,6 +15,7 @@ from .codes import EXIT_ERROR, EXIT_OK, UsageError
 from .inputs import _make_source, _parse_input, _total_size
 from .load import load_target
 from .logs import _log_error, _stderr_handler, _use_handler, log
+from .metrics_endpoint import Displays, open_metrics
 
 if TYPE_CHECKING:
     from ..pipeline.run import Pipeline
@@ -167,6 +168,9 @@ def _command_run(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid setting for {args.target}: {exc}") from None
     source = _make_source(spec, args.encoding, args.follow, poll_interval=args.poll_interval)
     display, handler = _progress.make_display(args.progress, sys.stderr, byte_positions=spec.kind == "file")
+    feed, server = (
+        open_metrics(args.metrics_port, args.metrics_host) if args.metrics_port is not None else (None, None)
+    )
     if handler is not None:
         _use_handler(handler)
     try:
@@ -176,13 +180,17 @@ def _command_run(args: argparse.Namespace) -> int:
                 source,
                 checkpoint=args.checkpoint,
                 fresh=args.fresh,
-                display=display,
+                display=display if feed is None else Displays(display, feed),
                 total=_total_size(spec, args.follow),
             )
         )
+        if feed is not None and outcome.stats is not None:
+            feed.update(outcome.stats)  # the final checkpoint came after the last update
     finally:
         if handler is not None:
             _use_handler(_stderr_handler())
+        if server is not None:
+            server.close()
     return _report(args, outcome)
 
 
