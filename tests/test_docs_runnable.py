@@ -56,7 +56,7 @@ BLOCKS = runnable_blocks()
 
 def test_the_docs_mark_blocks_of_every_kind() -> None:
     """The marker is in use: a renamed marker must not silently leave nothing to run."""
-    assert {b.lang for b in BLOCKS} == {"python", "console"}, [str(b) for b in BLOCKS]
+    assert {"python", "console"} <= {b.lang for b in BLOCKS}, [str(b) for b in BLOCKS]
     assert any(b.path.name == "README.md" for b in BLOCKS)
 
 

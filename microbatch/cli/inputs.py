@@ -108,9 +108,29 @@ def _make_source(spec: _Input, encoding: str, follow: bool, *, poll_interval: fl
 
 
 def _total_size(spec: _Input, follow: bool) -> int | None:
-    if spec.kind != "file" or follow:
+    if spec.kind != "file" or follow or is_fifo(spec):
         return None
     try:
         return os.path.getsize(spec.path)
     except OSError:
         return None
+
+
+def is_fifo(spec: _Input) -> bool:
+    """Whether ``spec`` names a named pipe (FIFO), which has no size and may have no writer yet."""
+    try:
+        return spec.kind == "file" and stat.S_ISFIFO(os.stat(spec.path).st_mode)
+    except OSError:
+        return False
+
+
+def fifo_source(path: str, encoding: str) -> tuple[Any, int]:
+    """The lines of the FIFO at ``path``, read through a non-blocking read end; and that end's fd.
+
+    Opening a FIFO for reading the usual way blocks until a writer opens it, in a thread no signal
+    can stop. A non-blocking read end opens at once, and the reader awaits data with an ordinary
+    (cancellable) wait, so SIGINT and SIGTERM stop a run whose FIFO never gets a writer. The
+    input ends when the last writer closes it. The caller closes the fd after the run.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    return _StdinLines(fd, encoding), fd

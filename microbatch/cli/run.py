@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import progress as _progress
 from .codes import EXIT_ERROR, EXIT_OK, UsageError
-from .inputs import _make_source, _parse_input, _total_size
+from .inputs import _make_source, _parse_input, _total_size, fifo_source, is_fifo
 from .load import load_target
 from .logs import _log_error, _stderr_handler, _use_handler, log
 from .metrics_endpoint import Displays, open_metrics
@@ -47,6 +48,7 @@ async def _execute(
     fresh: bool,
     display: _progress.Display,
     total: int | None,
+    fifo: str | None = None,
 ) -> _Outcome:
     """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised."""
     import anyio
@@ -90,6 +92,8 @@ async def _execute(
                         # A TCP server listens while it is entered (and logs where); the pipeline
                         # iterates it.
                         await stack.enter_async_context(source)
+                    if fifo is not None:
+                        log.info("waiting for a writer to open %s", fifo)
                     async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
                         outcome.runs.append(updates)
                         start = updates.stats.position if isinstance(updates.stats.position, int) else 0
@@ -166,8 +170,13 @@ def _command_run(args: argparse.Namespace) -> int:
         pipeline = pipeline.replace(**_overrides(args))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid setting for {args.target}: {exc}") from None
-    source = _make_source(spec, args.encoding, args.follow, poll_interval=args.poll_interval)
-    display, handler = _progress.make_display(args.progress, sys.stderr, byte_positions=spec.kind == "file")
+    fifo_fd: int | None = None
+    if is_fifo(spec):
+        source, fifo_fd = fifo_source(spec.path, args.encoding)
+    else:
+        source = _make_source(spec, args.encoding, args.follow, poll_interval=args.poll_interval)
+    positions_are_bytes = spec.kind == "file" and fifo_fd is None
+    display, handler = _progress.make_display(args.progress, sys.stderr, byte_positions=positions_are_bytes)
     feed, server = (
         open_metrics(args.metrics_port, args.metrics_host) if args.metrics_port is not None else (None, None)
     )
@@ -182,6 +191,7 @@ def _command_run(args: argparse.Namespace) -> int:
                 fresh=args.fresh,
                 display=display if feed is None else Displays(display, feed),
                 total=_total_size(spec, args.follow),
+                fifo=spec.path if fifo_fd is not None else None,
             )
         )
         if feed is not None and outcome.stats is not None:
@@ -191,6 +201,8 @@ def _command_run(args: argparse.Namespace) -> int:
             _use_handler(_stderr_handler())
         if server is not None:
             server.close()
+        if fifo_fd is not None:
+            os.close(fifo_fd)
     return _report(args, outcome)
 
 
