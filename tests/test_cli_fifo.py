@@ -95,3 +95,70 @@ def test_a_fifo_is_read_once_a_writer_comes(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, stderr
     assert stdout == f"{sum(range(1000))}\n"
+
+
+# --- --follow on a file that does not exist yet -----------------------------------------------------------
+
+
+def test_follow_waits_for_a_missing_file_then_reads_it(tmp_path: Path) -> None:
+    log = tmp_path / "later.log"
+    argv = [sys.executable, "-m", "microbatch", "run", GATED, "--input", str(log), "--follow"]
+    argv += ["--poll-interval", "0.05", "--max-wait", "0", "--checkpoint", str(tmp_path / "state")]
+    proc = subprocess.Popen(
+        [*argv, "--no-progress", "--json"],
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_reset_signals,
+    )
+    try:
+        assert proc.stderr is not None
+        while f"waiting for {log} to appear" not in (line := proc.stderr.readline()):
+            assert line, "the command exited before waiting for the file"
+        log.write_text("".join(f"{i}\n" for i in range(100)))
+        from microbatch._core.checkpoint import open_store
+
+        def folded() -> int:
+            store = open_store(tmp_path / "state")
+            try:
+                cp = store.load()
+            finally:
+                store.close()
+            return 0 if cp is None else cp.records
+
+        deadline = time.monotonic() + WAIT
+        while not ((tmp_path / "state").exists() and folded() == 100):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the lines were not folded"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stdout == f"{sum(range(100))}\n"
+
+
+def test_wait_for_file_gives_up_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "never.log"
+    argv = [sys.executable, "-m", "microbatch", "run", GATED, "--input", str(missing), "--follow"]
+    done = subprocess.run(
+        [*argv, "--wait-for-file", "0.1", "--poll-interval", "0.02", "--no-progress"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"--input {str(missing)!r} did not appear within 0.1 s (--wait-for-file)" in done.stderr
+    present = tmp_path / "present.txt"
+    present.write_text("1\n")
+    usage = subprocess.run(
+        [sys.executable, "-m", "microbatch", "run", GATED, "--input", str(present), "--wait-for-file", "1"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert usage.returncode == 2 and "--wait-for-file waits for a file to follow" in usage.stderr

@@ -134,3 +134,23 @@ def fifo_source(path: str, encoding: str) -> tuple[Any, int]:
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     return _StdinLines(fd, encoding), fd
+
+
+async def wait_for_file(path: str, timeout: float | None, poll_interval: float) -> None:
+    """Wait until ``path`` exists, checking every ``poll_interval`` seconds, for a file to follow.
+
+    ``timeout`` None waits as long as the run lasts (a signal stops it like the run). Raises
+    ``FileNotFoundError`` naming the path and the wait when it did not appear within ``timeout``.
+    """
+    import logging
+
+    import anyio
+
+    logging.getLogger("microbatch.cli").info("waiting for %s to appear (--follow)", path)
+    with anyio.move_on_after(timeout):
+        # Polled like a followed file is: no portable event says that a path appeared.
+        while True:
+            if await anyio.Path(path).exists():
+                return
+            await anyio.sleep(poll_interval)
+    raise FileNotFoundError(f"--input {path!r} did not appear within {timeout:g} s (--wait-for-file)")

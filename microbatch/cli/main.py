@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="keep reading a file as it grows (like tail -f)"
     )
     source.add_argument(
+        "--wait-for-file",
+        type=_seconds(allow_zero=True),
+        default=_UNSET,
+        metavar="SECONDS",
+        help="with --follow: how long to wait for a file that does not exist yet ('none', the default: "
+        "as long as the run lasts)",
+    )
+    source.add_argument(
         "--poll-interval",
         type=_seconds(allow_zero=False, allow_none=False),
         default=None,

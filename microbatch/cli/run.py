@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import progress as _progress
 from .codes import EXIT_ERROR, EXIT_OK, UsageError
-from .inputs import _make_source, _parse_input, _total_size, fifo_source, is_fifo
+from .inputs import _Input, _make_source, _parse_input, _total_size, fifo_source, is_fifo, wait_for_file
 from .load import load_target
 from .logs import _log_error, _stderr_handler, _use_handler, log
 from .metrics_endpoint import Displays, open_metrics
@@ -48,7 +49,7 @@ async def _execute(
     fresh: bool,
     display: _progress.Display,
     total: int | None,
-    fifo: str | None = None,
+    prepare: Callable[[], Awaitable[None]] | None = None,
 ) -> _Outcome:
     """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised."""
     import anyio
@@ -92,8 +93,8 @@ async def _execute(
                         # A TCP server listens while it is entered (and logs where); the pipeline
                         # iterates it.
                         await stack.enter_async_context(source)
-                    if fifo is not None:
-                        log.info("waiting for a writer to open %s", fifo)
+                    if prepare is not None:  # waits for the input, stopped by a signal like the run
+                        await prepare()
                     async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
                         outcome.runs.append(updates)
                         start = updates.stats.position if isinstance(updates.stats.position, int) else 0
@@ -138,6 +139,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError(
             "--workers sets local worker processes; with --dask the cluster's workers run the batches"
         )
+    if args.wait_for_file is not _UNSET and not args.follow:
+        raise UsageError("--wait-for-file waits for a file to follow: it needs --follow")
     if args.poll_interval is not None and not args.follow:
         raise UsageError("--poll-interval sets how often a followed file is checked: it needs --follow")
     if args.fresh and args.checkpoint is None:
@@ -191,7 +194,7 @@ def _command_run(args: argparse.Namespace) -> int:
                 fresh=args.fresh,
                 display=display if feed is None else Displays(display, feed),
                 total=_total_size(spec, args.follow),
-                fifo=spec.path if fifo_fd is not None else None,
+                prepare=_preparation(spec, args, fifo=fifo_fd is not None),
             )
         )
         if feed is not None and outcome.stats is not None:
@@ -204,6 +207,25 @@ def _command_run(args: argparse.Namespace) -> int:
         if fifo_fd is not None:
             os.close(fifo_fd)
     return _report(args, outcome)
+
+
+def _preparation(
+    spec: _Input, args: argparse.Namespace, *, fifo: bool
+) -> Callable[[], Awaitable[None]] | None:
+    """What to await before the run: a followed file that does not exist yet must appear first."""
+    if fifo:
+
+        async def announce() -> None:
+            log.info("waiting for a writer to open %s", spec.path)
+
+        return announce
+    if args.follow and not os.path.exists(spec.path):
+        from ..sources.files import DEFAULT_POLL_INTERVAL
+
+        poll = args.poll_interval if args.poll_interval is not None else DEFAULT_POLL_INTERVAL
+        timeout = None if args.wait_for_file is _UNSET else args.wait_for_file
+        return lambda: wait_for_file(spec.path, timeout, poll)
+    return None
 
 
 def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
