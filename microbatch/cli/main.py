@@ -5,7 +5,7 @@
 
 ``TARGET`` is ``path/to/file.py:NAME`` or ``package.module:NAME``, ``NAME`` a :class:`Pipeline`
 (dotted attributes such as ``jobs:pipelines.daily`` work too). Options override the pipeline's
-settings. Exit codes: 0 done, 1 the pipeline failed, 2 a usage error (bad option, bad target),
+settings. Exit codes: 0 done, 1 the pipeline failed, 2 a usage error (bad option, bad target, missing input),
 130 interrupted by SIGINT, 143 by SIGTERM.
 
 Signals: the first SIGINT or SIGTERM stops reading the input, lets the batches already read finish
