@@ -5,9 +5,10 @@ model underneath is called once per batch of up to ``max_size`` texts. The model
 with the cost profile of real ones (a neural network forward pass, a database round trip, a paid
 API call): a fixed cost per call plus a small cost per item, so batching pays.
 
-Run it (needs the ``web`` extra: ``pip install 'microbatch[web]'``)::
+Run it (needs the ``web`` extra: ``pip install 'microbatch[web]'``), from the repository's root::
 
-    python examples/web_service.py            # serves on http://127.0.0.1:8000
+    uvicorn examples.web_service:app          # serves on http://127.0.0.1:8000
+    python examples/web_service.py            # the same, with --max-size/--max-wait options
     curl -s -X POST localhost:8000/score -d '{"text": "hello"}'
     curl -s localhost:8000/stats              # batches, sizes, flush reasons, waiting time
 
@@ -127,6 +128,11 @@ def create_app(
         routes=[Route("/score", score, methods=["POST"]), Route("/stats", stats, methods=["GET"])],
         lifespan=lifespan,
     )
+
+
+# The application with the default settings, for ``uvicorn examples.web_service:app`` (or
+# ``uvicorn web_service:app`` from the examples folder). The batcher starts with the server.
+app = create_app()
 
 
 def main() -> None:

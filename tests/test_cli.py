@@ -94,7 +94,7 @@ def paused_numbers(tmp_path: Path) -> Path:
 def test_job_file_target_prints_the_value(numbers: Path) -> None:
     result = mb("run", GATED, "--input", str(numbers), "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{TOTAL:,}\n"
+    assert result.stdout == f"{TOTAL}\n"  # as Python prints it: the shell reads it as a number
     assert "done: 1,000 records in 100 batches" in result.stderr
 
 
@@ -172,6 +172,12 @@ USAGE_ERRORS: list[tuple[list[str], str]] = [
     (["run", GATED, "--input", "tcp://127.0.0.1:99999"], "tcp://HOST:PORT with PORT 0..65535"),
     (["run", GATED, "--input", "http://example.com/x"], "unknown scheme"),
     (["run", GATED, "--input", "-", "--follow"], "--follow needs a file"),
+    (["run", GATED, "--input", "{numbers}", "--poll-interval", "1"], "--poll-interval sets how often"),
+    (
+        ["run", GATED, "--input", "{numbers}", "--follow", "--poll-interval", "none"],
+        "--poll-interval: expected seconds > 0, got 'none'",
+    ),
+    (["run", GATED, "--input", "{numbers}", "--checkpoint-every", "-1"], "--checkpoint-every: expected"),
     (
         ["run", GATED, "--input", "{numbers}", "--fresh"],
         "--fresh discards a checkpoint: it needs --checkpoint",
@@ -416,7 +422,7 @@ def test_progress_updates_in_a_terminal(paused_numbers: Path, tmp_path: Path) ->
         proc.kill()
         os.close(master)
     assert proc.returncode == 0
-    assert stdout == f"{TOTAL:,}\n".encode()  # stdout holds the result only, never the display
+    assert stdout == f"{TOTAL}\n".encode()  # stdout holds the result only, never the display
     assert {"500", "1,001"} <= counts(), counts()
     assert b"\x1b[" in screen  # a live display redraws with terminal control sequences
 
@@ -441,7 +447,8 @@ def test_tcp_input_until_interrupted(tmp_path: Path) -> None:
     proc = _start(args, _env())
     try:
         _wait_for(lambda: "listening on" in _peek(proc), "the server to listen", proc)
-        port = int(re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", _peek(proc)).group(1))  # type: ignore[union-attr]
+        listening = r"listening on (?:tcp://)?127\.0\.0\.1:(\d+)"
+        port = int(re.search(listening, _peek(proc)).group(1))  # type: ignore[union-attr]
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"1\n2\n3\n")
 
@@ -460,6 +467,8 @@ def test_tcp_input_until_interrupted(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 130, stderr
     assert json.loads(stdout) == 6
+    everything = getattr(proc, "_peeked", "") + stderr
+    assert everything.count("listening on") == 1, everything  # each message is logged once
 
 
 def test_checkpoint_of_another_pipeline_is_a_one_line_error(numbers: Path, tmp_path: Path) -> None:

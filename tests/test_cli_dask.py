@@ -1,4 +1,8 @@
-"""`microbatch run ... --dask tcp://HOST:PORT` against a real local cluster."""
+"""`microbatch run ... --dask tcp://HOST:PORT` against a real local cluster.
+
+Dask's client runs on asyncio only, so the in-process comparison is an asyncio-only test, served
+by pytest-asyncio (anyio's plugin serves the tests that run on every backend).
+"""
 
 from __future__ import annotations
 
@@ -48,6 +52,26 @@ def test_run_on_a_dask_cluster_gives_the_exact_value(scheduler: str, tmp_path: P
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == sum(range(20_000))
+
+
+@pytest.mark.asyncio
+async def test_the_command_and_the_library_agree_on_the_cluster(scheduler: str, tmp_path: Path) -> None:
+    import microbatch as mb
+
+    numbers = tmp_path / "numbers.txt"
+    numbers.write_text("".join(f"{3 * i}\n" for i in range(9_000)))
+    job = f"{EXAMPLES / 'sum_integers.py'}:pipeline"
+    done = run(job, "--input", str(numbers), "--dask", scheduler, "--max-size", "1000", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    pipeline = mb.Pipeline(
+        _sum_lines, aggregate=mb.Sum(), max_size=1000, executor=mb.DaskExecutor(scheduler)
+    )
+    in_process = await pipeline.run(mb.read_lines(numbers))
+    assert done.stdout == f"{in_process}\n" == f"{3 * sum(range(9_000))}\n"
+
+
+def _sum_lines(lines: list[str]) -> int:
+    return sum(int(line) for line in lines)
 
 
 @pytest.mark.parametrize(

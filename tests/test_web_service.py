@@ -145,3 +145,47 @@ async def test_bad_requests_fail_alone() -> None:
     assert results["good"].json()["text"] == "fine"
     assert results["malformed"].status_code == 400
     assert stats["item_errors"] == 1 and stats["batch_errors"] == 0
+
+
+def test_the_documented_uvicorn_command_serves_the_module_level_app() -> None:
+    """``uvicorn examples.web_service:app``, run from the repository's root, as the docs say (on a
+    socket of 127.0.0.1 the test made, handed over with ``--fd``), answers requests."""
+    import os
+    import signal
+    import subprocess
+
+    root = EXAMPLE.parent.parent
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "examples.web_service:app", "--fd", str(sock.fileno())],
+            cwd=root,
+            env=env,
+            pass_fds=[sock.fileno()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 30
+            while True:  # readiness poll: the socket accepts before the app has started
+                try:
+                    response = client.post("/score", json={"text": "hello"})
+                    break
+                except httpx.TransportError:
+                    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                    assert time.monotonic() < deadline, "uvicorn did not answer within 30 s"
+                    time.sleep(0.05)
+            assert response.status_code == 200, response.text
+            assert response.json()["score"] == web_service.ScoringModel.score("hello")["score"]
+            assert client.get("/stats").json()["items"] == 1
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    # uvicorn shuts the app down, then exits by the signal it caught (recent versions) or with 0.
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert b"Application shutdown complete" in output, output

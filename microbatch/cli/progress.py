@@ -31,6 +31,7 @@ __all__ = [
     "format_bytes",
     "format_value",
     "make_display",
+    "progress_text",
     "stats_line",
     "to_json",
 ]
@@ -128,39 +129,71 @@ class LogDisplay:
         pass
 
 
-class RichDisplay:
-    """A live ``rich`` progress bar on ``stream`` (stderr), refreshed ``refresh_per_second`` times.
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    With a known total (a file that is not followed) the bar shows bytes read of the file's size and
-    the estimated time left; otherwise it pulses. Log records emitted while it is live print above it
-    (see :meth:`log_handler`).
+
+def progress_text(stats: Any, *, total: int | None, initial: int, byte_positions: bool, width: int) -> str:
+    """The progress line: records, rate, batches, bytes read and time left, queue, retries, dead letters.
+
+    Parts are dropped, least useful first, until the line fits ``width`` columns, so that a live
+    display never wraps. ``byte_positions`` says that ``stats.position`` is a byte offset (a file);
+    otherwise (standard input, TCP) no byte counts are shown. Records always are.
+    """
+    count = format_count
+    parts: list[tuple[int, str]] = [  # (priority: lower is kept longer, text) in display order
+        (0, f"{count(stats.records)} records"),
+        (1, f"{count(stats.records_per_second)}/s"),
+        (2, f"{count(stats.batches)} batches"),
+    ]
+    position = stats.position if byte_positions and isinstance(stats.position, int) else None
+    if position is not None:
+        read = format_bytes(position) + (f"/{format_bytes(total)}" if total else "")
+        parts.append((3, read))
+        done = position - initial
+        if total and done > 0 and stats.elapsed > 0 and position < total:
+            parts.append((4, "eta " + _clock((total - position) * stats.elapsed / done)))
+    parts.append((5, f"queue {stats.queue_depth}"))
+    if stats.retries:
+        parts.append((6, f"retries {stats.retries}"))
+    if stats.dead_letters:
+        parts.append((3, f"dead {stats.dead_letters}"))
+    by_priority = sorted(range(len(parts)), key=lambda i: parts[i][0])
+    while True:
+        line = "  ".join(parts[i][1] for i in sorted(by_priority))
+        if len(line) <= width or len(by_priority) == 1:
+            return line[:width]
+        by_priority.pop()
+
+
+class RichDisplay:
+    """A live ``rich`` progress line on ``stream`` (stderr), refreshed ``refresh_per_second`` times.
+
+    The line (see :func:`progress_text`) never exceeds the terminal's width. With a known total (a
+    file that is not followed) it shows bytes read of the file's size and the estimated time left,
+    and a bar on a terminal at least 110 columns wide. Log records emitted while it is live print
+    above it (see :meth:`log_handler`).
     """
 
     def __init__(
-        self, stream: TextIO, *, refresh_per_second: float = 8.0, force_terminal: bool = False
+        self,
+        stream: TextIO,
+        *,
+        refresh_per_second: float = 8.0,
+        force_terminal: bool = False,
+        byte_positions: bool = True,
     ) -> None:
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn
 
         self.console = Console(file=stream, force_terminal=force_terminal or None, highlight=False)
-        columns: list[Any] = [
-            TextColumn("[bold]{task.fields[records]}[/] records {task.fields[rate]}/s"),
-            TextColumn("{task.fields[batches]} batches"),
-        ]
-        if self.console.width >= 110:
-            # On a narrow terminal the bar goes first: the numbers matter more than the picture.
-            columns.append(BarColumn(bar_width=20))
-        columns += [
-            DownloadColumn(binary_units=True),
-            TimeRemainingColumn(),
-            TextColumn("queue {task.fields[queue]} retries {task.fields[retries]} dead {task.fields[dead]}"),
-        ]
+        self.byte_positions = byte_positions
+        self._bar = self.console.width >= 110 and byte_positions
+        columns: list[Any] = [TextColumn("{task.fields[line]}", markup=False)]
+        if self._bar:
+            columns.insert(0, BarColumn(bar_width=20))
         self.progress = Progress(
             *columns,
             console=self.console,
@@ -168,6 +201,8 @@ class RichDisplay:
             transient=False,
         )
         self._task: Any = None
+        self._total: int | None = None
+        self._initial = 0
 
     def log_handler(self) -> logging.Handler:
         """A logging handler that prints above the live display."""
@@ -178,33 +213,24 @@ class RichDisplay:
         )
 
     def start(self, total: int | None, initial: int) -> None:
+        self._total, self._initial = total, initial
         self.progress.start()
-        self._task = self.progress.add_task(
-            "run",
-            total=total,
-            completed=initial,
-            records="0",
-            rate="0",
-            batches="0",
-            queue="0",
-            retries="0",
-            dead="0",
-        )
+        self._task = self.progress.add_task("run", total=total, completed=initial, line="starting")
 
     def update(self, stats: Any) -> None:
         if self._task is None:
             return
-        position = stats.position if isinstance(stats.position, int) else None
-        self.progress.update(
-            self._task,
-            completed=position,
-            records=format_count(stats.records),
-            rate=format_count(stats.records_per_second),
-            batches=format_count(stats.batches),
-            queue=str(stats.queue_depth),
-            retries=str(stats.retries),
-            dead=str(stats.dead_letters),
+        # One column less than the terminal: a line that fills the last column wraps on some terminals.
+        width = self.console.width - 1 - (21 if self._bar else 0)
+        line = progress_text(
+            stats,
+            total=self._total,
+            initial=self._initial,
+            byte_positions=self.byte_positions,
+            width=width,
         )
+        position = stats.position if self.byte_positions and isinstance(stats.position, int) else None
+        self.progress.update(self._task, completed=position, line=line)
 
     def close(self) -> None:
         if self._task is not None:
@@ -212,11 +238,15 @@ class RichDisplay:
         self.progress.stop()
 
 
-def make_display(mode: bool | None, stream: TextIO) -> tuple[Display, logging.Handler | None]:
+def make_display(
+    mode: bool | None, stream: TextIO, *, byte_positions: bool = True
+) -> tuple[Display, logging.Handler | None]:
     """The display for ``--progress`` (True), ``--no-progress`` (False) or neither (None: a terminal).
 
-    Returns the display and, for a live ``rich`` display, the logging handler to use meanwhile.
-    Without ``rich`` installed, forced progress falls back to :class:`LogDisplay`.
+    ``byte_positions``: the run's positions are byte offsets (a file), shown as bytes read; for
+    other inputs (standard input, TCP) only records are counted. Returns the display and, for a
+    live ``rich`` display, the logging handler to use meanwhile. Without ``rich`` installed, forced
+    progress falls back to :class:`LogDisplay`.
     """
     isatty = stream.isatty()
     if mode is None:
@@ -224,7 +254,7 @@ def make_display(mode: bool | None, stream: TextIO) -> tuple[Display, logging.Ha
     if not mode:
         return NullDisplay(), None
     try:
-        display = RichDisplay(stream, force_terminal=not isatty)
+        display = RichDisplay(stream, force_terminal=not isatty, byte_positions=byte_positions)
     except ImportError:
         log.debug("rich is not installed (pip install 'microbatch[cli]'): progress as log lines")
         return LogDisplay(), None
@@ -271,16 +301,20 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def format_value(value: Any) -> str:
+def format_value(value: Any, *, human: bool = False) -> str:
     """A readable rendering of a final value.
 
-    A sequence of ``(key, number)`` pairs (``TopK``'s value) becomes aligned ``number  key`` lines, a
-    mapping ``key: value`` lines, a number or a string itself; anything else is pretty-printed.
+    A number prints as Python prints it (``5000050000``), so that ``x=$(microbatch run ...)`` holds
+    a number the shell and other programs read; ``human=True`` (``--human``) adds thousands
+    separators (``5,000,050,000``). A sequence of ``(key, number)`` pairs (``TopK``'s value)
+    becomes aligned ``number  key`` lines, a mapping ``key  value`` lines, a string itself;
+    anything else is pretty-printed.
     """
+    sep = "," if human else ""
     if isinstance(value, str):
         return value
     if _is_number(value):
-        return f"{value:,}" if isinstance(value, int) and abs(value) >= 100_000 else str(value)
+        return f"{value:,}" if human and not isinstance(value, bool) else str(value)
     if (
         isinstance(value, Sequence)
         and value
@@ -288,9 +322,12 @@ def format_value(value: Any) -> str:
     ):
         pairs = [(k, n) if _is_number(n) else (n, k) for k, n in value]
         if all(_is_number(n) for _, n in pairs):
-            width = max(len(f"{n:,}") for _, n in pairs)
-            return "\n".join(f"{n:>{width},}  {k}" for k, n in pairs)
+            width = max(len(f"{n:{sep}}") for _, n in pairs)
+            return "\n".join(f"{n:>{width}{sep}}  {k}" for k, n in pairs)
     if isinstance(value, Mapping) and value:
         width = max(len(str(k)) for k in value)
-        return "\n".join(f"{k!s:<{width}}  {v}" for k, v in value.items())
+        return "\n".join(
+            f"{k!s:<{width}}  {format_value(v, human=human) if _is_number(v) else v}"
+            for k, v in value.items()
+        )
     return pprint.pformat(value, width=100, sort_dicts=False)

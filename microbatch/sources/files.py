@@ -28,9 +28,8 @@ from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, chunks_of
 from .protocol import Part
-from .tcp import TcpLines, tcp_lines  # re-exported: older imports name them from this module
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_POLL_INTERVAL", "LineSource", "read_lines", "TcpLines", "tcp_lines"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_POLL_INTERVAL", "LineSource", "read_lines"]
 
 logger = logging.getLogger("microbatch.sources")
 

@@ -1,0 +1,110 @@
+"""What ``--input`` names: a file, standard input (``-``) or a TCP server (``tcp://HOST:PORT``)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .codes import UsageError
+
+
+@dataclass(frozen=True)
+class _Input:
+    kind: str  # "file", "stdin" or "tcp"
+    path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+def _parse_input(text: str, follow: bool) -> _Input:
+    if text == "-":
+        if follow:
+            raise UsageError("--follow needs a file: standard input ('-') is read until it ends")
+        return _Input("stdin")
+    if text.startswith("tcp://"):
+        if follow:
+            raise UsageError("--follow needs a file: a TCP input (tcp://) runs until interrupted")
+        hostport = text[len("tcp://") :]
+        host, sep, port_text = hostport.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise UsageError(
+                f"--input {text!r}: expected tcp://HOST:PORT with PORT 0..65535, e.g. tcp://127.0.0.1:9000"
+            )
+        return _Input("tcp", host=host, port=int(port_text))
+    if "://" in text:
+        raise UsageError(f"--input {text!r}: unknown scheme; use a file path, '-' or tcp://HOST:PORT")
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"--input {text!r} is a folder, not a file")
+    if not path.exists() and not follow:
+        raise UsageError(f"--input {text!r}: no such file (use --follow to wait for a file that grows)")
+    return _Input("file", path=text)
+
+
+def _make_source(spec: _Input, encoding: str, follow: bool, *, poll_interval: float | None = None) -> Any:
+    from ..sources import read_lines, stdin_lines, tcp_lines
+
+    if spec.kind == "file":
+        if poll_interval is not None:
+            return read_lines(spec.path, encoding=encoding, follow=follow, poll_interval=poll_interval)
+        return read_lines(spec.path, encoding=encoding, follow=follow)
+    if spec.kind == "tcp":
+        return tcp_lines(spec.port, host=spec.host)
+    return stdin_lines(encoding=encoding)
+
+
+def _total_size(spec: _Input, follow: bool) -> int | None:
+    if spec.kind != "file" or follow or is_fifo(spec):
+        return None
+    try:
+        return os.path.getsize(spec.path)
+    except OSError:
+        return None
+
+
+def is_fifo(spec: _Input) -> bool:
+    """Whether ``spec`` names a named pipe (FIFO), which has no size and may have no writer yet."""
+    try:
+        return spec.kind == "file" and stat.S_ISFIFO(os.stat(spec.path).st_mode)
+    except OSError:
+        return False
+
+
+def fifo_source(path: str, encoding: str) -> tuple[Any, int]:
+    """The lines of the FIFO at ``path``, read through a non-blocking read end; and that end's fd.
+
+    Opening a FIFO for reading the usual way blocks until a writer opens it, in a thread no signal
+    can stop. A non-blocking read end opens at once, and the reader awaits data with an ordinary
+    (cancellable) wait, so SIGINT and SIGTERM stop a run whose FIFO never gets a writer. The
+    input ends when the last writer closes it. The caller closes the fd after the run.
+    """
+    from ..sources import stdin_lines
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    source = stdin_lines(fd=fd, encoding=encoding)
+    source.where = path  # errors name the FIFO, not <stdin>
+    return source, fd
+
+
+async def wait_for_file(path: str, timeout: float | None, poll_interval: float) -> None:
+    """Wait until ``path`` exists, checking every ``poll_interval`` seconds, for a file to follow.
+
+    ``timeout`` None waits as long as the run lasts (a signal stops it like the run). Raises
+    ``FileNotFoundError`` naming the path and the wait when it did not appear within ``timeout``.
+    """
+    import logging
+
+    import anyio
+
+    logging.getLogger("microbatch.cli").info("waiting for %s to appear (--follow)", path)
+    with anyio.move_on_after(timeout):
+        # Polled like a followed file is: no portable event says that a path appeared.
+        while True:
+            if await anyio.Path(path).exists():
+                return
+            await anyio.sleep(poll_interval)
+    raise FileNotFoundError(f"--input {path!r} did not appear within {timeout:g} s (--wait-for-file)")

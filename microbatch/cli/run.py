@@ -1,0 +1,267 @@
+"""``microbatch run``: run a pipeline over an input with signal handling, then report the value."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import progress as _progress
+from .codes import EXIT_ERROR, EXIT_OK, UsageError
+from .inputs import _Input, _make_source, _parse_input, _total_size, fifo_source, is_fifo, wait_for_file
+from .load import load_target
+from .logs import _log_error, _stderr_handler, _use_handler, log
+from .metrics_endpoint import Displays, open_metrics
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+# The default of --max-wait and --timeout, whose value None ("no limit") is meaningful.
+_UNSET: Any = object()
+
+
+@dataclass
+class _Outcome:
+    signal: int | None = None
+    error: BaseException | None = None
+    stats: Any = None
+    value: Any = None
+    finished: bool = False
+    runs: list[Any] = field(default_factory=list)
+
+
+def _watched_signals() -> list[signal.Signals]:
+    # A signal the parent left ignored stays ignored (background jobs of a non-interactive shell).
+    return [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+
+
+async def _execute(
+    pipeline: Pipeline[Any, Any],
+    source: Any,
+    *,
+    checkpoint: str | None,
+    fresh: bool,
+    display: _progress.Display,
+    total: int | None,
+    prepare: Callable[[], Awaitable[None]] | None = None,
+) -> _Outcome:
+    """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised."""
+    import anyio
+
+    from ..sources import TcpLines
+
+    outcome = _Outcome()
+    run_scope = anyio.CancelScope()
+
+    async def watch_signals(task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(*_watched_signals()) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if outcome.signal is not None:
+                    log.warning("second %s: stopping now; batches in flight are abandoned", name)
+                    run_scope.cancel()
+                    continue
+                outcome.signal = signum
+                stop = getattr(outcome.runs[0], "stop", None) if outcome.runs else None
+                if stop is None:
+                    log.warning("%s: stopping", name)
+                    run_scope.cancel()
+                    continue
+                grace = pipeline.timeout
+                log.warning(
+                    "%s: stopped reading; finishing the batches in flight%s (again to stop now)",
+                    name,
+                    f" for at most {grace:g} s" if grace is not None else "",
+                )
+                stop()
+                if grace is not None:
+                    run_scope.deadline = min(run_scope.deadline, anyio.current_time() + grace)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch_signals)
+        try:
+            with run_scope:
+                async with AsyncExitStack() as stack:
+                    if isinstance(source, TcpLines):
+                        # A TCP server listens while it is entered (and logs where); the pipeline
+                        # iterates it.
+                        await stack.enter_async_context(source)
+                    if prepare is not None:  # waits for the input, stopped by a signal like the run
+                        await prepare()
+                    async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
+                        outcome.runs.append(updates)
+                        start = updates.stats.position if isinstance(updates.stats.position, int) else 0
+                        display.start(total, start)
+                        async for update in updates:
+                            display.update(update.stats)
+                        outcome.finished = updates.finished
+                        outcome.stats = updates.stats
+            if outcome.runs:
+                run = outcome.runs[0]
+                outcome.value = run.value
+                outcome.stats = run.stats
+                outcome.finished = run.finished
+        except Exception as exc:
+            outcome.error = exc
+        finally:
+            display.close()
+            tg.cancel_scope.cancel()
+    return outcome
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for option in ("workers", "max_size", "queue_size", "retries"):
+        value = getattr(args, option)
+        if value is not None:
+            changes[option] = value
+    for option in ("max_wait", "timeout", "checkpoint_every"):
+        if getattr(args, option) is not _UNSET:
+            changes[option] = getattr(args, option)
+    if args.dead_letter is not None:
+        changes["dead_letter"] = args.dead_letter
+    if args.dask is not None:
+        from ..executors.dask import DaskExecutor
+
+        changes["executor"] = DaskExecutor(args.dask)
+    return changes
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if args.dask is not None and args.workers is not None:
+        raise UsageError(
+            "--workers sets local worker processes; with --dask the cluster's workers run the batches"
+        )
+    if args.wait_for_file is not _UNSET and not args.follow:
+        raise UsageError("--wait-for-file waits for a file to follow: it needs --follow")
+    if args.poll_interval is not None and not args.follow:
+        raise UsageError("--poll-interval sets how often a followed file is checked: it needs --follow")
+    if args.fresh and args.checkpoint is None:
+        raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
+    if args.checkpoint is not None:
+        cp = Path(args.checkpoint)
+        from ..stores import is_sqlite_target
+
+        if cp.exists() and not cp.is_dir() and not is_sqlite_target(cp):
+            raise UsageError(
+                f"--checkpoint {args.checkpoint!r} is a file; it must be a folder (or a *.sqlite store)"
+            )
+    if args.dead_letter is not None:
+        dl = Path(args.dead_letter)
+        if dl.is_dir():
+            raise UsageError(f"--dead-letter {args.dead_letter!r} is a folder; give a file path")
+        if not dl.parent.is_dir():
+            raise UsageError(
+                f"--dead-letter {args.dead_letter!r}: the folder {str(dl.parent)!r} does not exist"
+            )
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    spec = _parse_input(args.input, args.follow)
+    _check_paths(args)
+    pipeline = load_target(args.target)
+    try:
+        pipeline = pipeline.replace(**_overrides(args))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"invalid setting for {args.target}: {exc}") from None
+    fifo_fd: int | None = None
+    if is_fifo(spec):
+        source, fifo_fd = fifo_source(spec.path, args.encoding)
+    else:
+        source = _make_source(spec, args.encoding, args.follow, poll_interval=args.poll_interval)
+    positions_are_bytes = spec.kind == "file" and fifo_fd is None
+    display, handler = _progress.make_display(args.progress, sys.stderr, byte_positions=positions_are_bytes)
+    feed, server = (
+        open_metrics(args.metrics_port, args.metrics_host) if args.metrics_port is not None else (None, None)
+    )
+    if handler is not None:
+        _use_handler(handler)
+    try:
+        outcome = anyio.run(
+            lambda: _execute(
+                pipeline,
+                source,
+                checkpoint=args.checkpoint,
+                fresh=args.fresh,
+                display=display if feed is None else Displays(display, feed),
+                total=_total_size(spec, args.follow),
+                prepare=_preparation(spec, args, fifo=fifo_fd is not None),
+            )
+        )
+        if feed is not None and outcome.stats is not None:
+            feed.update(outcome.stats)  # the final checkpoint came after the last update
+    finally:
+        if handler is not None:
+            _use_handler(_stderr_handler())
+        if server is not None:
+            server.close()
+        if fifo_fd is not None:
+            os.close(fifo_fd)
+    return _report(args, outcome)
+
+
+def _preparation(
+    spec: _Input, args: argparse.Namespace, *, fifo: bool
+) -> Callable[[], Awaitable[None]] | None:
+    """What to await before the run: a followed file that does not exist yet must appear first."""
+    if fifo:
+
+        async def announce() -> None:
+            log.info("waiting for a writer to open %s", spec.path)
+
+        return announce
+    if args.follow and not os.path.exists(spec.path):
+        from ..sources.files import DEFAULT_POLL_INTERVAL
+
+        poll = args.poll_interval if args.poll_interval is not None else DEFAULT_POLL_INTERVAL
+        timeout = None if args.wait_for_file is _UNSET else args.wait_for_file
+        return lambda: wait_for_file(spec.path, timeout, poll)
+    return None
+
+
+def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
+    where = f"checkpoint in {args.checkpoint}" if args.checkpoint else "no --checkpoint: a rerun starts over"
+    if outcome.error is not None:
+        _log_error(outcome.error)
+        if args.checkpoint and outcome.stats is not None:
+            log.info("stopped after %s; %s", _progress.stats_line(outcome.stats), where)
+        return EXIT_ERROR
+    stats = outcome.stats
+    code = EXIT_OK
+    if outcome.signal is not None:
+        code = 128 + outcome.signal
+        name = signal.Signals(outcome.signal).name
+        done = _progress.stats_line(stats) if stats is not None else "nothing folded"
+        if outcome.finished:
+            log.info("%s: the input ended anyway: %s; %s", name, done, where)
+        else:
+            resume = "; run the same command to resume" if args.checkpoint else ""
+            log.warning("interrupted by %s after %s; %s%s", name, done, where, resume)
+        if not outcome.runs:
+            return code
+    elif stats is not None:
+        if stats.run_batches == 0 and stats.batches and outcome.finished:
+            log.info("already finished: %s (%s; --fresh starts over)", _progress.stats_line(stats), where)
+        else:
+            log.info("done: %s", _progress.stats_line(stats))
+        if stats.dead_letters:
+            log.warning("%d records failed and were written to the dead-letter file", stats.dead_letters)
+    try:
+        if args.json:
+            text = _progress.to_json(outcome.value)
+        else:
+            text = _progress.format_value(outcome.value, human=args.human)
+    except (TypeError, ValueError) as exc:
+        _log_error(exc)
+        return EXIT_ERROR
+    print(text, flush=True)
+    return code
