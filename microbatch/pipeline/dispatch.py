@@ -18,7 +18,14 @@ from .._core.bisect import BisectionPlan, Part
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
 from .._core.task import BatchTask
-from .._exceptions import BatchFailed, BatchTimeout, ExecutorUnavailable, TooManyDeadLetters, WorkerCrashed
+from .._exceptions import (
+    BatchFailed,
+    BatchTimeout,
+    ExecutorUnavailable,
+    SourceDecodeError,
+    TooManyDeadLetters,
+    WorkerCrashed,
+)
 from ..executors import Executor
 from .deadletter import DeadLetter, describe_error
 from .reader import Batch
@@ -187,13 +194,15 @@ class Dispatcher:
         position: int | None
         if isinstance(payload, LineBlock):
             position = payload.start
-            record: Any = decode_lines(
-                payload.data,
-                encoding=self.task.encoding,
-                errors="replace" if self.task.encoding else "strict",
-                where=self.task.where,
-                start=payload.start,
-            )[0]
+            task = self.task
+            try:
+                record: Any = decode_lines(
+                    payload.data, encoding=task.encoding, errors=task.errors, where=task.where, start=position
+                )[0]
+            except SourceDecodeError:
+                # Keep the line as it was (written base64-encoded), not with U+FFFD in it.
+                raw = decode_lines(payload.data, encoding=None, errors="strict", where=task.where, start=0)
+                record = raw[0]
         else:
             position = None if batch.start is None else batch.start + part.lo
             record = payload[0]
