@@ -34,7 +34,17 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar, overload, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    NoReturn,
+    Protocol,
+    TypeVar,
+    overload,
+    runtime_checkable,
+)
 
 import anyio
 import anyio.lowlevel
@@ -122,6 +132,9 @@ def batches(
       while the source is silent, provided the consumer is waiting for it then (a consumer busy
       with the previous batch gets it, with whatever arrived meanwhile, as soon as it asks).
       ``max_wait=None`` (the default) holds a partial batch until it fills or the source ends;
+      (a ``Pipeline`` defaults to 0.5 s instead, because its sources are often live — a followed
+      file, a TCP server — where a partial batch must not wait for traffic that may not come;
+      ``batches()`` is also used on finite sources, where full batches are what one wants);
       ``max_wait=0`` hands out whatever has arrived whenever the consumer asks;
     - when the source ends, the remainder comes out as a last, shorter batch;
     - an exception raised by the source comes out of ``async for``, unchanged, after the batches
@@ -154,7 +167,29 @@ def batches(
     """
     check_limits(max_size, max_wait)
     _check_source(source)
-    return _batches(source, max_size, max_wait)
+    return _Batches(_batches(source, max_size, max_wait))
+
+
+class _Batches(AbstractAsyncContextManager[AsyncIterator[list[T]]]):
+    """What :func:`batches` returns: an async context manager, and a clear error when iterated."""
+
+    __slots__ = ("_cm",)
+
+    def __init__(self, cm: AbstractAsyncContextManager[AsyncIterator[list[T]]]) -> None:
+        self._cm = cm
+
+    async def __aenter__(self) -> AsyncIterator[list[T]]:
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._cm.__aexit__(*exc_info)
+
+    def __aiter__(self) -> NoReturn:
+        raise TypeError(
+            "mb.batches() starts a reading task, so it is an async context manager: write "
+            "'async with mb.batches(source, max_size=...) as stream:' and then "
+            "'async for batch in stream:' inside the block"
+        )
 
 
 def _check_source(source: object) -> None:
