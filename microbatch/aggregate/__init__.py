@@ -27,6 +27,8 @@ aggregator     batch result                                      value
 ``Max()``      as ``Min``                                        the largest value, ``None`` when none
 ``TopK(k)``    a mapping of str key to int count                 ``[(key, count), ...]``, the k largest
                (``collections.Counter`` fits)                    counts, ties by key
+``ByKey(inner)`` a mapping of key (str, int, tuple) to a result  a read-only ``Mapping`` of key to the
+               ``inner`` accepts                                 ``inner`` value of that key
 ``Reduce(fn,   anything ``fn`` takes                             the state itself
 initial)``
 =============  ================================================  =========================================
@@ -38,8 +40,12 @@ public attributes. For a state that is already JSON data, ``Reduce(fn, initial)`
 
 
 from .base import JSON, Aggregator
+from .bykey import ByKey, KeyedAggregator, split_to_bytes
 from .numeric import Count, Max, Mean, Min, Sum
 from .reduce import Reduce
 from .topk import TopK
 
-__all__ = ["Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "JSON"]
+__all__ = [
+    "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey", "JSON",
+    "KeyedAggregator", "split_to_bytes",
+]
