@@ -27,8 +27,8 @@ aggregator     batch result                                      value
 ``Max()``      as ``Min``                                        the largest value, ``None`` when none
 ``TopK(k)``    a mapping of str key to int count                 ``[(key, count), ...]``, the k largest
                (``collections.Counter`` fits)                    counts, ties by key
-``ByKey(inner)`` a mapping of key (str, int, tuple) to a result  a read-only ``Mapping`` of key to the
-               ``inner`` accepts                                 ``inner`` value of that key
+``ByKey(       a mapping of key (str, int or a tuple of them)    a read-only ``Mapping`` of key to that
+inner)``       to a result ``inner`` accepts                     key's ``inner`` value
 ``Reduce(fn,   anything ``fn`` takes                             the state itself
 initial)``
 =============  ================================================  =========================================
