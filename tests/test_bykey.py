@@ -248,3 +248,28 @@ def test_results_split_to_bytes_in_a_worker_process_fold_per_shard_exactly() -> 
     assert dict(agg.value(merged)) == dict(agg.value(fold(agg, results)))
     with pytest.raises(ValueError, match="shard"):
         agg.fold_shard(agg.initial(), 5, b"")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.dictionaries(st.sampled_from("abcdefg"), st.integers(-3, 5), max_size=5), max_size=12),
+    st.sets(st.integers(0, 12)),
+    st.sampled_from([1, 3]),
+)
+def test_topk_through_dump_changes_at_any_cuts(
+    results: list[dict[str, int]], cuts: set[int], shards: int
+) -> None:
+    agg = TopK(3, shards=shards)
+    state, documents = agg.initial(), []
+    for i, result in enumerate(results):
+        if i in cuts:
+            documents += agg.dump_changes(state)
+            state = agg.load_documents(through_json(documents))
+        state = agg.fold(state, result)
+    total: Counter[str] = Counter()
+    for result in results:
+        total.update(result)
+    expected = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    assert agg.value(state) == expected
+    documents += agg.dump_changes(state)
+    assert agg.value(agg.load_documents(through_json(documents))) == expected

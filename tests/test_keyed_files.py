@@ -151,3 +151,15 @@ def test_resume_from_files_with_another_shard_count_ends_exact(
         assert files.lookup(manifest, ("nope", 1)) == (False, None)
     else:
         assert new.value(reread) == old.value(full)
+
+
+def test_a_fresh_writer_refuses_deltas_it_has_no_base_for(tmp_path: Path) -> None:
+    agg = ByKey(Sum(), shards=2)
+    state = agg.load(agg.dump(agg.fold(agg.initial(), {f"k{i}": i for i in range(500)})))
+    state = agg.fold(state, {"k1": 1})
+    files = ShardFiles(tmp_path, fsync=False)
+    with pytest.raises(ValueError, match="no base file yet"):
+        files.write(7, agg.dump_changes(state), shards=2)
+    agg.mark_all_changed(state)
+    manifest = files.write(7, agg.dump_changes(state), shards=2)
+    assert dict(agg.value(agg.load_documents(files.read(manifest)))) == dict(agg.value(state))

@@ -150,6 +150,12 @@ class KeyedAggregator(Aggregator[Mapping[Any, Any], KeyedState, V]):
             state.changed[shard].clear()
         return documents
 
+    def mark_all_changed(self, state: KeyedState) -> None:
+        """Make the next ``dump_changes`` give every shard whole (for a new set of shard files)."""
+        state.whole = [True] * len(state.shards)
+        for changed in state.changed:
+            changed.clear()
+
     def load(self, data: JSON) -> KeyedState:
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(
             data.get("documents"), list
@@ -180,7 +186,7 @@ class KeyedAggregator(Aggregator[Mapping[Any, Any], KeyedState, V]):
             except ValueError as exc:
                 raise ValueError(f"{where}: shard {shard}: {exc}") from None
         if resharded:
-            state.whole = [True] * self.shards
+            self.mark_all_changed(state)
         return state
 
 

@@ -148,6 +148,12 @@ class ShardFiles:
                 return {**entry, "count": doc["count"], "deltas": [*entry["deltas"], meta]}
             # the deltas outgrew the base: merge the shard's files and this change into a new base
             doc = merge_documents([*self._read_entry(entry), doc])
+        if doc["kind"] == "delta" and len(doc["keys"]) != doc["count"]:
+            raise ValueError(
+                f"keyed checkpoint at batch {seq}: shard {shard} has no base file yet, and this delta "
+                f"names {len(doc['keys'])} of its {doc['count']} keys; adopt() the manifest the state "
+                f"was loaded from, or mark_all_changed() the state before its first write"
+            )
         data = _encode({**doc, "kind": "base"})
         meta = self._write_file(f"shard-{shard:04d}-{seq:012d}-base.json", data)
         return {"shard": shard, "count": doc["count"], "base": meta, "deltas": []}
