@@ -273,3 +273,15 @@ def test_topk_through_dump_changes_at_any_cuts(
     assert agg.value(state) == expected
     documents += agg.dump_changes(state)
     assert agg.value(agg.load_documents(through_json(documents))) == expected
+
+
+def test_topk_checks_keys_and_counts_where_results_are_split() -> None:
+    agg = TopK(2, shards=4)
+    with pytest.raises(TypeError, match="needs str keys"):
+        split_to_bytes({"a": 1, 7: 1}, agg)
+    with pytest.raises(TypeError, match="needs int counts"):
+        split_to_bytes({"a": True}, agg)
+    state = agg.initial()
+    for shard, data in split_to_bytes(Counter("abracadabra"), agg).items():
+        agg.fold_shard(state, shard, data)
+    assert agg.value(state) == [("a", 5), ("b", 2)]

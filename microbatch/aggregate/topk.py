@@ -83,7 +83,8 @@ class TopK(KeyedAggregator[list[tuple[str, int]]]):
     def describe(self) -> str:
         return f"TopK(k={self.k})"
 
-    def fold(self, state: KeyedState, result: Mapping[str, int]) -> KeyedState:
+    def split(self, result: Any) -> list[dict[Any, Any]]:
+        """``result`` split by shard, after checking every key is a str and every count an int."""
         if not isinstance(result, Mapping):
             raise _type_error(self, result, "a mapping of str key to int count, e.g. collections.Counter")
         # Check the whole result before changing the state, so that a refused result changes nothing.
@@ -93,12 +94,12 @@ class TopK(KeyedAggregator[list[tuple[str, int]]]):
                     f"{self.describe()} needs str keys, got the key {key!r:.100} of type "
                     f"{type(key).__qualname__}: convert keys to str in fn, or use ByKey(Count())"
                 )
-            if type(n) is not int:
+            if isinstance(n, bool) or not isinstance(n, int):
                 raise TypeError(
                     f"{self.describe()} needs int counts, got {n!r:.100} of type {type(n).__qualname__} "
                     f"for the key {key!r:.100}"
                 )
-        return super().fold(state, result)
+        return super().split(result)
 
     def _fold_part(self, state: KeyedState, shard: int, part: Mapping[Any, Any]) -> None:
         super()._fold_part(state, shard, part)
