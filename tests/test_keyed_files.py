@@ -51,7 +51,8 @@ def test_deltas_compact_into_a_new_base_and_every_manifest_reads_back_exactly(tm
     state = agg.initial()
     manifests = []
     for seq in range(1, 30):
-        state = agg.fold(state, {rng.randrange(3000): (rng.random(), 1) for _ in range(150)})
+        picks = [rng.randrange(3000) for _ in range(150)]
+        state = agg.fold(state, {(k % 7, str(k)) if k % 2 else k: (rng.random(), 1) for k in picks})
         manifests.append((files.write(seq, agg.dump_changes(state), shards=3), dict(agg.value(state))))
     bases = {e["base"]["name"] for m, _ in manifests for e in m["entries"]}
     assert len(bases) > 3  # compactions happened

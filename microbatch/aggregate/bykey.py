@@ -116,12 +116,11 @@ class KeyedAggregator(Aggregator[Mapping[Any, Any], KeyedState, V]):
         return self._document(state, shard, state.shards[shard], kind)
 
     def _document(self, state: KeyedState, shard: int, items: Mapping[Any, Any], kind: str) -> JSON:
-        dump = self._folder.dump
         return {
             "format": FORMAT, "shard": shard, "shards": self.shards, "kind": kind,
             "count": len(state.shards[shard]),
-            "keys": [key_to_json(key) for key in items],
-            "states": [dump(inner) for inner in items.values()],
+            "keys": [key_to_json(key) if type(key) is tuple else key for key in items],
+            "states": self._folder.dump_all(items.values()),
         }
 
     def dump(self, state: KeyedState) -> JSON:

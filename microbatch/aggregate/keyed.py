@@ -9,7 +9,7 @@ the partials are ints; any other aggregator goes through its own ``initial``/``f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .._core.keys import key_hash
@@ -95,6 +95,10 @@ class Folder:
     def load(self, data: JSON) -> Any:
         return self.inner.load(data)
 
+    def dump_all(self, states: Iterable[Any]) -> list[JSON]:
+        """``dump`` of each state, in order."""
+        return list(map(self.dump, states))
+
 
 _MISSING: Any = object()
 
@@ -118,6 +122,9 @@ class _CountFolder(Folder):
 
     def dump(self, state: Any) -> JSON:
         return state
+
+    def dump_all(self, states: Iterable[Any]) -> list[JSON]:
+        return list(states)  # ints are their own JSON
 
 
 class _SumFolder(Folder):
@@ -147,6 +154,9 @@ class _SumFolder(Folder):
 
     def dump(self, state: Any) -> JSON:
         return state if type(state) is int else state.dump()
+
+    def dump_all(self, states: Iterable[Any]) -> list[JSON]:
+        return [state if type(state) is int else state.dump() for state in states]
 
     def load(self, data: JSON) -> Any:
         if type(data) is int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from itertools import chain
 from typing import Any
 
@@ -49,6 +49,9 @@ class _TotalFolder(Folder):
 
     def dump(self, state: Any) -> JSON:
         return state
+
+    def dump_all(self, states: Iterable[Any]) -> list[JSON]:
+        return list(states)
 
 
 class TopK(KeyedAggregator[list[tuple[str, int]]]):

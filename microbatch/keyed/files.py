@@ -35,7 +35,7 @@ from typing import Any
 import xxhash
 
 from .._core.checkpoint import _fsync_dir
-from .._core.keys import key_bytes, key_from_json
+from .._core.keys import key_bytes, key_from_json, key_to_json
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
 from ..aggregate.base import JSON
@@ -49,20 +49,25 @@ _TEMP_PREFIX = ".shard-"
 def merge_documents(documents: list[JSON]) -> JSON:
     """One document equivalent to ``documents`` (all of one shard, in order): a later state of a
     key replaces an earlier one; the result is a base when any input is a base, else a delta."""
+    if len(documents) == 1:
+        return documents[0]
     start = 0
     for i, doc in enumerate(documents):
         if doc["kind"] == "base":
             start = i
-    merged: dict[bytes, tuple[Any, Any]] = {}
+    # JSON forms of keys: a str and an int are never equal, so they index the merge as they are;
+    # only arrays (tuples) need turning into something hashable
+    merged: dict[Any, Any] = {}
     for doc in documents[start:]:
-        for key, state in zip(doc["keys"], doc["states"], strict=True):
-            merged[key_bytes(key_from_json(key))] = (key, state)
-    last = documents[-1]
+        keys = doc["keys"]
+        if any(type(key) is list for key in keys):
+            keys = [key_from_json(key) if type(key) is list else key for key in keys]
+        merged.update(zip(keys, doc["states"], strict=True))
     return {
-        **last,
+        **documents[-1],
         "kind": documents[start]["kind"],
-        "keys": [key for key, _ in merged.values()],
-        "states": [state for _, state in merged.values()],
+        "keys": [key_to_json(key) if type(key) is tuple else key for key in merged],
+        "states": list(merged.values()),
     }
 
 
