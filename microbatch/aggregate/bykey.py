@@ -93,6 +93,8 @@ class KeyedAggregator(Aggregator[Mapping[Any, Any], KeyedState, V]):
 
         ``state`` may hold only some shards (a shard owner's): only ``shard`` is touched. Parts of
         one shard must be folded in batch order; parts of different shards in any order.
+        ``data`` is a pickle: take it only from this pipeline's own workers, never from files
+        (checkpoints are JSON).
         """
         check_int("shard", shard, maximum=self.shards - 1)
         part = pickle.loads(data)
