@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -115,12 +116,14 @@ def main() -> None:
         runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
         for _ in range(args.repeat):
             for variant in args.variants:
-                out = subprocess.run(
+                done = subprocess.run(
                     [sys.executable, __file__, "--child", variant, str(args.records), str(keys)],
-                    capture_output=True, text=True, check=True,
-                    env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
-                ).stdout
-                runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+                    capture_output=True, text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
+                if done.returncode:
+                    raise SystemExit(f"variant {variant} failed:\n{done.stderr}")
+                runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
         base = [r["wall"] for r in runs["counter"]] if "counter" in runs else None
         print(f"{args.records:,} records over {keys:,} keys, batches of {BATCH:,}; "
               f"medians of {args.repeat} interleaved rounds, a fresh interpreter per run")
