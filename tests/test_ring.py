@@ -149,3 +149,14 @@ def test_one_more_shard_moves_only_the_keys_it_takes_and_at_most_1_5_over_n_plus
         fraction = len(moved) / len(sample)
         assert 0.5 / (n + 1) <= fraction <= 1.5 / (n + 1), (n, fraction)
         before = after
+
+
+def test_keyed_state_imports_neither_anyio_nor_the_pipeline() -> None:
+    """Workers and shard owners split and fold keyed state without loading the async shell."""
+    code = (
+        "import sys, microbatch._core.ring, microbatch.aggregate, microbatch.keyed;"
+        "print(sorted(m for m in ('anyio', 'aiofiles', 'microbatch.pipeline') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
