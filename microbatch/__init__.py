@@ -40,7 +40,7 @@ from ._exceptions import (
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
     from ._core.checkpoint import Checkpoint
-    from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
+    from .aggregate import Aggregator, ByKey, Count, Max, Mean, Min, Reduce, Sum, TopK
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
@@ -53,7 +53,7 @@ _LAZY = {
     "._core.checkpoint": ["Checkpoint"],
     ".stores": ["CheckpointStore", "DirectoryStore", "SqliteStore"],
     ".executors.dask": ["DaskExecutor"],
-    ".aggregate": ["Aggregator", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
+    ".aggregate": ["Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
@@ -72,6 +72,7 @@ __all__ = [
     "BatcherFull",
     "BatcherStats",
     "BatchExecutor",
+    "ByKey",
     "BatchFailed",
     "BatchTimeout",
     "Checkpoint",

@@ -15,7 +15,7 @@ DOCUMENTED = {
     # pipelines
     "Pipeline", "Stats", "Update",
     # aggregators
-    "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce",
+    "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey",
     # executors
     "Executor", "ProcessExecutor", "ThreadExecutor", "InlineExecutor", "DaskExecutor",
     # checkpoints

@@ -1,0 +1,67 @@
+"""ByKey in a pipeline: counts per key with worker processes, resumed from a checkpoint."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import microbatch as mb
+
+pytestmark = pytest.mark.anyio
+
+
+def count_users(lines: list[str]) -> Counter[str]:
+    return Counter(line.split(",")[0] for line in lines)
+
+
+def sum_by_user(lines: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in lines:
+        user, amount = line.split(",")
+        out[user] = out.get(user, 0) + int(amount)
+    return out
+
+
+def events(path: Path, n: int) -> Path:
+    path.write_text("".join(f"u{(i * 7919) % 1_000},{i % 13}\n" for i in range(n)))
+    return path
+
+
+async def test_bykey_counts_and_sums_per_key_in_worker_processes(tmp_path: Path) -> None:
+    src = events(tmp_path / "e.csv", 20_000)
+    lines = src.read_text().splitlines()
+    counts = await mb.Pipeline(count_users, aggregate=mb.ByKey(mb.Count()), max_size=1_000, workers=2).run(
+        mb.read_lines(src)
+    )
+    assert dict(counts) == Counter(line.split(",")[0] for line in lines)
+    sums = await mb.Pipeline(
+        sum_by_user, aggregate=mb.ByKey(mb.Sum(), shards=4), max_size=1_000, workers=2
+    ).run(mb.read_lines(src))
+    expected: Counter[str] = Counter()
+    for line in lines:
+        user, amount = line.split(",")
+        expected[user] += int(amount)
+    assert dict(sums) == dict(expected)
+    with pytest.raises(TypeError):
+        sums["u1"] = 3  # type: ignore[index]  # a read-only mapping
+
+
+async def test_bykey_resumes_with_another_shard_count_and_ends_exact(tmp_path: Path) -> None:
+    src = events(tmp_path / "e.csv", 5_000)
+    state = tmp_path / "state"
+    first = mb.Pipeline(
+        count_users,
+        aggregate=mb.ByKey(mb.Count(), shards=4),
+        max_size=100,
+        executor="inline",
+        checkpoint_every_batches=1,
+    )
+    async with first.updates(mb.read_lines(src), checkpoint=state) as run:
+        async for update in run:
+            if update.seq == 20:
+                break
+    second = first.replace(aggregate=mb.ByKey(mb.Count(), shards=5))
+    counts = await second.run(mb.read_lines(src), checkpoint=state)
+    assert dict(counts) == Counter(line.split(",")[0] for line in src.read_text().splitlines())
