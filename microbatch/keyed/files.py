@@ -34,11 +34,11 @@ from typing import Any
 
 import xxhash
 
-from .._core.checkpoint import _fsync_dir
 from .._core.keys import key_bytes, key_from_json, key_to_json
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
 from ..aggregate.base import JSON
+from ..stores.directory import fsync_dir
 
 __all__ = ["MANIFEST_FORMAT", "ShardFiles", "merge_documents"]
 
@@ -130,7 +130,7 @@ class ShardFiles:
             for shard, docs in sorted(by_shard.items()):
                 entries[shard] = self._write_shard(seq, entries[shard], merge_documents(docs))
             if self.fsync and by_shard:
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
         except OSError as exc:
             self._pending = documents
             raise CheckpointWriteError(
