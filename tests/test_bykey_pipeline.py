@@ -65,3 +65,42 @@ async def test_bykey_resumes_with_another_shard_count_and_ends_exact(tmp_path: P
     second = first.replace(aggregate=mb.ByKey(mb.Count(), shards=5))
     counts = await second.run(mb.read_lines(src), checkpoint=state)
     assert dict(counts) == Counter(line.split(",")[0] for line in src.read_text().splitlines())
+
+
+def keyed_checkpoint_bytes(state: Path) -> tuple[int, int]:
+    """(bytes of the newest checkpoint file, bytes of the shard files) in a checkpoint folder."""
+    newest = max(state.glob("checkpoint-*.json"))
+    shards = sum(f.stat().st_size for f in (state / "keyed").iterdir() if f.is_file())
+    return newest.stat().st_size, shards
+
+
+def touch_one_key(lines: list[str]) -> Counter[str]:
+    return Counter(lines)
+
+
+async def test_keyed_checkpoints_write_shard_files_and_resume_exact_after_cancellation(
+    tmp_path: Path,
+) -> None:
+    # 20,000 distinct keys, then batches that each touch 10 keys: later checkpoints write deltas.
+    src = tmp_path / "keys.txt"
+    src.write_text("".join(f"k{i}\n" for i in range(20_000)) + "".join(f"k{i % 10}\n" for i in range(2_000)))
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        touch_one_key,
+        aggregate=mb.ByKey(mb.Count(), shards=8),
+        max_size=1_000,
+        executor="inline",
+        checkpoint_every_batches=1,
+    )
+    async with pipeline.updates(mb.read_lines(src), checkpoint=state) as run:
+        async for update in run:
+            if update.seq == 21:
+                break
+    # The state is in the shard files; the checkpoint names them (a small manifest).
+    manifest_bytes, shard_bytes = keyed_checkpoint_bytes(state)
+    assert manifest_bytes < 10_000 < shard_bytes
+    counts = await pipeline.run(mb.read_lines(src), checkpoint=state)
+    expected = Counter(src.read_text().splitlines())
+    assert dict(counts) == dict(expected)
+    # Old shard files no kept checkpoint names are gone; a fresh run starts over.
+    assert await pipeline.run(mb.read_lines(src), checkpoint=state, fresh=True) == counts
