@@ -104,3 +104,34 @@ async def test_keyed_checkpoints_write_shard_files_and_resume_exact_after_cancel
     assert dict(counts) == dict(expected)
     # Old shard files no kept checkpoint names are gone; a fresh run starts over.
     assert await pipeline.run(mb.read_lines(src), checkpoint=state, fresh=True) == counts
+
+
+def test_inspect_counts_keys_per_shard_and_looks_a_key_up(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    src = tmp_path / "keys.txt"
+    src.write_text("".join(f"k{i % 500}\n" for i in range(3_000)))
+    job = tmp_path / "job.py"
+    job.write_text(
+        "from collections import Counter\nimport microbatch as mb\n"
+        "def count(lines):\n    return Counter(lines)\n"
+        "pipeline = mb.Pipeline(count, aggregate=mb.ByKey(mb.Count(), shards=4), max_size=500,"
+        " executor='inline')\n"
+    )
+    state = tmp_path / "state"
+
+    def mb_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "microbatch", *argv], capture_output=True, text=True)
+
+    assert mb_cli("run", f"{job}:pipeline", "--input", str(src), "--checkpoint", str(state)).returncode == 0
+    out = mb_cli("inspect", str(state), "--json")
+    info = json.loads(out.stdout)
+    assert info["shards"] == 4 and info["keys"] == 500 and sum(info["keys_per_shard"]) == 500
+    found = json.loads(
+        mb_cli("inspect", str(state), "--key", "k7", "--json", "--target", f"{job}:pipeline").stdout
+    )
+    assert found["found"] and found["value"] == 6
+    missing = mb_cli("inspect", str(state), "--key", "nope")
+    assert missing.returncode == 1 and "not found" in missing.stdout
