@@ -1,6 +1,8 @@
-"""A checkpointed pipeline run used by the crash tests: python resume_job.py NUMBERS STATE DEAD.
+"""A checkpointed pipeline run used by the crash tests: python resume_job.py NUMBERS STATE DEAD [keyed].
 
-Prints one line per folded batch ("seq records") and the final value as "done VALUE".
+Prints one line per folded batch ("seq records") and the final value as "done VALUE". With
+``keyed``, the numbers are summed per key (the number modulo 97) with ``ByKey(Sum())`` in keyed
+shard files, and VALUE is ``sum(key * total)`` over the keys, with the number of keys.
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ def slow_sum(lines: list[str]) -> int:
     return sum(int(x) for x in lines)
 
 
-async def main(numbers: str, state: str, dead: str) -> None:
+def slow_sums_by_key(lines: list[str]) -> dict[int, int]:
+    time.sleep(0.002)
+    if "bad" in lines:
+        raise ValueError("poison line")
+    out: dict[int, int] = {}
+    for x in map(int, lines):
+        out[x % 97] = out.get(x % 97, 0) + x
+    return out
+
+
+async def main(numbers: str, state: str, dead: str, mode: str = "sum") -> None:
+    keyed = mode == "keyed"
     pipeline = mb.Pipeline(
-        slow_sum,
-        aggregate=mb.Sum(),
+        slow_sums_by_key if keyed else slow_sum,
+        aggregate=mb.ByKey(mb.Sum(), shards=5) if keyed else mb.Sum(),
         max_size=200,
         workers=2,
         retries=0,
@@ -35,8 +48,11 @@ async def main(numbers: str, state: str, dead: str) -> None:
     async with pipeline.updates(mb.read_lines(numbers), checkpoint=state) as updates:
         async for update in updates:
             print(update.seq, update.records, flush=True)
-    print("done", updates.value, flush=True)
+    value = updates.value
+    if keyed:
+        value = f"{sum(key * total for key, total in value.items())} {len(value)}"
+    print("done", value, flush=True)
 
 
 if __name__ == "__main__":
-    anyio.run(main, *sys.argv[1:4])
+    anyio.run(main, *sys.argv[1:5])
