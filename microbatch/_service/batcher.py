@@ -10,17 +10,17 @@ append and a counter update.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from types import TracebackType
 from typing import Generic, TypeAlias, TypeVar, cast
 
 import anyio
 import anyio.abc
 
 from .._core.intake import Intake, Slot
-from .._core.params import callable_name
+from .._core.params import callable_name, check_seconds
 from .._exceptions import BatcherClosed, BatcherFull
 from .call import BatchCall, BatchExecutor, is_async_callable
 from .dispatch import Dispatcher
+from .lifecycle import NEW, OPEN, Lifecycle
 from .pending import PendingResult
 from .stats import BatcherStats, snapshot
 
@@ -33,14 +33,7 @@ R = TypeVar("R")
 AsyncBatchFn: TypeAlias = Callable[[list[T]], Awaitable[Iterable[R | Exception]]]
 SyncBatchFn: TypeAlias = Callable[[list[T]], Iterable[R | Exception]]
 
-# Batcher lifecycle.
-_NEW = 0
-_OPEN = 1
-_CLOSING = 2
-_CLOSED = 3
-
-
-class Batcher(Generic[T, R]):
+class Batcher(Lifecycle, Generic[T, R]):
     """Collect items submitted by concurrent tasks into batches for ``fn``; each caller gets its own result.
 
     ``fn`` takes a list of items and returns a list (any sized iterable) of the same length, in the
@@ -49,10 +42,14 @@ class Batcher(Generic[T, R]):
     ``await executor.run(fn, items)`` when ``executor`` is given, e.g. a ``ProcessExecutor``).
 
     Use it as an async context manager, which runs the background flusher for as long as the block
-    lasts::
+    lasts, or run it in a task group of yours with :meth:`start` until :meth:`aclose`::
 
         async with Batcher(embed, max_size=32, max_wait=0.005) as batcher:
             vector = await batcher.submit(text)
+
+        batcher = await Batcher(embed, max_size=32, max_wait=0.005).start(task_group)
+        ...
+        await batcher.aclose()  # items submitted before get their results
 
     Parameters (keyword-only after ``fn``):
 
@@ -69,6 +66,10 @@ class Batcher(Generic[T, R]):
       items with their results, plus one item per caller blocked in ``submit``.
     - ``executor``: runs a synchronous ``fn``; see :class:`BatchExecutor`. Not allowed with an
       ``async def`` fn.
+    - ``timeout``: seconds one call of fn may run (default ``None``: no limit). A batch that runs
+      longer fails all its items with ``BatchTimeout``: an async fn is cancelled, a
+      ``ProcessExecutor`` kills the worker (the executor enforces the limit, counting from when the
+      call starts in a worker), and a thread, which cannot be killed, is abandoned.
 
     Failures stay with their owners: fn raising (or the executor failing) sends that exception to
     every caller of the batch (all receive the same object); a wrong number of results raises
@@ -78,10 +79,12 @@ class Batcher(Generic[T, R]):
     cancelled before its item is dispatched withdraws the item; cancelled after, its result is
     discarded. None of these stop the batcher.
 
-    Closing (the end of the ``async with`` block, or :meth:`close`) stops intake: later ``submit``
-    calls raise ``BatcherClosed``. Items already submitted, including callers blocked by
-    backpressure, are still batched and get their results; the block exits once they are done.
-    If the block exits with an exception, or is cancelled, items not yet dispatched get
+    Closing (the end of the ``async with`` block, :meth:`close` or :meth:`aclose`) stops intake:
+    later ``submit`` calls raise ``BatcherClosed``. Items already submitted, including callers
+    blocked by backpressure, are still batched and get their results; the block exits (``aclose``
+    returns) once they are done.
+    If the block exits with an exception, or is cancelled (or the task group given to ``start``
+    is cancelled), items not yet dispatched get
     ``BatcherClosed`` instead, running async batches are cancelled (their callers also get
     ``BatcherClosed``), and a batch running in a thread is waited for.
 
@@ -98,6 +101,7 @@ class Batcher(Generic[T, R]):
         max_concurrent_batches: int = 1,
         max_pending: int | None = None,
         executor: BatchExecutor | None = None,
+        timeout: float | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable (a function taking a list of items), got {fn!r}")
@@ -115,86 +119,24 @@ class Batcher(Generic[T, R]):
                     f"executor= runs synchronous functions, but fn {self._name} is async; "
                     f"pass a plain def function, or drop executor= to await fn in the event loop"
                 )
-        call = BatchCall(fn, self._name, is_async, executor, None)
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
+        call = BatchCall(fn, self._name, is_async, executor, timeout)
         self.max_size = max_size
         self.max_wait = max_wait
         self.max_concurrent_batches = max_concurrent_batches
         self.max_pending = self._intake.max_pending
-        self._state = _NEW
+        self.timeout = timeout
         self._dispatcher: Dispatcher[T, R] = Dispatcher(self._intake, call, repr(self))
-        self._own_tg: anyio.abc.TaskGroup | None = None  # the one 'async with' opens
-        self._stopped: anyio.Event | None = None  # set once the batcher stopped
+        super().__init__(self._dispatcher)
 
     def __repr__(self) -> str:
         return (
             f"Batcher(fn={self._name}, max_size={self.max_size}, max_wait={self.max_wait}, "
-            f"max_concurrent_batches={self.max_concurrent_batches}, max_pending={self.max_pending})"
+            f"max_concurrent_batches={self.max_concurrent_batches}, max_pending={self.max_pending}"
+            + ("" if self.timeout is None else f", timeout={self.timeout}")
+            + ")"
         )
-
-    # -- lifecycle -------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Batcher[T, R]:
-        self._check_new()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._own_tg = tg
-        await tg.start(self._serve, name=f"microbatch.Batcher({self._name})")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        tg = self._own_tg
-        assert tg is not None
-        self.close()
-        if exc is not None:
-            self._intake.abort(
-                f"{self!r}: its 'async with' block exited with {type(exc).__name__}; "
-                f"this item was never given to fn"
-            )
-            tg.cancel_scope.cancel()
-        # The body's own exception is re-raised by the caller of __aexit__; handing it to the task
-        # group would wrap it in an ExceptionGroup. Cancellation must reach the task group's scope.
-        passed = exc if isinstance(exc, anyio.get_cancelled_exc_class()) else None
-        if passed is None:
-            await tg.__aexit__(None, None, None)
-        else:
-            await tg.__aexit__(type(passed), passed, passed.__traceback__)
-        return False
-
-    def _check_new(self) -> None:
-        if self._state != _NEW:
-            raise RuntimeError(f"{self!r} was already started; a Batcher runs once, create a new one")
-
-    async def _serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run the flusher until the batcher is closed and drained, or cancelled."""
-        self._stopped = anyio.Event()
-        self._state = _OPEN
-        try:
-            await self._dispatcher.serve(task_status)
-        finally:
-            self._state = _CLOSED
-            self._intake.abort(f"{self!r}: it was shut down; this item was never given to fn")
-            self._stopped.set()
-
-    def close(self) -> None:
-        """Stop accepting items; those already submitted are still batched and get their results.
-
-        Idempotent. The ``async with`` block calls it on exit and then waits for the pending
-        items; calling it earlier lets new ``submit`` calls fail fast with ``BatcherClosed``.
-        """
-        if self._state in (_NEW, _OPEN):
-            self._state = _CLOSING if self._state == _OPEN else _CLOSED
-            self._dispatcher.closing = True
-            self._dispatcher.notify()
-
-    @property
-    def closed(self) -> bool:
-        """Whether new items are refused (``close`` was called or the block ended)."""
-        return self._state >= _CLOSING
 
     @property
     def stats(self) -> BatcherStats:
@@ -212,7 +154,7 @@ class Batcher(Generic[T, R]):
         after the batcher was closed or when it shut down before the item ran. Cancelling the
         caller before dispatch withdraws the item.
         """
-        if self._state != _OPEN:
+        if self._state != OPEN:
             raise self._refusal()
         slot: Slot[T, R] = Slot(item, anyio.Event(), anyio.current_time())
         if self._intake.offer(slot):
@@ -226,7 +168,7 @@ class Batcher(Generic[T, R]):
         then), and ``BatcherClosed`` after close. Must be called from a task in the batcher's
         event loop.
         """
-        if self._state != _OPEN:
+        if self._state != OPEN:
             raise self._refusal()
         if not self._intake.has_room:
             raise BatcherFull(
@@ -239,9 +181,10 @@ class Batcher(Generic[T, R]):
         return PendingResult(self, slot)
 
     def _refusal(self) -> Exception:
-        if self._state == _NEW:
+        if self._state == NEW:
             return RuntimeError(
-                f"{self!r} is not running; submit from inside 'async with Batcher(...) as batcher:'"
+                f"{self!r} is not running; submit from inside 'async with Batcher(...) as batcher:' "
+                f"or after 'await batcher.start(task_group)'"
             )
         return BatcherClosed(
             f"{self!r} is closed: submit() was called after close() or after its 'async with' "
