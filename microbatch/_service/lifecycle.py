@@ -40,7 +40,13 @@ class Lifecycle:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._own_tg = tg
-        await tg.start(self._serve, name=f"microbatch.{self!r}")
+        try:
+            await tg.start(self._serve, name=f"microbatch.{self!r}")
+        except BaseException:  # cancelled while starting: leave no task group open behind
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await tg.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(
