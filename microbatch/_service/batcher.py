@@ -33,6 +33,7 @@ R = TypeVar("R")
 AsyncBatchFn: TypeAlias = Callable[[list[T]], Awaitable[Iterable[R | Exception]]]
 SyncBatchFn: TypeAlias = Callable[[list[T]], Iterable[R | Exception]]
 
+
 class Batcher(Lifecycle, Generic[T, R]):
     """Collect items submitted by concurrent tasks into batches for ``fn``; each caller gets its own result.
 
