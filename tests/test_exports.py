@@ -26,7 +26,8 @@ DOCUMENTED = {
     "MicrobatchError", "SourceError", "LineTooLong", "SourceDecodeError", "ExecutorError",
     "WorkerCrashed", "ExecutorUnavailable", "BatchTimeout", "RemoteError", "RemoteTraceback",
     "UnpicklableFunction",
-    "BackendNotSupported", "BatchFailed", "TooManyDeadLetters", "CheckpointError", "CheckpointCorrupt",
+    "BackendNotSupported", "BatchFailed", "TooManyDeadLetters",
+    "BatchResultMismatch", "CheckpointError", "CheckpointCorrupt",
     "CheckpointMismatch", "CheckpointWriteError", "BatcherError", "BatcherFull", "BatcherClosed",
 }  # fmt: skip
 

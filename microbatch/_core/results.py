@@ -10,29 +10,9 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .._exceptions import MicrobatchError
+from .._exceptions import BatchResultMismatch
 
 __all__ = ["BatchResultMismatch", "check_results"]
-
-
-class BatchResultMismatch(MicrobatchError, ValueError):
-    """Raised by a ``Batcher`` to every caller of a batch for which fn returned a number of results
-    other than the number of items.
-
-    ``batch`` is the batch number (from 1), ``size`` the number of items, ``results`` the number of
-    results, ``fn`` the function's name. It is a ``ValueError`` too, as this failure always was.
-    """
-
-    def __init__(self, where: str, fn: str, batch: int, size: int, results: int) -> None:
-        super().__init__(
-            f"{where}: fn {fn} returned {results} results for {size} items; it must return exactly "
-            f"one result per item, in order (return an exception instance in an item's place to "
-            f"fail that item alone)"
-        )
-        self.fn = fn
-        self.batch = batch
-        self.size = size
-        self.results = results
 
 
 def check_results(results: Any, size: int, *, batch: int, fn: str, where: str) -> list[Any]:
