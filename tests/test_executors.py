@@ -475,7 +475,7 @@ async def test_each_worker_holds_one_more_call_than_it_runs(tmp_path: Path) -> N
 
 async def test_worker_pipes_deliver_frames_split_or_joined_in_any_way() -> None:
     """The parent's pipe reader: frames that arrive together, in pieces, or bigger than the pipe."""
-    from microbatch.executors.process import _Pipes
+    from microbatch.executors.pipes import _Pipes
 
     read_fd, write_to_reader = os.pipe()
     read_from_writer, write_fd = os.pipe()

@@ -1,35 +1,11 @@
-"""Executors: where a pipeline runs ``fn(batch)`` — worker processes, threads, or the event loop itself.
+"""``ProcessExecutor``: a pool of worker processes, each call isolated in one of them.
 
-The protocol is small on purpose, so that other executors (a Dask cluster, a remote service) can sit
-behind it::
-
-    class Executor(Protocol):
-        capacity: int                                   # calls that may run at once
-        prefetch: int                                   # optional: calls per capacity taken ahead
-        async def __aenter__(self) -> Self              # start (workers, threads, connections)
-        async def __aexit__(self, *exc_info) -> None    # stop; nothing may be left running
-        async def run(self, fn, arg, *, timeout=None)   # fn(arg) somewhere; its result or its exception
-
-Contract of ``run``:
-
-- at most ``capacity`` calls run at once; further calls wait their turn, first come first served;
-- an executor with a ``prefetch`` attribute takes ``capacity * (1 + prefetch)`` calls at once and
-  holds the extra ones ready where they will run; a pipeline keeps that many batches in flight;
-- ``fn`` raising returns as that exception (for processes: re-raised in the parent, with the
-  worker's traceback as a ``RemoteTraceback`` in ``__cause__``);
-- a failure of the machinery rather than of ``fn`` is an ``ExecutorError``: ``WorkerCrashed``,
-  ``BatchTimeout``, ``RemoteError``;
-- one call's failure leaves other calls in flight untouched, and the executor usable;
-- cancelling the caller stops the call as far as the executor can (a process is killed, a thread is
-  abandoned).
-
-A pipeline passes the same ``fn`` object for every batch of a run and a different ``arg`` each time;
-``ProcessExecutor`` relies on that to send the function to each worker only once.
+The protocol every executor follows is in :mod:`microbatch.executors.base`; the worker's side of the
+pipes is :mod:`microbatch.executors.worker`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import signal
@@ -37,13 +13,10 @@ import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
-import anyio.to_thread
-import cloudpickle
 
 from .._exceptions import (
     BatchTimeout,
@@ -51,92 +24,24 @@ from .._exceptions import (
     ExecutorUnavailable,
     RemoteError,
     RemoteTraceback,
-    UnpicklableFunction,
     WorkerCrashed,
 )
 from . import worker as wire
+from .base import Executor, FunctionCache, _name, check_picklable, check_timeout
+from .inline import InlineExecutor
+from .pipes import PIPE_ERRORS as _PIPE_ERRORS
+from .pipes import _Pipes
+from .thread import ThreadExecutor
 
-__all__ = [
-    "Executor",
-    "ProcessExecutor",
-    "ThreadExecutor",
-    "InlineExecutor",
-    "check_picklable",
-]
+# Executor, InlineExecutor, ThreadExecutor and check_picklable are re-exported for older imports.
+__all__ = ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor", "check_picklable"]
 
 A = TypeVar("A")
 R = TypeVar("R")
-E = TypeVar("E", bound="Executor")
 
 _WORKER_SCRIPT = wire.__file__
-# What reading or writing a worker's pipes raises when the worker died or the executor closed them.
-_PIPE_ERRORS = (
-    anyio.EndOfStream,
-    anyio.IncompleteRead,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    OSError,
-)
 # After a worker's pipe reached end of file, how long to wait for its exit code before killing it.
 _EXIT_GRACE = 2.0
-
-
-@runtime_checkable
-class Executor(Protocol):
-    """Runs ``fn(arg)`` calls, at most ``capacity`` at once; see the module docstring for the contract."""
-
-    capacity: int
-
-    async def __aenter__(self: E) -> E: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    async def run(
-        self,
-        fn: Callable[[A], R],
-        arg: A,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
-    ) -> R: ...
-
-
-def _name(fn: object) -> str:
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if qualname is None:
-        return repr(fn)
-    return f"{module}.{qualname}" if module else str(qualname)
-
-
-def _pickle_function(fn: Callable[..., Any]) -> bytes:
-    try:
-        return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
-    except Exception as exc:
-        raise UnpicklableFunction(
-            f"{_name(fn)} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
-            f"Define it at module level, or keep locks, open files, sockets and clients out of "
-            f"what it references (create them inside the function), or use ThreadExecutor."
-        ) from exc
-
-
-def check_picklable(fn: Callable[..., Any]) -> None:
-    """Raise ``UnpicklableFunction`` unless ``fn`` can be sent to worker processes.
-
-    Uses cloudpickle, as ``ProcessExecutor`` does: functions from importable modules travel by
-    reference, functions from ``__main__``, lambdas and closures by value. The message names ``fn``
-    and the pickling error. Pipelines call this before any batch runs.
-    """
-    _pickle_function(fn)
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
 def _exit_description(returncode: int | None) -> str:
@@ -165,81 +70,6 @@ class _Call:
         self.resend = False
         # Its caller was cancelled while it waited behind another call.
         self.abandoned = False
-
-
-class _Pipes:
-    """The parent's ends of a worker's two pipes, as non-blocking file descriptors.
-
-    Reads and writes go straight to ``os.read``/``os.write`` and wait with ``anyio.wait_readable``/
-    ``wait_writable`` only when the pipe is empty or full: no stream, transport or protocol
-    objects in between (on asyncio those cost more than the whole round trip to the worker). One
-    task reads and one task writes at a time. ``close()`` wakes a waiting task with
-    ``ClosedResourceError``; a descriptor is never used after it was closed, so a number the OS
-    hands out again cannot be read by mistake.
-    """
-
-    __slots__ = ("read_fd", "write_fd", "_buffer", "closed")
-
-    def __init__(self, read_fd: int, write_fd: int) -> None:
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self._buffer = bytearray()
-        self.closed = False
-
-    def _check(self) -> None:
-        if self.closed:
-            raise anyio.ClosedResourceError
-
-    async def send(self, buffers: list[bytes]) -> None:
-        """Write ``buffers`` one after the other; the common case is a single ``writev`` call."""
-        self._check()
-        total = sum(map(len, buffers))
-        try:
-            written = os.writev(self.write_fd, buffers)
-        except BlockingIOError:
-            written = 0
-        if written == total:
-            return
-        view = memoryview(b"".join(buffers))[written:]
-        while view:
-            self._check()
-            try:
-                written = os.write(self.write_fd, view)
-            except BlockingIOError:
-                await anyio.wait_writable(self.write_fd)
-            else:
-                view = view[written:]
-
-    async def receive_exactly(self, size: int) -> bytes:
-        buffer = self._buffer
-        while len(buffer) < size:
-            self._check()
-            try:
-                # At least 64 KiB (a small frame and its header come in one call), at most what
-                # a widened pipe holds (a big frame does not allocate its whole size per call).
-                chunk = os.read(self.read_fd, min(max(size - len(buffer), 1 << 16), 1 << 20))
-            except BlockingIOError:
-                await anyio.wait_readable(self.read_fd)
-                continue
-            if not chunk:
-                raise anyio.EndOfStream
-            buffer += chunk
-        if len(buffer) == size:
-            data = bytes(buffer)
-            buffer.clear()
-        else:
-            data = bytes(memoryview(buffer)[:size])  # one copy; the view is gone before the del
-            del buffer[:size]
-        return data
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            for fd in (self.read_fd, self.write_fd):
-                anyio.notify_closing(fd)
-                os.close(fd)
 
 
 class _Worker:
@@ -377,9 +207,7 @@ class ProcessExecutor:
         self._pool: list[_Slot] = []
         self._live: set[_Worker] = set()
         self._limit = anyio.Semaphore(workers * (1 + prefetch), fast_acquire=True)
-        # id(fn) -> (fn, token, pickled fn); holding fn keeps its id from being reused.
-        self._functions: OrderedDict[int, tuple[Callable[..., Any], int, bytes]] = OrderedDict()
-        self._next_token = 1
+        self._functions = FunctionCache(wire.FN_CACHE_SIZE)
         self._state = "new"
 
     def __repr__(self) -> str:
@@ -509,19 +337,6 @@ class ProcessExecutor:
             await worker.process.wait()
         await self._reap(worker)
 
-    def _prepare(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
-        entry = self._functions.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            self._functions.move_to_end(id(fn))
-            return entry[1], entry[2]
-        data = _pickle_function(fn)
-        token = self._next_token
-        self._next_token += 1
-        self._functions[id(fn)] = (fn, token, data)
-        if len(self._functions) > wire.FN_CACHE_SIZE:
-            self._functions.popitem(last=False)
-        return token, data
-
     async def run(
         self,
         fn: Callable[[A], R],
@@ -530,9 +345,10 @@ class ProcessExecutor:
         timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
     ) -> R:
         """Run ``fn(arg)`` in a worker process and return its result; see the class docstring."""
-        _check_timeout(timeout)
+        check_timeout(timeout)
         self._check_open()
-        token, fn_data = self._prepare(fn)
+        pickled = self._functions.get(fn)
+        token, fn_data = pickled.token, pickled.data
         payload = pickle.dumps(arg, protocol=5)
         async with self._limit:
             while True:
@@ -685,107 +501,3 @@ class ProcessExecutor:
             type_name, message, tb = pickle.loads(body)
             raise RemoteError(type_name, message) from RemoteTraceback(tb)
         raise ExecutorError(f"unexpected frame kind {kind} from a worker")  # pragma: no cover
-
-
-_N = TypeVar("_N", bound="_NothingToStart")
-
-
-class _NothingToStart:
-    """Base of executors with nothing to start or stop: entering them (``async with``) is optional."""
-
-    async def __aenter__(self: _N) -> _N:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-
-class ThreadExecutor(_NothingToStart):
-    """Runs calls in threads of anyio's thread pool, at most ``workers`` (default 4) at once.
-
-    Use it for ``fn`` that releases the GIL (I/O, NumPy, compression) or cannot be pickled. No
-    pickling happens: ``fn`` and ``arg`` are shared with the caller. Exceptions of ``fn`` pass through
-    unchanged.
-
-    Limits: a thread cannot be killed. A call past ``timeout``, or whose caller is cancelled, is
-    abandoned: ``BatchTimeout`` (or the cancellation) is raised at once, but the thread runs on to
-    its end and its result is dropped; while it runs it no longer counts against ``workers``, so
-    abandoned calls can make more than ``workers`` threads busy. ``timeouts`` counts such calls.
-    Entering the executor (``async with``) is optional; leaving it does not wait for abandoned threads.
-    """
-
-    def __init__(self, workers: int = 4) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        self.capacity = workers
-        self.crashes = 0
-        self.timeouts = 0
-        self.restarts = 0
-        self._limiter = anyio.CapacityLimiter(workers)
-        self._threads = anyio.CapacityLimiter(math.inf)
-
-    def __repr__(self) -> str:
-        return f"<ThreadExecutor workers={self.capacity} timeouts={self.timeouts}>"
-
-
-    async def run(
-        self,
-        fn: Callable[[A], R],
-        arg: A,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
-    ) -> R:
-        """Run ``fn(arg)`` in a thread and return its result; see the class docstring."""
-        _check_timeout(timeout)
-        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            # Our own limiter, held only while the call is awaited: an abandoned thread frees its
-            # place at once on every backend (trio's thread limiter would keep it until the thread ends).
-            async with self._limiter:
-                return await anyio.to_thread.run_sync(fn, arg, limiter=self._threads, abandon_on_cancel=True)
-        assert scope.cancelled_caught
-        self.timeouts += 1
-        raise BatchTimeout(
-            f"{_name(fn)} ran longer than timeout={timeout} s in a thread; the thread cannot be killed "
-            f"and was abandoned (it runs on in the background; use ProcessExecutor to kill hung calls)"
-        )
-
-
-class InlineExecutor(_NothingToStart):
-    """Runs each call directly in the event loop's thread, one at a time: for tests and debugging.
-
-    Breakpoints, profilers and coverage see ``fn`` as ordinary code, and exceptions pass through
-    unchanged. ``capacity`` is 1; concurrent calls wait their turn, first come first served.
-
-    Limits: while ``fn`` runs the event loop is blocked (no other task, timer or I/O progresses), and
-    ``timeout`` cannot be enforced: it is checked for validity and otherwise ignored. Cancellation
-    takes effect before ``fn`` starts, never during it.
-    """
-
-    def __init__(self) -> None:
-        self.capacity = 1
-        self.crashes = 0
-        self.timeouts = 0
-        self.restarts = 0
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return "<InlineExecutor>"
-
-
-    async def run(
-        self,
-        fn: Callable[[A], R],
-        arg: A,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
-    ) -> R:
-        """Run ``fn(arg)`` now, in this thread, and return its result; ``timeout`` is not enforced."""
-        _check_timeout(timeout)
-        async with self._lock:
-            await anyio.lowlevel.checkpoint()
-            return fn(arg)
