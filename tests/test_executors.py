@@ -321,7 +321,7 @@ def queued_calls(executor: ProcessExecutor) -> int:
     """Calls sent to the executor's only worker and not answered yet."""
     (slot,) = executor._pool
     assert slot.worker is not None
-    return len(slot.worker.calls)
+    return len(slot.worker.queue)
 
 
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
