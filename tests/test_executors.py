@@ -15,7 +15,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from _procs import alive, new_children
 from trio.testing import MockClock
 
 import microbatch as mb
+from microbatch._core.task import BatchTask
 from microbatch.executors import (
     Executor,
     InlineExecutor,
@@ -102,6 +104,10 @@ def noisy(n: int) -> int:
 
 def echo(x: object) -> object:
     return x
+
+
+def crash_batch(records: list[int]) -> int:
+    os._exit(3)
 
 
 def worker_pid(_: object) -> int:
@@ -275,6 +281,8 @@ async def test_crash_fails_only_its_call(
 async def test_timeout_kills_the_worker_and_raises_batch_timeout(tmp_path: Path) -> None:
     started = tmp_path / "started"
     async with ProcessExecutor(1) as executor:
+        # The worker imports this module on its first call: not part of the time limit tested here.
+        assert await executor.run(double, 1) == 2
         with pytest.raises(mb.BatchTimeout, match=r"timeout=0\.5") as info:
             await executor.run(hang, str(started), timeout=0.5)
         assert isinstance(info.value, TimeoutError)
@@ -312,6 +320,47 @@ async def test_cancelling_a_call_kills_its_worker_only(tmp_path: Path) -> None:
             go.touch()
         assert other == [7]
         assert await executor.run(double, 2) == 4
+
+
+async def test_messages_name_the_users_function_not_its_wrapper() -> None:
+    task = BatchTask(crash_batch)
+    assert repr(task) == f"BatchTask({__name__}.crash_batch)"
+    async with ProcessExecutor(1) as executor:
+        with pytest.raises(mb.WorkerCrashed) as info:
+            await executor.run(task, [1])
+    assert f"while running {__name__}.crash_batch (exit code 3)" in str(info.value)
+    assert "object at 0x" not in str(info.value)
+    release = threading.Event()
+    with pytest.raises(mb.BatchTimeout) as timed_out:
+        await ThreadExecutor(1).run(BatchTask(lambda _: release.wait(DEADLINE)), [1], timeout=0.01)
+    release.set()
+    assert "<lambda> ran longer than timeout=0.01 s" in str(timed_out.value)
+    assert "object at 0x" not in str(timed_out.value)
+
+
+async def retried(attempt: Callable[[], Awaitable[object]], times: int) -> BaseException:
+    """Each attempt made while handling the previous failure, as a pipeline's retries are."""
+    try:
+        await attempt()
+    except mb.ExecutorError as exc:
+        return exc if times == 1 else await retried(attempt, times - 1)
+    raise AssertionError("the attempt did not fail")
+
+
+async def test_crashes_and_timeouts_carry_the_workers_side_not_the_parents_tracebacks(
+    tmp_path: Path,
+) -> None:
+    async with ProcessExecutor(1) as executor:
+        assert await executor.run(double, 1) == 2  # this module imported before the time limits
+        crash = await retried(lambda: executor.run(kill_self, signal.SIGKILL), 3)
+        timeout = await retried(lambda: executor.run(hang, str(tmp_path / "started"), timeout=0.5), 3)
+    assert isinstance(crash, mb.WorkerCrashed) and "killed by SIGKILL (exit code -9)" in str(crash)
+    assert isinstance(timeout, mb.BatchTimeout) and "timeout=0.5 s in worker process" in str(timeout)
+    for error in (crash, timeout):
+        # One traceback: neither the pipe error behind it nor the failures it was retried after.
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        assert text.count("Traceback (most recent call last)") == 1, text
+        assert error.__cause__ is None and len(text) < 4000
 
 
 # ---- calls queued in a worker behind the running one (prefetch) ---------------------------------

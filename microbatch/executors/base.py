@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import cloudpickle
 
+from .._core.params import callable_name
 from .._exceptions import UnpicklableFunction
 
 __all__ = [
@@ -82,21 +83,13 @@ class Executor(Protocol):
     ) -> R: ...
 
 
-def _name(fn: object) -> str:
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if qualname is None:
-        return repr(fn)
-    return f"{module}.{qualname}" if module else str(qualname)
-
-
 def pickle_function(fn: Callable[..., Any]) -> bytes:
     """``fn`` pickled with cloudpickle, or ``UnpicklableFunction`` naming it and the reason."""
     try:
         return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
     except Exception as exc:
         raise UnpicklableFunction(
-            f"{_name(fn)} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
+            f"{callable_name(fn)} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
             f"Define it at module level, or keep locks, open files, sockets and clients out of "
             f"what it references (create them inside the function), or use ThreadExecutor."
         ) from exc
@@ -132,6 +125,10 @@ class PickledFunction:
         self.fn = fn
         self.token = token
         self.data = data
+
+    def __call__(self, arg: Any) -> Any:
+        """Call the function (where it was not pickled, e.g. on a Dask cluster without processes)."""
+        return self.fn(arg)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (cloudpickle.loads, (self.data,))

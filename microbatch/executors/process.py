@@ -17,15 +17,11 @@ from typing import Any, TypeVar
 import anyio
 
 from .._core.calls import Call, CallState, Step
-from .._exceptions import (
-    BatchTimeout,
-    ExecutorError,
-    RemoteError,
-    RemoteTraceback,
-    WorkerCrashed,
-)
+from .._core.params import callable_name
+from .._exceptions import BatchTimeout, WorkerCrashed
+from . import remote
 from . import worker as wire
-from .base import Executor, FunctionCache, PickledFunction, _name, check_picklable, check_timeout
+from .base import Executor, FunctionCache, PickledFunction, check_picklable, check_timeout
 from .inline import InlineExecutor
 from .pipes import PIPE_ERRORS
 from .spawn import Worker, exit_description, start_worker
@@ -315,49 +311,27 @@ class ProcessExecutor:
         if not answered:
             self.timeouts += 1
             raise BatchTimeout(
-                f"{_name(fn)} ran longer than timeout={time_limit} s in worker process {worker.pid}; the "
-                f"worker was killed (raise the timeout or make the batches smaller)"
-            )
+                f"{callable_name(fn)} ran longer than timeout={time_limit} s in worker process "
+                f"{worker.pid}; the worker was killed (raise the timeout or make the batches smaller)"
+            ) from None
         answer, step = worker.queue.answered()
         assert answer is call
         self._perform(worker, step)
         if step.kill:
             # The worker now runs a call whose caller is gone: it was killed; wait for it.
             await worker.reap()
-        return _decode(fn, kind, body)
+        return remote.unwrap(remote.decode(kind, body, callable_name(fn)), callable_name(fn))
 
     def _crashed(self, worker: Worker, fn: Callable[..., Any]) -> WorkerCrashed:
         how = exit_description(worker.process.returncode)
         if self._state != "open":
             return WorkerCrashed(
-                f"worker process {worker.pid} was killed while running {_name(fn)} because the "
+                f"worker process {worker.pid} was killed while running {callable_name(fn)} because the "
                 f"executor was closed ({how})"
             )
         self.crashes += 1
         return WorkerCrashed(
-            f"worker process {worker.pid} died while running {_name(fn)} ({how}); a signal such as "
+            f"worker process {worker.pid} died while running {callable_name(fn)} ({how}); a signal such as "
             f"SIGSEGV points at a C extension, SIGKILL often at the out-of-memory killer"
         )
 
-
-def _decode(fn: Callable[..., Any], kind: int, body: bytes) -> Any:
-    if kind == wire.RESULT:
-        try:
-            return pickle.loads(body)
-        except Exception as exc:
-            raise ExecutorError(
-                f"the result of {_name(fn)} was pickled in the worker but cannot be unpickled "
-                f"here: {type(exc).__name__}: {exc}"
-            ) from exc
-    if kind == wire.RAISED:
-        try:
-            error, tb = pickle.loads(body)
-        except Exception as exc:
-            raise RemoteError(
-                "<unknown>", f"{_name(fn)} raised an exception that cannot be unpickled here: {exc}"
-            ) from exc
-        raise error from RemoteTraceback(tb)
-    if kind == wire.REMOTE_ERROR:
-        type_name, message, tb = pickle.loads(body)
-        raise RemoteError(type_name, message) from RemoteTraceback(tb)
-    raise ExecutorError(f"unexpected frame kind {kind} from a worker")  # pragma: no cover

@@ -9,8 +9,9 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
+from .._core.params import callable_name
 from .._exceptions import BatchTimeout
-from .base import NothingToStart, _name, check_timeout
+from .base import NothingToStart, check_timeout
 
 __all__ = ["ThreadExecutor"]
 
@@ -63,6 +64,6 @@ class ThreadExecutor(NothingToStart):
         assert scope.cancelled_caught
         self.timeouts += 1
         raise BatchTimeout(
-            f"{_name(fn)} ran longer than timeout={timeout} s in a thread; the thread cannot be killed "
-            f"and was abandoned (it runs on in the background; use ProcessExecutor to kill hung calls)"
+            f"{callable_name(fn)} ran longer than timeout={timeout} s in a thread; the thread cannot be "
+            f"killed and was abandoned (it runs on in the background; use ProcessExecutor to kill hung calls)"
         )
