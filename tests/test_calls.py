@@ -72,6 +72,19 @@ def test_cancelling_a_queued_call_abandons_it_until_its_turn_comes() -> None:
     assert abandoned.state is CallState.ABANDONED and not queue.open
 
 
+def test_a_call_that_never_reached_a_dead_worker_is_resent_even_if_it_was_to_run_first() -> None:
+    queue = CallQueue()
+    first = queue.send()
+    step = queue.lost(first)
+    assert first.state is CallState.RESEND and step.resend == [first] and not step.kill
+    assert not queue.open
+    other = CallQueue()
+    running, unsent = other.send(), other.send()
+    step = other.lost(unsent)
+    assert running.state is CallState.FAILED  # it was running when the worker died
+    assert step.resend == [unsent]
+
+
 def test_cancelling_a_call_of_another_worker_is_an_error() -> None:
     mine, other = CallQueue(), CallQueue()
     mine.send()
@@ -84,7 +97,7 @@ def test_cancelling_a_call_of_another_worker_is_an_error() -> None:
 WORKERS = 2
 events = st.lists(
     st.tuples(
-        st.sampled_from(["send", "answer", "die", "timeout", "cancel"]),
+        st.sampled_from(["send", "answer", "die", "timeout", "cancel", "lost"]),
         st.integers(0, WORKERS - 1),
         st.integers(0, 3),
     ),
@@ -158,6 +171,19 @@ def test_any_interleaving_ends_every_call_exactly_once(script: list[tuple[str, i
                 assert running.state is CallState.FAILED
                 failed_jobs.add(jobs[id(running)])
             assert step.resend == waiting
+            perform(w, step.resend)
+        elif kind == "lost":
+            # The last call sent to this worker could not be written: the worker was dead already.
+            pending = [c for c in pipes[w] if not c.done]
+            if not queue.open or not pending:
+                continue
+            call = pending[-1]
+            running = queue.running
+            step = queue.lost(call)
+            assert call.state is CallState.RESEND and call in step.resend and not step.kill
+            if running is not None and running is not call:
+                assert running.state is CallState.FAILED
+                failed_jobs.add(jobs[id(running)])
             perform(w, step.resend)
         else:
             if not calls:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -714,6 +715,148 @@ def test_default_workers_is_cpu_count() -> None:
 def test_all_executors_follow_the_protocol() -> None:
     for executor in (ProcessExecutor(1), ThreadExecutor(), InlineExecutor()):
         assert isinstance(executor, Executor)
+
+
+# ---- workers killed while starting, signals meant for the process group ------------------------
+
+# Starts the real worker, except for the first KILLS starts: those announce their pid and wait,
+# still starting, for the test to kill them.
+STARTUP_WRAPPER = """
+import os, runpy, sys, time
+here, real, kills = {here!r}, {real!r}, {kills}
+for i in range(kills):
+    try:
+        os.close(os.open(os.path.join(here, f"claim-{{i}}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        continue
+    with open(os.path.join(here, f"pid-{{i}}.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(here, f"pid-{{i}}.tmp"), os.path.join(here, f"pid-{{i}}"))
+    while True:
+        time.sleep(1)
+runpy.run_path(real, run_name="__main__")
+"""
+
+
+async def test_workers_killed_while_starting_are_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from microbatch.executors import process
+
+    kills = 20
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(STARTUP_WRAPPER.format(here=str(tmp_path), real=process._WORKER_SCRIPT, kills=kills))
+    monkeypatch.setattr(process, "_WORKER_SCRIPT", str(wrapper))
+
+    async def kill_each_start() -> None:
+        for i in range(kills):  # SIGKILL, and SIGTERM as a signal to the process group would
+            pid_file = tmp_path / f"pid-{i}"
+            await until(pid_file.exists, f"start {i}")
+            os.kill(int(pid_file.read_text()), signal.SIGKILL if i % 2 else signal.SIGTERM)
+
+    results: dict[int, int] = {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kill_each_start)
+        async with ProcessExecutor(2, prefetch=0) as executor:
+
+            async def one(i: int) -> None:
+                results[i] = await executor.run(double, i)
+
+            async with anyio.create_task_group() as calls:
+                for i in range(50):
+                    calls.start_soon(one, i)
+            assert executor.crashes == 0 and len(executor.pids) == 2
+    assert results == {i: 2 * i for i in range(50)}
+    assert len(list(tmp_path.glob("claim-*"))) == kills
+    assert all_children() == []
+
+
+def test_a_worker_that_exits_while_starting_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from microbatch.executors import process
+
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text("import sys\nopen(sys.argv[0] + '.started', 'a').write('x')\nsys.exit(4)\n")
+    monkeypatch.setattr(process, "_WORKER_SCRIPT", str(wrapper))
+
+    async def main() -> None:
+        with pytest.raises(mb.ExecutorUnavailable, match=r"died while starting \(exit code 4\)"):
+            async with ProcessExecutor(1):
+                pass  # pragma: no cover
+
+    anyio.run(main)
+    assert Path(str(wrapper) + ".started").read_text() == "x"  # one attempt, no more
+
+
+GROUP_SIGNAL_PARENT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import anyio
+    from microbatch import ProcessExecutor
+
+    # Default dispositions, whatever the test runner inherited (a background shell ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def pid(_):
+        return os.getpid()
+
+    async def main():
+        async with ProcessExecutor(2) as executor:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                print(*executor.pids, flush=True)
+                received = []
+                async for signum in signals:
+                    received.append(signum)
+                    if len(received) == 2:
+                        break
+            used = {await executor.run(pid, None) for _ in range(6)}
+            print(json.dumps([sorted(used), executor.crashes, executor.restarts]), flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_workers_leave_group_signals_to_the_parent_and_die_with_it(tmp_path: Path, backend: str) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(GROUP_SIGNAL_PARENT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), backend], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        os.killpg(parent.pid, signal.SIGTERM)  # the whole group: the parent and its workers
+        os.killpg(parent.pid, signal.SIGINT)
+        used, crashes, restarts = json.loads(parent.stdout.readline())
+        # the same workers answered after the signals; none died or was replaced
+        assert set(used) <= set(pids) and (crashes, restarts) == (0, 0)
+        assert all(alive(pid) for pid in pids)
+        parent.kill()
+        parent.wait(timeout=DEADLINE)
+        deadline = time.monotonic() + 2.0
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+async def test_a_call_sent_to_a_worker_that_died_idle_goes_to_a_new_worker() -> None:
+    async with ProcessExecutor(1) as executor:
+        [pid] = executor.pids
+        os.kill(pid, signal.SIGKILL)
+        await until(lambda: not alive(pid), "the idle worker is dead")
+        # The call never reached the dead worker: sent again, no crash of its own.
+        assert await executor.run(double, 21) == 42
+        assert executor.crashes == 0 and executor.restarts == 1
+        assert pid not in executor.pids
 
 
 # ---- workers die with their parent -------------------------------------------------------------

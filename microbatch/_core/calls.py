@@ -27,6 +27,8 @@ A call goes through these states (``->`` marks the transitions; ``*`` the final 
    the running call timed out, or the executor closed): the RUNNING call is FAILED with that
    cause. The calls queued behind it never started: they are RESEND, their callers send them to
    another worker, and that is no failure of theirs. The worker is closed: it takes no call again.
+   A call whose frames could not be written because the worker was dead already (``lost()``) never
+   reached it: it is RESEND too, even if it was to run first.
 4. **Caller cancelled** (``cancel()``):
 
    - a RUNNING call: the worker is killed (the call cannot be stopped otherwise); the call is
@@ -153,6 +155,15 @@ class CallQueue:
 
     def died(self) -> Step:
         """The worker died: the running call fails, the queued ones are sent again (rule 3)."""
+        return self._close(kill=False)
+
+    def lost(self, call: Call) -> Step:
+        """Writing ``call`` failed: the worker died before it read the call, which goes elsewhere."""
+        if call.done:
+            return Step()
+        if call not in self._calls:
+            raise CallQueueError(f"{call!r} was not sent to this worker")
+        call.state = CallState.SENT  # never delivered, so never started
         return self._close(kill=False)
 
     def stopped(self) -> Step:

@@ -260,6 +260,8 @@ class ProcessExecutor:
         async with slot.lock:
             worker = slot.worker
             if worker is None or not worker.queue.open:
+                if worker is not None:
+                    await worker.reap()  # killed or dead already: no zombie, no stale pid
                 worker = slot.worker = await self._start()
                 self.restarts += 1
             frames = worker.fn_frames(pickled.token, pickled.data)
@@ -271,9 +273,9 @@ class ProcessExecutor:
             try:
                 await worker.send(frames)
             except PIPE_ERRORS:
-                # The worker died: the caller of the running call learns it from the pipe (if
-                # that is this call, it reads end of file next).
-                pass
+                # The worker died before it read this call: send it elsewhere, no failure of its
+                # own (rule 3); the caller of a running call learns of the death from the pipe.
+                self._perform(worker, worker.queue.lost(call))
             except BaseException:
                 # Cancelled while sending: the pipe may hold part of a frame.
                 self._cancel(worker, call)

@@ -105,11 +105,45 @@ class Worker:
         await self.reap()
 
 
+# Signals by which something outside kills a starting worker: an operator, a fault injector, the
+# out-of-memory killer, a signal meant for the whole process group that arrived before the worker
+# could ignore it. A worker that exits on its own while starting (a broken interpreter, a missing
+# module) is not retried: starting another one would fail the same way.
+_KILLED_FROM_OUTSIDE = frozenset(
+    -sig for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+)
+
+
 async def start_worker(script: str, *, nice: int, start_timeout: float, live: set[Worker]) -> Worker:
     """Start one worker process and wait until it answered INIT; it is in ``live`` until reaped.
 
-    ``ExecutorUnavailable`` when it dies while starting or takes longer than ``start_timeout``.
+    A worker killed by a signal while starting (SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT) is
+    replaced by a new one at once, as often as it takes within ``start_timeout``.
+    ``ExecutorUnavailable`` when a worker exits by itself while starting, or when no worker
+    started within ``start_timeout`` seconds.
     """
+    attempts = 0
+    with anyio.move_on_after(start_timeout) as scope:
+        while True:
+            attempts += 1
+            started = await _start_once(script, nice, live)
+            if isinstance(started, Worker):
+                return started
+            pid, returncode = started
+            if returncode not in _KILLED_FROM_OUTSIDE:
+                raise ExecutorUnavailable(
+                    f"worker process {pid} died while starting ({exit_description(returncode)}); its "
+                    f"stderr says why ({sys.executable} {script})"
+                )
+    assert scope.cancelled_caught
+    raise ExecutorUnavailable(
+        f"no worker process started within start_timeout={start_timeout} s ({attempts} attempt(s), "
+        f"{sys.executable} {script}); the machine may be overloaded: raise start_timeout"
+    )
+
+
+async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tuple[int, int | None]:
+    """A started worker, or the pid and exit code of one that died while starting."""
     # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
     to_worker, to_worker_w = os.pipe()
     from_worker_r, from_worker = os.pipe()
@@ -130,24 +164,15 @@ async def start_worker(script: str, *, nice: int, start_timeout: float, live: se
     worker = Worker(process, _Pipes(from_worker_r, to_worker_w), live)
     ok = False
     try:
-        with anyio.move_on_after(start_timeout) as scope:
-            init = pickle.dumps(list(sys.path), protocol=5)
-            await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
-            kind, _ = await worker.receive()
-            if kind != wire.READY:  # pragma: no cover - a worker of another version
-                raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
-            ok = True
-        if scope.cancelled_caught:
-            raise ExecutorUnavailable(
-                f"worker process {worker.pid} did not start within start_timeout={start_timeout} s "
-                f"({sys.executable} {script}); the machine may be overloaded: raise start_timeout"
-            )
+        init = pickle.dumps(list(sys.path), protocol=5)
+        await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
+        kind, _ = await worker.receive()
+        if kind != wire.READY:  # pragma: no cover - a worker of another version
+            raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
+        ok = True
     except PIPE_ERRORS:
         await worker.wait_exit()
-        raise ExecutorUnavailable(
-            f"worker process {worker.pid} died while starting "
-            f"({exit_description(worker.process.returncode)}); its stderr says why"
-        ) from None
+        return worker.pid, worker.process.returncode
     finally:
         if not ok:
             await worker.reap()

@@ -29,8 +29,10 @@ Safety measures taken at start-up:
   thread on every platform that checks ``os.getppid()`` every ``PARENT_POLL_INTERVAL`` seconds and
   calls ``os._exit`` when the parent is gone (this also works while user code loops forever, since
   the interpreter switches threads every few milliseconds);
-- SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the parent, not the
-  worker, decides what happens to a batch in flight.
+- SIGINT and SIGTERM are ignored, first thing: Ctrl-C in a terminal reaches the whole process
+  group, and so does systemd's stop (``KillMode=control-group``); the parent, not the worker, decides
+  what happens to a batch in flight, and kills its workers with SIGKILL when it stops. A worker
+  killed before it got that far is replaced by the parent (see ``spawn.start_worker``).
 
 The private environment variable ``MICROBATCH_WORKER_NO_PDEATHSIG=1`` skips ``prctl`` so that tests
 can check the watching thread on its own.
@@ -193,6 +195,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Running this file put its folder first on sys.path; the parent's sys.path replaces it on INIT.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
@@ -201,7 +205,6 @@ def main() -> None:
     nice = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     if nice and hasattr(os, "nice"):
         os.nice(nice)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     read_fd, write_fd = _private_fds()
     with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:
         serve(inp, out)
