@@ -238,7 +238,7 @@ class DaskExecutor:
         try:
             await self._connect()
             if self.max_in_flight is None:
-                self.capacity = await self._count_threads()
+                self.capacity = await _count_threads(self.client, self.address, self.worker_timeout)
         except BaseException:
             await self._shutdown()
             raise
@@ -270,45 +270,24 @@ class DaskExecutor:
         try:
             await client
         except (OSError, asyncio.TimeoutError) as exc:  # asyncio's differs from OSError's on 3.10
-            await self._close_client(client)
+            await _close_client(client)
             raise ConnectionError(
                 f"cannot connect to the Dask scheduler at {address} within "
                 f"connect_timeout={self.connect_timeout} s: {exc}; start one there with "
                 f"'dask scheduler' and workers with 'dask worker {address}'"
             ) from exc
         except BaseException:
-            await self._close_client(client)
+            await _close_client(client)
             raise
         self.client = client
         self._owns_client = True
-
-    async def _count_threads(self) -> int:
-        client = self.client
-        try:
-            await client.wait_for_workers(1, timeout=self.worker_timeout)
-        except TimeoutError as exc:
-            raise ExecutorError(
-                f"no Dask worker joined the scheduler at {self.address} within "
-                f"worker_timeout={self.worker_timeout} s: start some with 'dask worker {self.address}', "
-                f"or raise worker_timeout"
-            ) from exc
-        nthreads: dict[str, int] = await client.nthreads()
-        return max(1, sum(nthreads.values()))
 
     async def _shutdown(self) -> None:
         self._state = "closed"
         self._slots = None
         client, self.client = self.client, None
         if client is not None and self._owns_client:
-            await self._close_client(client)
-
-    @staticmethod
-    async def _close_client(client: Any) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await client.close()
-            except Exception:  # pragma: no cover - closing a client whose scheduler is gone
-                pass
+            await _close_client(client)
 
     # -- calls --------------------------------------------------------------------------------------
 
@@ -340,41 +319,20 @@ class DaskExecutor:
             with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
                 try:
                     outcome = await future
-                except self._distributed.CancelledError as exc:
-                    # distributed's CancelledError is concurrent.futures', not a cancellation of ours.
-                    finished = True
-                    self.crashes += 1
-                    raise WorkerCrashed(
-                        f"Dask cancelled the task {key} running {name} on {self.address}: {exc} "
-                        f"(the scheduler connection was lost or the task was cancelled from outside)"
-                    ) from exc
-                except self._killed_worker() as exc:
-                    finished = True
-                    self.crashes += 1
-                    raise WorkerCrashed(
-                        f"the Dask workers running task {key} ({name}) died every time it ran: {exc}. "
-                        f"A signal such as SIGSEGV points at a C extension, SIGKILL often at the "
-                        f"out-of-memory killer; the scheduler's distributed.scheduler.allowed-failures "
-                        f"sets how often Dask re-runs such a task"
-                    ) from exc
                 except Exception as exc:
                     finished = True
-                    if self._is_comm_error(exc):
+                    error = _task_error(self._distributed, exc, key, name, self.address)
+                    if isinstance(error, WorkerCrashed):
                         self.crashes += 1
-                        raise ExecutorUnavailable(
-                            f"lost the connection to the Dask scheduler at {self.address} while task "
-                            f"{key} ({name}) ran: {type(exc).__name__}: {exc}"
-                        ) from exc
-                    raise ExecutorError(
-                        f"Dask task {key} failed outside {name}: {type(exc).__name__}: {exc}. "
-                        f"Every worker needs microbatch and the module defining {name} installed, "
-                        f"and the result must unpickle here"
-                    ) from exc
+                    raise error from exc
                 finished = True
         finally:
             if not finished:
                 # Timed out or the caller was cancelled: stop the task on the cluster.
-                restarted = await self._abandon(future, key, restart=scope.cancelled_caught)
+                restart = scope.cancelled_caught and self.restart_on_timeout
+                if await _abandon(self.client, future, key, restart=restart):
+                    self.restarts += 1
+                    restarted = True
             else:
                 future.release()
         if scope.cancelled_caught:
@@ -386,52 +344,92 @@ class DaskExecutor:
             )
         return remote.unwrap(outcome, name)
 
-    def _killed_worker(self) -> type[BaseException]:
-        killed: type[BaseException] = self._distributed.scheduler.KilledWorker
-        return killed
 
-    def _is_comm_error(self, exc: BaseException) -> bool:
-        comm_closed: type[BaseException] = self._distributed.comm.CommClosedError
-        return isinstance(exc, (comm_closed, OSError))
+def _task_error(distributed: Any, exc: Exception, key: str, name: str, address: str | None) -> ExecutorError:
+    """The executor's error for Dask task ``key`` (running ``name``) that failed outside ``fn``."""
+    if isinstance(exc, distributed.CancelledError):
+        # distributed's CancelledError is concurrent.futures', not a cancellation of ours.
+        return WorkerCrashed(
+            f"Dask cancelled the task {key} running {name} on {address}: {exc} "
+            f"(the scheduler connection was lost or the task was cancelled from outside)"
+        )
+    if isinstance(exc, distributed.scheduler.KilledWorker):
+        return WorkerCrashed(
+            f"the Dask workers running task {key} ({name}) died every time it ran: {exc}. "
+            f"A signal such as SIGSEGV points at a C extension, SIGKILL often at the "
+            f"out-of-memory killer; the scheduler's distributed.scheduler.allowed-failures "
+            f"sets how often Dask re-runs such a task"
+        )
+    if isinstance(exc, (distributed.comm.CommClosedError, OSError)):
+        return ExecutorUnavailable(
+            f"lost the connection to the Dask scheduler at {address} while task "
+            f"{key} ({name}) ran: {type(exc).__name__}: {exc}"
+        )
+    return ExecutorError(
+        f"Dask task {key} failed outside {name}: {type(exc).__name__}: {exc}. "
+        f"Every worker needs microbatch and the module defining {name} installed, "
+        f"and the result must unpickle here"
+    )
 
-    async def _abandon(self, future: Any, key: str, *, restart: bool) -> bool:
-        """Cancel ``future`` on the cluster, after a timeout also kill its worker; never cancelled.
 
-        Returns whether a worker process was killed.
-        """
-        client = self.client
-        with anyio.CancelScope(shield=True):
-            worker = None
-            if restart and self.restart_on_timeout:
-                try:
-                    processing: dict[str, list[Any]] = await client.processing()
-                except Exception:  # pragma: no cover - scheduler gone; cancelling below fails too
-                    processing = {}
-                worker = next((w for w, keys in processing.items() if key in keys), None)
+async def _abandon(client: Any, future: Any, key: str, *, restart: bool) -> bool:
+    """Cancel ``future`` on the cluster; with ``restart`` also kill its worker; never cancelled.
+
+    Returns whether a worker process was killed.
+    """
+    with anyio.CancelScope(shield=True):
+        worker = None
+        if restart:
             try:
-                await client.cancel([future], reason="microbatch: timeout or caller cancelled")
-            except Exception:  # pragma: no cover - scheduler gone: the task dies with it
-                pass
-            if worker is not None:
-                # The cancel message travels on the client's batched stream: wait until the scheduler
-                # has released the task, or killing the worker would make Dask re-run it elsewhere.
-                await self._wait_released(key, worker)
-                try:
-                    killed = await client.run(_kill_worker_process, workers=[worker], nanny=True)
-                except Exception:  # pragma: no cover - the nanny is gone too
-                    killed = {}
-                if killed:
-                    self.restarts += 1
-                    return True
-        return False
+                processing: dict[str, list[Any]] = await client.processing()
+            except Exception:  # pragma: no cover - scheduler gone; cancelling below fails too
+                processing = {}
+            worker = next((w for w, keys in processing.items() if key in keys), None)
+        try:
+            await client.cancel([future], reason="microbatch: timeout or caller cancelled")
+        except Exception:  # pragma: no cover - scheduler gone: the task dies with it
+            pass
+        if worker is not None:
+            # The cancel message travels on the client's batched stream: wait until the scheduler
+            # has released the task, or killing the worker would make Dask re-run it elsewhere.
+            await _wait_released(client, key, worker)
+            try:
+                killed = await client.run(_kill_worker_process, workers=[worker], nanny=True)
+            except Exception:  # pragma: no cover - the nanny is gone too
+                killed = {}
+            return bool(killed)
+    return False
 
-    async def _wait_released(self, key: str, worker: str) -> None:
-        with anyio.move_on_after(_RELEASE_WAIT):
-            while True:
-                try:
-                    processing: dict[str, list[Any]] = await self.client.processing([worker])
-                except Exception:  # the worker left the cluster: nothing runs there any more
-                    return
-                if key not in processing.get(worker, ()):
-                    return
-                await anyio.sleep(0.01)
+
+async def _wait_released(client: Any, key: str, worker: str) -> None:
+    with anyio.move_on_after(_RELEASE_WAIT):
+        while True:
+            try:
+                processing: dict[str, list[Any]] = await client.processing([worker])
+            except Exception:  # the worker left the cluster: nothing runs there any more
+                return
+            if key not in processing.get(worker, ()):
+                return
+            await anyio.sleep(0.01)
+
+
+async def _count_threads(client: Any, address: str | None, worker_timeout: float) -> int:
+    """The cluster's worker threads, once at least one worker joined (within ``worker_timeout``)."""
+    try:
+        await client.wait_for_workers(1, timeout=worker_timeout)
+    except TimeoutError as exc:
+        raise ExecutorError(
+            f"no Dask worker joined the scheduler at {address} within "
+            f"worker_timeout={worker_timeout} s: start some with 'dask worker {address}', "
+            f"or raise worker_timeout"
+        ) from exc
+    nthreads: dict[str, int] = await client.nthreads()
+    return max(1, sum(nthreads.values()))
+
+
+async def _close_client(client: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await client.close()
+        except Exception:  # pragma: no cover - closing a client whose scheduler is gone
+            pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -51,6 +51,43 @@ class _Slot:
         self.lock = anyio.Lock(fast_acquire=True)
 
 
+async def _start_all(slots: list[_Slot], start: Callable[[], Awaitable[Worker]]) -> None:
+    """Start every slot's worker at once; the first error once all starts ended."""
+    errors: list[Exception] = []
+
+    async def start_one(slot: _Slot) -> None:
+        try:
+            slot.worker = await start()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for slot in slots:
+            tg.start_soon(start_one, slot)
+    if errors:
+        raise errors[0]
+
+
+def _check_settings(workers: int | None, start_timeout: float, nice: int, prefetch: int) -> int:
+    """Refuse bad settings with a ``ValueError`` naming the parameter; the number of workers."""
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or None (one per CPU), got {workers!r}")
+    if not start_timeout > 0:
+        raise ValueError(f"start_timeout must be a positive number of seconds, got {start_timeout!r}")
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise ValueError(
+            f"nice must be an int from 0 to 19 (added to the workers' niceness), got {nice!r}"
+        )
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(
+            f"prefetch must be an int >= 0 (calls queued in each worker behind the one it runs), "
+            f"got {prefetch!r}"
+        )
+    return workers
+
+
 class ProcessExecutor:
     """A pool of worker processes; each call runs in one worker, isolated from the others.
 
@@ -75,15 +112,14 @@ class ProcessExecutor:
     - ``fn`` cannot be pickled: ``UnpicklableFunction`` before anything is sent.
 
     A killed or dead worker is replaced by a new one when the next call needs it (counted in
-    ``restarts``); ``start_timeout`` (default 60 s) bounds how long a start may take, beyond which
-    the call fails with ``ExecutorUnavailable``. Counters ``crashes``, ``timeouts`` and ``restarts`` only
-    grow.
+    ``restarts``). A worker killed by a signal while it starts is replaced at once; one that exits
+    by itself while starting, or no start within ``start_timeout`` (default 60 s), fails the call
+    with ``ExecutorUnavailable``. Counters ``crashes``, ``timeouts`` and ``restarts`` only grow.
 
     Workers run at a lower scheduling priority than the process that feeds them (``nice``, added
-    to their niceness; default 10, Unix only): when workers and the event loop share the CPUs, a
-    worker that finished its batch gets its next one at once instead of waiting for the event loop
-    to be scheduled (1.22x -> 1.38x the one-process loop on the 2-core sum benchmark). On a machine
-    whose other work should not outrank the workers, pass ``nice=0``.
+    to their niceness; default 10, Unix only), so that a worker that finished its batch gets its
+    next one at once (docs/executors.md has the figures). Pass ``nice=0`` when the machine's other
+    work should not outrank the workers.
 
     Each worker holds up to ``prefetch`` calls (default 1) queued in its pipe behind the one it
     runs, so that it starts the next call as soon as it sent a result, without a round trip through
@@ -110,21 +146,7 @@ class ProcessExecutor:
         nice: int = 10,
         prefetch: int = 1,
     ) -> None:
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer or None (one per CPU), got {workers!r}")
-        if not start_timeout > 0:
-            raise ValueError(f"start_timeout must be a positive number of seconds, got {start_timeout!r}")
-        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
-            raise ValueError(
-                f"nice must be an int from 0 to 19 (added to the workers' niceness), got {nice!r}"
-            )
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(
-                f"prefetch must be an int >= 0 (calls queued in each worker behind the one it runs), "
-                f"got {prefetch!r}"
-            )
+        workers = _check_settings(workers, start_timeout, nice, prefetch)
         self.capacity = workers
         self.prefetch = prefetch
         self.start_timeout = start_timeout
@@ -160,24 +182,11 @@ class ProcessExecutor:
         self._state = "open"
         self._pool = [_Slot() for _ in range(self.capacity)]
         self._limit = anyio.Semaphore(self.capacity * (1 + self.prefetch), fast_acquire=True)
-        errors: list[Exception] = []
-
-        async def start(slot: _Slot) -> None:
-            try:
-                slot.worker = await self._start()
-            except Exception as exc:
-                errors.append(exc)
-
         try:
-            async with anyio.create_task_group() as tg:
-                for slot in self._pool:
-                    tg.start_soon(start, slot)
+            await _start_all(self._pool, self._start)
         except BaseException:
             await self._shutdown()
             raise
-        if errors:
-            await self._shutdown()
-            raise errors[0]
         return self
 
     async def __aexit__(
@@ -305,7 +314,9 @@ class ProcessExecutor:
         except PIPE_ERRORS:
             self._perform(worker, worker.queue.died())
             await worker.wait_exit()
-            raise self._crashed(worker, fn) from None
+            if self._state == "open":
+                self.crashes += 1
+            raise _crash_error(worker, fn, closed=self._state != "open") from None
         finally:
             if not answered and call.state is CallState.RUNNING:  # timed out or cancelled
                 self._perform(worker, worker.queue.stopped())
@@ -324,16 +335,16 @@ class ProcessExecutor:
             await worker.reap()
         return remote.unwrap(remote.decode(kind, body, callable_name(fn)), callable_name(fn))
 
-    def _crashed(self, worker: Worker, fn: Callable[..., Any]) -> WorkerCrashed:
-        how = exit_description(worker.process.returncode)
-        if self._state != "open":
-            return WorkerCrashed(
-                f"worker process {worker.pid} was killed while running {callable_name(fn)} because the "
-                f"executor was closed ({how})"
-            )
-        self.crashes += 1
-        return WorkerCrashed(
-            f"worker process {worker.pid} died while running {callable_name(fn)} ({how}); a signal such as "
-            f"SIGSEGV points at a C extension, SIGKILL often at the out-of-memory killer"
-        )
 
+def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> WorkerCrashed:
+    """The error of a call whose worker died, naming the worker, fn and how the process ended."""
+    how = exit_description(worker.process.returncode)
+    if closed:
+        return WorkerCrashed(
+            f"worker process {worker.pid} was killed while running {callable_name(fn)} because the "
+            f"executor was closed ({how})"
+        )
+    return WorkerCrashed(
+        f"worker process {worker.pid} died while running {callable_name(fn)} ({how}); a signal such "
+        f"as SIGSEGV points at a C extension, SIGKILL often at the out-of-memory killer"
+    )
