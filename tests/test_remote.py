@@ -35,7 +35,7 @@ def exit_now(_: object) -> None:
 
 def round_trip(outcome: tuple[Any, ...]) -> Any:
     kind, body = remote.encode(outcome)
-    return remote.unwrap(remote.decode(kind, body, "fn"), "fn")
+    return remote.unwrap(remote.decode(kind, body, round_trip), round_trip)
 
 
 def test_a_result_round_trips() -> None:
@@ -86,8 +86,8 @@ def test_a_result_of_a_class_only_the_worker_has_travels_by_value() -> None:
 
 
 def test_an_unreadable_result_is_an_executor_error_naming_fn() -> None:
-    with pytest.raises(mb.ExecutorError, match=r"result of mod\.fn .*cannot be unpickled"):
-        remote.decode(remote.RESULT, b"not a pickle", "mod.fn")
+    with pytest.raises(mb.ExecutorError, match=rf"result of {__name__}\.round_trip .*cannot be unpickled"):
+        remote.decode(remote.RESULT, b"not a pickle", round_trip)
 
 
 def test_process_workers_use_this_encoding() -> None:

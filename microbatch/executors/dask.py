@@ -342,7 +342,7 @@ class DaskExecutor:
                 f"{name} ran longer than timeout={time_limit} s as Dask task {key}; the task was "
                 f"cancelled{killed} (raise the timeout or make the batches smaller)"
             )
-        return remote.unwrap(outcome, name)
+        return remote.unwrap(outcome, fn)
 
 
 def _task_error(distributed: Any, exc: Exception, key: str, name: str, address: str | None) -> ExecutorError:

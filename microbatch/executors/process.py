@@ -333,7 +333,7 @@ class ProcessExecutor:
         if step.kill:
             # The worker now runs a call whose caller is gone: it was killed; wait for it.
             await worker.reap()
-        return remote.unwrap(remote.decode(kind, body, callable_name(fn)), callable_name(fn))
+        return remote.unwrap(remote.decode(kind, body, fn), fn)
 
 
 def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> WorkerCrashed:

@@ -91,13 +91,20 @@ def encode(outcome: tuple[Any, ...]) -> tuple[int, bytes]:
     return tag, body
 
 
-def decode(kind: int, body: bytes, name: str) -> tuple[Any, ...]:
-    """The outcome a frame carries; ``name`` names ``fn`` in the errors raised when it cannot be read."""
+def _name(fn: object) -> str:
+    from .._core.params import callable_name
+
+    return callable_name(fn)
+
+
+def decode(kind: int, body: bytes, fn: object) -> tuple[Any, ...]:
+    """The outcome a frame carries; errors that say it cannot be read name ``fn``."""
     from .._exceptions import ExecutorError, RemoteError
 
     try:
         fields = pickle.loads(body)
     except Exception as exc:
+        name = _name(fn)
         if kind == RESULT:
             raise ExecutorError(
                 f"the result of {name} was pickled in the worker but cannot be unpickled here: "
@@ -109,21 +116,18 @@ def decode(kind: int, body: bytes, name: str) -> tuple[Any, ...]:
     return (RESULT, fields) if kind == RESULT else (kind, *fields)
 
 
-def unwrap(outcome: Any, name: str) -> Any:
+def unwrap(outcome: Any, fn: object) -> Any:
     """The value of an outcome, or its exception raised with the worker's traceback as cause."""
-    from .._exceptions import ExecutorError
-
-    if not isinstance(outcome, tuple) or not outcome:  # pragma: no cover - another version's worker
-        raise ExecutorError(f"unexpected answer from a worker for {name}: {outcome!r}")
-    tag = outcome[0]
-    if tag == RESULT:
+    if isinstance(outcome, tuple) and outcome and outcome[0] == RESULT:
         return outcome[1]
-    _raise(outcome, name)
+    _raise(outcome, fn)
 
 
-def _raise(outcome: tuple[Any, ...], name: str) -> NoReturn:
+def _raise(outcome: Any, fn: object) -> NoReturn:
     from .._exceptions import ExecutorError, RemoteError, RemoteTraceback
 
+    if not isinstance(outcome, tuple) or not outcome:  # pragma: no cover - another version's worker
+        raise ExecutorError(f"unexpected answer from a worker for {_name(fn)}: {outcome!r}")
     tag = outcome[0]
     if tag == RAISED:
         _, error, tb = outcome
@@ -131,4 +135,4 @@ def _raise(outcome: tuple[Any, ...], name: str) -> NoReturn:
     if tag == REMOTE_ERROR:
         _, type_name, message, tb = outcome
         raise RemoteError(type_name, message) from RemoteTraceback(tb)
-    raise ExecutorError(f"unexpected outcome tag {tag!r} from a worker for {name}")  # pragma: no cover
+    raise ExecutorError(f"unexpected outcome tag {tag!r} from a worker for {_name(fn)}")  # pragma: no cover
