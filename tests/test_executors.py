@@ -471,6 +471,65 @@ def test_a_queued_calls_timeout_counts_from_its_own_start(tmp_path: Path, backen
         anyio.run(main, backend="asyncio", backend_options={"loop_factory": _JumpLoop})
 
 
+SLOW_IMPORT_MODULE = """
+import os, time
+here = {here!r}
+if os.path.exists(os.path.join(here, "block")):  # in a worker, not in the test's process
+    open(os.path.join(here, "importing"), "w").close()
+    while not os.path.exists(os.path.join(here, "go")):
+        time.sleep(0.005)
+
+def triple(x):
+    return 3 * x
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_loading_fn_in_a_fresh_worker_is_not_part_of_its_time_limit(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explicit time: the clock jumps a minute while the worker imports fn's module."""
+    import importlib
+
+    name = f"slow_import_{backend}"
+    (tmp_path / f"{name}.py").write_text(SLOW_IMPORT_MODULE.format(here=str(tmp_path)))
+    monkeypatch.syspath_prepend(str(tmp_path))  # workers get the parent's sys.path
+    triple = importlib.import_module(name).triple  # by reference: the worker imports the module
+    (tmp_path / "block").touch()
+    clock = MockClock(rate=1.0)
+
+    def jump(seconds: float) -> None:
+        if backend == "trio":
+            clock.jump(seconds)
+        else:
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, _JumpLoop)
+            loop.offset += seconds
+
+    async def main() -> None:
+        async with ProcessExecutor(1, start_timeout=1000.0) as executor:
+            async with anyio.create_task_group() as tg:
+
+                async def jump_while_importing() -> None:
+                    await until((tmp_path / "importing").exists, "the worker imports fn's module")
+                    jump(60.0)  # twice the call's timeout, spent importing
+                    for _ in range(5):
+                        await anyio.lowlevel.checkpoint()
+                    (tmp_path / "go").touch()
+
+                tg.start_soon(jump_while_importing)
+                assert await executor.run(triple, 14, timeout=30.0) == 42
+            assert executor.timeouts == 0 and executor.restarts == 0
+
+    try:
+        if backend == "trio":
+            anyio.run(main, backend="trio", backend_options={"clock": clock})
+        else:
+            anyio.run(main, backend="asyncio", backend_options={"loop_factory": _JumpLoop})
+    finally:
+        sys.modules.pop(name, None)
+
+
 async def test_cancelling_a_queued_call_leaves_the_running_one(tmp_path: Path) -> None:
     started, go = tmp_path / "started", tmp_path / "go"
     async with ProcessExecutor(1, prefetch=1) as executor:

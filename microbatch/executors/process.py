@@ -18,7 +18,7 @@ import anyio
 
 from .._core.calls import Call, CallState, Step
 from .._core.params import callable_name
-from .._exceptions import BatchTimeout, WorkerCrashed
+from .._exceptions import BatchTimeout, ExecutorError, WorkerCrashed
 from . import remote
 from . import worker as wire
 from .base import Executor, FunctionCache, PickledFunction, check_picklable, check_timeout
@@ -212,13 +212,6 @@ class ProcessExecutor:
             _WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout, live=self._live
         )
 
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(
-                f"ProcessExecutor is {self._state}: "
-                f"use it inside 'async with ProcessExecutor(...) as executor:'"
-            )
-
     def _perform(self, worker: Worker, step: Step) -> None:
         """Wake the callers a call-queue step names; kill the worker if it says so."""
         for call in (*step.running, *step.resend):
@@ -237,12 +230,12 @@ class ProcessExecutor:
     ) -> R:
         """Run ``fn(arg)`` in a worker process and return its result; see the class docstring."""
         check_timeout(timeout)
-        self._check_open()
+        _check_open(self._state)
         pickled = self._functions.get(fn)
         payload = pickle.dumps(arg, protocol=5)
         async with self._limit:
             while True:
-                self._check_open()
+                _check_open(self._state)
                 # The fewest calls first; among equals a live worker (starting one takes time).
                 # The limit leaves a slot with room: fewer than 1 + prefetch calls.
                 slot = min(self._pool, key=lambda s: (s.load, s.worker is None or not s.worker.queue.open))
@@ -261,11 +254,9 @@ class ProcessExecutor:
 
     async def _send(
         self, slot: _Slot, pickled: PickledFunction, payload: bytes
-    ) -> tuple[Worker, Call] | None:
-        """Send a call to the slot's worker (started first if needed) and wait for its turn.
-
-        ``None``: the call must be sent elsewhere.
-        """
+    ) -> tuple[Worker, Call, bool] | None:
+        """Send a call to the slot's worker (started first if needed) and wait for its turn: the
+        worker, the call, whether fn travelled with it (then LOADED comes first); ``None``: resend."""
         async with slot.lock:
             worker = slot.worker
             if worker is None or not worker.queue.open:
@@ -274,6 +265,7 @@ class ProcessExecutor:
                 worker = slot.worker = await self._start()
                 self.restarts += 1
             frames = worker.fn_frames(pickled.token, pickled.data)
+            loads_fn = bool(frames)
             frames.append(wire.HEADER.pack(wire.CALL, pickled.token, len(payload)))
             frames.append(payload)
             call = worker.queue.send()
@@ -295,22 +287,33 @@ class ProcessExecutor:
             except BaseException:
                 self._cancel(worker, call)
                 raise
-        return None if call.state is CallState.RESEND else (worker, call)
+        return None if call.state is CallState.RESEND else (worker, call, loads_fn)
 
     def _cancel(self, worker: Worker, call: Call) -> None:
         self._turns.pop(call, None)
         self._perform(worker, worker.queue.cancel(call))
 
     async def _await_answer(
-        self, worker: Worker, call: Call, fn: Callable[..., Any], time_limit: float | None
+        self, worker: Worker, call: Call, loads_fn: bool, fn: Callable[..., Any], time_limit: float | None
     ) -> Any:
         """Read the answer of ``call``, the one its worker runs now."""
         answered = False
+        loading = loads_fn
         try:
-            # The time limit counts from the previous answer, when the worker started this call.
-            with anyio.move_on_after(time_limit if time_limit is not None else float("inf")):
-                kind, body = await worker.receive()
-                answered = True
+            if loads_fn:
+                # Unpickling fn imports its module, which a fresh worker may have to compile: that
+                # is bounded by start_timeout, not by the call's own time limit.
+                with anyio.move_on_after(self.start_timeout):
+                    kind, _ = await worker.receive()
+                    if kind != wire.LOADED:  # pragma: no cover - a worker of another version
+                        raise ExecutorError(f"worker process {worker.pid} sent frame kind {kind}, not LOADED")
+                    loading = False
+            if not loading:
+                # The time limit counts from when the worker started this call: the previous
+                # answer (or LOADED) came in.
+                with anyio.move_on_after(time_limit if time_limit is not None else float("inf")):
+                    kind, body = await worker.receive()
+                    answered = True
         except PIPE_ERRORS:
             self._perform(worker, worker.queue.died())
             await worker.wait_exit()
@@ -323,10 +326,8 @@ class ProcessExecutor:
                 await worker.reap()
         if not answered:
             self.timeouts += 1
-            raise BatchTimeout(
-                f"{callable_name(fn)} ran longer than timeout={time_limit} s in worker process "
-                f"{worker.pid}; the worker was killed (raise the timeout or make the batches smaller)"
-            ) from None
+            limit = self.start_timeout if loading else None
+            raise _timeout_error(worker, fn, time_limit, loading=limit) from None
         answer, step = worker.queue.answered()
         assert answer is call
         self._perform(worker, step)
@@ -334,6 +335,13 @@ class ProcessExecutor:
             # The worker now runs a call whose caller is gone: it was killed; wait for it.
             await worker.reap()
         return remote.unwrap(remote.decode(kind, body, fn), fn)
+
+
+def _check_open(state: str) -> None:
+    if state != "open":
+        raise RuntimeError(
+            f"ProcessExecutor is {state}: use it inside 'async with ProcessExecutor(...) as executor:'"
+        )
 
 
 def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> WorkerCrashed:
@@ -347,4 +355,19 @@ def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> Wor
     return WorkerCrashed(
         f"worker process {worker.pid} died while running {callable_name(fn)} ({how}); a signal such "
         f"as SIGSEGV points at a C extension, SIGKILL often at the out-of-memory killer"
+    )
+
+
+def _timeout_error(
+    worker: Worker, fn: Callable[..., Any], time_limit: float | None, *, loading: float | None
+) -> BatchTimeout:
+    """The error of a call whose worker was killed for taking too long (``loading``: to load fn)."""
+    if loading is not None:
+        return BatchTimeout(
+            f"loading {callable_name(fn)} in worker process {worker.pid} (unpickling it, importing its "
+            f"module) took longer than start_timeout={loading} s; the worker was killed"
+        )
+    return BatchTimeout(
+        f"{callable_name(fn)} ran longer than timeout={time_limit} s in worker process "
+        f"{worker.pid}; the worker was killed (raise the timeout or make the batches smaller)"
     )

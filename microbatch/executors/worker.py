@@ -10,9 +10,11 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
 17-byte header ``<BQQ`` (kind, token, payload length) followed by the payload.
 
     parent -> worker   INIT   pickled ``sys.path`` of the parent           -> READY
-                       FN     token, a function pickled with cloudpickle    (no reply)
+                       FN     token, a function pickled with cloudpickle    -> LOADED
                        CALL   token of a function sent before, pickled arg  -> RESULT | RAISED | REMOTE_ERROR
-    worker -> parent   RESULT | RAISED | REMOTE_ERROR
+    worker -> parent   LOADED        the function is unpickled (its module imported), or failed to be;
+                                     the parent starts the call's time limit only then
+                       RESULT | RAISED | REMOTE_ERROR
                                      the outcome of a call, encoded by ``remote.encode``: the
                                      pickled return value, ``(exception, formatted traceback)``, or
                                      ``(type name, message, formatted traceback)`` when the exception
@@ -81,6 +83,7 @@ FN = 2
 CALL = 3
 # worker -> parent
 READY = 10
+LOADED = 14
 RESULT = remote.RESULT
 RAISED = remote.RAISED
 REMOTE_ERROR = remote.REMOTE_ERROR
@@ -173,6 +176,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 functions[token] = (False, exc)
             if len(functions) > FN_CACHE_SIZE:
                 functions.popitem(last=False)
+            _send(out, LOADED, b"")
         elif kind == CALL:
             functions.move_to_end(token)
             loaded, fn = functions[token]
