@@ -911,7 +911,11 @@ async def test_a_call_sent_to_a_worker_that_died_idle_goes_to_a_new_worker() -> 
     async with ProcessExecutor(1) as executor:
         [pid] = executor.pids
         os.kill(pid, signal.SIGKILL)
-        await until(lambda: not alive(pid), "the idle worker is dead")
+        (slot,) = executor._pool
+        worker = slot.worker
+        assert worker is not None
+        # Once the event loop has seen the exit (uvloop holds the pipes until then).
+        await until(lambda: worker.process.returncode is not None, "the exit was seen")
         # The call never reached the dead worker: sent again, no crash of its own.
         assert await executor.run(double, 21) == 42
         assert executor.crashes == 0 and executor.restarts == 1

@@ -16,13 +16,16 @@ from microbatch.executors import worker as wire
 pytestmark = pytest.mark.anyio
 
 
-class TwoArgError(Exception):
+class HoldsLock(Exception):
+    """Cannot be pickled at all (whatever pickling support other libraries install for exceptions)."""
+
     def __init__(self, a: int, b: int) -> None:
         super().__init__(f"{a}/{b}")
+        self.lock = threading.Lock()
 
 
-def raise_two_arg(_: object) -> None:
-    raise TwoArgError(1, 2)
+def raise_holds_lock(_: object) -> None:
+    raise HoldsLock(1, 2)
 
 
 def raise_value(x: object) -> None:
@@ -53,8 +56,8 @@ def test_an_exception_comes_back_as_itself_with_the_workers_traceback() -> None:
 
 @pytest.mark.parametrize(
     ("fn", "type_name", "message"),
-    [(raise_two_arg, f"{__name__}.TwoArgError", "1/2"), (exit_now, "builtins.SystemExit", "3")],
-    ids=["cannot-be-rebuilt", "system-exit"],
+    [(raise_holds_lock, f"{__name__}.HoldsLock", "1/2"), (exit_now, "builtins.SystemExit", "3")],
+    ids=["cannot-be-pickled", "system-exit"],
 )
 def test_exceptions_that_cannot_travel_become_remote_error(fn: Any, type_name: str, message: str) -> None:
     outcome = remote.call(fn, None)

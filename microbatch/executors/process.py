@@ -163,10 +163,8 @@ class ProcessExecutor:
         self._state = "new"
 
     def __repr__(self) -> str:
-        return (
-            f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} "
-            f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}>"
-        )
+        counts = f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}"
+        return f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} {counts}>"
 
     @property
     def pids(self) -> list[int]:
@@ -259,6 +257,9 @@ class ProcessExecutor:
         worker, the call, whether fn travelled with it (then LOADED comes first); ``None``: resend."""
         async with slot.lock:
             worker = slot.worker
+            if worker is not None and worker.queue.open and worker.process.returncode is not None:
+                # Died while idle: do not write a call into a pipe the event loop may still hold.
+                self._perform(worker, worker.queue.died())
             if worker is None or not worker.queue.open:
                 if worker is not None:
                     await worker.reap()  # killed or dead already: no zombie, no stale pid
