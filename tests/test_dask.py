@@ -212,7 +212,7 @@ async def test_exception_of_fn_comes_back_with_worker_traceback(cluster: LocalCl
 
         with pytest.raises(mb.RemoteError, match=r"Unpicklable: 1/2") as remote:
             await executor.run(fail, [1])
-        assert remote.value.type_name == "Unpicklable"
+        assert remote.value.type_name == f"{Unpicklable.__module__}.Unpicklable"  # as processes name it
         assert isinstance(remote.value.__cause__, mb.RemoteTraceback)
         # The executor goes on after a failed call.
         assert await executor.run(total, [1, 1]) == 2
