@@ -122,3 +122,23 @@ def test_a_job_file_class_as_result_works_as_with_a_module(numbers: Path, tmp_pa
     as_module = mb("run", "classjob:pipeline", "--input", str(numbers), "--json", env=env)
     assert as_module.returncode == 0, as_module.stderr
     assert json.loads(as_module.stdout) == TOTAL
+
+
+def test_a_tcp_input_on_every_interface_is_warned_about() -> None:
+    import logging
+
+    from microbatch.cli.inputs import _parse_input
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("microbatch")
+    logger.addHandler(handler)
+    try:
+        assert _parse_input("tcp://0:9000", follow=False).host == "0"
+        assert _parse_input("tcp://[::]:9000", follow=False).host == "::"
+        assert _parse_input("tcp://127.0.0.1:9000", follow=False).host == "127.0.0.1"
+    finally:
+        logger.removeHandler(handler)
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all("every network interface" in w for w in warned)
