@@ -143,3 +143,18 @@ def test_a_tcp_input_on_every_interface_is_warned_about() -> None:
         logger.removeHandler(handler)
     warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warned) == 2 and all("every network interface" in w for w in warned)
+
+
+@pytest.mark.anyio
+async def test_an_ipv6_listener_is_named_as_in_a_url(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import microbatch as mb
+
+    caplog.set_level(logging.INFO, logger="microbatch")
+    try:
+        async with mb.tcp_lines(0, host="::1") as server:
+            port = server.port
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert f"listening on tcp://[::1]:{port}" in caplog.text
