@@ -2,13 +2,17 @@
 
 Prints one line per folded batch ("seq records") and the final value as "done VALUE". With
 ``keyed``, the numbers are summed per key (the number modulo 97) with ``ByKey(Sum())`` in keyed
-shard files, and VALUE is ``sum(key * total)`` over the keys, with the number of keys.
+shard files, and VALUE is ``sum(key * total)`` over the keys, with the number of keys. With
+``source``, the numbers come from a user-defined source that resumes from its own positions (line
+numbers), in chunks of 37 lines.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 
@@ -32,6 +36,26 @@ def slow_sums_by_key(lines: list[str]) -> dict[int, int]:
     return out
 
 
+class NumbersSource:
+    """A user-defined source: the lines of a file from ``start``, 37 a chunk, positioned by line."""
+
+    def __init__(self, path: str, start: int = 0) -> None:
+        self.path, self.start = path, start
+
+    def describe(self) -> str:
+        return f"numbers:{self.path}"
+
+    async def chunks(self) -> AsyncIterator[mb.Chunk[str]]:
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        for at in range(self.start, len(lines), 37):
+            yield mb.Chunk(lines[at : at + 37], position=min(at + 37, len(lines)))
+            await anyio.sleep(0)
+
+    def resume(self, position: int) -> NumbersSource:
+        return NumbersSource(self.path, position)
+
+
 async def main(numbers: str, state: str, dead: str, mode: str = "sum") -> None:
     keyed = mode == "keyed"
     pipeline = mb.Pipeline(
@@ -45,7 +69,8 @@ async def main(numbers: str, state: str, dead: str, mode: str = "sum") -> None:
         checkpoint_every=None,
         checkpoint_every_batches=1,
     )
-    async with pipeline.updates(mb.read_lines(numbers), checkpoint=state) as updates:
+    source: Any = NumbersSource(numbers) if mode == "source" else mb.read_lines(numbers)
+    async with pipeline.updates(source, checkpoint=state) as updates:
         async for update in updates:
             print(update.seq, update.records, flush=True)
     value = updates.value

@@ -55,7 +55,7 @@ def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
     return alive
 
 
-@pytest.mark.parametrize("mode", ["sum", "keyed"])
+@pytest.mark.parametrize("mode", ["sum", "keyed", "source"])
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_value(
     tmp_path: Path, mode: str
 ) -> None:
