@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,26 +25,24 @@ from test_cli import (
 )
 
 
+def _start_in_own_session(
+    paused_numbers: Path, tmp_path: Path
+) -> tuple[list[str], subprocess.Popen[str], Path, Path]:
+    """A checkpointed run whose batch 50 pauses, in a session (process group) of its own, as under
+    systemd's control group or as a terminal's foreground job: the arguments, process, gate, state."""
+    gate, state = tmp_path / "gate", tmp_path / "state"
+    gate.mkdir()
+    args = ["run", GATED, "--input", str(paused_numbers), "--checkpoint", str(state), "--json", "--no-progress"]
+    return args, _start(args, _env(MB_TEST_GATE=str(gate)), start_new_session=True), gate, state
+
+
 @pytest.mark.parametrize(
     ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
 )
 def test_a_signal_to_the_process_group_mid_run_stops_gracefully_and_resumes_exact(
     signum: int, code: int, paused_numbers: Path, tmp_path: Path
 ) -> None:
-    gate, state = tmp_path / "gate", tmp_path / "state"
-    gate.mkdir()
-    args = [
-        "run",
-        GATED,
-        "--input",
-        str(paused_numbers),
-        "--checkpoint",
-        str(state),
-        "--json",
-        "--no-progress",
-    ]
-    # A session of its own, as systemd's control group or a terminal's foreground job would be.
-    proc = _start(args, _env(MB_TEST_GATE=str(gate)), start_new_session=True)
+    args, proc, gate, state = _start_in_own_session(paused_numbers, tmp_path)
     try:
         worker = _paused_worker(gate, proc)
         os.killpg(proc.pid, signum)  # the parent and its workers alike
@@ -65,19 +64,7 @@ def test_a_signal_to_the_process_group_mid_run_stops_gracefully_and_resumes_exac
 def test_a_signal_to_the_process_group_while_workers_start_stops_gracefully(
     paused_numbers: Path, tmp_path: Path
 ) -> None:
-    gate, state = tmp_path / "gate", tmp_path / "state"
-    gate.mkdir()
-    args = [
-        "run",
-        GATED,
-        "--input",
-        str(paused_numbers),
-        "--checkpoint",
-        str(state),
-        "--json",
-        "--no-progress",
-    ]
-    proc = _start(args, _env(MB_TEST_GATE=str(gate)), start_new_session=True)
+    args, proc, gate, _ = _start_in_own_session(paused_numbers, tmp_path)
     try:
         # As soon as the first worker process exists (it is still starting), signal the group.
         _wait_for(lambda: bool(psutil.Process(proc.pid).children()), "a worker process to exist", proc)
