@@ -32,7 +32,16 @@ def _start_in_own_session(
     systemd's control group or as a terminal's foreground job: the arguments, process, gate, state."""
     gate, state = tmp_path / "gate", tmp_path / "state"
     gate.mkdir()
-    args = ["run", GATED, "--input", str(paused_numbers), "--checkpoint", str(state), "--json", "--no-progress"]
+    args = [
+        "run",
+        GATED,
+        "--input",
+        str(paused_numbers),
+        "--checkpoint",
+        str(state),
+        "--json",
+        "--no-progress",
+    ]
     return args, _start(args, _env(MB_TEST_GATE=str(gate)), start_new_session=True), gate, state
 
 
