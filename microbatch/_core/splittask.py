@@ -1,0 +1,144 @@
+"""What a worker runs for one split: read its lines from the file, cut batches, call ``fn`` on each.
+
+The pipeline sends a :class:`~microbatch._core.splits.FileSplit` (a path and a byte range); the
+worker opens the file, reads the lines the split owns (:func:`read_split`, the rule of
+:mod:`microbatch._core.splits`), cuts them into batches of ``max_size`` lines, decodes each and
+calls ``fn``. It returns one ``(count, start, end, result)`` per batch, in order, so the pipeline
+folds and reports each batch on its own and can name every record's byte offset.
+
+The pipeline process reads a split's bytes itself only when the split failed in a worker: it then
+runs that split's batches one by one, as for any other source (retries, bisection, dead letters).
+
+Standard library only: worker processes import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import IO, Any, Generic, TypeVar
+
+from .._exceptions import LineTooLong
+from .lines import LineBlock, cut_parts, decode_lines, find_long_line
+from .splits import FileSplit
+
+__all__ = ["SplitTask", "read_split", "split_blocks"]
+
+R = TypeVar("R")
+
+#: Bytes read at a time while looking for the end of a line outside the split's range.
+_SCAN_BLOCK = 1 << 16
+
+#: One batch of a split as the worker reports it: lines, first byte, byte after, fn's result.
+BatchOutcome = tuple[int, int, int, Any]
+
+
+def _find_newline(f: IO[bytes], pos: int, limit: int | None) -> tuple[bytes, int | None]:
+    """Read from ``pos`` until a newline: the bytes read and the newline's index in them.
+
+    Stops without a newline (index None) at the end of the file, or once more than ``limit`` bytes
+    were read without one (``limit`` None: no bound; the bytes are then not kept).
+    """
+    f.seek(pos)
+    pieces: list[bytes] = []
+    held = 0
+    while True:
+        block = f.read(_SCAN_BLOCK)
+        if not block:
+            return b"".join(pieces), None
+        nl = block.find(b"\n")
+        if nl != -1:
+            if limit is None:
+                return b"", held + nl
+            pieces.append(block)
+            return b"".join(pieces), held + nl
+        held += len(block)
+        if limit is None:
+            continue
+        pieces.append(block)
+        if held > limit:
+            return b"".join(pieces), None
+
+
+def read_split(f: IO[bytes], split: FileSplit, where: str) -> tuple[bytes, int]:
+    """The bytes of the lines ``split`` owns in the open file ``f``, and the offset of the first.
+
+    Reads the split's range, the partial line before it only to find where it ends (in blocks,
+    never held whole), and past ``end`` only to finish the last owned line. A line longer than
+    ``split.max_line_length`` bytes (without its newline) raises :class:`LineTooLong` naming
+    ``where`` and the offset where the line starts; only the split that owns a line checks it.
+    """
+    start, end, limit = split.start, split.end, split.max_line_length
+    first = start
+    if start > 0:
+        _, nl = _find_newline(f, start - 1, None)
+        if nl is None:
+            return b"", start  # the rest of the file is the end of a line owned by an earlier split
+        first = start - 1 + nl + 1
+    if first >= end:
+        return b"", first
+    f.seek(first)
+    data = f.read(end - first)
+    if len(data) == end - first and not data.endswith(b"\n"):
+        # The last owned line goes on past ``end``: read until its newline (or the end of the file).
+        line_start = data.rfind(b"\n") + 1
+        tail, nl = _find_newline(f, end, limit - (len(data) - line_start))
+        if nl is None:
+            if len(tail) + len(data) - line_start > limit:
+                raise LineTooLong(where, first + line_start, limit)
+            data += tail
+        else:
+            data += tail[: nl + 1]
+    bad = find_long_line(data, limit)
+    if bad is not None:
+        raise LineTooLong(where, first + bad, limit)
+    return data, first
+
+
+def split_blocks(data: bytes, first: int, max_size: int) -> list[LineBlock]:
+    """The owned lines of a split (``data`` from byte ``first``) cut into blocks of ``max_size`` lines."""
+    if not data:
+        return []
+    count = data.count(b"\n") + (not data.endswith(b"\n"))
+    blocks, rest = cut_parts(None, b"", data, len(data), first, max_size, count)
+    if rest is not None:
+        blocks.append(rest)
+    return blocks
+
+
+class SplitTask(Generic[R]):
+    """Calls ``fn(records)`` on each batch of a split's lines, read from the file by the worker."""
+
+    __slots__ = ("encoding", "errors", "fn", "where")
+
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], R],
+        *,
+        encoding: str | None = "utf-8",
+        errors: str = "strict",
+        where: str = "<file>",
+    ) -> None:
+        self.fn = fn
+        self.encoding = encoding
+        self.errors = errors
+        self.where = where
+
+    def __call__(self, split: FileSplit) -> list[BatchOutcome]:
+        with open(split.path, "rb") as f:
+            data, first = read_split(f, split, self.where)
+        blocks = split_blocks(data, first, split.max_size)
+        del data
+        outcomes: list[BatchOutcome] = []
+        fn, encoding, errors, where = self.fn, self.encoding, self.errors, self.where
+        for i, block in enumerate(blocks):
+            records = decode_lines(block.data, encoding=encoding, errors=errors, where=where, start=block.start)
+            blocks[i] = LineBlock(b"", 0, block.end, block.end)  # let the batch's bytes go
+            outcomes.append((block.count, block.start, block.end, fn(records)))
+            del records
+        return outcomes
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.fn, self.encoding, self.errors, self.where)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.fn, self.encoding, self.errors, self.where = state
