@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from pathlib import Path
 
@@ -132,4 +133,4 @@ def test_split_task_runs_fn_per_batch_and_survives_pickling(tmp_path: Path) -> N
     assert all(o[0] <= 7 for o in outcomes)
     ends = [(o[1], o[2]) for o in outcomes]
     assert ends[0][0] == 0 and ends[-1][1] == size
-    assert all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ends))

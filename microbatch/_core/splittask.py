@@ -131,7 +131,9 @@ class SplitTask(Generic[R]):
         outcomes: list[BatchOutcome] = []
         fn, encoding, errors, where = self.fn, self.encoding, self.errors, self.where
         for i, block in enumerate(blocks):
-            records = decode_lines(block.data, encoding=encoding, errors=errors, where=where, start=block.start)
+            records = decode_lines(
+                block.data, encoding=encoding, errors=errors, where=where, start=block.start
+            )
             blocks[i] = LineBlock(b"", 0, block.end, block.end)  # let the batch's bytes go
             outcomes.append((block.count, block.start, block.end, fn(records)))
             del records
