@@ -161,12 +161,12 @@ class Folder(Generic[V]):
             return
         # A file split: the batches it sent before, then its last ones.
         window.release()  # the reader may emit one more split
+        self.stats.splits += 1
         for piece in self.pieces.pop(done.batch.seq, ()):
             await self._fold_parts(piece, updates)
         await self._fold_parts(done, updates)
         if self.halted:
             return
-        self.stats.splits += 1
         failure = done.failure
         if failure is not None:
             # Raised in order, numbered as this run counts batches.
