@@ -1,0 +1,113 @@
+"""File splits: workers read byte ranges of the file themselves; the parent ships (path, start, end).
+
+Sum of N integers (one per line) from a file, 2 workers, against a one-process
+``for line in f: total += int(line)`` loop: microbatch with splits of several sizes and without
+splits (the parent reads the file and ships blocks of lines). Each variant runs in a fresh
+interpreter and times itself from its first line, so imports, starting the workers and shutting
+them down are included. Rounds are interleaved (a noisy neighbour slows every variant of a round
+alike); ratios are medians of per-round ratios against the loop of the same round. Peak memory is
+the RSS of the whole process tree, sampled every 20 ms in one more run of each variant. Also
+reported: seconds from calling ``run()`` (entering ``updates()``) to the first folded batch.
+
+    python benchmarks/bench_splits.py [--n 10000000] [--repeat 3] [--splits 1,4,16]
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _jobs import parse_sum  # noqa: E402
+
+
+def variant(name: str, path: str) -> None:
+    first = float("nan")
+    if name == "loop":
+        total = 0
+        with open(path) as f:
+            for line in f:
+                total += int(line)
+    else:
+        import anyio
+
+        import microbatch as mb
+
+        # "nosplit" or "split<MiB>"
+        split_size = None if name == "nosplit" else int(float(name[5:]) * (1 << 20))
+        pipeline = mb.Pipeline(
+            parse_sum, aggregate=mb.Sum(), max_size=10_000, workers=2, max_wait=None, split_size=split_size
+        )
+
+        async def run() -> int:
+            nonlocal first
+            called = time.perf_counter()
+            async with pipeline.updates(mb.read_lines(path)) as updates:
+                async for _ in updates:
+                    if first != first:  # nan: the first folded batch
+                        first = time.perf_counter() - called
+            return updates.value  # type: ignore[no-any-return]
+
+        total = anyio.run(run)
+    print(json.dumps({"seconds": time.perf_counter() - _T0, "total": total, "first": first}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--splits", default="1,4,16", help="split sizes in MiB, comma-separated")
+    parser.add_argument("--variant")
+    parser.add_argument("--path")
+    args = parser.parse_args()
+    if args.variant:
+        variant(args.variant, args.path)
+        return
+
+    # Byte-compile first, as an installed package is (PYTHONDONTWRITEBYTECODE=1 on these machines).
+    import compileall
+
+    from _tree import run_variant
+
+    import microbatch
+
+    compileall.compile_dir(Path(microbatch.__file__).parent, quiet=1)
+    compileall.compile_file(str(Path(__file__).with_name("_jobs.py")), quiet=1)
+
+    me = str(Path(__file__).resolve())
+    names = ["loop", "nosplit", *(f"split{s}" for s in args.splits.split(","))]
+    with tempfile.TemporaryDirectory() as tmp:
+        numbers = os.path.join(tmp, "numbers.txt")
+        with open(numbers, "w") as f:
+            f.writelines(f"{i}\n" for i in range(args.n))
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for _ in range(args.repeat):
+            for name in names:
+                runs[name].append(run_variant([me, "--variant", name, "--path", numbers], None))
+        peaks = {
+            name: run_variant([me, "--variant", name, "--path", numbers])["peak_rss_mb"] for name in names
+        }
+        totals = {r["total"] for rs in runs.values() for r in rs}
+        assert len(totals) == 1, f"variants disagree: {totals}"
+        size = os.path.getsize(numbers) / 2**20
+        print(f"sum of {args.n:,} integers ({size:.0f} MiB), 2 workers; medians of {args.repeat} rounds")
+        for name, rs in runs.items():
+            secs = statistics.median(r["seconds"] for r in rs)
+            ratios = (b["seconds"] / r["seconds"] for b, r in zip(runs["loop"], rs, strict=True))
+            ratio = statistics.median(ratios)
+            first = statistics.median(r["first"] for r in rs)
+            first_text = "" if first != first else f"  first batch {first * 1000:6.0f} ms"
+            print(f"  {name:10s} {secs:7.3f} s  {ratio:5.2f}x loop  peak {peaks[name]:6.1f} MB{first_text}")
+
+
+if __name__ == "__main__":
+    main()
