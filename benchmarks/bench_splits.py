@@ -2,14 +2,17 @@
 
 Sum of N integers (one per line) from a file, 2 workers, against a one-process
 ``for line in f: total += int(line)`` loop: microbatch with splits of several sizes and without
-splits (the parent reads the file and ships blocks of lines). Each variant runs in a fresh
+splits (the parent reads the file and ships blocks of lines). ``--nice0`` adds each variant with
+its workers at the parent's priority (``ProcessExecutor(2, nice=0)``; the default is nice 10, so
+that workers do not starve a parent that feeds them): on a machine shared with other work, nice-10
+workers get a small share of the CPUs while the loop competes at nice 0. Each variant runs in a fresh
 interpreter and times itself from its first line, so imports, starting the workers and shutting
 them down are included. Rounds are interleaved (a noisy neighbour slows every variant of a round
 alike); ratios are medians of per-round ratios against the loop of the same round. Peak memory is
 the RSS of the whole process tree, sampled every 20 ms in one more run of each variant. Also
 reported: seconds from calling ``run()`` (entering ``updates()``) to the first folded batch.
 
-    python benchmarks/bench_splits.py [--n 10000000] [--repeat 3] [--splits 1,4,16]
+    python benchmarks/bench_splits.py [--n 10000000] [--repeat 3] [--splits 1,4,16] [--nice0]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _jobs import parse_sum  # noqa: E402
@@ -42,10 +46,13 @@ def variant(name: str, path: str) -> None:
 
         import microbatch as mb
 
-        # "nosplit" or "split<MiB>"
-        split_size = None if name == "nosplit" else int(float(name[5:]) * (1 << 20))
+        # "nosplit" or "split<MiB>", optionally "-nice0": workers at the parent's priority
+        base, _, nice = name.partition("-")
+        split_size = None if base == "nosplit" else int(float(base[5:]) * (1 << 20))
+        executor: Any = mb.ProcessExecutor(2, nice=0) if nice == "nice0" else "process"
         pipeline = mb.Pipeline(
-            parse_sum, aggregate=mb.Sum(), max_size=10_000, workers=2, max_wait=None, split_size=split_size
+            parse_sum, aggregate=mb.Sum(), max_size=10_000, workers=2, max_wait=None,
+            split_size=split_size, executor=executor,
         )
 
         async def run() -> int:
@@ -66,6 +73,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--splits", default="1,4,16", help="split sizes in MiB, comma-separated")
+    parser.add_argument(
+        "--nice0", action="store_true", help="also run each split size with workers at nice 0"
+    )
     parser.add_argument("--variant")
     parser.add_argument("--path")
     args = parser.parse_args()
@@ -85,6 +95,8 @@ def main() -> None:
 
     me = str(Path(__file__).resolve())
     names = ["loop", "nosplit", *(f"split{s}" for s in args.splits.split(","))]
+    if args.nice0:
+        names += [f"{name}-nice0" for name in names[1:]]
     with tempfile.TemporaryDirectory() as tmp:
         numbers = os.path.join(tmp, "numbers.txt")
         with open(numbers, "w") as f:
