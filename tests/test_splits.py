@@ -112,6 +112,20 @@ def test_a_long_line_is_refused_by_its_owner_only(tmp_path: Path) -> None:
         assert read_split(f, FileSplit(str(path), 20, 60, 10, 20), str(path)) == (b"ok\n", 54)
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=files(), max_size=st.integers(min_value=1, max_value=12))
+def test_batch_bounds_cut_every_max_size_lines(data: bytes, max_size: int) -> None:
+    records = decode_lines(data, encoding=None, errors="strict", where="x", start=0)
+    blocks = split_blocks(data, 5, max_size)
+    assert b"".join(b.data for b in blocks) == data
+    sizes = [min(max_size, len(records) - i) for i in range(0, len(records), max_size)]
+    assert [b.count for b in blocks] == sizes
+    cut = [decode_lines(b.data, encoding=None, errors="strict", where="x", start=b.start) for b in blocks]
+    assert [r for rs in cut for r in rs] == records
+    assert all(len(rs) == b.count for rs, b in zip(cut, blocks, strict=True))
+    assert all(b.start == 5 + sum(len(c.data) for c in blocks[:i]) for i, b in enumerate(blocks))
+
+
 def test_split_blocks_cut_batches_of_max_size_lines_with_their_offsets() -> None:
     blocks = split_blocks(b"a\nb\nc\nd\ne", 10, 2)
     assert [(b.count, b.start, b.end) for b in blocks] == [(2, 10, 14), (2, 14, 18), (1, 18, 19)]

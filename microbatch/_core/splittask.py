@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import IO, Any, Generic, TypeVar
 
 from .._exceptions import LineTooLong
-from .lines import LineBlock, cut_parts, decode_lines, find_long_line
+from .lines import LineBlock, _nth_newline, decode_lines, find_long_line
 from .splits import FileSplit
 
-__all__ = ["SplitTask", "read_split", "split_blocks"]
+__all__ = ["SplitTask", "batch_bounds", "read_split", "split_blocks"]
 
 R = TypeVar("R")
 
@@ -94,15 +94,31 @@ def read_split(f: IO[bytes], split: FileSplit, where: str) -> tuple[bytes, int]:
     return data, first
 
 
-def split_blocks(data: bytes, first: int, max_size: int) -> list[LineBlock]:
-    """The owned lines of a split (``data`` from byte ``first``) cut into blocks of ``max_size`` lines."""
+def batch_bounds(data: bytes, max_size: int) -> list[tuple[int, int, int]]:
+    """``(lo, hi, count)`` of each batch of ``max_size`` lines of ``data`` (complete lines).
+
+    Finds the cuts with ``bytes.count`` passes (C speed), not a step per line, and copies nothing.
+    """
     if not data:
         return []
-    count = data.count(b"\n") + (not data.endswith(b"\n"))
-    blocks, rest = cut_parts(None, b"", data, len(data), first, max_size, count)
-    if rest is not None:
-        blocks.append(rest)
-    return blocks
+    newlines = data.count(b"\n")
+    count = newlines + (not data.endswith(b"\n"))
+    bounds: list[tuple[int, int, int]] = []
+    lo = 0
+    for k in range(1, -(-count // max_size) + 1):
+        lines = k * max_size
+        if lines >= count:
+            bounds.append((lo, len(data), count - (k - 1) * max_size))
+            break
+        hi = _nth_newline(data, lines, lo, len(data), lines - max_size, newlines) + 1
+        bounds.append((lo, hi, max_size))
+        lo = hi
+    return bounds
+
+
+def split_blocks(data: bytes, first: int, max_size: int) -> list[LineBlock]:
+    """The owned lines of a split (``data`` from byte ``first``) cut into blocks of ``max_size`` lines."""
+    return [LineBlock(data[lo:hi], n, first + lo, first + hi) for lo, hi, n in batch_bounds(data, max_size)]
 
 
 class SplitTask(Generic[R]):
@@ -126,16 +142,14 @@ class SplitTask(Generic[R]):
     def __call__(self, split: FileSplit) -> list[BatchOutcome]:
         with open(split.path, "rb") as f:
             data, first = read_split(f, split, self.where)
-        blocks = split_blocks(data, first, split.max_size)
-        del data
         outcomes: list[BatchOutcome] = []
         fn, encoding, errors, where = self.fn, self.encoding, self.errors, self.where
-        for i, block in enumerate(blocks):
+        # One batch's bytes and records at a time besides the split's bytes.
+        for lo, hi, count in batch_bounds(data, split.max_size):
             records = decode_lines(
-                block.data, encoding=encoding, errors=errors, where=where, start=block.start
+                data[lo:hi], encoding=encoding, errors=errors, where=where, start=first + lo
             )
-            blocks[i] = LineBlock(b"", 0, block.end, block.end)  # let the batch's bytes go
-            outcomes.append((block.count, block.start, block.end, fn(records)))
+            outcomes.append((count, first + lo, first + hi, fn(records)))
             del records
         return outcomes
 
