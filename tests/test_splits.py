@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from microbatch._core import splittask
 from microbatch._core.lines import decode_lines
 from microbatch._core.splits import FileSplit, owned_range, plan_splits
 from microbatch._core.splittask import SplitTask, read_split, split_blocks
@@ -148,3 +149,39 @@ def test_split_task_runs_fn_per_batch_and_survives_pickling(tmp_path: Path) -> N
     ends = [(o[1], o[2]) for o in outcomes]
     assert ends[0][0] == 0 and ends[-1][1] == size
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ends))
+
+
+def _records(lines: list[bytes]) -> list[bytes]:
+    return lines
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=files(),
+    split_size=st.integers(min_value=1, max_value=120),
+    max_size=st.integers(min_value=1, max_value=5),
+    scan=st.sampled_from([1, 7, 1 << 16]),
+)
+def test_the_worker_side_task_sees_every_line_once_in_batches(
+    tmp_path: Path, data: bytes, split_size: int, max_size: int, scan: int
+) -> None:
+    path = tmp_path / "f.txt"
+    path.write_bytes(data)
+    task = SplitTask(_records, encoding=None, where=str(path))
+    saved = splittask._SCAN_BLOCK
+    splittask._SCAN_BLOCK = scan  # how far past a split one read goes: also the rare paths
+    try:
+        outcomes = [
+            o
+            for lo, hi in plan_splits(0, len(data), split_size)
+            for o in task(FileSplit(str(path), lo, hi, max_size, BIG))
+        ]
+    finally:
+        splittask._SCAN_BLOCK = saved
+    assert [r for o in outcomes for r in o[3]] == decode_lines(
+        data, encoding=None, errors="strict", where="x", start=0
+    )
+    assert all(o[0] == len(o[3]) and 0 < o[0] <= max_size for o in outcomes)
+    if outcomes:  # the batches cover the file from its first line to its end, without gaps
+        assert outcomes[0][1] == 0 and outcomes[-1][2] == len(data)
+    assert all(a[2] == b[1] for a, b in itertools.pairwise(outcomes))

@@ -21,7 +21,7 @@ from .._exceptions import LineTooLong
 from .lines import LineBlock, _nth_newline, decode_lines, find_long_line
 from .splits import FileSplit
 
-__all__ = ["SplitTask", "batch_bounds", "read_split", "split_blocks"]
+__all__ = ["SplitTask", "batch_bounds", "read_owned", "read_split", "split_blocks"]
 
 R = TypeVar("R")
 
@@ -59,58 +59,74 @@ def _find_newline(f: IO[bytes], pos: int, limit: int | None) -> tuple[bytes, int
             return b"".join(pieces), None
 
 
-def read_split(f: IO[bytes], split: FileSplit, where: str) -> tuple[bytes, int]:
-    """The bytes of the lines ``split`` owns in the open file ``f``, and the offset of the first.
+def read_owned(f: IO[bytes], split: FileSplit, where: str) -> tuple[bytes, int, int]:
+    """``(buffer, stop, first)``: the lines ``split`` owns are ``buffer[:stop]``, from byte ``first``.
 
-    Reads the split's range, the partial line before it only to find where it ends (in blocks,
-    never held whole), and past ``end`` only to finish the last owned line. A line longer than
-    ``split.max_line_length`` bytes (without its newline) raises :class:`LineTooLong` naming
-    ``where`` and the offset where the line starts; only the split that owns a line checks it.
+    Reads the split's range and a little more in one read (the end of the last owned line is
+    usually in it, so nothing is copied), the partial line before the range only to find where it
+    ends (in blocks, never held whole), and further past ``end`` only to finish a long last line.
+    Checks only that last line against ``split.max_line_length`` (:class:`LineTooLong`, naming
+    ``where`` and the offset where the line starts); :func:`read_split` checks them all.
     """
     start, end, limit = split.start, split.end, split.max_line_length
     first = start
     if start > 0:
         _, nl = _find_newline(f, start - 1, None)
         if nl is None:
-            return b"", start  # the rest of the file is the end of a line owned by an earlier split
+            return b"", 0, start  # the rest of the file ends a line owned by an earlier split
         first = start - 1 + nl + 1
     if first >= end:
-        return b"", first
+        return b"", 0, first
     f.seek(first)
-    data = f.read(end - first)
-    if len(data) == end - first and not data.endswith(b"\n"):
-        # The last owned line goes on past ``end``: read until its newline (or the end of the file).
-        line_start = data.rfind(b"\n") + 1
-        tail, nl = _find_newline(f, end, limit - (len(data) - line_start))
-        if nl is None:
-            if len(tail) + len(data) - line_start > limit:
-                raise LineTooLong(where, first + line_start, limit)
-            data += tail
-        else:
-            data += tail[: nl + 1]
-    bad = find_long_line(data, limit)
+    want = end - first
+    data = f.read(want + _SCAN_BLOCK)
+    nl = data.find(b"\n", want - 1)
+    if nl != -1:
+        return data, nl + 1, first
+    if len(data) < want + _SCAN_BLOCK:
+        return data, len(data), first  # the file ends in the last owned line
+    # The last owned line goes on far past ``end``: read until its newline (or the end of the file).
+    line_start = data.rfind(b"\n", 0, want) + 1
+    tail, nl = _find_newline(f, first + len(data), limit - (len(data) - line_start))
+    if nl is None and len(tail) + len(data) - line_start > limit:
+        raise LineTooLong(where, first + line_start, limit)
+    data += tail if nl is None else tail[: nl + 1]
+    return data, len(data), first
+
+
+def read_split(f: IO[bytes], split: FileSplit, where: str) -> tuple[bytes, int]:
+    """The bytes of the lines ``split`` owns in the open file ``f``, and the offset of the first.
+
+    Reads as :func:`read_owned` does. A line longer than ``split.max_line_length`` bytes (without
+    its newline) raises :class:`LineTooLong` naming ``where`` and the offset where the line starts;
+    only the split that owns a line checks it.
+    """
+    buffer, stop, first = read_owned(f, split, where)
+    data = buffer if stop == len(buffer) else buffer[:stop]
+    bad = find_long_line(data, split.max_line_length)
     if bad is not None:
-        raise LineTooLong(where, first + bad, limit)
+        raise LineTooLong(where, first + bad, split.max_line_length)
     return data, first
 
 
-def batch_bounds(data: bytes, max_size: int) -> list[tuple[int, int, int]]:
-    """``(lo, hi, count)`` of each batch of ``max_size`` lines of ``data`` (complete lines).
+def batch_bounds(data: bytes, max_size: int, stop: int | None = None) -> list[tuple[int, int, int]]:
+    """``(lo, hi, count)`` of each batch of ``max_size`` lines of ``data[:stop]`` (complete lines).
 
     Finds the cuts with ``bytes.count`` passes (C speed), not a step per line, and copies nothing.
     """
-    if not data:
+    size = len(data) if stop is None else stop
+    if not size:
         return []
-    newlines = data.count(b"\n")
-    count = newlines + (not data.endswith(b"\n"))
+    newlines = data.count(b"\n", 0, size)
+    count = newlines + (data[size - 1] != 10)
     bounds: list[tuple[int, int, int]] = []
     lo = 0
     for k in range(1, -(-count // max_size) + 1):
         lines = k * max_size
         if lines >= count:
-            bounds.append((lo, len(data), count - (k - 1) * max_size))
+            bounds.append((lo, size, count - (k - 1) * max_size))
             break
-        hi = _nth_newline(data, lines, lo, len(data), lines - max_size, newlines) + 1
+        hi = _nth_newline(data, lines, lo, size, lines - max_size, newlines) + 1
         bounds.append((lo, hi, max_size))
         lo = hi
     return bounds
@@ -141,14 +157,18 @@ class SplitTask(Generic[R]):
 
     def __call__(self, split: FileSplit) -> list[BatchOutcome]:
         with open(split.path, "rb") as f:
-            data, first = read_split(f, split, self.where)
+            data, stop, first = read_owned(f, split, self.where)
         outcomes: list[BatchOutcome] = []
         fn, encoding, errors, where = self.fn, self.encoding, self.errors, self.where
+        limit = split.max_line_length
         # One batch's bytes and records at a time besides the split's bytes.
-        for lo, hi, count in batch_bounds(data, split.max_size):
-            records = decode_lines(
-                data[lo:hi], encoding=encoding, errors=errors, where=where, start=first + lo
-            )
+        for lo, hi, count in batch_bounds(data, split.max_size, stop):
+            lines = data[lo:hi]
+            bad = find_long_line(lines, limit)
+            if bad is not None:
+                raise LineTooLong(where, first + lo + bad, limit)
+            records = decode_lines(lines, encoding=encoding, errors=errors, where=where, start=first + lo)
+            del lines
             outcomes.append((count, first + lo, first + hi, fn(records)))
             del records
         return outcomes
