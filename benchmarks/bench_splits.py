@@ -10,7 +10,9 @@ interpreter and times itself from its first line, so imports, starting the worke
 them down are included. Rounds are interleaved (a noisy neighbour slows every variant of a round
 alike); ratios are medians of per-round ratios against the loop of the same round. Peak memory is
 the RSS of the whole process tree, sampled every 20 ms in one more run of each variant. Also
-reported: seconds from calling ``run()`` (entering ``updates()``) to the first folded batch.
+reported: seconds from calling ``run()`` (entering ``updates()``) to the first folded batch, and
+the CPU seconds of the whole process tree (user + system, the workers included): when other work
+shares the CPUs, wall-clock ratios say more about the neighbours than about the variants.
 
     python benchmarks/bench_splits.py [--n 10000000] [--repeat 3] [--splits 1,4,16] [--nice0]
 """
@@ -65,7 +67,13 @@ def variant(name: str, path: str) -> None:
             return int(updates.value)
 
         total = anyio.run(run)
-    print(json.dumps({"seconds": time.perf_counter() - _T0, "total": total, "first": first}))
+    import resource
+
+    cpu = sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+    print(json.dumps({"seconds": time.perf_counter() - _T0, "total": total, "first": first, "cpu": cpu}))
 
 
 def main() -> None:
@@ -117,8 +125,12 @@ def main() -> None:
             ratios = (b["seconds"] / r["seconds"] for b, r in zip(runs["loop"], rs, strict=True))
             ratio = statistics.median(ratios)
             first = statistics.median(r["first"] for r in rs)
-            first_text = "" if first != first else f"  first batch {first * 1000:6.0f} ms"
-            print(f"  {name:10s} {secs:7.3f} s  {ratio:5.2f}x loop  peak {peaks[name]:6.1f} MB{first_text}")
+            cpu = statistics.median(r["cpu"] for r in rs)
+            first_text = "" if first != first else f"  first batch {first * 1000:5.0f} ms"
+            print(
+                f"  {name:13s} {secs:6.3f} s  {ratio:5.2f}x loop  cpu {cpu:6.3f} s  "
+                f"peak {peaks[name]:6.1f} MB{first_text}"
+            )
 
 
 if __name__ == "__main__":

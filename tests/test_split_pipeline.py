@@ -15,6 +15,7 @@ import pytest
 from _procs import new_children
 
 import microbatch as mb
+from microbatch._core.splits import plan_splits
 
 pytestmark = pytest.mark.anyio
 
@@ -76,7 +77,7 @@ async def test_splits_fold_every_batch_in_order_with_a_running_batch_number(tmp_
         text = path.read_bytes()[: u.position].decode()
         assert u.value == sum(int(x) for x in text.split())
     stats = updates[-1].stats
-    assert stats.splits == -(-size // 2_000) and stats.split_fallbacks == 0
+    assert stats.splits == len(list(plan_splits(0, size, 2_000))) and stats.split_fallbacks == 0
     assert new_children() == []
 
 
@@ -253,3 +254,49 @@ def test_the_parent_reads_and_writes_almost_none_of_the_file(tmp_path: Path) -> 
     # Without splits the same measure sees the whole file go through the parent.
     value, read, written = io_of_a_run(path, script, 0)
     assert value == sum(range(600_000)) and read > size and written > 0.9 * size
+
+
+def crash_at_500(lines: list[str]) -> int:
+    """Kills its worker on a batch holding the line 500 (once); new workers then fail to start."""
+    here = Path(os.environ["MB_TEST_DIR"])
+    if "500" in lines and not (here / "crashed").exists():
+        (here / "crashed").touch()
+        (here / "no-more-workers").touch()
+        os._exit(7)
+    return sum(int(x) for x in lines)
+
+
+async def test_workers_that_cannot_start_stop_the_run_after_the_splits_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from microbatch.executors import process as executors
+
+    marker = tmp_path / "no-more-workers"
+    wrapper = tmp_path / "worker.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.path.exists({str(marker)!r}):\n"
+        "    sys.exit('cannot start')\n"
+        f"runpy.run_path({executors._WORKER_SCRIPT!r}, run_name='__main__')\n"
+    )
+    monkeypatch.setattr(executors, "_WORKER_SCRIPT", str(wrapper))
+    path = write_numbers(tmp_path / "n.txt", 1_000)
+    dead, checkpoint = tmp_path / "dead.jsonl", tmp_path / "ck"
+    pipeline = mb.Pipeline(
+        crash_at_500, aggregate=mb.Sum(), max_size=100, workers=1, retries=2, backoff=0.0,
+        dead_letter=dead, split_size=1_000,
+    )
+    seen: list[mb.Update[Any]] = []
+    with pytest.raises(mb.BatchFailed) as info:
+        async with pipeline.updates(mb.read_lines(path), checkpoint=checkpoint) as run:
+            async for update in run:
+                seen.append(update)
+    # The worker died inside the split holding line 500 (bytes 1000-2000): its results were lost
+    # with it, and the batch-by-batch rerun of that split could not start a worker.
+    assert info.value.seq == len(seen) and seen[-1].position <= 1_000
+    assert isinstance(info.value.cause, mb.ExecutorUnavailable)
+    assert not dead.exists() or dead.read_text() == ""
+    assert new_children() == []
+    marker.unlink()
+    assert await pipeline.run(mb.read_lines(path), checkpoint=checkpoint) == sum(range(1_000))
+    assert not dead.exists() or dead.read_text() == ""

@@ -91,9 +91,12 @@ def test_owned_range_asks_for_more_bytes_when_a_line_is_not_finished() -> None:
 
 
 def test_plan_splits_is_a_grid_and_checks_its_parameters() -> None:
-    assert list(plan_splits(0, 10, 4)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(plan_splits(0, 10, 4)) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 10)]
     assert list(plan_splits(5, 10, 4)) == [(5, 8), (8, 10)]
     assert list(plan_splits(10, 10, 4)) == []
+    # The first split_size bytes in smaller splits (1/8, 1/8, 1/4, 1/2), so results come sooner.
+    assert list(plan_splits(0, 100, 32)) == [(0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 96), (96, 100)]
+    assert list(plan_splits(0, 9, 3)) == [(0, 1), (1, 3), (3, 6), (6, 9)]
     with pytest.raises(ValueError, match="split_size"):
         list(plan_splits(0, 10, 0))
     with pytest.raises(ValueError, match="FileSplit of f"):
