@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,12 @@ def test_the_worker_side_task_sees_every_line_once_in_batches(
     if outcomes:  # the batches cover the file from its first line to its end, without gaps
         assert outcomes[0][1] == 0 and outcomes[-1][2] == len(data)
     assert all(a[2] == b[1] for a, b in itertools.pairwise(outcomes))
+
+
+def test_the_worker_side_of_splits_imports_neither_anyio_nor_the_pipeline() -> None:
+    code = (
+        "import sys, microbatch._core.splittask;"
+        "print(sorted(m for m in ('anyio', 'microbatch.pipeline', 'dataclasses') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
