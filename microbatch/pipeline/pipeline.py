@@ -20,7 +20,7 @@ from .run import Discard, Run
 __all__ = ["DEFAULT_SPLIT_SIZE", "Pipeline"]
 
 #: Bytes of a file per split (one executor call) when workers read the file themselves.
-DEFAULT_SPLIT_SIZE = 4 << 20
+DEFAULT_SPLIT_SIZE = 2 << 20
 
 R = TypeVar("R")
 V = TypeVar("V")
@@ -61,7 +61,7 @@ class Pipeline(Generic[R, V]):
       showing the first failure, instead of isolating and dead-lettering the whole input.
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
-    - ``split_size`` (4 MiB, None for none): a regular file read without ``follow`` is cut into
+    - ``split_size`` (2 MiB, None for none): a regular file read without ``follow`` is cut into
       byte ranges of about this size that workers read themselves, each one executor call holding
       its batches of ``max_size`` lines (see ``docs/pipeline.md``, "Splits"); the pipeline process
       does not read the file. ``timeout`` then bounds a whole split as that many batches (one
