@@ -61,11 +61,12 @@ class Pipeline(Generic[R, V]):
       showing the first failure, instead of isolating and dead-lettering the whole input.
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
-    - ``split_size`` (2 MiB, None for none): a regular file read without ``follow`` is cut into
-      byte ranges of about this size that workers read themselves, each one executor call holding
-      its batches of ``max_size`` lines (see ``docs/pipeline.md``, "Splits"); the pipeline process
-      does not read the file. ``timeout`` then bounds a whole split as that many batches (one
-      batch for the first split); a split that fails or times out is run again batch by batch.
+    - ``split_size`` (2 MiB, None for none): a regular file read without ``follow`` with more
+      than ``split_size`` bytes to read is cut into byte ranges of about this size that workers
+      read themselves, each one executor call holding its batches of ``max_size`` lines (see
+      ``docs/pipeline.md``, "Splits"); the pipeline process does not read the file. ``timeout``
+      then bounds a whole split as that many batches (one batch for the first split); a split
+      that fails or times out is run again batch by batch.
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
       covers the batch: results written elsewhere at least once, deduplicated by batch number. A
       batch split to isolate failing records calls it once per surviving part, in order.

@@ -6,9 +6,10 @@ This is the only place that looks at what a source can do, and it asks the proto
 1. **Line parts** (:class:`LineParts`: files, standard input): the raw bytes of each read are cut
    into batches of exactly ``max_size`` lines with :func:`cut_parts`, so the event loop never
    touches single lines; workers split and decode them. A batch ends at a byte offset. A line
-   source that is a regular file read without ``follow`` (:class:`SplittableLines`) is not read
-   here at all when the pipeline has a ``split_size``: it is planned as byte-range splits
-   (:func:`read_splits`) that workers read themselves; each split is one item on the queue.
+   source that is a regular file read without ``follow`` (:class:`SplittableLines`) holding more
+   than ``split_size`` bytes is not read here at all when the pipeline has a ``split_size``: it is
+   planned as byte-range splits (:func:`read_splits`) that workers read themselves; each split is
+   one item on the queue.
 2. **Chunks** (:class:`Source`): ``chunks()`` yields :class:`Chunk` objects. A batch ends at
    ``{"chunk": <position of the last chunk whose records are all in this or earlier batches, or
    None>, "skip": <records of the next chunk in this and earlier batches>}``; a batch may end in
@@ -52,6 +53,7 @@ __all__ = [
     "read_line_blocks",
     "read_records",
     "read_splits",
+    "worth_splitting",
     "resume_source",
     "skip",
 ]
@@ -203,7 +205,7 @@ async def read(
         if (
             split_size is not None
             and isinstance(source, SplittableLines)
-            and await anyio.to_thread.run_sync(source.splittable)
+            and await anyio.to_thread.run_sync(worth_splitting, source, split_size)
         ):
             await read_splits(source, split_size, max_size, emit)
         else:
@@ -267,6 +269,20 @@ async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | N
                 await emit.block(block)
     if policy.flush() and pending is not None:
         await emit.block(pending)
+
+
+def worth_splitting(source: SplittableLines, split_size: int) -> bool:
+    """Whether to read ``source`` as splits: it can be, and more than one split's bytes are left.
+
+    What one split would hold runs on one worker as a single call; read here and sent batch by
+    batch, it spreads over every worker and the first results come sooner. Does a ``stat``.
+    """
+    if not source.splittable():
+        return False
+    try:
+        return os.path.getsize(source.path) - source.start > split_size
+    except OSError:
+        return False  # gone since: reading it reports the error
 
 
 async def read_splits(source: SplittableLines, split_size: int, max_size: int, emit: Emitter) -> None:
