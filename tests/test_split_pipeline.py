@@ -317,3 +317,25 @@ async def test_workers_that_cannot_start_stop_the_run_after_the_splits_before(
     marker.unlink()
     assert await pipeline.run(mb.read_lines(path), checkpoint=checkpoint) == sum(range(1_000))
     assert not dead.exists() or dead.read_text() == ""
+
+
+def hang_after_line_99(lines: list[str]) -> int:
+    """Hangs on every batch past the first 100 lines."""
+    if int(lines[-1]) >= 100:
+        threading.Event().wait()
+    return sum(int(x) for x in lines)
+
+
+async def test_stop_ends_the_run_without_waiting_for_the_splits_in_flight(tmp_path: Path) -> None:
+    path = write_numbers(tmp_path / "n.txt", 3_000)
+    pipeline = mb.Pipeline(
+        hang_after_line_99, aggregate=mb.Sum(), max_size=10, workers=2, timeout=None, split_size=2_000
+    )
+    with anyio.fail_after(60):  # the splits after the first never finish: only a stop ends the run
+        async with pipeline.updates(mb.read_lines(path)) as run:
+            async for update in run:
+                records = update.records
+                run.stop()
+    assert not run.finished
+    assert records <= 100 and run.value == sum(range(records))
+    assert new_children() == []

@@ -13,7 +13,8 @@ its position is that batch's end, a line start from which a resumed run plans th
 and then the same splits (:mod:`microbatch._core.splits`), cutting the same batches.
 
 :meth:`Folder.stop` (the run's ``stop()``) stops folding a split's batches at the next batch: a
-split holds many, so finishing the splits in flight could mean folding most of the file.
+split holds many, so finishing the splits in flight could take long. The updates then end, and
+with them the run, which stops the work still in flight.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class Folder(Generic[V]):
             return
         # A file split: the batches it sent before, then its last ones.
         window.release()  # the reader may emit one more split
+        if self.halted:
+            return
         self.stats.splits += 1
         for piece in self.pieces.pop(done.batch.seq, ()):
             await self._fold_parts(piece, updates)
@@ -179,8 +182,11 @@ class Folder(Generic[V]):
     async def _fold_parts(self, done: Done, updates: ObjectSendStream[Update[V]]) -> None:
         """Fold the batches of a split that ``done`` holds, in order, unless the run is stopping."""
         for part in done.parts or ():
-            if self.stopping:
+            if self.stopping and not self.halted:
                 self.halted = True
+                # The updates end here, and with them the run: the splits still queued or running
+                # would be computed only to be thrown away. Events are still drained meanwhile.
+                await updates.aclose()
             if self.halted:
                 return
             await self._fold_batch(part, self.stats.batches, updates, None)
