@@ -339,3 +339,25 @@ async def test_stop_ends_the_run_without_waiting_for_the_splits_in_flight(tmp_pa
     assert not run.finished
     assert records <= 100 and run.value == sum(range(records))
     assert new_children() == []
+
+
+async def test_an_undecodable_line_is_dead_lettered_as_without_splits(tmp_path: Path) -> None:
+    path = tmp_path / "n.txt"
+    lines = [f"{i}\n".encode() for i in range(2_000)]
+    lines[1_500] = b"\xff\xfe\n"
+    path.write_bytes(b"".join(lines))
+    base = mb.Pipeline(sum_ints, aggregate=mb.Sum(), max_size=100, workers=2, retries=0)
+    found = {}
+    for name, size in (("plain", None), ("split", 1_500)):
+        dead = tmp_path / f"{name}.jsonl"
+        pipeline = base.replace(split_size=size, dead_letter=dead)
+        updates = await updates_of(pipeline, mb.read_lines(path))
+        assert updates[-1].value == sum(range(2_000)) - 1_500
+        found[name] = [
+            (x["record_base64"], x["position"], x["error"])
+            for x in map(json.loads, dead.read_text().splitlines())
+        ]
+        if size is not None:
+            assert updates[-1].stats.split_fallbacks == 1
+    offset = len(b"".join(lines[:1_500]))
+    assert found["split"] == found["plain"] == [("//4=", offset, "microbatch._exceptions.SourceDecodeError")]
