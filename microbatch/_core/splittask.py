@@ -4,7 +4,9 @@ The pipeline sends a :class:`~microbatch._core.splits.FileSplit` (a path and a b
 worker opens the file, reads the lines the split owns (:func:`read_split`, the rule of
 :mod:`microbatch._core.splits`), cuts them into batches of ``max_size`` lines, decodes each and
 calls ``fn``. It returns one ``(count, start, end, result)`` per batch, in order, so the pipeline
-folds and reports each batch on its own and can name every record's byte offset.
+folds and reports each batch on its own and can name every record's byte offset. A batch whose
+``fn`` (or decoding) raised an ``Exception`` has a :class:`BatchError` as its result, and the
+others still run: the pipeline then retries and bisects that one batch as it would without splits.
 
 The pipeline process reads a split's bytes itself only when the split failed in a worker: it then
 runs that split's batches one by one, as for any other source (retries, bisection, dead letters).
@@ -14,6 +16,8 @@ Standard library only: worker processes import this module.
 
 from __future__ import annotations
 
+import pickle
+import traceback
 from collections.abc import Callable
 from typing import IO, Any, Generic, TypeVar
 
@@ -21,7 +25,7 @@ from .._exceptions import LineTooLong
 from .lines import LineBlock, _nth_newline, decode_lines, find_long_line
 from .splits import FileSplit
 
-__all__ = ["SplitTask", "batch_bounds", "read_owned", "read_split", "split_blocks"]
+__all__ = ["BatchError", "SplitTask", "batch_bounds", "read_owned", "read_split", "split_blocks"]
 
 R = TypeVar("R")
 
@@ -137,6 +141,42 @@ def split_blocks(data: bytes, first: int, max_size: int) -> list[LineBlock]:
     return [LineBlock(data[lo:hi], n, first + lo, first + hi) for lo, hi, n in batch_bounds(data, max_size)]
 
 
+class BatchError:
+    """The result of a batch of a split whose ``fn`` raised, and the worker's traceback.
+
+    ``error`` is the exception when it survives a round trip through pickle; otherwise None, and
+    ``type_name`` and ``message`` describe it (as ``RemoteError`` does for a whole call).
+    """
+
+    __slots__ = ("error", "type_name", "message", "traceback")
+
+    def __init__(self, error: Exception | None, type_name: str, message: str, traceback: str) -> None:
+        self.error = error
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    @classmethod
+    def of(cls, exc: Exception) -> BatchError:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        try:
+            message = str(exc)
+        except Exception as str_exc:  # a broken __str__ must not take the split down
+            message = f"<str() failed: {type(str_exc).__name__}>"
+        try:
+            pickle.loads(pickle.dumps(exc, protocol=5))  # many exceptions pickle but cannot be rebuilt
+        except Exception:
+            return cls(None, name, message, text)
+        return cls(exc, name, message, text)
+
+    def __reduce__(self) -> tuple[type[BatchError], tuple[Exception | None, str, str, str]]:
+        return (BatchError, (self.error, self.type_name, self.message, self.traceback))
+
+    def __repr__(self) -> str:
+        return f"BatchError({self.type_name}: {self.message})"
+
+
 class SplitTask(Generic[R]):
     """Calls ``fn(records)`` on each batch of a split's lines, read from the file by the worker."""
 
@@ -167,10 +207,13 @@ class SplitTask(Generic[R]):
             bad = find_long_line(lines, limit)
             if bad is not None:
                 raise LineTooLong(where, first + lo + bad, limit)
-            records = decode_lines(lines, encoding=encoding, errors=errors, where=where, start=first + lo)
-            del lines
-            outcomes.append((count, first + lo, first + hi, fn(records)))
-            del records
+            try:
+                result: Any = fn(
+                    decode_lines(lines, encoding=encoding, errors=errors, where=where, start=first + lo)
+                )
+            except Exception as exc:
+                result = BatchError.of(exc)
+            outcomes.append((count, first + lo, first + hi, result))
         return outcomes
 
     def __getstate__(self) -> tuple[Any, ...]:

@@ -6,7 +6,9 @@ with its results and dead letters. Only the folder updates stats and state.
 
 A split of a file (:class:`~microbatch._core.splits.FileSplit`) is one call: the worker reads it and
 returns one outcome per batch, and the split's ``Done`` carries one ``Done`` per batch
-(``parts``). A split whose call fails for any reason (``fn`` raised, a crash, a hang) is run again
+(``parts``). A batch whose ``fn`` raised in the worker counts that as its first attempt: this
+process reads that batch's bytes and goes on with its retries and bisection as for any batch. A
+split whose call fails as a whole (a crash, a hang, a result that does not pickle) is run again
 batch by batch: this process reads that split's lines and dispatches each batch as any other, so
 retries, bisection and dead letters are exactly those of a run without splits. Each of those
 batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so the folder can
@@ -29,12 +31,14 @@ from .._core.bisect import BisectionPlan, Part
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
 from .._core.splits import FileSplit
-from .._core.splittask import SplitTask, read_split, split_blocks
+from .._core.splittask import BatchError, SplitTask, read_split, split_blocks
 from .._core.task import BatchTask
 from .._exceptions import (
     BatchFailed,
     BatchTimeout,
     ExecutorUnavailable,
+    RemoteError,
+    RemoteTraceback,
     SourceDecodeError,
     TooManyDeadLetters,
     WorkerCrashed,
@@ -122,6 +126,14 @@ def read_owned_lines(split: FileSplit, where: str) -> list[LineBlock]:
     return split_blocks(data, first, split.max_size)
 
 
+def read_block(path: str, start: int, end: int, count: int) -> LineBlock:
+    """The ``count`` lines in bytes ``[start, end)`` of the file at ``path`` (a batch of a split)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    return LineBlock(data, count, start, start + len(data))
+
+
 def cut(payload: LineBlock | list[Any], lo: int, hi: int) -> LineBlock | list[Any]:
     """Records ``lo..hi`` of a payload: a list slice, or the lines of a block (no decoding)."""
     if isinstance(payload, list):
@@ -172,12 +184,15 @@ class Dispatcher:
                 await events.send(Started(batch.seq))
                 await events.send(await self.process(batch, events))
 
-    async def process(self, batch: Batch, events: ObjectSendStream[Event]) -> Done:
+    async def process(
+        self, batch: Batch, events: ObjectSendStream[Event], failed_with: Exception | None = None
+    ) -> Done:
+        """Run a batch (or a split); ``failed_with``: its first attempt already failed so."""
         payload = batch.payload
         if isinstance(payload, FileSplit):
             return await self.process_split(batch, payload, events)
         try:
-            return Done(batch, [await self.attempt(batch.seq, payload, events)])
+            return Done(batch, [await self.attempt(batch.seq, payload, events, failed_with=failed_with)])
         except Exception as exc:
             if self.raise_on_error or isinstance(exc, ExecutorUnavailable):
                 # An unavailable executor says nothing about the records: stop, dead-letter none.
@@ -195,18 +210,26 @@ class Dispatcher:
                 raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
             await events.send(SplitFailed(batch.seq, split, _kind(exc), exc))
             return await self.split_by_batches(batch, split, events)
-        self._dead_in_a_row, self._first_dead = 0, None
         if outcomes:
             self._split_bytes += outcomes[-1][2] - outcomes[0][1]
             self._split_batches += len(outcomes)
         seq, cut_at = batch.seq, batch.cut_at
-        return Done(
-            batch,
-            parts=[
-                Done(Batch(seq, [], count, start, end, cut_at), [result])
-                for count, start, end, result in outcomes
-            ],
-        )
+        parts: list[Done] = []
+        for count, start, end, result in outcomes:
+            if not isinstance(result, BatchError):
+                self._dead_in_a_row, self._first_dead = 0, None
+                parts.append(Done(Batch(seq, [], count, start, end, cut_at), [result]))
+                continue
+            # fn raised on this batch in the worker: that was its first attempt. The rest of its
+            # attempts and its bisection go as without splits, on its bytes read here.
+            error = result.error or RemoteError(result.type_name, result.message)
+            error.__cause__ = RemoteTraceback(result.traceback)
+            block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
+            try:
+                parts.append(await self.process(Batch(seq, block, count, start, end, cut_at), events, error))
+            except BatchFailed as exc:
+                return Done(batch, parts=parts, failure=exc)
+        return Done(batch, parts=parts)
 
     def split_timeout(self, split: FileSplit) -> float | None:
         """``timeout`` for each batch the split holds, estimated from the splits run so far."""
@@ -235,9 +258,20 @@ class Dispatcher:
         *,
         retry: bool = True,
         whole: bool = True,
+        failed_with: Exception | None = None,
     ) -> Any:
-        """Run one payload, retrying with backoff on any failure; raise the last failure."""
+        """Run one payload, retrying with backoff on any failure; raise the last failure.
+
+        ``failed_with``: the first attempt was made elsewhere (in a split) and failed with it.
+        """
         failed = 0
+        if failed_with is not None:
+            failed = 1
+            retrying = retry and self.retry.should_retry(failed)
+            await events.send(Failure(seq, _kind(failed_with), retrying, failed_with, whole))
+            if not retrying:
+                raise failed_with
+            await anyio.sleep(self.retry.delay(failed, random.random()))
         while True:
             try:
                 result = await self.executor.run(self.task, payload, timeout=self.timeout)
