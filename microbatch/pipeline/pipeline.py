@@ -65,8 +65,9 @@ class Pipeline(Generic[R, V]):
       than ``split_size`` bytes to read is cut into byte ranges of about this size that workers
       read themselves, each one executor call holding its batches of ``max_size`` lines (see
       ``docs/pipeline.md``, "Splits"); the pipeline process does not read the file. ``timeout``
-      then bounds a whole split as that many batches (one batch for the first split); a split
-      that fails or times out is run again batch by batch.
+      then bounds a whole split as that many batches (one batch for the first split). A batch
+      whose ``fn`` raises inside a split is retried and bisected on its own; a split whose
+      worker crashes or times out is run again batch by batch.
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
       covers the batch: results written elsewhere at least once, deduplicated by batch number. A
       batch split to isolate failing records calls it once per surviving part, in order.
