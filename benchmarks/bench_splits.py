@@ -10,7 +10,9 @@ interpreter and times itself from its first line, so imports, starting the worke
 them down are included. Rounds are interleaved (a noisy neighbour slows every variant of a round
 alike); ratios are medians of per-round ratios against the loop of the same round. Peak memory is
 the RSS of the whole process tree, sampled every 20 ms in one more run of each variant. Also
-reported: seconds from calling ``run()`` (entering ``updates()``) to the first folded batch, and
+reported: seconds from calling ``run()`` (entering ``updates()``) to the first folded batch (cold:
+the first run in a fresh interpreter; warm: a second run in the same interpreter, from 3 more
+runs of each variant), and
 the CPU seconds of the whole process tree (user + system, the workers included): when other work
 shares the CPUs, wall-clock ratios say more about the neighbours than about the variants.
 
@@ -66,6 +68,10 @@ def variant(name: str, path: str) -> None:
                         first = time.perf_counter() - called
             return int(updates.value)
 
+        if os.environ.get("BENCH_WARM"):
+            # Warm: a first run in this interpreter (imports done, modules loaded), then the timed one.
+            anyio.run(run)
+            first = float("nan")
         total = anyio.run(run)
     import resource
 
@@ -120,13 +126,22 @@ def main() -> None:
         assert len(totals) == 1, f"variants disagree: {totals}"
         size = os.path.getsize(numbers) / 2**20
         print(f"sum of {args.n:,} integers ({size:.0f} MiB), 2 workers; medians of {args.repeat} rounds")
+        warm = {}
+        os.environ["BENCH_WARM"] = "1"
+        for name in names[1:]:  # the time to the first batch of a second run in the same process
+            warm[name] = statistics.median(
+                run_variant([me, "--variant", name, "--path", numbers], None)["first"] for _ in range(3)
+            )
+        del os.environ["BENCH_WARM"]
         for name, rs in runs.items():
             secs = statistics.median(r["seconds"] for r in rs)
             ratios = (b["seconds"] / r["seconds"] for b, r in zip(runs["loop"], rs, strict=True))
             ratio = statistics.median(ratios)
             first = statistics.median(r["first"] for r in rs)
             cpu = statistics.median(r["cpu"] for r in rs)
-            first_text = "" if first != first else f"  first batch {first * 1000:5.0f} ms"
+            first_text = "" if first != first else (
+                f"  first batch {first * 1000:4.0f} ms cold, {warm[name] * 1000:4.0f} ms warm"
+            )
             print(
                 f"  {name:13s} {secs:6.3f} s  {ratio:5.2f}x loop  cpu {cpu:6.3f} s  "
                 f"peak {peaks[name]:6.1f} MB{first_text}"
