@@ -19,6 +19,7 @@ from ._exceptions import (
     BatcherError,
     BatcherFull,
     BatchFailed,
+    BatchResultMismatch,
     BatchTimeout,
     CheckpointCorrupt,
     CheckpointError,
@@ -40,7 +41,7 @@ from ._exceptions import (
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
     from ._core.checkpoint import Checkpoint
-    from .aggregate import Aggregator, Count, Max, Mean, Min, Reduce, Sum, TopK
+    from .aggregate import Aggregator, ByKey, Count, Max, Mean, Min, Reduce, Sum, TopK
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
@@ -53,7 +54,7 @@ _LAZY = {
     "._core.checkpoint": ["Checkpoint"],
     ".stores": ["CheckpointStore", "DirectoryStore", "SqliteStore"],
     ".executors.dask": ["DaskExecutor"],
-    ".aggregate": ["Aggregator", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
+    ".aggregate": ["Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
@@ -72,7 +73,9 @@ __all__ = [
     "BatcherFull",
     "BatcherStats",
     "BatchExecutor",
+    "ByKey",
     "BatchFailed",
+    "BatchResultMismatch",
     "BatchTimeout",
     "Checkpoint",
     "CheckpointCorrupt",

@@ -11,6 +11,7 @@ The hierarchy::
     │   ├── BatchTimeout                the call ran past its timeout; its worker was killed
     │   └── RemoteError                 fn raised an exception that could not be sent back as itself
     ├── UnpicklableFunction             fn cannot be sent to worker processes (raised before any batch)
+    ├── BatchResultMismatch             a Batcher's fn returned more or fewer results than items
     ├── BackendNotSupported             a feature needs another async backend (Dask needs asyncio)
     ├── BatchFailed                     on_error="raise": a batch failed after its retries
     │   └── TooManyDeadLetters          many records in a row failed and none succeeded in between
@@ -44,6 +45,7 @@ __all__ = [
     "RemoteTraceback",
     "UnpicklableFunction",
     "BackendNotSupported",
+    "BatchResultMismatch",
     "BatchFailed",
     "TooManyDeadLetters",
     "CheckpointError",
@@ -145,6 +147,26 @@ class RemoteTraceback(Exception):
 
 class UnpicklableFunction(MicrobatchError, TypeError):
     """Raised before any batch runs when ``fn`` cannot be sent to worker processes."""
+
+
+class BatchResultMismatch(MicrobatchError, ValueError):
+    """Raised by a ``Batcher`` to every caller of a batch for which fn returned a number of results
+    other than the number of items.
+
+    ``batch`` is the batch number (from 1), ``size`` the number of items, ``results`` the number of
+    results, ``fn`` the function's name. It is a ``ValueError`` too, as this failure always was.
+    """
+
+    def __init__(self, where: str, fn: str, batch: int, size: int, results: int) -> None:
+        super().__init__(
+            f"{where}: fn {fn} returned {results} results for {size} items; it must return exactly "
+            f"one result per item, in order (return an exception instance in an item's place to "
+            f"fail that item alone)"
+        )
+        self.fn = fn
+        self.batch = batch
+        self.size = size
+        self.results = results
 
 
 class BackendNotSupported(MicrobatchError, RuntimeError):

@@ -19,6 +19,7 @@ from anyio import wait_all_tasks_blocked
 from trio.testing import MockClock
 
 from microbatch import BatcherClosed, BatcherFull
+from microbatch._core.results import BatchResultMismatch
 from microbatch.executors import InlineExecutor, ProcessExecutor, ThreadExecutor
 from microbatch.service import Batcher, PendingResult
 
@@ -200,8 +201,9 @@ async def test_wrong_number_of_results_is_an_error_for_every_caller() -> None:
     messages: list[str] = []
 
     async def caller(batcher: Batcher[int, int], i: int) -> None:
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError) as info:  # BatchResultMismatch is a ValueError too
             await batcher.submit(i)
+        assert isinstance(info.value, BatchResultMismatch)
         messages.append(str(info.value))
 
     async with Batcher(fn, max_size=3, max_wait=None) as batcher:

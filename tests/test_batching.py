@@ -451,3 +451,11 @@ def test_chunked_invariants_all_backends(backend: str, chunks: list[list[int]], 
     out = anyio.run(collect, Chunks(chunks), max_size, 0.0, backend=backend)
     assert [r for b in out for r in b] == [r for c in chunks for r in c]
     assert all(1 <= len(b) <= max_size for b in out)
+
+
+async def test_async_for_without_async_with_says_what_to_write() -> None:
+    with pytest.raises(TypeError, match=r"async with mb\.batches\(source, max_size=\.\.\.\) as stream"):
+        async for _ in mb.batches([1, 2, 3], max_size=2):  # type: ignore[attr-defined]
+            pass
+    async with mb.batches([1, 2, 3], max_size=2) as stream:
+        assert [b async for b in stream] == [[1, 2], [3]]

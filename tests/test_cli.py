@@ -73,21 +73,6 @@ def _wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen[s
         time.sleep(0.01)
 
 
-@pytest.fixture
-def numbers(tmp_path: Path) -> Path:
-    path = tmp_path / "numbers.txt"
-    path.write_text("\n".join(NUMBERS) + "\n")
-    return path
-
-
-@pytest.fixture
-def paused_numbers(tmp_path: Path) -> Path:
-    """The numbers with a ``pause`` line after 500 of them (batch 50 of 10 lines pauses)."""
-    path = tmp_path / "paused.txt"
-    path.write_text("\n".join([*NUMBERS[:500], "pause", *NUMBERS[500:]]) + "\n")
-    return path
-
-
 # --- runs ------------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from _procs import alive, new_children
 from trio.testing import MockClock
 
 import microbatch as mb
+from microbatch._core.task import BatchTask
 from microbatch.executors import (
     Executor,
     InlineExecutor,
@@ -102,6 +105,10 @@ def noisy(n: int) -> int:
 
 def echo(x: object) -> object:
     return x
+
+
+def crash_batch(records: list[int]) -> int:
+    os._exit(3)
 
 
 def worker_pid(_: object) -> int:
@@ -275,6 +282,8 @@ async def test_crash_fails_only_its_call(
 async def test_timeout_kills_the_worker_and_raises_batch_timeout(tmp_path: Path) -> None:
     started = tmp_path / "started"
     async with ProcessExecutor(1) as executor:
+        # The worker imports this module on its first call: not part of the time limit tested here.
+        assert await executor.run(double, 1) == 2
         with pytest.raises(mb.BatchTimeout, match=r"timeout=0\.5") as info:
             await executor.run(hang, str(started), timeout=0.5)
         assert isinstance(info.value, TimeoutError)
@@ -314,6 +323,47 @@ async def test_cancelling_a_call_kills_its_worker_only(tmp_path: Path) -> None:
         assert await executor.run(double, 2) == 4
 
 
+async def test_messages_name_the_users_function_not_its_wrapper() -> None:
+    task = BatchTask(crash_batch)
+    assert repr(task) == f"BatchTask({__name__}.crash_batch)"
+    async with ProcessExecutor(1) as executor:
+        with pytest.raises(mb.WorkerCrashed) as info:
+            await executor.run(task, [1])
+    assert f"while running {__name__}.crash_batch (exit code 3)" in str(info.value)
+    assert "object at 0x" not in str(info.value)
+    release = threading.Event()
+    with pytest.raises(mb.BatchTimeout) as timed_out:
+        await ThreadExecutor(1).run(BatchTask(lambda _: release.wait(DEADLINE)), [1], timeout=0.01)
+    release.set()
+    assert "<lambda> ran longer than timeout=0.01 s" in str(timed_out.value)
+    assert "object at 0x" not in str(timed_out.value)
+
+
+async def retried(attempt: Callable[[], Awaitable[object]], times: int) -> BaseException:
+    """Each attempt made while handling the previous failure, as a pipeline's retries are."""
+    try:
+        await attempt()
+    except mb.ExecutorError as exc:
+        return exc if times == 1 else await retried(attempt, times - 1)
+    raise AssertionError("the attempt did not fail")
+
+
+async def test_crashes_and_timeouts_carry_the_workers_side_not_the_parents_tracebacks(
+    tmp_path: Path,
+) -> None:
+    async with ProcessExecutor(1) as executor:
+        assert await executor.run(double, 1) == 2  # this module imported before the time limits
+        crash = await retried(lambda: executor.run(kill_self, signal.SIGKILL), 3)
+        timeout = await retried(lambda: executor.run(hang, str(tmp_path / "started"), timeout=0.5), 3)
+    assert isinstance(crash, mb.WorkerCrashed) and "killed by SIGKILL (exit code -9)" in str(crash)
+    assert isinstance(timeout, mb.BatchTimeout) and "timeout=0.5 s in worker process" in str(timeout)
+    for error in (crash, timeout):
+        # One traceback: neither the pipe error behind it nor the failures it was retried after.
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        assert text.count("Traceback (most recent call last)") == 1, text
+        assert error.__cause__ is None and len(text) < 4000
+
+
 # ---- calls queued in a worker behind the running one (prefetch) ---------------------------------
 
 
@@ -321,7 +371,7 @@ def queued_calls(executor: ProcessExecutor) -> int:
     """Calls sent to the executor's only worker and not answered yet."""
     (slot,) = executor._pool
     assert slot.worker is not None
-    return len(slot.worker.calls)
+    return len(slot.worker.queue)
 
 
 @pytest.mark.parametrize("failure", ["crash", "timeout"])
@@ -421,6 +471,65 @@ def test_a_queued_calls_timeout_counts_from_its_own_start(tmp_path: Path, backen
         anyio.run(main, backend="asyncio", backend_options={"loop_factory": _JumpLoop})
 
 
+SLOW_IMPORT_MODULE = """
+import os, time
+here = {here!r}
+if os.path.exists(os.path.join(here, "block")):  # in a worker, not in the test's process
+    open(os.path.join(here, "importing"), "w").close()
+    while not os.path.exists(os.path.join(here, "go")):
+        time.sleep(0.005)
+
+def triple(x):
+    return 3 * x
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_loading_fn_in_a_fresh_worker_is_not_part_of_its_time_limit(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Explicit time: the clock jumps a minute while the worker imports fn's module."""
+    import importlib
+
+    name = f"slow_import_{backend}"
+    (tmp_path / f"{name}.py").write_text(SLOW_IMPORT_MODULE.format(here=str(tmp_path)))
+    monkeypatch.syspath_prepend(str(tmp_path))  # workers get the parent's sys.path
+    triple = importlib.import_module(name).triple  # by reference: the worker imports the module
+    (tmp_path / "block").touch()
+    clock = MockClock(rate=1.0)
+
+    def jump(seconds: float) -> None:
+        if backend == "trio":
+            clock.jump(seconds)
+        else:
+            loop = asyncio.get_running_loop()
+            assert isinstance(loop, _JumpLoop)
+            loop.offset += seconds
+
+    async def main() -> None:
+        async with ProcessExecutor(1, start_timeout=1000.0) as executor:
+            async with anyio.create_task_group() as tg:
+
+                async def jump_while_importing() -> None:
+                    await until((tmp_path / "importing").exists, "the worker imports fn's module")
+                    jump(60.0)  # twice the call's timeout, spent importing
+                    for _ in range(5):
+                        await anyio.lowlevel.checkpoint()
+                    (tmp_path / "go").touch()
+
+                tg.start_soon(jump_while_importing)
+                assert await executor.run(triple, 14, timeout=30.0) == 42
+            assert executor.timeouts == 0 and executor.restarts == 0
+
+    try:
+        if backend == "trio":
+            anyio.run(main, backend="trio", backend_options={"clock": clock})
+        else:
+            anyio.run(main, backend="asyncio", backend_options={"loop_factory": _JumpLoop})
+    finally:
+        sys.modules.pop(name, None)
+
+
 async def test_cancelling_a_queued_call_leaves_the_running_one(tmp_path: Path) -> None:
     started, go = tmp_path / "started", tmp_path / "go"
     async with ProcessExecutor(1, prefetch=1) as executor:
@@ -475,7 +584,7 @@ async def test_each_worker_holds_one_more_call_than_it_runs(tmp_path: Path) -> N
 
 async def test_worker_pipes_deliver_frames_split_or_joined_in_any_way() -> None:
     """The parent's pipe reader: frames that arrive together, in pieces, or bigger than the pipe."""
-    from microbatch.executors.process import _Pipes
+    from microbatch.executors.pipes import _Pipes
 
     read_fd, write_to_reader = os.pipe()
     read_from_writer, write_fd = os.pipe()
@@ -665,6 +774,152 @@ def test_default_workers_is_cpu_count() -> None:
 def test_all_executors_follow_the_protocol() -> None:
     for executor in (ProcessExecutor(1), ThreadExecutor(), InlineExecutor()):
         assert isinstance(executor, Executor)
+
+
+# ---- workers killed while starting, signals meant for the process group ------------------------
+
+# Starts the real worker, except for the first KILLS starts: those announce their pid and wait,
+# still starting, for the test to kill them.
+STARTUP_WRAPPER = """
+import os, runpy, sys, time
+here, real, kills = {here!r}, {real!r}, {kills}
+for i in range(kills):
+    try:
+        os.close(os.open(os.path.join(here, f"claim-{{i}}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        continue
+    with open(os.path.join(here, f"pid-{{i}}.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(here, f"pid-{{i}}.tmp"), os.path.join(here, f"pid-{{i}}"))
+    while True:
+        time.sleep(1)
+runpy.run_path(real, run_name="__main__")
+"""
+
+
+async def test_workers_killed_while_starting_are_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from microbatch.executors import process
+
+    kills = 20
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(STARTUP_WRAPPER.format(here=str(tmp_path), real=process._WORKER_SCRIPT, kills=kills))
+    monkeypatch.setattr(process, "_WORKER_SCRIPT", str(wrapper))
+
+    async def kill_each_start() -> None:
+        for i in range(kills):  # SIGKILL, and SIGTERM as a signal to the process group would
+            pid_file = tmp_path / f"pid-{i}"
+            await until(pid_file.exists, f"start {i}")
+            os.kill(int(pid_file.read_text()), signal.SIGKILL if i % 2 else signal.SIGTERM)
+
+    results: dict[int, int] = {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kill_each_start)
+        async with ProcessExecutor(2, prefetch=0) as executor:
+
+            async def one(i: int) -> None:
+                results[i] = await executor.run(double, i)
+
+            async with anyio.create_task_group() as calls:
+                for i in range(50):
+                    calls.start_soon(one, i)
+            assert executor.crashes == 0 and len(executor.pids) == 2
+    assert results == {i: 2 * i for i in range(50)}
+    assert len(list(tmp_path.glob("claim-*"))) == kills
+    assert all_children() == []
+
+
+def test_a_worker_that_exits_while_starting_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from microbatch.executors import process
+
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text("import sys\nopen(sys.argv[0] + '.started', 'a').write('x')\nsys.exit(4)\n")
+    monkeypatch.setattr(process, "_WORKER_SCRIPT", str(wrapper))
+
+    async def main() -> None:
+        with pytest.raises(mb.ExecutorUnavailable, match=r"died while starting \(exit code 4\)"):
+            async with ProcessExecutor(1):
+                pass  # pragma: no cover
+
+    anyio.run(main)
+    assert Path(str(wrapper) + ".started").read_text() == "x"  # one attempt, no more
+
+
+GROUP_SIGNAL_PARENT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import anyio
+    from microbatch import ProcessExecutor
+
+    # Default dispositions, whatever the test runner inherited (a background shell ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def pid(_):
+        return os.getpid()
+
+    async def main():
+        async with ProcessExecutor(2) as executor:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                print(*executor.pids, flush=True)
+                received = []
+                async for signum in signals:
+                    received.append(signum)
+                    if len(received) == 2:
+                        break
+            used = {await executor.run(pid, None) for _ in range(6)}
+            print(json.dumps([sorted(used), executor.crashes, executor.restarts]), flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend=sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_workers_leave_group_signals_to_the_parent_and_die_with_it(tmp_path: Path, backend: str) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(GROUP_SIGNAL_PARENT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), backend], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        os.killpg(parent.pid, signal.SIGTERM)  # the whole group: the parent and its workers
+        os.killpg(parent.pid, signal.SIGINT)
+        used, crashes, restarts = json.loads(parent.stdout.readline())
+        # the same workers answered after the signals; none died or was replaced
+        assert set(used) <= set(pids) and (crashes, restarts) == (0, 0)
+        assert all(alive(pid) for pid in pids)
+        parent.kill()
+        parent.wait(timeout=DEADLINE)
+        deadline = time.monotonic() + 2.0
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+async def test_a_call_sent_to_a_worker_that_died_idle_goes_to_a_new_worker() -> None:
+    async with ProcessExecutor(1) as executor:
+        [pid] = executor.pids
+        os.kill(pid, signal.SIGKILL)
+        (slot,) = executor._pool
+        worker = slot.worker
+        assert worker is not None
+        # Once the event loop has seen the exit (uvloop holds the pipes until then).
+        await until(lambda: worker.process.returncode is not None, "the exit was seen")
+        # The call never reached the dead worker: sent again, no crash of its own.
+        assert await executor.run(double, 21) == 42
+        assert executor.crashes == 0 and executor.restarts == 1
+        assert pid not in executor.pids
 
 
 # ---- workers die with their parent -------------------------------------------------------------

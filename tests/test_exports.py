@@ -15,7 +15,7 @@ DOCUMENTED = {
     # pipelines
     "Pipeline", "Stats", "Update",
     # aggregators
-    "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce",
+    "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey",
     # executors
     "Executor", "ProcessExecutor", "ThreadExecutor", "InlineExecutor", "DaskExecutor",
     # checkpoints
@@ -26,7 +26,8 @@ DOCUMENTED = {
     "MicrobatchError", "SourceError", "LineTooLong", "SourceDecodeError", "ExecutorError",
     "WorkerCrashed", "ExecutorUnavailable", "BatchTimeout", "RemoteError", "RemoteTraceback",
     "UnpicklableFunction",
-    "BackendNotSupported", "BatchFailed", "TooManyDeadLetters", "CheckpointError", "CheckpointCorrupt",
+    "BackendNotSupported", "BatchFailed", "TooManyDeadLetters",
+    "BatchResultMismatch", "CheckpointError", "CheckpointCorrupt",
     "CheckpointMismatch", "CheckpointWriteError", "BatcherError", "BatcherFull", "BatcherClosed",
 }  # fmt: skip
 

@@ -37,9 +37,9 @@ def numbers_file(path: Path, n: int) -> int:
     return sum(i for i in range(n) if i not in POISON)
 
 
-def start_job(numbers: Path, state: Path, dead: Path) -> subprocess.Popen[str]:
+def start_job(numbers: Path, state: Path, dead: Path, mode: str = "sum") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(HERE / "resume_job.py"), str(numbers), str(state), str(dead)],
+        [sys.executable, str(HERE / "resume_job.py"), str(numbers), str(state), str(dead), mode],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -55,13 +55,22 @@ def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
     return alive
 
 
-def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_value(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["sum", "keyed", "source"])
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_value(
+    tmp_path: Path, mode: str
+) -> None:
     numbers, state, dead = tmp_path / "n.txt", tmp_path / "state", tmp_path / "dead.jsonl"
-    expected = numbers_file(numbers, 20_000)  # 100 batches of 200
+    expected: Any = numbers_file(numbers, 20_000)  # 100 batches of 200
+    if mode == "keyed":
+        totals: dict[int, int] = {}
+        for i in range(20_000):
+            if i not in POISON:
+                totals[i % 97] = totals.get(i % 97, 0) + i
+        expected = f"{sum(k * v for k, v in totals.items())} {len(totals)}"
     rng = random.Random(int(os.environ.get("MB_SEED", "0")) or None)
     kills = 0
     for _ in range(KILLS):
-        proc = start_job(numbers, state, dead)
+        proc = start_job(numbers, state, dead, mode)
         assert proc.stdout is not None
         wait_for = rng.randint(1, 12)
         seen = 0
@@ -83,15 +92,13 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_value(tmp
         if finished:
             break
     assert kills >= min(KILLS, 3)
-    proc = start_job(numbers, state, dead)
+    proc = start_job(numbers, state, dead, mode)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     last = out.strip().splitlines()[-1]
     assert last == f"done {expected}"
     letters = [json.loads(line) for line in dead.read_text().splitlines()]
     assert sorted(letter["record"] for letter in letters) == ["bad", "bad"]
-
-
 
 
 @pytest.mark.anyio
@@ -166,7 +173,11 @@ async def test_follow_mode_resumes_at_the_saved_byte_offset(tmp_path: Path) -> N
     log, state = tmp_path / "app.log", tmp_path / "state"
     log.write_text("".join(f"{i}\n" for i in range(100)))
     pipeline = mb.Pipeline(
-        sum_ints, aggregate=mb.Sum(), max_size=25, max_wait=0.05, executor="thread",
+        sum_ints,
+        aggregate=mb.Sum(),
+        max_size=25,
+        max_wait=0.05,
+        executor="thread",
         checkpoint_every_batches=1,
     )
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from .lines import LineBlock, decode_lines
+from .params import callable_name
 
 __all__ = ["BatchTask"]
 
@@ -46,6 +47,10 @@ class BatchTask(Generic[R]):
                 start=payload.start,
             )
         return payload
+
+    def __repr__(self) -> str:
+        # Messages name the user's function, never this wrapper's address.
+        return f"BatchTask({callable_name(self.fn)})"
 
     def __call__(self, payload: LineBlock | list[Any]) -> R:
         return self.fn(self.records(payload))

@@ -19,6 +19,10 @@ class _Input:
     port: int = 0
 
 
+#: Hosts that make a TCP server listen on every interface.
+_EVERY_INTERFACE = ("0", "0.0.0.0", "::", "*")
+
+
 def _parse_input(text: str, follow: bool) -> _Input:
     if text == "-":
         if follow:
@@ -33,6 +37,15 @@ def _parse_input(text: str, follow: bool) -> _Input:
         if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
             raise UsageError(
                 f"--input {text!r}: expected tcp://HOST:PORT with PORT 0..65535, e.g. tcp://127.0.0.1:9000"
+            )
+        if host in _EVERY_INTERFACE:
+            from .logs import log
+
+            log.warning(
+                "--input %s listens on every network interface: anyone who can reach this machine "
+                "can send records; use tcp://127.0.0.1:%s to accept local clients only",
+                text,
+                port_text,
             )
         return _Input("tcp", host=host, port=int(port_text))
     if "://" in text:

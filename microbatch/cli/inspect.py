@@ -57,6 +57,11 @@ def _command_inspect(args: argparse.Namespace) -> int:
     )
     value: Any = None
     has_value = False
+    keyed = _keyed_files(args.directory, cp.state)
+    if keyed is not None:
+        return _inspect_keyed(args, keyed, cp.state, aggregator)
+    if args.key is not None:
+        raise UsageError("--key needs a checkpoint of keyed state (ByKey or TopK)")
     if aggregator is not None:
         try:
             value = aggregator.value(aggregator.load(cp.state))
@@ -83,6 +88,49 @@ def _command_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(_inspect_text(info), flush=True)
     return EXIT_OK
+
+
+def _keyed_files(directory: str, state: Any) -> Any:
+    """The shard files of a keyed checkpoint (its state a manifest), else None."""
+    from ..keyed import MANIFEST_FORMAT, ShardFiles
+    from ..stores import is_sqlite_target
+
+    if not (isinstance(state, dict) and state.get("format") == MANIFEST_FORMAT):
+        return None
+    folder = directory + ".keyed" if is_sqlite_target(directory) else str(Path(directory) / "keyed")
+    return ShardFiles(folder)
+
+
+def _parse_key(text: str) -> Any:
+    import ast
+
+    try:
+        key = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return key if isinstance(key, (str, int, tuple)) and not isinstance(key, bool) else text
+
+
+def _inspect_keyed(args: argparse.Namespace, files: Any, manifest: Any, aggregator: Any) -> int:
+    """Keys per shard from the manifest alone; with ``--key``, one key's value from its shard."""
+    counts: list[int] = files.counts(manifest)
+    info: dict[str, Any] = {"shards": len(counts), "keys": sum(counts), "keys_per_shard": counts}
+    if args.key is not None:
+        key = _parse_key(args.key)
+        found, state = files.lookup(manifest, key)
+        inner = getattr(aggregator, "inner", None)
+        if found and inner is not None:
+            state = inner.value(inner.load(state))
+        info.update(key=key, found=found, value=state)
+    if args.json:
+        print(_progress.to_json(info), flush=True)
+    else:
+        lines = [f"{'shards':<14}{info['shards']}", f"{'keys':<14}{info['keys']:,}"]
+        lines += [f"  shard {n:<6}{c:,} keys" for n, c in enumerate(counts)]
+        if args.key is not None:
+            lines.append(f"{'key':<14}{info['key']!r}: " + (repr(info["value"]) if found else "not found"))
+        print("\n".join(lines), flush=True)
+    return EXIT_OK if args.key is None or info["found"] else EXIT_ERROR
 
 
 def _format_time(created: Any) -> str:

@@ -263,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pipeline that wrote it, to compute the value with its aggregator "
         "(default: built-in aggregators are recognised from the checkpoint)",
     )
+    inspect.add_argument(
+        "--key",
+        metavar="KEY",
+        help="keyed state (ByKey, TopK): look one key up, reading only its shard's files "
+        "(a Python literal such as 42 or ('a', 1) is that key; other text is a str key)",
+    )
     _add_logging_options(inspect)
     return parser
 

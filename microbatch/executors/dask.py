@@ -1,11 +1,12 @@
 """``DaskExecutor``: run a pipeline's batches on a Dask distributed cluster.
 
-The executor submits one Dask task per call, ``_call(fn, arg)``: the task carries the callable and
+The executor submits one Dask task per call, ``remote.call(fn, arg)``: the task carries the callable and
 the batch as one payload (a line source's batch is a single ``LineBlock`` of raw bytes, split and
 decoded on the worker), so a batch travels once and no per-record objects are created on the machine
-running the pipeline. The task returns a tagged tuple instead of raising, so that the exception of
-``fn`` comes back as itself with the worker's formatted traceback, and so that any *raised* task
-error is known to come from Dask rather than from ``fn``.
+running the pipeline. The task, ``remote.call``, returns the call's outcome instead of raising
+(the encoding the process workers use too, see :mod:`microbatch.executors.remote`), so that the
+exception of ``fn`` comes back as itself with the worker's formatted traceback, and so that any
+*raised* task error is known to come from Dask rather than from ``fn``.
 
 ``distributed`` is imported only when a ``DaskExecutor`` is created: ``import microbatch`` works
 without it. Dask's client runs on asyncio only.
@@ -14,42 +15,31 @@ without it. Dask's client runs on asyncio only.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import os
-import pickle
 import signal
-import traceback
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
-import cloudpickle
 
-from .._core.task import BatchTask
+from .._core.params import callable_name
 from .._exceptions import (
     BackendNotSupported,
     BatchTimeout,
     ExecutorError,
     ExecutorUnavailable,
-    RemoteError,
-    RemoteTraceback,
     WorkerCrashed,
 )
-from .process import check_picklable
+from . import remote
+from .base import FunctionCache, PickledFunction, check_timeout
 
 __all__ = ["DaskExecutor"]
 
 A = TypeVar("A")
 R = TypeVar("R")
-
-# Tags of the tuple a task returns (see ``_call``).
-_RESULT = 0
-_RAISED = 1
-_REMOTE_ERROR = 2
 
 # How many distinct functions ``run`` remembers as already checked for picklability.
 _CHECKED_CACHE_SIZE = 32
@@ -58,48 +48,6 @@ _CHECKED_CACHE_SIZE = 32
 _RELEASE_WAIT = 5.0
 
 _INSTALL_HINT = "pip install 'microbatch[dask]'"
-
-
-class _ByValue:
-    """A function that Dask ships with cloudpickle, whatever its module.
-
-    Dask pickles a task with plain ``pickle`` first, which sends a function by reference; a
-    pipeline loaded from a job file (``microbatch run jobs.py:pipeline``) has functions the workers
-    cannot import. cloudpickle honours ``register_pickle_by_value``, so such functions travel by
-    value. The pickled bytes are made once per function, not once per batch.
-    """
-
-    __slots__ = ("fn", "payload")
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        self.fn = fn
-        self.payload: bytes = cloudpickle.dumps(fn)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (cloudpickle.loads, (self.payload,))
-
-
-def _call(fn: Callable[[Any], Any], arg: Any) -> tuple[Any, ...]:
-    """Runs on a Dask worker: ``fn(arg)`` as a tagged tuple, never raising for ``fn``'s sake.
-
-    ``(_RESULT, value)``; ``(_RAISED, exception, traceback text)`` when the exception survives a
-    pickle round trip; otherwise ``(_REMOTE_ERROR, type name, message, traceback text)``.
-    """
-    try:
-        return (_RESULT, fn(arg))
-    except BaseException as exc:  # SystemExit/KeyboardInterrupt in a worker thread become RemoteError
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        if isinstance(exc, Exception):
-            try:
-                # Dask pickles results with pickle, falling back to cloudpickle; an exception whose
-                # __init__ cannot take its own args back would only fail on the client, too late.
-                pickle.loads(cloudpickle.dumps(exc))
-            except Exception:
-                pass
-            else:
-                exc.__traceback__ = None
-                return (_RAISED, exc, tb)
-        return (_REMOTE_ERROR, type(exc).__qualname__, str(exc), tb)
 
 
 def _kill_worker_process(dask_worker: Any) -> int | None:
@@ -142,32 +90,10 @@ def _current_library() -> str:
         return "no async library"
 
 
-def _target(fn: object) -> object:
-    """The user's function behind a ``BatchTask`` and ``functools.partial`` wrappers."""
-    if isinstance(fn, BatchTask):
-        fn = fn.fn
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return fn
-
-
-def _name(fn: object) -> str:
-    target = _target(fn)
-    module = getattr(target, "__module__", None)
-    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
-    return f"{module}.{qualname}" if module else str(qualname)
-
-
 def _key_prefix(fn: object) -> str:
     # Dask groups tasks by the key's leading words: the dashboard then shows the user's function name.
-    target = _target(fn)
-    name = getattr(target, "__name__", None) or type(target).__name__
+    name = callable_name(fn).rsplit(".", 1)[-1]
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "batch"
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
 
 
 class DaskExecutor:
@@ -273,8 +199,8 @@ class DaskExecutor:
         self.client: Any = None
         self._owns_client = False
         self._slots: anyio.Semaphore | None = None
-        # id(fn) -> fn for functions already checked for picklability; holding fn keeps its id unique.
-        self._checked: OrderedDict[int, _ByValue] = OrderedDict()
+        # Functions checked for picklability and pickled, once per function.
+        self._functions = FunctionCache(_CHECKED_CACHE_SIZE)
         self._distributed = distributed
         self._state = "new"
 
@@ -312,7 +238,7 @@ class DaskExecutor:
         try:
             await self._connect()
             if self.max_in_flight is None:
-                self.capacity = await self._count_threads()
+                self.capacity = await _count_threads(self.client, self.address, self.worker_timeout)
         except BaseException:
             await self._shutdown()
             raise
@@ -344,60 +270,26 @@ class DaskExecutor:
         try:
             await client
         except (OSError, asyncio.TimeoutError) as exc:  # asyncio's differs from OSError's on 3.10
-            await self._close_client(client)
+            await _close_client(client)
             raise ConnectionError(
                 f"cannot connect to the Dask scheduler at {address} within "
                 f"connect_timeout={self.connect_timeout} s: {exc}; start one there with "
                 f"'dask scheduler' and workers with 'dask worker {address}'"
             ) from exc
         except BaseException:
-            await self._close_client(client)
+            await _close_client(client)
             raise
         self.client = client
         self._owns_client = True
-
-    async def _count_threads(self) -> int:
-        client = self.client
-        try:
-            await client.wait_for_workers(1, timeout=self.worker_timeout)
-        except TimeoutError as exc:
-            raise ExecutorError(
-                f"no Dask worker joined the scheduler at {self.address} within "
-                f"worker_timeout={self.worker_timeout} s: start some with 'dask worker {self.address}', "
-                f"or raise worker_timeout"
-            ) from exc
-        nthreads: dict[str, int] = await client.nthreads()
-        return max(1, sum(nthreads.values()))
 
     async def _shutdown(self) -> None:
         self._state = "closed"
         self._slots = None
         client, self.client = self.client, None
         if client is not None and self._owns_client:
-            await self._close_client(client)
-
-    @staticmethod
-    async def _close_client(client: Any) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await client.close()
-            except Exception:  # pragma: no cover - closing a client whose scheduler is gone
-                pass
+            await _close_client(client)
 
     # -- calls --------------------------------------------------------------------------------------
-
-    def _shippable(self, fn: Callable[..., Any]) -> _ByValue:
-        """``fn`` wrapped to travel by cloudpickle, checked and pickled once per function."""
-        known = self._checked.get(id(fn))
-        if known is not None and known.fn is fn:
-            self._checked.move_to_end(id(fn))
-            return known
-        check_picklable(fn)
-        shipped = _ByValue(fn)
-        self._checked[id(fn)] = shipped
-        if len(self._checked) > _CHECKED_CACHE_SIZE:
-            self._checked.popitem(last=False)
-        return shipped
 
     async def run(
         self,
@@ -407,130 +299,137 @@ class DaskExecutor:
         timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
     ) -> R:
         """Run ``fn(arg)`` as one Dask task and return its result; see the class docstring."""
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if self._state != "open" or self._slots is None:
             raise RuntimeError(
                 f"DaskExecutor is {self._state}: use it inside 'async with DaskExecutor(...) as executor:'"
             )
-        shipped = self._shippable(fn)
+        shipped = self._functions.get(fn)
         async with self._slots:
             return await self._submit(shipped, arg, timeout)  # type: ignore[no-any-return]
 
-    async def _submit(self, shipped: _ByValue, arg: Any, time_limit: float | None) -> Any:
+    async def _submit(self, shipped: PickledFunction, arg: Any, time_limit: float | None) -> Any:
         client = self.client
         fn = shipped.fn
+        name = callable_name(fn)
         key = f"{_key_prefix(fn)}-{uuid.uuid4().hex}"
-        future = client.submit(_call, shipped, arg, key=key, pure=False)
+        future = client.submit(remote.call, shipped, arg, key=key, pure=False)
         finished = restarted = False
         try:
             with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
                 try:
                     outcome = await future
-                except self._distributed.CancelledError as exc:
-                    # distributed's CancelledError is concurrent.futures', not a cancellation of ours.
-                    finished = True
-                    self.crashes += 1
-                    raise WorkerCrashed(
-                        f"Dask cancelled the task {key} running {_name(fn)} on {self.address}: {exc} "
-                        f"(the scheduler connection was lost or the task was cancelled from outside)"
-                    ) from exc
-                except self._killed_worker() as exc:
-                    finished = True
-                    self.crashes += 1
-                    raise WorkerCrashed(
-                        f"the Dask workers running task {key} ({_name(fn)}) died every time it ran: {exc}. "
-                        f"A signal such as SIGSEGV points at a C extension, SIGKILL often at the "
-                        f"out-of-memory killer; the scheduler's distributed.scheduler.allowed-failures "
-                        f"sets how often Dask re-runs such a task"
-                    ) from exc
                 except Exception as exc:
                     finished = True
-                    if self._is_comm_error(exc):
+                    error = _task_error(self._distributed, exc, key, name, self.address)
+                    if isinstance(error, WorkerCrashed):
                         self.crashes += 1
-                        raise ExecutorUnavailable(
-                            f"lost the connection to the Dask scheduler at {self.address} while task "
-                            f"{key} ({_name(fn)}) ran: {type(exc).__name__}: {exc}"
-                        ) from exc
-                    raise ExecutorError(
-                        f"Dask task {key} failed outside {_name(fn)}: {type(exc).__name__}: {exc}. "
-                        f"Every worker needs microbatch and the module defining {_name(fn)} installed, "
-                        f"and the result must unpickle here"
-                    ) from exc
+                    raise error from exc
                 finished = True
         finally:
             if not finished:
                 # Timed out or the caller was cancelled: stop the task on the cluster.
-                restarted = await self._abandon(future, key, restart=scope.cancelled_caught)
+                restart = scope.cancelled_caught and self.restart_on_timeout
+                if await _abandon(self.client, future, key, restart=restart):
+                    self.restarts += 1
+                    restarted = True
             else:
                 future.release()
         if scope.cancelled_caught:
             self.timeouts += 1
             killed = " and its worker process killed (its nanny starts a new one)" if restarted else ""
             raise BatchTimeout(
-                f"{_name(fn)} ran longer than timeout={time_limit} s as Dask task {key}; the task was "
+                f"{name} ran longer than timeout={time_limit} s as Dask task {key}; the task was "
                 f"cancelled{killed} (raise the timeout or make the batches smaller)"
             )
-        return self._decode(fn, outcome)
+        return remote.unwrap(outcome, fn)
 
-    def _killed_worker(self) -> type[BaseException]:
-        killed: type[BaseException] = self._distributed.scheduler.KilledWorker
-        return killed
 
-    def _is_comm_error(self, exc: BaseException) -> bool:
-        comm_closed: type[BaseException] = self._distributed.comm.CommClosedError
-        return isinstance(exc, (comm_closed, OSError))
+def _task_error(distributed: Any, exc: Exception, key: str, name: str, address: str | None) -> ExecutorError:
+    """The executor's error for Dask task ``key`` (running ``name``) that failed outside ``fn``."""
+    if isinstance(exc, distributed.CancelledError):
+        # distributed's CancelledError is concurrent.futures', not a cancellation of ours.
+        return WorkerCrashed(
+            f"Dask cancelled the task {key} running {name} on {address}: {exc} "
+            f"(the scheduler connection was lost or the task was cancelled from outside)"
+        )
+    if isinstance(exc, distributed.scheduler.KilledWorker):
+        return WorkerCrashed(
+            f"the Dask workers running task {key} ({name}) died every time it ran: {exc}. "
+            f"A signal such as SIGSEGV points at a C extension, SIGKILL often at the "
+            f"out-of-memory killer; the scheduler's distributed.scheduler.allowed-failures "
+            f"sets how often Dask re-runs such a task"
+        )
+    if isinstance(exc, (distributed.comm.CommClosedError, OSError)):
+        return ExecutorUnavailable(
+            f"lost the connection to the Dask scheduler at {address} while task "
+            f"{key} ({name}) ran: {type(exc).__name__}: {exc}"
+        )
+    return ExecutorError(
+        f"Dask task {key} failed outside {name}: {type(exc).__name__}: {exc}. "
+        f"Every worker needs microbatch and the module defining {name} installed, "
+        f"and the result must unpickle here"
+    )
 
-    async def _abandon(self, future: Any, key: str, *, restart: bool) -> bool:
-        """Cancel ``future`` on the cluster, after a timeout also kill its worker; never cancelled.
 
-        Returns whether a worker process was killed.
-        """
-        client = self.client
-        with anyio.CancelScope(shield=True):
-            worker = None
-            if restart and self.restart_on_timeout:
-                try:
-                    processing: dict[str, list[Any]] = await client.processing()
-                except Exception:  # pragma: no cover - scheduler gone; cancelling below fails too
-                    processing = {}
-                worker = next((w for w, keys in processing.items() if key in keys), None)
+async def _abandon(client: Any, future: Any, key: str, *, restart: bool) -> bool:
+    """Cancel ``future`` on the cluster; with ``restart`` also kill its worker; never cancelled.
+
+    Returns whether a worker process was killed.
+    """
+    with anyio.CancelScope(shield=True):
+        worker = None
+        if restart:
             try:
-                await client.cancel([future], reason="microbatch: timeout or caller cancelled")
-            except Exception:  # pragma: no cover - scheduler gone: the task dies with it
-                pass
-            if worker is not None:
-                # The cancel message travels on the client's batched stream: wait until the scheduler
-                # has released the task, or killing the worker would make Dask re-run it elsewhere.
-                await self._wait_released(key, worker)
-                try:
-                    killed = await client.run(_kill_worker_process, workers=[worker], nanny=True)
-                except Exception:  # pragma: no cover - the nanny is gone too
-                    killed = {}
-                if killed:
-                    self.restarts += 1
-                    return True
-        return False
+                processing: dict[str, list[Any]] = await client.processing()
+            except Exception:  # pragma: no cover - scheduler gone; cancelling below fails too
+                processing = {}
+            worker = next((w for w, keys in processing.items() if key in keys), None)
+        try:
+            await client.cancel([future], reason="microbatch: timeout or caller cancelled")
+        except Exception:  # pragma: no cover - scheduler gone: the task dies with it
+            pass
+        if worker is not None:
+            # The cancel message travels on the client's batched stream: wait until the scheduler
+            # has released the task, or killing the worker would make Dask re-run it elsewhere.
+            await _wait_released(client, key, worker)
+            try:
+                killed = await client.run(_kill_worker_process, workers=[worker], nanny=True)
+            except Exception:  # pragma: no cover - the nanny is gone too
+                killed = {}
+            return bool(killed)
+    return False
 
-    async def _wait_released(self, key: str, worker: str) -> None:
-        with anyio.move_on_after(_RELEASE_WAIT):
-            while True:
-                try:
-                    processing: dict[str, list[Any]] = await self.client.processing([worker])
-                except Exception:  # the worker left the cluster: nothing runs there any more
-                    return
-                if key not in processing.get(worker, ()):
-                    return
-                await anyio.sleep(0.01)
 
-    @staticmethod
-    def _decode(fn: Callable[..., Any], outcome: Any) -> Any:
-        if not isinstance(outcome, tuple) or not outcome:  # pragma: no cover - another version's worker
-            raise ExecutorError(f"unexpected answer from a Dask worker for {_name(fn)}: {outcome!r}")
-        tag = outcome[0]
-        if tag == _RESULT:
-            return outcome[1]
-        if tag == _RAISED:
-            _, error, tb = outcome
-            raise error from RemoteTraceback(tb)
-        _, type_name, message, tb = outcome
-        raise RemoteError(type_name, message) from RemoteTraceback(tb)
+async def _wait_released(client: Any, key: str, worker: str) -> None:
+    with anyio.move_on_after(_RELEASE_WAIT):
+        while True:
+            try:
+                processing: dict[str, list[Any]] = await client.processing([worker])
+            except Exception:  # the worker left the cluster: nothing runs there any more
+                return
+            if key not in processing.get(worker, ()):
+                return
+            await anyio.sleep(0.01)
+
+
+async def _count_threads(client: Any, address: str | None, worker_timeout: float) -> int:
+    """The cluster's worker threads, once at least one worker joined (within ``worker_timeout``)."""
+    try:
+        await client.wait_for_workers(1, timeout=worker_timeout)
+    except TimeoutError as exc:
+        raise ExecutorError(
+            f"no Dask worker joined the scheduler at {address} within "
+            f"worker_timeout={worker_timeout} s: start some with 'dask worker {address}', "
+            f"or raise worker_timeout"
+        ) from exc
+    nthreads: dict[str, int] = await client.nthreads()
+    return max(1, sum(nthreads.values()))
+
+
+async def _close_client(client: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await client.close()
+        except Exception:  # pragma: no cover - closing a client whose scheduler is gone
+            pass

@@ -1,282 +1,40 @@
-"""Executors: where a pipeline runs ``fn(batch)`` — worker processes, threads, or the event loop itself.
+"""``ProcessExecutor``: a pool of worker processes, each call isolated in one of them.
 
-The protocol is small on purpose, so that other executors (a Dask cluster, a remote service) can sit
-behind it::
-
-    class Executor(Protocol):
-        capacity: int                                   # calls that may run at once
-        prefetch: int                                   # optional: calls per capacity taken ahead
-        async def __aenter__(self) -> Self              # start (workers, threads, connections)
-        async def __aexit__(self, *exc_info) -> None    # stop; nothing may be left running
-        async def run(self, fn, arg, *, timeout=None)   # fn(arg) somewhere; its result or its exception
-
-Contract of ``run``:
-
-- at most ``capacity`` calls run at once; further calls wait their turn, first come first served;
-- an executor with a ``prefetch`` attribute takes ``capacity * (1 + prefetch)`` calls at once and
-  holds the extra ones ready where they will run; a pipeline keeps that many batches in flight;
-- ``fn`` raising returns as that exception (for processes: re-raised in the parent, with the
-  worker's traceback as a ``RemoteTraceback`` in ``__cause__``);
-- a failure of the machinery rather than of ``fn`` is an ``ExecutorError``: ``WorkerCrashed``,
-  ``BatchTimeout``, ``RemoteError``;
-- one call's failure leaves other calls in flight untouched, and the executor usable;
-- cancelling the caller stops the call as far as the executor can (a process is killed, a thread is
-  abandoned).
-
-A pipeline passes the same ``fn`` object for every batch of a run and a different ``arg`` each time;
-``ProcessExecutor`` relies on that to send the function to each worker only once.
+The protocol every executor follows is in :mod:`microbatch.executors.base`; the worker's side of the
+pipes is :mod:`microbatch.executors.worker`. What happens to each call of a worker (answered, sent
+again, failed, abandoned) is decided by its call queue, :mod:`microbatch._core.calls`; this module
+does the I/O that the queue's steps ask for.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
-import signal
-import sys
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import anyio
-import anyio.abc
-import anyio.lowlevel
-import anyio.to_thread
-import cloudpickle
 
-from .._exceptions import (
-    BatchTimeout,
-    ExecutorError,
-    ExecutorUnavailable,
-    RemoteError,
-    RemoteTraceback,
-    UnpicklableFunction,
-    WorkerCrashed,
-)
+from .._core.calls import Call, CallState, Step
+from .._core.params import callable_name
+from .._exceptions import BatchTimeout, ExecutorError, WorkerCrashed
+from . import remote
 from . import worker as wire
+from .base import Executor, FunctionCache, PickledFunction, check_picklable, check_timeout
+from .inline import InlineExecutor
+from .pipes import PIPE_ERRORS
+from .spawn import Worker, exit_description, start_worker
+from .thread import ThreadExecutor
 
-__all__ = [
-    "Executor",
-    "ProcessExecutor",
-    "ThreadExecutor",
-    "InlineExecutor",
-    "check_picklable",
-]
+# Executor, InlineExecutor, ThreadExecutor and check_picklable are re-exported for older imports.
+__all__ = ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor", "check_picklable"]
 
 A = TypeVar("A")
 R = TypeVar("R")
-E = TypeVar("E", bound="Executor")
 
+# The script a worker process runs (tests start workers through a wrapper by replacing it).
 _WORKER_SCRIPT = wire.__file__
-# What reading or writing a worker's pipes raises when the worker died or the executor closed them.
-_PIPE_ERRORS = (
-    anyio.EndOfStream,
-    anyio.IncompleteRead,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    OSError,
-)
-# After a worker's pipe reached end of file, how long to wait for its exit code before killing it.
-_EXIT_GRACE = 2.0
-
-
-@runtime_checkable
-class Executor(Protocol):
-    """Runs ``fn(arg)`` calls, at most ``capacity`` at once; see the module docstring for the contract."""
-
-    capacity: int
-
-    async def __aenter__(self: E) -> E: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    async def run(
-        self,
-        fn: Callable[[A], R],
-        arg: A,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
-    ) -> R: ...
-
-
-def _name(fn: object) -> str:
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
-    if qualname is None:
-        return repr(fn)
-    return f"{module}.{qualname}" if module else str(qualname)
-
-
-def _pickle_function(fn: Callable[..., Any]) -> bytes:
-    try:
-        return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
-    except Exception as exc:
-        raise UnpicklableFunction(
-            f"{_name(fn)} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
-            f"Define it at module level, or keep locks, open files, sockets and clients out of "
-            f"what it references (create them inside the function), or use ThreadExecutor."
-        ) from exc
-
-
-def check_picklable(fn: Callable[..., Any]) -> None:
-    """Raise ``UnpicklableFunction`` unless ``fn`` can be sent to worker processes.
-
-    Uses cloudpickle, as ``ProcessExecutor`` does: functions from importable modules travel by
-    reference, functions from ``__main__``, lambdas and closures by value. The message names ``fn``
-    and the pickling error. Pipelines call this before any batch runs.
-    """
-    _pickle_function(fn)
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-
-
-def _exit_description(returncode: int | None) -> str:
-    if returncode is None:
-        return "exit status unknown"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name} (exit code {returncode})"
-    return f"exit code {returncode}"
-
-
-class _Call:
-    """A call sent to a worker. Answers come in the order calls were sent, so a call is answered
-    only after every call ahead of it in its worker's ``calls``."""
-
-    __slots__ = ("turn", "resend", "abandoned")
-
-    def __init__(self, first: bool) -> None:
-        # For a call sent behind others: set when its answer is the next one on the pipe, or when
-        # it must be sent again. A call sent to an idle worker is first from the start.
-        self.turn = None if first else anyio.Event()
-        # Its worker died before starting it: it goes to another worker, not counted as a failure.
-        self.resend = False
-        # Its caller was cancelled while it waited behind another call.
-        self.abandoned = False
-
-
-class _Pipes:
-    """The parent's ends of a worker's two pipes, as non-blocking file descriptors.
-
-    Reads and writes go straight to ``os.read``/``os.write`` and wait with ``anyio.wait_readable``/
-    ``wait_writable`` only when the pipe is empty or full: no stream, transport or protocol
-    objects in between (on asyncio those cost more than the whole round trip to the worker). One
-    task reads and one task writes at a time. ``close()`` wakes a waiting task with
-    ``ClosedResourceError``; a descriptor is never used after it was closed, so a number the OS
-    hands out again cannot be read by mistake.
-    """
-
-    __slots__ = ("read_fd", "write_fd", "_buffer", "closed")
-
-    def __init__(self, read_fd: int, write_fd: int) -> None:
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self.read_fd = read_fd
-        self.write_fd = write_fd
-        self._buffer = bytearray()
-        self.closed = False
-
-    def _check(self) -> None:
-        if self.closed:
-            raise anyio.ClosedResourceError
-
-    async def send(self, buffers: list[bytes]) -> None:
-        """Write ``buffers`` one after the other; the common case is a single ``writev`` call."""
-        self._check()
-        total = sum(map(len, buffers))
-        try:
-            written = os.writev(self.write_fd, buffers)
-        except BlockingIOError:
-            written = 0
-        if written == total:
-            return
-        view = memoryview(b"".join(buffers))[written:]
-        while view:
-            self._check()
-            try:
-                written = os.write(self.write_fd, view)
-            except BlockingIOError:
-                await anyio.wait_writable(self.write_fd)
-            else:
-                view = view[written:]
-
-    async def receive_exactly(self, size: int) -> bytes:
-        buffer = self._buffer
-        while len(buffer) < size:
-            self._check()
-            try:
-                # At least 64 KiB (a small frame and its header come in one call), at most what
-                # a widened pipe holds (a big frame does not allocate its whole size per call).
-                chunk = os.read(self.read_fd, min(max(size - len(buffer), 1 << 16), 1 << 20))
-            except BlockingIOError:
-                await anyio.wait_readable(self.read_fd)
-                continue
-            if not chunk:
-                raise anyio.EndOfStream
-            buffer += chunk
-        if len(buffer) == size:
-            data = bytes(buffer)
-            buffer.clear()
-        else:
-            data = bytes(memoryview(buffer)[:size])  # one copy; the view is gone before the del
-            del buffer[:size]
-        return data
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            for fd in (self.read_fd, self.write_fd):
-                anyio.notify_closing(fd)
-                os.close(fd)
-
-
-class _Worker:
-    """One worker process: runs one call at a time, and may hold more sent calls queued behind it."""
-
-    __slots__ = ("process", "pid", "pipes", "functions", "calls", "failed", "killed")
-
-    def __init__(self, process: anyio.abc.Process, pipes: _Pipes) -> None:
-        self.process = process
-        self.pid = process.pid
-        self.pipes = pipes
-        # Tokens of the functions this worker holds, least recently used first (mirrors the worker).
-        self.functions: OrderedDict[int, None] = OrderedDict()
-        # Calls sent and not answered yet, in the order they were sent; calls[0] runs now.
-        self.calls: deque[_Call] = deque()
-        # Dead, killed, or its pipe is out of step: never sent another call.
-        self.failed = False
-        # Sent SIGKILL already. A second kill is not only useless: on asyncio, Popen.send_signal()
-        # polls first and may reap the process behind the event loop's child watcher.
-        self.killed = False
-
-    def retire(self) -> None:
-        """Take no more calls; the calls queued behind the running one are sent again elsewhere."""
-        self.failed = True
-        calls = list(self.calls)
-        self.calls.clear()
-        for call in calls[1:]:
-            call.resend = True
-            assert call.turn is not None
-            call.turn.set()
-
-    async def send(self, buffers: list[bytes]) -> None:
-        await self.pipes.send(buffers)
-
-    async def receive(self) -> tuple[int, bytes]:
-        kind, _token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
-        return kind, await self.pipes.receive_exactly(size)
 
 
 class _Slot:
@@ -285,12 +43,49 @@ class _Slot:
     __slots__ = ("worker", "load", "lock")
 
     def __init__(self) -> None:
-        self.worker: _Worker | None = None
+        self.worker: Worker | None = None
         # Calls assigned to this slot: sent, or about to be.
         self.load = 0
         # Held while starting the slot's worker and while sending to it, so calls reach the pipe
-        # in the order of ``worker.calls``.
+        # in the order of the worker's call queue.
         self.lock = anyio.Lock(fast_acquire=True)
+
+
+async def _start_all(slots: list[_Slot], start: Callable[[], Awaitable[Worker]]) -> None:
+    """Start every slot's worker at once; the first error once all starts ended."""
+    errors: list[Exception] = []
+
+    async def start_one(slot: _Slot) -> None:
+        try:
+            slot.worker = await start()
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for slot in slots:
+            tg.start_soon(start_one, slot)
+    if errors:
+        raise errors[0]
+
+
+def _check_settings(workers: int | None, start_timeout: float, nice: int, prefetch: int) -> int:
+    """Refuse bad settings with a ``ValueError`` naming the parameter; the number of workers."""
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or None (one per CPU), got {workers!r}")
+    if not start_timeout > 0:
+        raise ValueError(f"start_timeout must be a positive number of seconds, got {start_timeout!r}")
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise ValueError(
+            f"nice must be an int from 0 to 19 (added to the workers' niceness), got {nice!r}"
+        )
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(
+            f"prefetch must be an int >= 0 (calls queued in each worker behind the one it runs), "
+            f"got {prefetch!r}"
+        )
+    return workers
 
 
 class ProcessExecutor:
@@ -317,15 +112,14 @@ class ProcessExecutor:
     - ``fn`` cannot be pickled: ``UnpicklableFunction`` before anything is sent.
 
     A killed or dead worker is replaced by a new one when the next call needs it (counted in
-    ``restarts``); ``start_timeout`` (default 60 s) bounds how long a start may take, beyond which
-    the call fails with ``WorkerCrashed``. Counters ``crashes``, ``timeouts`` and ``restarts`` only
-    grow.
+    ``restarts``). A worker killed by a signal while it starts is replaced at once; one that exits
+    by itself while starting, or no start within ``start_timeout`` (default 60 s), fails the call
+    with ``ExecutorUnavailable``. Counters ``crashes``, ``timeouts`` and ``restarts`` only grow.
 
     Workers run at a lower scheduling priority than the process that feeds them (``nice``, added
-    to their niceness; default 10, Unix only): when workers and the event loop share the CPUs, a
-    worker that finished its batch gets its next one at once instead of waiting for the event loop
-    to be scheduled (1.22x -> 1.38x the one-process loop on the 2-core sum benchmark). On a machine
-    whose other work should not outrank the workers, pass ``nice=0``.
+    to their niceness; default 10, Unix only), so that a worker that finished its batch gets its
+    next one at once (docs/executors.md has the figures). Pass ``nice=0`` when the machine's other
+    work should not outrank the workers.
 
     Each worker holds up to ``prefetch`` calls (default 1) queued in its pipe behind the one it
     runs, so that it starts the next call as soon as it sent a result, without a round trip through
@@ -352,21 +146,7 @@ class ProcessExecutor:
         nice: int = 10,
         prefetch: int = 1,
     ) -> None:
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer or None (one per CPU), got {workers!r}")
-        if not start_timeout > 0:
-            raise ValueError(f"start_timeout must be a positive number of seconds, got {start_timeout!r}")
-        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
-            raise ValueError(
-                f"nice must be an int from 0 to 19 (added to the workers' niceness), got {nice!r}"
-            )
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(
-                f"prefetch must be an int >= 0 (calls queued in each worker behind the one it runs), "
-                f"got {prefetch!r}"
-            )
+        workers = _check_settings(workers, start_timeout, nice, prefetch)
         self.capacity = workers
         self.prefetch = prefetch
         self.start_timeout = start_timeout
@@ -375,18 +155,16 @@ class ProcessExecutor:
         self.timeouts = 0
         self.restarts = 0
         self._pool: list[_Slot] = []
-        self._live: set[_Worker] = set()
+        self._live: set[Worker] = set()
+        # Callers waiting for their queued call's turn (or to send it again), by call.
+        self._turns: dict[Call, anyio.Event] = {}
         self._limit = anyio.Semaphore(workers * (1 + prefetch), fast_acquire=True)
-        # id(fn) -> (fn, token, pickled fn); holding fn keeps its id from being reused.
-        self._functions: OrderedDict[int, tuple[Callable[..., Any], int, bytes]] = OrderedDict()
-        self._next_token = 1
+        self._functions = FunctionCache(wire.FN_CACHE_SIZE)
         self._state = "new"
 
     def __repr__(self) -> str:
-        return (
-            f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} "
-            f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}>"
-        )
+        counts = f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}"
+        return f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} {counts}>"
 
     @property
     def pids(self) -> list[int]:
@@ -402,24 +180,11 @@ class ProcessExecutor:
         self._state = "open"
         self._pool = [_Slot() for _ in range(self.capacity)]
         self._limit = anyio.Semaphore(self.capacity * (1 + self.prefetch), fast_acquire=True)
-        errors: list[Exception] = []
-
-        async def start(slot: _Slot) -> None:
-            try:
-                slot.worker = await self._start_worker()
-            except Exception as exc:
-                errors.append(exc)
-
         try:
-            async with anyio.create_task_group() as tg:
-                for slot in self._pool:
-                    tg.start_soon(start, slot)
+            await _start_all(self._pool, self._start)
         except BaseException:
             await self._shutdown()
             raise
-        if errors:
-            await self._shutdown()
-            raise errors[0]
         return self
 
     async def __aexit__(
@@ -435,92 +200,24 @@ class ProcessExecutor:
         with anyio.CancelScope(shield=True):
             workers = list(self._live)
             for worker in workers:
-                self._signal_kill(worker)
+                worker.kill()
             for worker in workers:
-                await self._reap(worker)
+                await worker.reap()
         self._pool = []
 
-    @staticmethod
-    def _signal_kill(worker: _Worker) -> None:
-        if not worker.killed and worker.process.returncode is None:
-            worker.killed = True
-            try:
-                worker.process.kill()
-            except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
-                pass
+    async def _start(self) -> Worker:
+        return await start_worker(
+            _WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout, live=self._live
+        )
 
-    async def _reap(self, worker: _Worker) -> None:
-        """Kill ``worker`` (if still running), close its pipes and wait for it; never cancelled."""
-        if worker not in self._live:
-            return
-        with anyio.CancelScope(shield=True):
-            self._signal_kill(worker)
-            worker.pipes.close()
-            await worker.process.wait()
-        self._live.discard(worker)
-
-    async def _start_worker(self) -> _Worker:
-        # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
-        to_worker, to_worker_w = os.pipe()
-        from_worker_r, from_worker = os.pipe()
-        try:
-            process = await anyio.open_process(
-                [sys.executable, _WORKER_SCRIPT, str(os.getpid()), str(self.nice)],
-                stdin=to_worker,
-                stdout=from_worker,
-                stderr=None,
-            )
-        except BaseException:
-            for fd in (to_worker_w, from_worker_r):
-                os.close(fd)
-            raise
-        finally:
-            os.close(to_worker)
-            os.close(from_worker)
-        worker = _Worker(process, _Pipes(from_worker_r, to_worker_w))
-        self._live.add(worker)
-        ok = False
-        try:
-            with anyio.move_on_after(self.start_timeout) as scope:
-                init = pickle.dumps(list(sys.path), protocol=5)
-                await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
-                kind, _ = await worker.receive()
-                if kind != wire.READY:  # pragma: no cover - a worker of another version
-                    raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
-                ok = True
-            if scope.cancelled_caught:
-                raise ExecutorUnavailable(
-                    f"worker process {worker.pid} did not start within start_timeout={self.start_timeout} s "
-                    f"({sys.executable} {_WORKER_SCRIPT}); the machine may be overloaded: raise start_timeout"
-                )
-        except _PIPE_ERRORS as exc:
-            await self._wait_exit(worker)
-            raise ExecutorUnavailable(
-                f"worker process {worker.pid} died while starting "
-                f"({_exit_description(worker.process.returncode)}); its stderr says why"
-            ) from exc
-        finally:
-            if not ok:
-                await self._reap(worker)
-        return worker
-
-    async def _wait_exit(self, worker: _Worker) -> None:
-        with anyio.move_on_after(_EXIT_GRACE, shield=True):
-            await worker.process.wait()
-        await self._reap(worker)
-
-    def _prepare(self, fn: Callable[..., Any]) -> tuple[int, bytes]:
-        entry = self._functions.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            self._functions.move_to_end(id(fn))
-            return entry[1], entry[2]
-        data = _pickle_function(fn)
-        token = self._next_token
-        self._next_token += 1
-        self._functions[id(fn)] = (fn, token, data)
-        if len(self._functions) > wire.FN_CACHE_SIZE:
-            self._functions.popitem(last=False)
-        return token, data
+    def _perform(self, worker: Worker, step: Step) -> None:
+        """Wake the callers a call-queue step names; kill the worker if it says so."""
+        for call in (*step.running, *step.resend):
+            turn = self._turns.pop(call, None)
+            if turn is not None:
+                turn.set()
+        if step.kill:
+            worker.kill()
 
     async def run(
         self,
@@ -530,262 +227,148 @@ class ProcessExecutor:
         timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
     ) -> R:
         """Run ``fn(arg)`` in a worker process and return its result; see the class docstring."""
-        _check_timeout(timeout)
-        self._check_open()
-        token, fn_data = self._prepare(fn)
+        check_timeout(timeout)
+        _check_open(self._state)
+        pickled = self._functions.get(fn)
         payload = pickle.dumps(arg, protocol=5)
         async with self._limit:
             while True:
-                self._check_open()
+                _check_open(self._state)
                 # The fewest calls first; among equals a live worker (starting one takes time).
                 # The limit leaves a slot with room: fewer than 1 + prefetch calls.
-                slot = min(self._pool, key=lambda s: (s.load, s.worker is None or s.worker.failed))
+                slot = min(self._pool, key=lambda s: (s.load, s.worker is None or not s.worker.queue.open))
                 slot.load += 1
                 try:
-                    call = await self._send(slot, fn, token, fn_data, payload)
-                    if call is not None:
-                        result: R = await self._await_answer(slot, call, fn, timeout)
+                    sent = await self._send(slot, pickled, payload)
+                    if sent is not None:
+                        result: R = await self._await_answer(*sent, fn, timeout)
                         return result
                 finally:
                     slot.load -= 1
                     if self._state != "open" and slot.worker is not None:
                         # The executor was closed while this call ran (or started its worker).
-                        await self._reap(slot.worker)
-                # The worker died before starting this call: send it again.
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(
-                f"ProcessExecutor is {self._state}: "
-                f"use it inside 'async with ProcessExecutor(...) as executor:'"
-            )
+                        await slot.worker.reap()
+                # The worker was lost before it started this call: send it again (rule 3).
 
     async def _send(
-        self, slot: _Slot, fn: Callable[..., Any], token: int, fn_data: bytes, payload: bytes
-    ) -> _Call | None:
-        """Send a call to the slot's worker (started first if needed); ``None``: send it elsewhere."""
+        self, slot: _Slot, pickled: PickledFunction, payload: bytes
+    ) -> tuple[Worker, Call, bool] | None:
+        """Send a call to the slot's worker (started first if needed) and wait for its turn: the
+        worker, the call, whether fn travelled with it (then LOADED comes first); ``None``: resend."""
         async with slot.lock:
             worker = slot.worker
-            if worker is None or worker.failed:
-                worker = slot.worker = await self._start_worker()
+            if worker is not None and worker.queue.open and worker.process.returncode is not None:
+                # Died while idle: do not write a call into a pipe the event loop may still hold.
+                self._perform(worker, worker.queue.died())
+            if worker is None or not worker.queue.open:
+                if worker is not None:
+                    await worker.reap()  # killed or dead already: no zombie, no stale pid
+                worker = slot.worker = await self._start()
                 self.restarts += 1
-            frames = []
-            if token in worker.functions:
-                worker.functions.move_to_end(token)
-            else:
-                frames.append(wire.HEADER.pack(wire.FN, token, len(fn_data)) + fn_data)
-                worker.functions[token] = None
-                if len(worker.functions) > wire.FN_CACHE_SIZE:
-                    worker.functions.popitem(last=False)
-            frames.append(wire.HEADER.pack(wire.CALL, token, len(payload)))
+            frames = worker.fn_frames(pickled.token, pickled.data)
+            loads_fn = bool(frames)
+            frames.append(wire.HEADER.pack(wire.CALL, pickled.token, len(payload)))
             frames.append(payload)
-            call = _Call(first=not worker.calls)
-            worker.calls.append(call)
+            call = worker.queue.send()
+            if call.state is CallState.SENT:
+                turn = self._turns[call] = anyio.Event()
             try:
                 await worker.send(frames)
-            except _PIPE_ERRORS:
-                # The worker died: whichever call is running learns it from the pipe and sends
-                # the queued calls (this one too) elsewhere; a call that was to run first fails.
-                pass
+            except PIPE_ERRORS:
+                # The worker died before it read this call: send it elsewhere, no failure of its
+                # own (rule 3); the caller of a running call learns of the death from the pipe.
+                self._perform(worker, worker.queue.lost(call))
             except BaseException:
                 # Cancelled while sending: the pipe may hold part of a frame.
-                self._drop(worker, call)
+                self._cancel(worker, call)
                 raise
-        if call.turn is not None:
+        if call.state is CallState.SENT:
             try:
-                await call.turn.wait()
+                await turn.wait()
             except BaseException:
-                self._drop(worker, call)
+                self._cancel(worker, call)
                 raise
-        return None if call.resend else call
+        return None if call.state is CallState.RESEND else (worker, call, loads_fn)
 
-    def _drop(self, worker: _Worker, call: _Call) -> None:
-        """``call``'s caller was cancelled before its answer: nobody will read that answer."""
-        if call.resend:
-            return
-        if worker.calls and worker.calls[0] is call:
-            # Running (or about to): kill the worker, as for any cancelled call.
-            worker.retire()
-            self._signal_kill(worker)
-        else:
-            # Queued behind a running call: the worker is retired when that call's answer is in.
-            call.abandoned = True
+    def _cancel(self, worker: Worker, call: Call) -> None:
+        self._turns.pop(call, None)
+        self._perform(worker, worker.queue.cancel(call))
 
     async def _await_answer(
-        self, slot: _Slot, call: _Call, fn: Callable[..., Any], time_limit: float | None
+        self, worker: Worker, call: Call, loads_fn: bool, fn: Callable[..., Any], time_limit: float | None
     ) -> Any:
-        """Read the answer of ``call``, now at the head of its worker's queue."""
-        worker = slot.worker
-        assert worker is not None and worker.calls[0] is call
+        """Read the answer of ``call``, the one its worker runs now."""
         answered = False
+        loading = loads_fn
         try:
-            if time_limit is None:
-                kind, body = await worker.receive()
-                answered = True
-            else:
-                # The time limit counts from the previous answer, when the worker started this call.
-                with anyio.move_on_after(time_limit):
+            if loads_fn:
+                # Unpickling fn imports its module, which a fresh worker may have to compile: that
+                # is bounded by start_timeout, not by the call's own time limit.
+                with anyio.move_on_after(self.start_timeout):
+                    kind, _ = await worker.receive()
+                    if kind != wire.LOADED:  # pragma: no cover - a worker of another version
+                        raise ExecutorError(f"worker process {worker.pid} sent frame kind {kind}, not LOADED")
+                    loading = False
+            if not loading:
+                # The time limit counts from when the worker started this call: the previous
+                # answer (or LOADED) came in.
+                with anyio.move_on_after(time_limit if time_limit is not None else float("inf")):
                     kind, body = await worker.receive()
                     answered = True
-        except _PIPE_ERRORS as exc:
-            worker.retire()
-            await self._wait_exit(worker)
-            if self._state != "open":
-                raise WorkerCrashed(
-                    f"worker process {worker.pid} was killed while running {_name(fn)} because the "
-                    f"executor was closed ({_exit_description(worker.process.returncode)})"
-                ) from exc
-            self.crashes += 1
-            raise WorkerCrashed(
-                f"worker process {worker.pid} died while running {_name(fn)} "
-                f"({_exit_description(worker.process.returncode)}); a signal such as SIGSEGV points "
-                f"at a C extension, SIGKILL often at the out-of-memory killer"
-            ) from exc
+        except PIPE_ERRORS:
+            self._perform(worker, worker.queue.died())
+            await worker.wait_exit()
+            if self._state == "open":
+                self.crashes += 1
+            raise _crash_error(worker, fn, closed=self._state != "open") from None
         finally:
-            if not answered:  # timed out, cancelled or crashed
-                worker.retire()
-                await self._reap(worker)
+            if not answered and call.state is CallState.RUNNING:  # timed out or cancelled
+                self._perform(worker, worker.queue.stopped())
+                await worker.reap()
         if not answered:
             self.timeouts += 1
-            raise BatchTimeout(
-                f"{_name(fn)} ran longer than timeout={time_limit} s in worker process {worker.pid}; the "
-                f"worker was killed (raise the timeout or make the batches smaller)"
-            )
-        worker.calls.popleft()
-        if worker.calls:
-            following = worker.calls[0]
-            if following.abandoned:
-                # The worker now runs a call whose caller is gone: stop it there.
-                worker.retire()
-                await self._reap(worker)
-            else:
-                assert following.turn is not None
-                following.turn.set()
-        return self._decode(fn, kind, body)
-
-    @staticmethod
-    def _decode(fn: Callable[..., Any], kind: int, body: bytes) -> Any:
-        if kind == wire.RESULT:
-            try:
-                return pickle.loads(body)
-            except Exception as exc:
-                raise ExecutorError(
-                    f"the result of {_name(fn)} was pickled in the worker but cannot be unpickled "
-                    f"here: {type(exc).__name__}: {exc}"
-                ) from exc
-        if kind == wire.RAISED:
-            try:
-                error, tb = pickle.loads(body)
-            except Exception as exc:
-                raise RemoteError(
-                    "<unknown>", f"{_name(fn)} raised an exception that cannot be unpickled here: {exc}"
-                ) from exc
-            raise error from RemoteTraceback(tb)
-        if kind == wire.REMOTE_ERROR:
-            type_name, message, tb = pickle.loads(body)
-            raise RemoteError(type_name, message) from RemoteTraceback(tb)
-        raise ExecutorError(f"unexpected frame kind {kind} from a worker")  # pragma: no cover
+            limit = self.start_timeout if loading else None
+            raise _timeout_error(worker, fn, time_limit, loading=limit) from None
+        answer, step = worker.queue.answered()
+        assert answer is call
+        self._perform(worker, step)
+        if step.kill:
+            # The worker now runs a call whose caller is gone: it was killed; wait for it.
+            await worker.reap()
+        return remote.unwrap(remote.decode(kind, body, fn), fn)
 
 
-_N = TypeVar("_N", bound="_NothingToStart")
-
-
-class _NothingToStart:
-    """Base of executors with nothing to start or stop: entering them (``async with``) is optional."""
-
-    async def __aenter__(self: _N) -> _N:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-
-class ThreadExecutor(_NothingToStart):
-    """Runs calls in threads of anyio's thread pool, at most ``workers`` (default 4) at once.
-
-    Use it for ``fn`` that releases the GIL (I/O, NumPy, compression) or cannot be pickled. No
-    pickling happens: ``fn`` and ``arg`` are shared with the caller. Exceptions of ``fn`` pass through
-    unchanged.
-
-    Limits: a thread cannot be killed. A call past ``timeout``, or whose caller is cancelled, is
-    abandoned: ``BatchTimeout`` (or the cancellation) is raised at once, but the thread runs on to
-    its end and its result is dropped; while it runs it no longer counts against ``workers``, so
-    abandoned calls can make more than ``workers`` threads busy. ``timeouts`` counts such calls.
-    Entering the executor (``async with``) is optional; leaving it does not wait for abandoned threads.
-    """
-
-    def __init__(self, workers: int = 4) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        self.capacity = workers
-        self.crashes = 0
-        self.timeouts = 0
-        self.restarts = 0
-        self._limiter = anyio.CapacityLimiter(workers)
-        self._threads = anyio.CapacityLimiter(math.inf)
-
-    def __repr__(self) -> str:
-        return f"<ThreadExecutor workers={self.capacity} timeouts={self.timeouts}>"
-
-
-    async def run(
-        self,
-        fn: Callable[[A], R],
-        arg: A,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
-    ) -> R:
-        """Run ``fn(arg)`` in a thread and return its result; see the class docstring."""
-        _check_timeout(timeout)
-        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            # Our own limiter, held only while the call is awaited: an abandoned thread frees its
-            # place at once on every backend (trio's thread limiter would keep it until the thread ends).
-            async with self._limiter:
-                return await anyio.to_thread.run_sync(fn, arg, limiter=self._threads, abandon_on_cancel=True)
-        assert scope.cancelled_caught
-        self.timeouts += 1
-        raise BatchTimeout(
-            f"{_name(fn)} ran longer than timeout={timeout} s in a thread; the thread cannot be killed "
-            f"and was abandoned (it runs on in the background; use ProcessExecutor to kill hung calls)"
+def _check_open(state: str) -> None:
+    if state != "open":
+        raise RuntimeError(
+            f"ProcessExecutor is {state}: use it inside 'async with ProcessExecutor(...) as executor:'"
         )
 
 
-class InlineExecutor(_NothingToStart):
-    """Runs each call directly in the event loop's thread, one at a time: for tests and debugging.
-
-    Breakpoints, profilers and coverage see ``fn`` as ordinary code, and exceptions pass through
-    unchanged. ``capacity`` is 1; concurrent calls wait their turn, first come first served.
-
-    Limits: while ``fn`` runs the event loop is blocked (no other task, timer or I/O progresses), and
-    ``timeout`` cannot be enforced: it is checked for validity and otherwise ignored. Cancellation
-    takes effect before ``fn`` starts, never during it.
-    """
-
-    def __init__(self) -> None:
-        self.capacity = 1
-        self.crashes = 0
-        self.timeouts = 0
-        self.restarts = 0
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return "<InlineExecutor>"
+def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> WorkerCrashed:
+    """The error of a call whose worker died, naming the worker, fn and how the process ended."""
+    how = exit_description(worker.process.returncode)
+    if closed:
+        return WorkerCrashed(
+            f"worker process {worker.pid} was killed while running {callable_name(fn)} because the "
+            f"executor was closed ({how})"
+        )
+    return WorkerCrashed(
+        f"worker process {worker.pid} died while running {callable_name(fn)} ({how}); a signal such "
+        f"as SIGSEGV points at a C extension, SIGKILL often at the out-of-memory killer"
+    )
 
 
-    async def run(
-        self,
-        fn: Callable[[A], R],
-        arg: A,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
-    ) -> R:
-        """Run ``fn(arg)`` now, in this thread, and return its result; ``timeout`` is not enforced."""
-        _check_timeout(timeout)
-        async with self._lock:
-            await anyio.lowlevel.checkpoint()
-            return fn(arg)
+def _timeout_error(
+    worker: Worker, fn: Callable[..., Any], time_limit: float | None, *, loading: float | None
+) -> BatchTimeout:
+    """The error of a call whose worker was killed for taking too long (``loading``: to load fn)."""
+    if loading is not None:
+        return BatchTimeout(
+            f"loading {callable_name(fn)} in worker process {worker.pid} (unpickling it, importing its "
+            f"module) took longer than start_timeout={loading} s; the worker was killed"
+        )
+    return BatchTimeout(
+        f"{callable_name(fn)} ran longer than timeout={time_limit} s in worker process "
+        f"{worker.pid}; the worker was killed (raise the timeout or make the batches smaller)"
+    )

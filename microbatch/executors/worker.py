@@ -1,20 +1,24 @@
 """The worker process of ``ProcessExecutor``: runs one call at a time for its parent.
 
-Started as ``python .../microbatch/_worker.py PARENT_PID [NICE]`` (running the file, not ``-m``, keeps the
-package's ``__init__`` and its imports out of the worker until something really needs them). It imports
-only the standard library; ``cloudpickle`` is imported by ``pickle`` itself when a function pickled by
-value arrives.
+Started as ``python .../microbatch/executors/worker.py PARENT_PID [NICE]`` (running the file, not ``-m``,
+keeps the package's ``__init__`` files and their imports out of the worker until something really needs
+them). It imports only the standard library and its sibling ``remote.py`` (the one encoding of a call's
+outcome, loaded by path under its package name); ``cloudpickle`` is imported by ``pickle`` itself when a
+function pickled by value arrives.
 
 Protocol: length-prefixed frames over the pipes the parent gave as stdin and stdout. A frame is a
 17-byte header ``<BQQ`` (kind, token, payload length) followed by the payload.
 
     parent -> worker   INIT   pickled ``sys.path`` of the parent           -> READY
-                       FN     token, a function pickled with cloudpickle    (no reply)
+                       FN     token, a function pickled with cloudpickle    -> LOADED
                        CALL   token of a function sent before, pickled arg  -> RESULT | RAISED | REMOTE_ERROR
-    worker -> parent   RESULT        the pickled return value
-                       RAISED        pickled ``(exception, formatted traceback)``
-                       REMOTE_ERROR  pickled ``(type name, message, formatted traceback)`` when the
-                                     exception itself cannot make the round trip through pickle
+    worker -> parent   LOADED        the function is unpickled (its module imported), or failed to be;
+                                     the parent starts the call's time limit only then
+                       RESULT | RAISED | REMOTE_ERROR
+                                     the outcome of a call, encoded by ``remote.encode``: the
+                                     pickled return value, ``(exception, formatted traceback)``, or
+                                     ``(type name, message, formatted traceback)`` when the exception
+                                     itself cannot make the round trip through pickle
 
 Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
 the same order, so the parent knows which functions a worker still holds without asking.
@@ -27,8 +31,10 @@ Safety measures taken at start-up:
   thread on every platform that checks ``os.getppid()`` every ``PARENT_POLL_INTERVAL`` seconds and
   calls ``os._exit`` when the parent is gone (this also works while user code loops forever, since
   the interpreter switches threads every few milliseconds);
-- SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the parent, not the
-  worker, decides what happens to a batch in flight.
+- SIGINT and SIGTERM are ignored, first thing: Ctrl-C in a terminal reaches the whole process
+  group, and so does systemd's stop (``KillMode=control-group``); the parent, not the worker, decides
+  what happens to a batch in flight, and kills its workers with SIGKILL when it stops. A worker
+  killed before it got that far is replaced by the parent (see ``spawn.start_worker``).
 
 The private environment variable ``MICROBATCH_WORKER_NO_PDEATHSIG=1`` skips ``prctl`` so that tests
 can check the watching thread on its own.
@@ -43,9 +49,31 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict
+from types import ModuleType
 from typing import Any, BinaryIO
+
+
+def _sibling(name: str) -> ModuleType:
+    """Load ``NAME.py`` next to this file as ``microbatch.executors.NAME``, without the package's
+    ``__init__`` files (which import anyio); a later ``import microbatch.executors.NAME`` reuses it."""
+    import importlib.util
+
+    full = f"microbatch.executors.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    spec = importlib.util.spec_from_file_location(full, os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+try:
+    from . import remote  # imported by the parent, as microbatch.executors.worker
+except ImportError:  # run as a script: there is no package around this file
+    remote = _sibling("remote")
 
 HEADER = struct.Struct("<BQQ")
 
@@ -55,9 +83,10 @@ FN = 2
 CALL = 3
 # worker -> parent
 READY = 10
-RESULT = 11
-RAISED = 12
-REMOTE_ERROR = 13
+LOADED = 14
+RESULT = remote.RESULT
+RAISED = remote.RAISED
+REMOTE_ERROR = remote.REMOTE_ERROR
 
 FN_CACHE_SIZE = 32
 PIPE_SIZE = 1 << 20
@@ -126,26 +155,6 @@ def _send(out: BinaryIO, kind: int, payload: bytes) -> None:
     out.flush()
 
 
-def _report_exception(out: BinaryIO, exc: BaseException) -> None:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if isinstance(exc, Exception):
-        try:
-            payload = pickle.dumps((exc, tb), protocol=5)
-            pickle.loads(payload)  # many exceptions pickle but cannot be rebuilt
-        except Exception:
-            pass
-        else:
-            _send(out, RAISED, payload)
-            return
-    # SystemExit, KeyboardInterrupt and exceptions that do not survive pickle are described instead.
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    try:
-        message = str(exc)
-    except Exception as str_exc:  # a broken __str__ must not take the worker down
-        message = f"<str() failed: {type(str_exc).__name__}>"
-    _send(out, REMOTE_ERROR, pickle.dumps((name, message, tb), protocol=5))
-
-
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Answer frames until the parent closes the pipe."""
     functions: OrderedDict[int, Any] = OrderedDict()
@@ -167,24 +176,31 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 functions[token] = (False, exc)
             if len(functions) > FN_CACHE_SIZE:
                 functions.popitem(last=False)
+            _send(out, LOADED, b"")
         elif kind == CALL:
             functions.move_to_end(token)
             loaded, fn = functions[token]
-            try:
-                if not loaded:
-                    raise fn
-                result = fn(pickle.loads(payload))
-                data = pickle.dumps(result, protocol=5)
-            except BaseException as exc:
-                _report_exception(out, exc)
+            if not loaded:  # the function could not be unpickled here: each call reports why
+                outcome = remote.failure(fn)
             else:
-                _send(out, RESULT, data)
+                try:
+                    arg = pickle.loads(payload)
+                except BaseException as exc:  # pragma: no cover - the parent pickled it
+                    outcome = remote.failure(exc)
+                else:
+                    outcome = remote.call(fn, arg)
+                    del arg
             del payload
+            kind, body = remote.encode(outcome)
+            del outcome
+            _send(out, kind, body)
         else:  # pragma: no cover - a parent of another version
             raise SystemExit(f"microbatch worker: unknown frame kind {kind}")
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Running this file put its folder first on sys.path; the parent's sys.path replaces it on INIT.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
@@ -193,7 +209,6 @@ def main() -> None:
     nice = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     if nice and hasattr(os, "nice"):
         os.nice(nice)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     read_fd, write_fd = _private_fds()
     with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:
         serve(inp, out)

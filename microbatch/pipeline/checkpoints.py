@@ -3,10 +3,16 @@
 The store is opened and locked (one writer at a time), the newest valid checkpoint is checked
 against the pipeline's fingerprint and handed back to the run; saves write the dead-letter file's
 durable length together with the state, so a resumed run cuts it back to what was folded.
+
+Keyed state (``ByKey``, ``TopK``) in a folder or SQLite store is not written whole each time: each
+save writes the shards' changes since the last one into shard files beside the store (``keyed/``
+in a folder, ``NAME.keyed/`` beside a SQLite file), compacted into new bases as they grow, and
+the checkpoint's state is the manifest naming them, so a checkpoint costs what changed.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -16,6 +22,9 @@ from typing import Any
 import anyio
 
 from .._core.checkpoint import Checkpoint, PositionKind
+from ..aggregate import Aggregator
+from ..aggregate.bykey import KeyedAggregator
+from ..keyed import MANIFEST_FORMAT, ShardFiles
 from ..sources.identity import file_identity
 from ..stores import CheckpointStore, is_sqlite_target, open_store
 from ..stores.resume import Restored, restore
@@ -35,6 +44,20 @@ def dead_letter_path(dead_letter: str | os.PathLike[str] | None, target: Target 
     if isinstance(target, (str, os.PathLike)) and not is_sqlite_target(target):
         return os.path.join(target, "dead-letters.jsonl")
     return "dead-letters.jsonl"
+
+
+#: Manifests whose shard files are kept: those of the checkpoints a store keeps to fall back on.
+_KEEP_MANIFESTS = 3
+
+
+class _KeyedChanges:
+    """A keyed state's changes since the last save, to be written as shard files."""
+
+    __slots__ = ("documents", "shards")
+
+    def __init__(self, documents: list[Any], shards: int) -> None:
+        self.documents = documents
+        self.shards = shards
 
 
 class Checkpoints:
@@ -60,9 +83,44 @@ class Checkpoints:
         self.path = path
         self.store: CheckpointStore | None = None
         self.saved = 0
+        self._files: ShardFiles | None = None
+        self._manifests: collections.deque[Any] = collections.deque(maxlen=_KEEP_MANIFESTS)
+
+    def _shard_files(self) -> ShardFiles | None:
+        """Where keyed state's shard files go: beside a folder or SQLite store; None for others."""
+        if self._files is None and isinstance(self.target, (str, os.PathLike)):
+            target = os.fspath(self.target)
+            folder = target + ".keyed" if is_sqlite_target(target) else os.path.join(target, "keyed")
+            self._files = ShardFiles(folder)
+        return self._files
+
+    def dump(self, agg: Aggregator[Any, Any, Any], state: Any) -> Any:
+        """What a checkpoint of ``state`` holds, taken without awaiting (folding may go on after)."""
+        if isinstance(agg, KeyedAggregator) and self._shard_files() is not None:
+            return _KeyedChanges(agg.dump_changes(state), agg.shards)
+        return agg.dump(state)
+
+    def loader(self, agg: Aggregator[Any, Any, Any]) -> Callable[[Any], Any]:
+        """How a resumed run turns a checkpoint's state back into the aggregator's state."""
+
+        def load(data: Any) -> Any:
+            files = self._shard_files()
+            if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and files is not None:
+                if not isinstance(agg, KeyedAggregator):
+                    raise ValueError(f"keyed shard files cannot be loaded by {agg.describe()}")
+                state = agg.load_documents(files.read(data))
+                files.adopt(data)
+                self._manifests.append(data)
+                return state
+            state = agg.load(data)
+            if isinstance(agg, KeyedAggregator):
+                agg.mark_all_changed(state)  # the first save writes every shard whole
+            return state
+
+        return load
 
     async def open(
-        self, *, fresh: bool, accept_changes: bool, load_state: Callable[[Any], Any]
+        self, *, fresh: bool, accept_changes: bool, agg: Aggregator[Any, Any, Any]
     ) -> Restored | None:
         """Open and lock the store; return what to resume from (None: start afresh).
 
@@ -80,6 +138,9 @@ class Checkpoints:
         # record the file's absolute length, so a resumed run cuts back only what it wrote itself.
         if fresh:
             await anyio.to_thread.run_sync(store.clear)
+            files = self._shard_files()
+            if files is not None and files.path.is_dir():
+                await anyio.to_thread.run_sync(files.collect, [])
             return None
         restored = await anyio.to_thread.run_sync(
             functools.partial(
@@ -87,7 +148,7 @@ class Checkpoints:
                 store,
                 fingerprint=self.fingerprint,
                 kind=self.kind,
-                load_state=load_state,
+                load_state=self.loader(agg),
                 path=self.path,
                 accept_changes=accept_changes,
             )
@@ -110,12 +171,18 @@ class Checkpoints:
         store = self.store
         if store is None:
             return
+        files = self._files
+
         def write() -> None:
+            data = state
+            if isinstance(state, _KeyedChanges):
+                assert files is not None
+                data = files.write(batches, state.documents, shards=state.shards)
             cp = Checkpoint(
                 batches=batches,
                 records=records,
                 position=position,
-                state=state,
+                state=data,
                 dead_letters=self.dead.length,
                 fingerprint=self.fingerprint,
                 finished=finished,
@@ -123,8 +190,14 @@ class Checkpoints:
             )
             self.dead.sync()
             store.save(cp)
+            if files is not None and isinstance(state, _KeyedChanges):
+                self._manifests.append(data)
+                files.collect(self._manifests)  # shard files no kept checkpoint names
 
-        await anyio.to_thread.run_sync(write)
+        # A save once begun is finished, also when the run is cancelled meanwhile: the changes it
+        # took from a keyed state are in no other save, and the final checkpoint follows it.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(write)
         self.saved += 1
         log.debug("checkpoint %d written to %s at batch %d", self.saved, store.location, batches)
 

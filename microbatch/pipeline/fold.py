@@ -258,7 +258,7 @@ class Folder(Generic[V]):
             batches=stats.batches,
             records=stats.records,
             position=stats.position,
-            state=self.agg.dump(self.state),
+            state=self.checkpoints.dump(self.agg, self.state),
             finished=finished,
         )
         if self.checkpoints.store is not None:

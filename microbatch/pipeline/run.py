@@ -130,7 +130,7 @@ class Run(Generic[R, V]):
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
             restored = await self.checkpoints.open(
-                fresh=self.fresh, accept_changes=self.accept_changes, load_state=self.agg.load
+                fresh=self.fresh, accept_changes=self.accept_changes, agg=self.agg
             )
         except BaseException:
             await stack.aclose()

@@ -198,7 +198,8 @@ class TcpLines(Generic[T]):
             # create_tcp_listener makes one listener per address family of ``host``.
             raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
             task_group.start_soon(clients.accept, raw, task_group)
-        logger.info("tcp_lines listening on %s:%d", self.host, self._port)
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as in a URL
+        logger.info("listening on tcp://%s:%d", host, self._port)
 
     async def _stop(
         self,

@@ -131,7 +131,7 @@ class DirectoryStore:
             fd = None
             os.replace(tmp, final)
             tmp = None
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError as exc:
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -186,7 +186,7 @@ class DirectoryStore:
         self.close()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     if os.name != "posix":  # pragma: no cover
         return
