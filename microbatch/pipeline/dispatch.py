@@ -3,10 +3,23 @@
 A dispatcher decides nothing about the run's state: it reports forward, to the folder, every event
 the run counts — a batch started, an attempt failed (and whether it will be retried), a batch done
 with its results and dead letters. Only the folder updates stats and state.
+
+A split of a file (:class:`~microbatch._core.splits.FileSplit`) is one call: the worker reads it and
+returns one outcome per batch, and the split's ``Done`` carries one ``Done`` per batch
+(``parts``). A batch whose ``fn`` raised in the worker counts that as its first attempt: this
+process reads that batch's bytes and goes on with its retries and bisection as for any batch. A
+split whose call fails as a whole (a crash, a hang, a result that does not pickle) is run again
+batch by batch: this process reads that split's lines and dispatches each batch as any other, so
+retries, bisection and dead letters are exactly those of a run without splits. Each of those
+batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so the folder can
+fold it without waiting for the rest of the split. A batch that stops the run there (``BatchFailed``)
+ends the split's ``Done`` as its ``failure``: the folder raises it once every batch before it is
+folded, numbered as the run counts batches.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,11 +30,15 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from .._core.bisect import BisectionPlan, Part
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
+from .._core.splits import FileSplit
+from .._core.splittask import BatchError, SplitTask, read_split, split_blocks
 from .._core.task import BatchTask
 from .._exceptions import (
     BatchFailed,
     BatchTimeout,
     ExecutorUnavailable,
+    RemoteError,
+    RemoteTraceback,
     SourceDecodeError,
     TooManyDeadLetters,
     WorkerCrashed,
@@ -30,7 +47,7 @@ from ..executors import Executor
 from .deadletter import DeadLetter, describe_error
 from .reader import Batch
 
-__all__ = ["Dispatcher", "Done", "End", "Event", "Failure", "Started"]
+__all__ = ["Dispatcher", "Done", "End", "Event", "Failure", "SplitFailed", "Started"]
 
 FailureKind = Literal["crash", "timeout", "error"]
 
@@ -61,18 +78,37 @@ class Failure:
     whole: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class SplitFailed:
+    """The call running file split ``seq`` failed: its batches are run one by one instead."""
+
+    seq: int
+    split: FileSplit
+    kind: FailureKind
+    error: BaseException
+
+
 @dataclass(slots=True)
 class Done:
-    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters."""
+    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters.
+
+    For a file split, ``parts`` holds one ``Done`` per batch of the split, in order (empty when the
+    split owns no line); the split's own ``results`` and ``dead`` stay empty. ``partial``: more of
+    the split's batches follow in later events (a split run batch by batch); ``failure``: the error
+    that stopped the run at the batch after ``parts``.
+    """
 
     batch: Batch
     results: list[Any] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     split: bool = False
+    parts: list[Done] | None = None
+    partial: bool = False
+    failure: BatchFailed | None = None
 
 
 #: What dispatchers send the folder; ``End`` comes from the reader, passed on by a dispatcher.
-Event = Started | Failure | Done | End
+Event = Started | Failure | SplitFailed | Done | End
 
 
 def _kind(exc: BaseException) -> FailureKind:
@@ -81,6 +117,21 @@ def _kind(exc: BaseException) -> FailureKind:
     if isinstance(exc, BatchTimeout):
         return "timeout"
     return "error"
+
+
+def read_owned_lines(split: FileSplit, where: str) -> list[LineBlock]:
+    """The batches of ``split`` as blocks of lines, read here (a split that failed in a worker)."""
+    with open(split.path, "rb") as f:
+        data, first = read_split(f, split, where)
+    return split_blocks(data, first, split.max_size)
+
+
+def read_block(path: str, start: int, end: int, count: int) -> LineBlock:
+    """The ``count`` lines in bytes ``[start, end)`` of the file at ``path`` (a batch of a split)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    return LineBlock(data, count, start, start + len(data))
 
 
 def cut(payload: LineBlock | list[Any], lo: int, hi: int) -> LineBlock | list[Any]:
@@ -116,6 +167,13 @@ class Dispatcher:
         # Shared by every dispatcher of a run: records dead since the last success anywhere.
         self._dead_in_a_row = 0
         self._first_dead: BaseException | None = None
+        # One task object for every split, so that worker processes receive it once.
+        self.split_task: SplitTask[Any] = SplitTask(
+            task.fn, encoding=task.encoding, errors=task.errors, where=task.where
+        )
+        # Bytes per batch in the splits run so far: a split's timeout is ``timeout`` per batch.
+        self._split_bytes = 0
+        self._split_batches = 0
 
     async def serve(self, batches: ObjectReceiveStream[Batch | End], events: ObjectSendStream[Event]) -> None:
         async with batches, events:
@@ -126,16 +184,71 @@ class Dispatcher:
                 await events.send(Started(batch.seq))
                 await events.send(await self.process(batch, events))
 
-    async def process(self, batch: Batch, events: ObjectSendStream[Event]) -> Done:
+    async def process(
+        self, batch: Batch, events: ObjectSendStream[Event], failed_with: Exception | None = None
+    ) -> Done:
+        """Run a batch (or a split); ``failed_with``: its first attempt already failed so."""
+        payload = batch.payload
+        if isinstance(payload, FileSplit):
+            return await self.process_split(batch, payload, events)
         try:
-            return Done(batch, [await self.attempt(batch.seq, batch.payload, events)])
+            return Done(batch, [await self.attempt(batch.seq, payload, events, failed_with=failed_with)])
         except Exception as exc:
             if self.raise_on_error or isinstance(exc, ExecutorUnavailable):
                 # An unavailable executor says nothing about the records: stop, dead-letter none.
                 raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
             if batch.count == 1:
-                return Done(batch, dead=[self.dead_letter(batch, Part(0, 1), batch.payload, exc)])
-            return await self.isolate(batch, events)
+                return Done(batch, dead=[self.dead_letter(batch, Part(0, 1), payload, exc)])
+            return await self.isolate(batch, payload, events)
+
+    async def process_split(self, batch: Batch, split: FileSplit, events: ObjectSendStream[Event]) -> Done:
+        """Run a split in one call; if that fails, run its batches one by one (see the module doc)."""
+        try:
+            outcomes = await self.executor.run(self.split_task, split, timeout=self.split_timeout(split))
+        except Exception as exc:
+            if isinstance(exc, ExecutorUnavailable):
+                raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
+            await events.send(SplitFailed(batch.seq, split, _kind(exc), exc))
+            return await self.split_by_batches(batch, split, events)
+        if outcomes:
+            self._split_bytes += outcomes[-1][2] - outcomes[0][1]
+            self._split_batches += len(outcomes)
+        seq, cut_at = batch.seq, batch.cut_at
+        parts: list[Done] = []
+        for count, start, end, result in outcomes:
+            if not isinstance(result, BatchError):
+                self._dead_in_a_row, self._first_dead = 0, None
+                parts.append(Done(Batch(seq, [], count, start, end, cut_at), [result]))
+                continue
+            # fn raised on this batch in the worker: that was its first attempt. The rest of its
+            # attempts and its bisection go as without splits, on its bytes read here.
+            error = result.error or RemoteError(result.type_name, result.message)
+            error.__cause__ = RemoteTraceback(result.traceback)
+            block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
+            try:
+                parts.append(await self.process(Batch(seq, block, count, start, end, cut_at), events, error))
+            except BatchFailed as exc:
+                return Done(batch, parts=parts, failure=exc)
+        return Done(batch, parts=parts)
+
+    def split_timeout(self, split: FileSplit) -> float | None:
+        """``timeout`` for each batch the split holds, estimated from the splits run so far."""
+        if self.timeout is None or not self._split_batches:
+            return self.timeout
+        per_batch = self._split_bytes / self._split_batches
+        return self.timeout * (math.ceil((split.end - split.start) / max(per_batch, 1.0)) + 1)
+
+    async def split_by_batches(self, batch: Batch, split: FileSplit, events: ObjectSendStream[Event]) -> Done:
+        """Read the split's lines here and run each of its batches as a batch of its own."""
+        blocks = await anyio.to_thread.run_sync(read_owned_lines, split, self.task.where)
+        for block in blocks:
+            sub = Batch(batch.seq, block, block.count, block.start, block.end, batch.cut_at)
+            try:
+                part = await self.process(sub, events)
+            except BatchFailed as exc:
+                return Done(batch, parts=[], failure=exc)
+            await events.send(Done(batch, parts=[part], partial=True))
+        return Done(batch, parts=[])
 
     async def attempt(
         self,
@@ -145,9 +258,20 @@ class Dispatcher:
         *,
         retry: bool = True,
         whole: bool = True,
+        failed_with: Exception | None = None,
     ) -> Any:
-        """Run one payload, retrying with backoff on any failure; raise the last failure."""
+        """Run one payload, retrying with backoff on any failure; raise the last failure.
+
+        ``failed_with``: the first attempt was made elsewhere (in a split) and failed with it.
+        """
         failed = 0
+        if failed_with is not None:
+            failed = 1
+            retrying = retry and self.retry.should_retry(failed)
+            await events.send(Failure(seq, _kind(failed_with), retrying, failed_with, whole))
+            if not retrying:
+                raise failed_with
+            await anyio.sleep(self.retry.delay(failed, random.random()))
         while True:
             try:
                 result = await self.executor.run(self.task, payload, timeout=self.timeout)
@@ -162,12 +286,15 @@ class Dispatcher:
                 self._dead_in_a_row, self._first_dead = 0, None
                 return result
 
-    async def isolate(self, batch: Batch, events: ObjectSendStream[Event]) -> Done:
-        """Bisect a failing batch: good parts' results count, single failing records are dead."""
+    async def isolate(
+        self, batch: Batch, whole: LineBlock | list[Any], events: ObjectSendStream[Event]
+    ) -> Done:
+        """Bisect a failing batch (``whole`` is its payload): good parts' results count, single
+        failing records are dead."""
         done = Done(batch, split=True)
         plan = BisectionPlan(batch.count)
         while (part := plan.next()) is not None:
-            payload = cut(batch.payload, part.lo, part.hi)
+            payload = cut(whole, part.lo, part.hi)
             try:
                 # A single record gets the full retries before it is declared dead.
                 result = await self.attempt(batch.seq, payload, events, retry=part.retry, whole=False)

@@ -17,7 +17,10 @@ from ..stores import CheckpointStore
 from .reader import describe_source
 from .run import Discard, Run
 
-__all__ = ["Pipeline"]
+__all__ = ["DEFAULT_SPLIT_SIZE", "Pipeline"]
+
+#: Bytes of a file per split (one executor call) when workers read the file themselves.
+DEFAULT_SPLIT_SIZE = 2 << 20
 
 R = TypeVar("R")
 V = TypeVar("V")
@@ -58,6 +61,13 @@ class Pipeline(Generic[R, V]):
       showing the first failure, instead of isolating and dead-lettering the whole input.
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
+    - ``split_size`` (2 MiB, None for none): a regular file read without ``follow`` with more
+      than ``split_size`` bytes to read is cut into byte ranges of about this size that workers
+      read themselves, each one executor call holding its batches of ``max_size`` lines (see
+      ``docs/pipeline.md``, "Splits"); the pipeline process does not read the file. ``timeout``
+      then bounds a whole split as that many batches (one batch for the first split). A batch
+      whose ``fn`` raises inside a split is retried and bisected on its own; a split whose
+      worker crashes or times out is run again batch by batch.
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
       covers the batch: results written elsewhere at least once, deduplicated by batch number. A
       batch split to isolate failing records calls it once per surviving part, in order.
@@ -83,6 +93,7 @@ class Pipeline(Generic[R, V]):
         checkpoint_every: float | None = 5.0,
         checkpoint_every_batches: int | None = None,
         sink: Sink | None = None,
+        split_size: int | None = DEFAULT_SPLIT_SIZE,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
@@ -104,6 +115,8 @@ class Pipeline(Generic[R, V]):
             check_seconds("checkpoint_every", checkpoint_every, allow_zero=True)
         if checkpoint_every_batches is not None:
             check_int("checkpoint_every_batches", checkpoint_every_batches, minimum=1)
+        if split_size is not None:
+            check_int("split_size", split_size, minimum=1)
         self.fn = fn
         self.aggregate = aggregate
         self.max_size = max_size
@@ -119,6 +132,7 @@ class Pipeline(Generic[R, V]):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_every_batches = checkpoint_every_batches
         self.sink = sink
+        self.split_size = split_size
 
     @property
     def retries(self) -> int:
@@ -146,6 +160,7 @@ class Pipeline(Generic[R, V]):
             "checkpoint_every": self.checkpoint_every,
             "checkpoint_every_batches": self.checkpoint_every_batches,
             "sink": self.sink,
+            "split_size": self.split_size,
         }
         unknown = set(changes) - set(settings) - {"fn"}
         if unknown:

@@ -5,7 +5,11 @@ This is the only place that looks at what a source can do, and it asks the proto
 
 1. **Line parts** (:class:`LineParts`: files, standard input): the raw bytes of each read are cut
    into batches of exactly ``max_size`` lines with :func:`cut_parts`, so the event loop never
-   touches single lines; workers split and decode them. A batch ends at a byte offset.
+   touches single lines; workers split and decode them. A batch ends at a byte offset. A line
+   source that is a regular file read without ``follow`` (:class:`SplittableLines`) holding more
+   than ``split_size`` bytes is not read here at all when the pipeline has a ``split_size``: it is
+   planned as byte-range splits (:func:`read_splits`) that workers read themselves; each split is
+   one item on the queue.
 2. **Chunks** (:class:`Source`): ``chunks()`` yields :class:`Chunk` objects. A batch ends at
    ``{"chunk": <position of the last chunk whose records are all in this or earlier batches, or
    None>, "skip": <records of the next chunk in this and earlier batches>}``; a batch may end in
@@ -20,12 +24,13 @@ end; :func:`resume_source` turns it back into what is left to read.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -35,16 +40,20 @@ from .._core.checkpoint import PositionKind
 from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
+from .._core.splits import FileSplit, plan_splits
 from ..sources.protocol import Chunk, LineParts, Part, Source
 
 __all__ = [
     "Batch",
     "Emitter",
+    "SplittableLines",
     "decoding",
     "describe_source",
     "read",
     "read_line_blocks",
     "read_records",
+    "read_splits",
+    "worth_splitting",
     "resume_source",
     "skip",
 ]
@@ -55,11 +64,13 @@ class Batch:
     """One batch on its way to a worker: its number, its records (or block of lines), positions.
 
     ``start`` is the position of its first record when positions are numbers (a byte offset, a
-    record count), else None; ``end`` is the source position just after its last record.
+    record count), else None; ``end`` is the source position just after its last record. A
+    :class:`FileSplit` payload stands for all the batches of one split: ``count`` is 0 (unknown
+    until a worker read it) and ``start``/``end`` are the split's planned range.
     """
 
     seq: int
-    payload: LineBlock | list[Any]
+    payload: LineBlock | list[Any] | FileSplit
     count: int
     start: int | None
     end: Any
@@ -74,7 +85,9 @@ class Emitter:
         self.window = window
         self.seq = seq
 
-    async def __call__(self, payload: LineBlock | list[Any], count: int, start: int | None, end: Any) -> None:
+    async def __call__(
+        self, payload: LineBlock | list[Any] | FileSplit, count: int, start: int | None, end: Any
+    ) -> None:
         await self.window.acquire()
         batch = Batch(self.seq, payload, count, start, end, anyio.current_time())
         self.seq += 1
@@ -85,6 +98,23 @@ class Emitter:
 
 
 # -- what a source can do ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SplittableLines(LineParts, Protocol):
+    """A line source that may be read as byte ranges by workers (a regular file, not followed).
+
+    ``splittable()`` says whether it can be now (it may look at the file: it is called off the
+    event loop); ``start`` is the byte offset reading begins at, ``max_line_length`` the longest
+    line accepted.
+    """
+
+    path: str
+    start: int
+    max_line_length: int
+
+    def splittable(self) -> bool: ...
+
 
 
 def describe_source(source: object) -> str:
@@ -157,16 +187,29 @@ def _chunk_position(position: Any) -> tuple[Any, int]:
 
 
 async def read(
-    source: Any, max_size: int, max_wait: float | None, emit: Emitter, *, position: Any = None
+    source: Any,
+    max_size: int,
+    max_wait: float | None,
+    emit: Emitter,
+    *,
+    position: Any = None,
+    split_size: int | None = None,
 ) -> None:
     """Batch ``source`` (as :func:`resume_source` returned it, after ``position``) into ``emit``.
 
     Every batch's ``end`` is the source position just after it: a byte offset for line parts, a
     chunk position for chunk sources (None when its chunks are plain lists), a record count for
-    other iterables.
+    other iterables. With ``split_size``, a splittable line source is emitted as splits instead.
     """
     if isinstance(source, LineParts):
-        await read_line_blocks(source, max_size, max_wait, emit)
+        if (
+            split_size is not None
+            and isinstance(source, SplittableLines)
+            and await anyio.to_thread.run_sync(worth_splitting, source, split_size)
+        ):
+            await read_splits(source, split_size, max_size, emit)
+        else:
+            await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
         chunk, count = (None, 0) if position is None else _chunk_position(position)
         await _read_chunks(source, max_size, max_wait, emit, chunk, count)
@@ -226,6 +269,53 @@ async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | N
                 await emit.block(block)
     if policy.flush() and pending is not None:
         await emit.block(pending)
+
+
+def worth_splitting(source: SplittableLines, split_size: int) -> bool:
+    """Whether to read ``source`` as splits: it can be, and more than one split's bytes are left.
+
+    What one split would hold runs on one worker as a single call; read here and sent batch by
+    batch, it spreads over every worker and the first results come sooner. Does a ``stat``.
+    """
+    if not source.splittable():
+        return False
+    try:
+        return os.path.getsize(source.path) - source.start > split_size
+    except OSError:
+        return False  # gone since: reading it reports the error
+
+
+async def read_splits(source: SplittableLines, split_size: int, max_size: int, emit: Emitter) -> None:
+    """Emit the file's byte-range splits (:func:`plan_splits`) from ``source.start`` to its size now.
+
+    Reads one byte of the file (to check that ``start`` begins a line) and no more: workers read
+    the splits. Lines appended after this point are not part of the run (a resumed run over the
+    grown file reads them). A ``start`` past the end of the file, or not at a line's beginning,
+    raises ``ValueError`` naming the file, as reading it would.
+    """
+    path, start = source.path, source.start
+    size = await anyio.to_thread.run_sync(_size_from, path, start)
+    for lo, hi in plan_splits(start, size, split_size):
+        await emit(FileSplit(path, lo, hi, max_size, source.max_line_length), 0, lo, hi)
+
+
+def _size_from(path: str, start: int) -> int:
+    """The file's size, after checking that ``start`` is within it and begins a line."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if start > size:
+            raise ValueError(
+                f"{path}: start={start} is past the end of the file ({size} bytes); "
+                f"was the file replaced since that offset was recorded?"
+            )
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                raise ValueError(
+                    f"{path}: start={start} is not the beginning of a line (byte {start - 1} "
+                    f"is not a newline); pass the end offset of a block or record read before"
+                )
+    return size
 
 
 async def read_records(

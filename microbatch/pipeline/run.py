@@ -199,9 +199,12 @@ class Run(Generic[R, V]):
         the source had already ended), so a rerun with the same checkpoint resumes after the last
         folded batch; records read but not yet cut into a batch are read again then. Batches in
         flight still obey ``timeout``; to abandon them, leave the ``async with`` block instead.
-        Calling it again does nothing.
+        Calling it again does nothing. The batches of file splits in flight are folded only up to
+        the batch being folded when it is called (a split holds many batches).
         """
         self._intake.cancel()
+        if self.folder is not None:
+            self.folder.stop()
 
     def __aiter__(self) -> Run[R, V]:
         return self
@@ -251,7 +254,9 @@ class Run(Generic[R, V]):
             emit = Emitter(send, window, seq)
             p = self.p
             with self._intake:
-                await read(self.source, p.max_size, p.max_wait, emit, position=position)
+                await read(
+                    self.source, p.max_size, p.max_wait, emit, position=position, split_size=p.split_size
+                )
                 # The source ended (not stopped): these many batches make the whole run.
                 await send.send(End(emit.seq))
 

@@ -16,7 +16,10 @@ class Stats:
 
     ``records`` and ``batches`` count what was folded (including what a resumed run inherited);
     ``queue_depth`` is the number of batches waiting for a worker, ``in_flight`` those running;
-    latencies are seconds from a batch being cut to its result being folded.
+    latencies are seconds from a batch being cut to its result being folded. ``splits`` counts
+    the file splits whose batches are folded (or being folded) in this run (each holds zero or
+    more batches), ``split_fallbacks`` those whose call failed in a worker and whose batches were
+    run one by one.
     """
 
     records: int = 0
@@ -36,6 +39,8 @@ class Stats:
     total_latency: float = 0.0
     run_records: int = 0
     run_batches: int = 0
+    splits: int = 0
+    split_fallbacks: int = 0
 
     @property
     def mean_latency(self) -> float:

@@ -116,6 +116,17 @@ class LineSource(Generic[T]):
             poll_interval=self.poll_interval,
         )
 
+    def splittable(self) -> bool:
+        """True when workers may read byte ranges of the file themselves (pipeline splits).
+
+        That is a regular file read without ``follow`` (not a FIFO, a device or a growing log);
+        ``False`` also when the path does not exist yet. Does a ``stat``: call it off the event loop.
+        """
+        try:
+            return not self.follow and os.path.isfile(self.path)
+        except OSError:  # pragma: no cover - isfile() already answers False for most errors
+            return False
+
     def __aiter__(self) -> AsyncGenerator[T, None]:
         return self._lines()
 
