@@ -145,7 +145,21 @@ class Run(Generic[R, V]):
                 self._finished_before = True
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
-            self.source = resume_source(self.source, position)
+            rotated = restored.file is not None and restored.file.kind == "rotated"
+            if rotated and getattr(self.source, "follow", False):
+                # Finish the rotated file from the offset, then the files written after it.
+                self.source = self.source.continue_rotated(restored.file.path, position)
+            elif rotated:
+                await stack.aclose()
+                raise restored.file.error()  # only a followed source continues in the new file
+            else:
+                self.source = resume_source(self.source, position)
+        identity = getattr(self.source, "identity", None)
+        if self.checkpoints.path is not None and getattr(self.source, "follow", False) and identity:
+            # A followed file may rotate while batches of the old one are still being folded: the
+            # source knows which file the n-th record it read came from (n: records folded here).
+            stats, base = self.stats, self.stats.records
+            vars(self.checkpoints)["identify"] = lambda offset: identity(offset, stats.records - base)
         executor = self._make_executor()
         if isinstance(executor, ProcessExecutor):
             check_picklable(p.fn)
