@@ -146,9 +146,10 @@ class Run(Generic[R, V]):
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
             rotated = restored.file is not None and restored.file.kind == "rotated"
-            if rotated and getattr(self.source, "follow", False):
+            continue_rotated = getattr(self.source, "continue_rotated", None)
+            if rotated and getattr(self.source, "follow", False) and continue_rotated is not None:
                 # Finish the rotated file from the offset, then the files written after it.
-                self.source = self.source.continue_rotated(restored.file.path, position)
+                self.source = continue_rotated(restored.file.path, position)
             elif rotated:
                 await stack.aclose()
                 raise restored.file.error()  # only a followed source continues in the new file
