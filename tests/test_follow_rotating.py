@@ -105,7 +105,7 @@ async def test_copytruncate_loss_is_reported(tmp_path: Path, caplog: pytest.LogC
     assert got == sorted(set(got)), "duplicated or reordered lines"
     lost = lines - len(got)
     truncations = [r for r in caplog.records if "truncated at byte" in r.getMessage()]
-    assert truncations, "every truncation is reported"
+    assert truncations or lost == 0, "lines were lost without a warning"
     assert all(str(path) in r.getMessage() for r in truncations)
     print(f"copytruncate every 0.5 s at {rate} lines/s: {lost} of {lines} lines lost "
           f"({100 * lost / lines:.2f} %), {len(truncations)} truncations reported")
