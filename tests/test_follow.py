@@ -6,9 +6,10 @@ only a safety net, never what decides an outcome.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,45 @@ async def test_follow_restarts_at_zero_after_truncation(tmp_path: Path) -> None:
         assert await _take(records, 2) == ["half", "x"]
         _append(path, b"y\n")
         assert await records.receive() == "y"
+
+
+async def test_copytruncate_warns_naming_the_file_and_the_bytes_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "app.log"
+    path.write_bytes(b"".join(b"line %d\n" % i for i in range(100)))
+    caplog.set_level(logging.WARNING, "microbatch.sources")
+    async with _follow(mb.read_lines(path, follow=True, poll_interval=POLL)) as records:
+        assert (await _take(records, 100))[-1] == "line 99"
+        # The copy holds 2 lines the reader never saw (written just before the copy), then the
+        # file is truncated: those 2 lines (14 bytes) are skipped, and the warning says so.
+        (tmp_path / "app.log.1").write_bytes(path.read_bytes() + b"late 1\nlate 2\n")
+        with open(path, "r+b") as f:
+            f.truncate(0)
+        _append(path, b"new\n")
+        assert await records.receive() == "new"
+    (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert f"{path}: truncated at byte 790 (copytruncate): 14 bytes written after that" in warning
+    assert str(tmp_path / "app.log.1") in warning
+
+
+async def test_rotations_faster_than_the_reader_are_read_file_by_file(tmp_path: Path) -> None:
+    """Two rotations while the reader was not looking: app.log.2 and app.log.1 are read in turn."""
+    path = tmp_path / "app.log"
+    path.write_bytes(b"a\n")
+    source = mb.read_lines(path, follow=True, poll_interval=POLL)
+    async with aclosing(source.chunks()) as chunks:
+        assert await chunks.__anext__() == ["a"]
+        # The reader waits for its next read: rotate twice meanwhile, like RotatingFileHandler.
+        _append(path, b"b\n")
+        os.rename(path, tmp_path / "app.log.1")
+        path.write_bytes(b"c\n")
+        os.rename(tmp_path / "app.log.1", tmp_path / "app.log.2")
+        os.rename(path, tmp_path / "app.log.1")
+        path.write_bytes(b"d\n")
+        with anyio.fail_after(SAFETY):
+            got = [await chunks.__anext__() for _ in range(3)]
+    assert got == [["b"], ["c"], ["d"]]
 
 
 async def test_follow_finishes_the_old_file_then_reads_the_new_one_after_rotation(

@@ -364,8 +364,13 @@ async def test_missing_file_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
         await _lines(mb.read_lines(path))
-    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
-        await _lines(mb.read_lines(path, follow=True))
+    # A followed file is waited for; past wait_for_file, the error names the path and the wait.
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt did not appear within wait_for_file=0\.05 s"):
+        await _lines(mb.read_lines(path, follow=True, wait_for_file=0.05, poll_interval=0.01))
+    with pytest.raises(ValueError, match="wait_for_file waits for a file to follow"):
+        mb.read_lines(path, wait_for_file=1)
+    with pytest.raises(ValueError, match="wait_for_file"):
+        mb.read_lines(path, follow=True, wait_for_file=-1)
 
 
 def test_invalid_arguments_name_the_parameter(tmp_path: Path) -> None:

@@ -354,3 +354,34 @@ async def test_with_the_defaults_100_idle_connections_do_not_starve_a_good_clien
                 assert await server.chunks().__anext__() == ["served"]
         for client in idle:
             await client.aclose()
+
+
+async def test_stop_intake_delivers_every_line_read_then_ends() -> None:
+    """A client sends N lines and waits (does not close); after stop_intake() every one of them
+    is delivered, its unfinished last line is not, and the iteration ends by itself."""
+    n = 2000
+    with anyio.fail_after(SAFETY):
+        async with mb.tcp_lines(0) as server:
+            lines = server.__aiter__()
+            async with await _connect(server) as client, await _connect(server) as idle:
+                await client.send(b"".join(f"{i}\n".encode() for i in range(n)) + b"unfinished")
+                assert await _take(lines, 1) == ["0"]  # the server reads this client
+                server.stop_intake()
+                server.stop_intake()  # again: nothing more happens
+                rest = [line async for line in lines]
+                assert rest == [str(i) for i in range(1, n)]
+                # Both connections were closed by the server, the waiting one too.
+                assert await _closed_by_peer(client) and await _closed_by_peer(idle)
+            assert server.active_connections == 0
+        server.stop_intake()  # not running: nothing happens
+
+
+async def test_stop_intake_accepts_no_new_client() -> None:
+    with anyio.fail_after(SAFETY):
+        async with mb.tcp_lines(0) as server:
+            port = server.port
+            server.stop_intake()
+            assert [line async for line in server] == []
+            async with await anyio.connect_tcp("127.0.0.1", port) as late:
+                await late.send(b"too late\n")
+                assert server.active_connections == 0

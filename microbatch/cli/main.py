@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     state.add_argument("--fresh", action="store_true", help="discard the checkpoint in DIR and start over")
     state.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="resume although the pipeline's code or settings changed since the checkpoint (for a "
+        "change known to be compatible; the changes are logged)",
+    )
+    state.add_argument(
         "--checkpoint-every",
         type=_seconds(allow_zero=True),
         default=_UNSET,

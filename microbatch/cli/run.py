@@ -47,6 +47,7 @@ async def _execute(
     *,
     checkpoint: str | None,
     fresh: bool,
+    accept_changes: bool = False,
     display: _progress.Display,
     total: int | None,
     prepare: Callable[[], Awaitable[None]] | None = None,
@@ -95,7 +96,9 @@ async def _execute(
                         await stack.enter_async_context(source)
                     if prepare is not None:  # waits for the input, stopped by a signal like the run
                         await prepare()
-                    async with pipeline.updates(source, checkpoint=checkpoint, fresh=fresh) as updates:
+                    async with pipeline.updates(
+                        source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
+                    ) as updates:
                         outcome.runs.append(updates)
                         start = updates.stats.position if isinstance(updates.stats.position, int) else 0
                         display.start(total, start)
@@ -145,6 +148,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError("--poll-interval sets how often a followed file is checked: it needs --follow")
     if args.fresh and args.checkpoint is None:
         raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
+    if args.accept_changes and args.checkpoint is None:
+        raise UsageError("--accept-changes resumes a changed pipeline: it needs --checkpoint DIR")
     if args.checkpoint is not None:
         cp = Path(args.checkpoint)
         from ..stores import is_sqlite_target
@@ -192,6 +197,7 @@ def _command_run(args: argparse.Namespace) -> int:
                 source,
                 checkpoint=args.checkpoint,
                 fresh=args.fresh,
+                accept_changes=args.accept_changes,
                 display=display if feed is None else Displays(display, feed),
                 total=_total_size(spec, args.follow),
                 prepare=_preparation(spec, args, fifo=fifo_fd is not None),

@@ -83,6 +83,8 @@ class Checkpoints:
         self.path = path
         self.store: CheckpointStore | None = None
         self.saved = 0
+        #: Which file an offset belongs to, for a source that can tell (a followed, rotating file).
+        self.identify: Callable[[int], Any] | None = None
         self._files: ShardFiles | None = None
         self._manifests: collections.deque[Any] = collections.deque(maxlen=_KEEP_MANIFESTS)
 
@@ -206,6 +208,9 @@ class Checkpoints:
         if self.path is None or not isinstance(position, int):
             return None
         try:
+            if self.identify is not None:
+                found = self.identify(position)
+                return None if found is None else found.to_json()
             return file_identity(self.path, position).to_json()
         except (OSError, ValueError) as exc:
             # A followed file rotated under the run: the path names a newer file now.

@@ -210,7 +210,7 @@ class Pipeline(Generic[R, V]):
         Leaving the block early (``break``, an error, cancellation) stops every stage, writes a final
         checkpoint of what was folded and stops every worker.
         """
-        run = Run(self, source, checkpoint, fresh)
+        run = Run(self, source, checkpoint, fresh, accept_changes=accept_changes)
         async with run:
             yield run
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -147,7 +147,14 @@ def position_kind(source: object) -> PositionKind:
     return "count"
 
 
-def resume_source(source: Any, position: Any) -> Any:
+def source_identity(source: object) -> Callable[[int, int], Any] | None:
+    """For a followed file: ``identity(offset, records)``, the identity of the file the
+    ``records``-th record read came from, up to ``offset`` (it may have been rotated since)."""
+    identity = getattr(source, "identity", None)
+    return identity if getattr(source, "follow", False) and callable(identity) else None
+
+
+def resume_source(source: Any, position: Any, file: Any = None) -> Any:
     """What to read after the checkpointed ``position`` (a batch's ``end``) of ``source``.
 
     - line parts: ``source.resume(position)`` (a byte offset);
@@ -158,8 +165,18 @@ def resume_source(source: Any, position: Any) -> Any:
     - other iterables: read again, skipping ``position`` records (right when the iterable yields
       the same records in the same order each time).
 
+    ``file`` is what became of a file source's input since the checkpoint (a
+    ``sources.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
+    files written after it are read (``continue_rotated``) when the source follows; otherwise it is
+    refused with the state's error.
+
     A position of the wrong kind for the source raises ``ValueError`` naming it.
     """
+    if file is not None and file.kind == "rotated":
+        continue_rotated = getattr(source, "continue_rotated", None)
+        if not (getattr(source, "follow", False) and callable(continue_rotated)):
+            raise file.error()  # only a followed source continues in the new file
+        return continue_rotated(file.path, position)
     if position is None:
         return source
     if isinstance(source, LineParts):

@@ -37,7 +37,7 @@ from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
-from .reader import Batch, Emitter, decoding, position_kind, read, resume_source
+from .reader import Batch, Emitter, decoding, position_kind, read, resume_source, source_identity
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class Run(Generic[R, V]):
         self._updates: ObjectReceiveStream[Update[V]] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._finished_before = False  # the checkpoint resumed from is of a finished run
+        self._stopped = False  # stop() asked the source to end (its end is then not the input's)
 
     @property
     def value(self) -> V:
@@ -120,7 +121,9 @@ class Run(Generic[R, V]):
     @property
     def finished(self) -> bool:
         """The source was read to its end and every one of its batches was folded."""
-        return self.folder.finished if self.folder is not None else self._finished_before
+        if self.folder is not None:
+            return self.folder.finished and not self._stopped
+        return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -145,7 +148,17 @@ class Run(Generic[R, V]):
                 self._finished_before = True
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
-            self.source = resume_source(self.source, position)
+            try:
+                self.source = resume_source(self.source, position, restored.file)
+            except BaseException:
+                await stack.aclose()
+                raise
+        identify = source_identity(self.source)
+        if self.checkpoints.path is not None and identify is not None:
+            # A followed file may rotate while batches of the old one are still being folded: the
+            # source knows which file the n-th record it read came from (n: records folded here).
+            stats, base = self.stats, self.stats.records
+            self.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
         executor = self._make_executor()
         if isinstance(executor, ProcessExecutor):
             check_picklable(p.fn)
@@ -200,8 +213,15 @@ class Run(Generic[R, V]):
         folded batch; records read but not yet cut into a batch are read again then. Batches in
         flight still obey ``timeout``; to abandon them, leave the ``async with`` block instead.
         Calling it again does nothing. The batches of file splits in flight are folded only up to
-        the batch being folded when it is called (a split holds many batches).
+        the batch being folded when it is called (a split holds many batches). A TCP server stops
+        accepting and reading, and the complete lines it had received are batched and folded.
         """
+        stop_intake = getattr(self.source, "stop_intake", None)
+        if callable(stop_intake):
+            # A server delivers the complete lines it has received, then its iteration ends.
+            self._stopped = True
+            stop_intake()
+            return
         self._intake.cancel()
         if self.folder is not None:
             self.folder.stop()
@@ -234,7 +254,7 @@ class Run(Generic[R, V]):
             log.info("the last folded batch was not delivered: no final checkpoint covers it")
         else:
             with anyio.CancelScope(shield=True):
-                await folder.save(finished=folder.finished)
+                await folder.save(finished=self.finished)
         stats = self.stats
         log.info(
             "run %s: %d batches, %d records folded, %d dead letters%s",

@@ -16,6 +16,7 @@ ASCII-compatible (UTF-8, Latin-1, cp1252, ...).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -26,6 +27,8 @@ import anyio
 
 from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
+from .follow import FileTrail, follow_parts
+from .identity import FileIdentity, file_identity
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, chunks_of
 from .protocol import Part
 
@@ -64,6 +67,8 @@ class LineSource(Generic[T]):
         block_size: int,
         max_line_length: int,
         poll_interval: float,
+        wait_for_file: float | None = None,
+        rotated: str | None = None,
     ) -> None:
         check_encoding(encoding, errors)
         if isinstance(start, bool) or not isinstance(start, int):
@@ -73,6 +78,10 @@ class LineSource(Generic[T]):
         check_int("block_size", block_size, minimum=1)
         check_int("max_line_length", max_line_length, minimum=1)
         check_seconds("poll_interval", poll_interval)
+        if wait_for_file is not None:
+            check_seconds("wait_for_file", wait_for_file)
+            if not follow:
+                raise ValueError("wait_for_file waits for a file to follow: it needs follow=True")
         self.path: str = os.fspath(path)
         #: Names the source in messages (its path).
         self.where: str = self.path
@@ -83,11 +92,18 @@ class LineSource(Generic[T]):
         self.block_size = block_size
         self.max_line_length = max_line_length
         self.poll_interval = poll_interval
+        self.wait_for_file = wait_for_file
+        #: The rotated file to finish from ``start`` before the file at ``path`` (see
+        #: :meth:`continue_rotated`); None: read ``path`` from ``start``.
+        self.rotated = rotated
+        #: The files the latest reading of a followed source went through (for checkpoints).
+        self.trail: FileTrail | None = None
 
     def __repr__(self) -> str:
         return (
             f"read_lines({self.path!r}, encoding={self.encoding!r}, errors={self.errors!r}, "
             f"follow={self.follow}, start={self.start})"
+            + ("" if self.rotated is None else f".continue_rotated({self.rotated!r}, {self.start})")
         )
 
     def describe(self) -> str:
@@ -105,15 +121,36 @@ class LineSource(Generic[T]):
 
         The offset must be the start of a line: reading raises ``ValueError`` otherwise.
         """
+        return self._copy(offset, None)
+
+    def continue_rotated(self, rotated: str | os.PathLike[str], offset: int) -> LineSource[T]:
+        """A followed source that finishes the rotated file ``rotated`` from byte ``offset`` (the end of
+        a block read before it was rotated), then reads the file at ``path`` (and any file rotated
+        in between) from its start, and follows it.
+
+        For a run resumed after its file was rotated (``FileState`` kind ``"rotated"``). Without
+        ``follow`` a rotation is not followed: ``ValueError``. Offsets after the switch are offsets
+        in the new file.
+        """
+        if not self.follow:
+            raise ValueError(
+                f"{self.path} was rotated to {os.fspath(rotated)}: only a followed source "
+                f"(follow=True) continues in the new file"
+            )
+        return self._copy(check_int("offset", offset, minimum=0), os.fspath(rotated))
+
+    def _copy(self, start: int, rotated: str | None) -> LineSource[T]:
         return LineSource(
             self.path,
             encoding=self.encoding,
             errors=self.errors,
             follow=self.follow,
-            start=offset,
+            start=start,
             block_size=self.block_size,
             max_line_length=self.max_line_length,
             poll_interval=self.poll_interval,
+            wait_for_file=self.wait_for_file,
+            rotated=rotated,
         )
 
     def splittable(self) -> bool:
@@ -126,6 +163,18 @@ class LineSource(Generic[T]):
             return not self.follow and os.path.isfile(self.path)
         except OSError:  # pragma: no cover - isfile() already answers False for most errors
             return False
+
+    def identity(self, offset: int, records: int) -> FileIdentity | None:
+        """The identity of the file that the ``records``-th record of the latest reading ended in,
+        read up to ``offset``: for a checkpoint of a followed file, which may have been rotated
+        while the batches before the rotation were still being folded. ``records`` counts from the
+        start of that reading. Before any reading (or without ``follow``): the file at ``path``.
+        Blocks; call it in a worker thread.
+        """
+        trail = self.trail
+        if trail is None:
+            return file_identity(self.path, offset)
+        return trail.identity(offset, records)
 
     def __aiter__(self) -> AsyncGenerator[T, None]:
         return self._lines()
@@ -158,14 +207,15 @@ class LineSource(Generic[T]):
 
     def _open(self) -> tuple[IO[bytes], int]:
         """Open the file at ``start`` (in a worker thread); returns the file and its start offset."""
-        f = open(self.path, "rb", buffering=0)  # closed by _raw
+        f = open(self.rotated or self.path, "rb", buffering=0)  # closed by _raw or the trail
+        name = self.rotated or self.path
         try:
             start = self.start
             size = os.fstat(f.fileno()).st_size
             if start > size:
-                if not self.follow:
+                if not self.follow or self.rotated is not None:
                     raise ValueError(
-                        f"{self.path}: start={start} is past the end of the file ({size} bytes); "
+                        f"{name}: start={start} is past the end of the file ({size} bytes); "
                         f"was the file replaced since that offset was recorded?"
                     )
                 start = 0  # truncated since the offset was recorded: read it all, like tail -F
@@ -173,7 +223,7 @@ class LineSource(Generic[T]):
                 f.seek(start - 1)
                 if f.read(1) != b"\n":
                     raise ValueError(
-                        f"{self.path}: start={start} is not the beginning of a line (byte {start - 1} "
+                        f"{name}: start={start} is not the beginning of a line (byte {start - 1} "
                         f"is not a newline); pass the end offset of a block or record read before"
                     )
             return f, start
@@ -181,90 +231,65 @@ class LineSource(Generic[T]):
             f.close()
             raise
 
-    def _poll(self, f: IO[bytes]) -> str:
-        """After EOF: ``"data"``, ``"truncated"``, ``"rotated"`` or ``"idle"`` (in a worker thread)."""
-        position = f.tell()
-        current = os.fstat(f.fileno())
-        if current.st_size < position:
-            return "truncated"
-        if current.st_size > position:
-            return "data"  # appended between our read and this check
-        try:
-            at_path = os.stat(self.path)
-        except FileNotFoundError:
-            return "idle"  # moved away and not yet replaced: keep reading the old file
-        if (at_path.st_ino, at_path.st_dev) != (current.st_ino, current.st_dev):
-            return "rotated"
-        return "idle"
+    async def _wait_and_open(self) -> tuple[IO[bytes], int]:
+        """Open the file; a followed file that does not exist yet is waited for (``wait_for_file``)."""
+        if not self.follow or self.rotated is not None:
+            return await anyio.to_thread.run_sync(self._open)
+        waited = anyio.current_time()
+        logged = False
+        while True:
+            try:
+                return await anyio.to_thread.run_sync(self._open)
+            except FileNotFoundError:  # noqa: PERF203 - once per poll of a missing file
+                if not logged:
+                    logger.info("waiting for %s to exist", self.path)
+                    logged = True
+                limit = self.wait_for_file
+                if limit is not None and anyio.current_time() - waited >= limit:
+                    raise FileNotFoundError(
+                        errno.ENOENT,
+                        f"{self.path} did not appear within wait_for_file={limit:g} s "
+                        f"(no such file or directory)",
+                        self.path,
+                    ) from None
+                await anyio.sleep(self.poll_interval)
 
-    def _open_new(self) -> IO[bytes] | None:
-        """Open the new file at ``path`` after a rotation, or ``None`` if the path is gone again."""
-        try:
-            return open(self.path, "rb", buffering=0)  # closed by _raw
-        except FileNotFoundError:
-            return None
-
-    async def _raw(self) -> AsyncGenerator[Part, None]:
-        """The reading and following behind every view: ``(head, data, end, start)`` tuples.
+    def _raw(self) -> AsyncGenerator[Part, None]:
+        """The reading behind every view: ``(head, data, end, start)`` tuples.
 
         The lines of each are ``head + data[:end]`` (``head``: the partial line carried from the
         block before, often empty; ``data``: the block as read), starting at byte ``start``. The
         parts are not joined here: decoding splits ``data`` where it lies.
         """
+        return self._follow() if self.follow else self._read()
+
+    async def _follow(self) -> AsyncGenerator[Part, None]:
+        f, start = await self._wait_and_open()
+        async with aclosing(follow_parts(self, f, start)) as parts:  # the trail closes f
+            async for part in parts:
+                yield part
+
+    async def _read(self) -> AsyncGenerator[Part, None]:
         f, start = await anyio.to_thread.run_sync(self._open)
-        new: IO[bytes] | None = None
-        reader = LineReader(
-            self.path,
-            start=start,
-            max_line_length=self.max_line_length,
-            encoding=self.encoding,
-            errors=self.errors,
-        )
-        read, block_size = f.read, self.block_size
         try:
-            while True:
-                data = await anyio.to_thread.run_sync(read, block_size)
-                if data:
-                    part = reader.feed(data)
-                    if part is not None:
-                        yield part
-                    reader.raise_pending()
-                    continue
-                if self.follow:
-                    if new is not None:
-                        # The old file, read to its end after the rotation: go on with the new one.
-                        f.close()
-                        f, new = new, None
-                        read = f.read
-                    else:
-                        state = await anyio.to_thread.run_sync(self._poll, f)
-                        if state == "data":
-                            continue
-                        if state == "idle":
-                            await anyio.sleep(self.poll_interval)
-                            continue
-                        if state == "rotated":
-                            new = await anyio.to_thread.run_sync(self._open_new)
-                            if new is None:
-                                await anyio.sleep(self.poll_interval)
-                            # Read what reached the old file before the switch, then switch.
-                            continue
-                # The file this partial line belongs to has ended: it will not be completed.
-                part = reader.finish()
+            reader = LineReader(
+                self.path,
+                start=start,
+                max_line_length=self.max_line_length,
+                encoding=self.encoding,
+                errors=self.errors,
+            )
+            read, block_size = f.read, self.block_size
+            while data := await anyio.to_thread.run_sync(read, block_size):
+                part = reader.feed(data)
                 if part is not None:
                     yield part
-                if not self.follow:
-                    return
-                if f.tell() > 0:
-                    logger.info("%s: truncated, reading again from byte 0", self.path)
-                    await anyio.to_thread.run_sync(f.seek, 0)
-                else:
-                    logger.info("%s: rotated (a new file at the path), reading it from byte 0", self.path)
-                reader.reset(0)
+                reader.raise_pending()
+            part = reader.finish()
+            if part is not None:
+                yield part
         finally:
             f.close()
-            if new is not None:
-                new.close()
 
 
 @overload
@@ -278,6 +303,7 @@ def read_lines(
     block_size: int = ...,
     max_line_length: int = ...,
     poll_interval: float = ...,
+    wait_for_file: float | None = ...,
 ) -> LineSource[str]: ...
 
 
@@ -292,6 +318,7 @@ def read_lines(
     block_size: int = ...,
     max_line_length: int = ...,
     poll_interval: float = ...,
+    wait_for_file: float | None = ...,
 ) -> LineSource[bytes]: ...
 
 
@@ -305,6 +332,7 @@ def read_lines(
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
+    wait_for_file: float | None = None,
 ) -> LineSource[Any]:
     """The lines of the file at ``path``, without their ``\\n``/``\\r\\n``, as an async iterable.
 
@@ -321,19 +349,27 @@ def read_lines(
       :class:`LineTooLong` naming the path and the offset where the line starts, after the records
       before it.
     - ``follow`` (default False): tail the file like ``tail -F``; see below.
-    - ``poll_interval`` (default 0.2 s): how often a followed file is checked when idle.
+    - ``poll_interval`` (default 0.2 s): the longest a followed file waits between two checks
+      when idle (changes wake it at once where the OS notifies them); also how often a missing
+      file is looked for.
+    - ``wait_for_file`` (default None, with ``follow=True`` only): a followed file that does not
+      exist yet is waited for, at most this many seconds (None: as long as the reading lasts);
+      then ``FileNotFoundError`` naming the path and the wait.
 
-    A last line without a newline is a record. A missing file raises ``FileNotFoundError`` with
-    the path when the iteration starts (also with ``follow=True``).
+    A last line without a newline is a record. Without ``follow`` a missing file raises
+    ``FileNotFoundError`` with the path when the iteration starts.
 
-    With ``follow=True`` the iteration never ends by itself. New lines are delivered as they are
-    appended; a partial last line is held back until its newline arrives. The file is checked every
-    ``poll_interval`` when there is nothing new: if it shrank (truncation), reading restarts at
-    byte 0; if the path names another file (rotation), the old file is read to its end, then the new
-    one from byte 0. In both cases a held-back partial line is delivered as a record, since the file
-    it belongs to has ended. While the path is missing (moved away, not yet re-created), the old file
-    keeps being read. A truncation followed by a rewrite past the read position within one poll
-    interval cannot be seen (as with ``tail -F``).
+    With ``follow=True`` the iteration never ends by itself (see :mod:`microbatch.sources.follow`).
+    New lines are delivered as they are appended; a partial last line is held back until its
+    newline arrives. At the end of the data the reader waits for a change of the folder (inotify,
+    kqueue through ``watchfiles``; polling every ``poll_interval`` where unavailable). If the file
+    shrank below the read position (truncation, ``copytruncate``), a WARNING names the file and the
+    bytes skipped, and reading restarts at byte 0. If the path names another file (rotation), the
+    old file, kept open, is read to its end, then the file written after it: with rotations faster
+    than the reader, the rotated files in between (``app.log.2``, ``app.log.1``) are read in turn,
+    not skipped. In both cases a held-back partial line is delivered as a record, since the file
+    it belongs to has ended. A truncation followed by a rewrite past the read position before the
+    reader looks cannot be seen (as with ``tail -F``).
     """
     return LineSource(
         path,
@@ -344,4 +380,5 @@ def read_lines(
         block_size=block_size,
         max_line_length=max_line_length,
         poll_interval=poll_interval,
+        wait_for_file=wait_for_file,
     )

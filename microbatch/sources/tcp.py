@@ -106,6 +106,7 @@ class TcpLines(Generic[T]):
         self._task_group: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[list[T]] | None = None
         self._receive: MemoryObjectReceiveStream[list[T]] | None = None
+        self._clients: Clients[T] | None = None
 
     def __repr__(self) -> str:
         state = f"listening on port {self._port}" if self._port is not None else "not started"
@@ -194,12 +195,36 @@ class TcpLines(Generic[T]):
             read_size=self.read_size,
             name=f"tcp_lines on {self.host}:{self._port}",
         )
+        self._clients = clients
         for listener in multi.listeners:
             # create_tcp_listener makes one listener per address family of ``host``.
             raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
             task_group.start_soon(clients.accept, raw, task_group)
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as in a URL
         logger.info("listening on tcp://%s:%d", host, self._port)
+
+    def stop_intake(self) -> None:
+        """Stop taking lines, gracefully: for a pipeline stopped by ``Run.stop()`` or SIGTERM.
+
+        The server accepts no more clients and waits for no more data; each connection delivers the
+        complete lines it has received or can read at once (a partial last line is dropped: its
+        client did not finish it) and closes; then the iteration ends once the consumer has taken
+        every buffered chunk. So every line the server had read before the stop is delivered;
+        only lines still in flight in the network are not. Calling it again, or on a server that
+        is not running, does nothing.
+        """
+        clients, task_group, send = self._clients, self._task_group, self._send
+        if clients is None or task_group is None or send is None or clients.stopped:
+            return
+        clients.stop()
+        logger.info("tcp_lines on %s:%s: stopped taking lines; delivering what was read", self.host,
+                    self._port)
+
+        async def close_when_drained() -> None:
+            await clients.wait_stopped()
+            await send.aclose()  # consumers take what is buffered, then their iteration ends
+
+        task_group.start_soon(close_when_drained)
 
     async def _stop(
         self,
@@ -211,6 +236,7 @@ class TcpLines(Generic[T]):
         assert task_group is not None and listener is not None and send is not None
         self._task_group = self._listener = None
         self._port = None
+        self._clients = None
         try:
             task_group.cancel_scope.cancel()
             return await task_group.__aexit__(exc_type, exc, tb)

@@ -28,6 +28,9 @@ __all__ = ["Clients"]
 
 logger = logging.getLogger("microbatch.sources")
 
+#: Reads of one connection after a stop, at most, for the lines it had sent already.
+DRAIN_READS = 16
+
 T = TypeVar("T", str, bytes)
 
 
@@ -76,9 +79,34 @@ class Clients(Generic[T]):
         self.errors = errors
         self.read_size = read_size
         self.name = name
+        #: Set by :meth:`stop`: no more accepts and no more waiting for data.
+        self.stopped = False
+        self._scopes: set[anyio.CancelScope] = set()  # accept loops and waits for data
+        self._serving = 0
+        self._idle = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop intake: accept no client and wait for no data; each connection delivers the complete
+        lines it holds or can read without waiting, then closes. :meth:`wait_stopped` waits for it."""
+        self.stopped = True
+        for scope in list(self._scopes):
+            scope.cancel()
+        if not self._serving:
+            self._idle.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until, after :meth:`stop`, every connection has delivered its lines and closed."""
+        await self._idle.wait()
 
     async def accept(self, listener: socket.socket, task_group: anyio.abc.TaskGroup) -> None:
         """Accept clients while a slot is free or one can be evicted; others wait in the backlog."""
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
+            if self.stopped:
+                return
+            await self._accept(listener, task_group)
+
+    async def _accept(self, listener: socket.socket, task_group: anyio.abc.TaskGroup) -> None:
         while True:
             await anyio.wait_readable(listener)  # a client waits to be accepted
             await self._take_slot()
@@ -115,6 +143,7 @@ class Clients(Generic[T]):
     async def serve(self, sock: socket.socket) -> None:
         """Read one client until it closes, faults or is closed by a limit; release its slot."""
         table = self.table
+        self._serving += 1
         conn = Connection(_peer_name(sock), anyio.current_time())
         reader = LineReader(
             conn.peer, max_line_length=self.max_line_length, encoding=self.encoding, errors=self.errors
@@ -132,6 +161,9 @@ class Clients(Generic[T]):
             table.remove(conn)
             self.slots.release()
             sock.close()
+            self._serving -= 1
+            if self.stopped and not self._serving:
+                self._idle.set()
 
     async def _read(self, sock: socket.socket, conn: Connection, reader: LineReader) -> None:
         table, size = self.table, self.read_size
@@ -141,7 +173,17 @@ class Clients(Generic[T]):
             received.append(await _recv(sock, size))
 
         while True:
-            if not await wait_until(table.idle_deadline(conn), receive):
+            arrived = False
+            with anyio.CancelScope() as waiting:
+                self._scopes.add(waiting)
+                if self.stopped:
+                    waiting.cancel()
+                arrived = await wait_until(table.idle_deadline(conn), receive)
+            self._scopes.discard(waiting)
+            if waiting.cancel_called and not received:
+                await self._drain(sock, reader)
+                return
+            if not arrived and not received:
                 logger.warning(
                     "%s: no complete line for idle_timeout=%s s; connection closed",
                     conn.peer,
@@ -162,6 +204,24 @@ class Clients(Generic[T]):
                 return
             if not data:
                 return
+            reader.raise_pending()
+
+    async def _drain(self, sock: socket.socket, reader: LineReader) -> None:
+        """After :meth:`stop`: deliver the lines the socket holds now, without waiting for more.
+
+        A partial last line is not a record (its client has not finished it) and is dropped. At
+        most ``DRAIN_READS`` reads: a client sending without pause cannot hold the stop.
+        """
+        for _ in range(DRAIN_READS):
+            try:
+                data = sock.recv(self.read_size)
+            except (BlockingIOError, ConnectionError):
+                data = b""
+            if not data:
+                return
+            part = reader.feed(data)
+            if part is not None:
+                await self._deliver(reader, part)
             reader.raise_pending()
 
     async def _deliver(self, reader: LineReader, part: Part) -> None:
