@@ -7,6 +7,9 @@ first). The ratio of each round is taken within the round, and the median over r
 so a machine whose speed drifts between minutes still compares like with like.
 
     python benchmarks/bench_versions.py OLD_CHECKOUT NEW_CHECKOUT [--n 5000000] [--rounds 5]
+
+The new checkout runs twice: as it is, and with file splits off (``split_size=None``), to tell
+the cost of the trunk from the gain of splits.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import anyio, microbatch as mb
 def parse_sum(lines):
     return sum(map(int, lines))
 if __name__ == "__main__":
-    p = mb.Pipeline(parse_sum, aggregate=mb.Sum(), max_size=10_000, workers=2, max_wait=None)
+    extra = {"split_size": None} if len(sys.argv) > 2 and sys.argv[2] == "no-splits" else {}
+    p = mb.Pipeline(parse_sum, aggregate=mb.Sum(), max_size=10_000, workers=2, max_wait=None, **extra)
     total = anyio.run(p.run, mb.read_lines(sys.argv[1]))
     print(total, time.perf_counter() - start)
 """
@@ -44,12 +48,12 @@ print(total, time.perf_counter() - start)
 """
 
 
-def timed(code: str, data: str, checkout: str | None) -> tuple[int, float]:
+def timed(code: str, data: str, checkout: str | None, *args: str) -> tuple[int, float]:
     env = dict(os.environ)
     if checkout is not None:
         env["PYTHONPATH"] = checkout
     start = time.perf_counter()
-    argv = [sys.executable, "-c", code, data]
+    argv = [sys.executable, "-c", code, data, *args]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     return int(out.stdout.split()[0]), wall
@@ -69,20 +73,29 @@ def main() -> None:
         Path(data).write_text("".join(f"{i}\n" for i in range(args.n)))
         expected = args.n * (args.n - 1) // 2
         timed(JOB, data, args.new)  # warm-up, not counted
-        old_r, new_r, change = [], [], []
+        variants = {
+            "old": (args.old, ()),
+            "new": (args.new, ()),
+            "new, no splits": (args.new, ("no-splits",)),
+        }
+        vs_loop: dict[str, list[float]] = {name: [] for name in variants}
+        vs_old: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             loop = timed(LOOP, data, None)[1]
-            old_total, old = timed(JOB, data, args.old)
-            new_total, new = timed(JOB, data, args.new)
-            assert old_total == new_total == expected
-            old_r.append(loop / old)
-            new_r.append(loop / new)
-            change.append(old / new)
+            walls = {}
+            for name, (checkout, extra) in variants.items():
+                total, walls[name] = timed(JOB, data, checkout, *extra)
+                assert total == expected, (name, total)
+            for name, wall in walls.items():
+                vs_loop[name].append(loop / wall)
+                vs_old[name].append(walls["old"] / wall)
         print(f"sum of {args.n:,} integers, 2 workers, {args.rounds} interleaved rounds (medians)")
-        print(f"  old vs one-process loop: {statistics.median(old_r):.2f}x")
-        print(f"  new vs one-process loop: {statistics.median(new_r):.2f}x")
-        rounds = ", ".join(f"{c:.2f}" for c in change)
-        print(f"  new vs old: {statistics.median(change):.3f}x (per-round: {rounds})")
+        for name in variants:
+            rounds = ", ".join(f"{c:.2f}" for c in vs_old[name])
+            print(
+                f"  {name:<15} vs loop {statistics.median(vs_loop[name]):.2f}x, "
+                f"vs old {statistics.median(vs_old[name]):.3f}x (per round: {rounds})"
+            )
 
 
 if __name__ == "__main__":
