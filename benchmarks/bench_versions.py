@@ -80,10 +80,13 @@ def main() -> None:
         }
         vs_loop: dict[str, list[float]] = {name: [] for name in variants}
         vs_old: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
+        names = list(variants)
+        for round_ in range(args.rounds):
             loop = timed(LOOP, data, None)[1]
             walls = {}
-            for name, (checkout, extra) in variants.items():
+            # Each round starts with another variant: none always follows the same one.
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                checkout, extra = variants[name]
                 total, walls[name] = timed(JOB, data, checkout, *extra)
                 assert total == expected, (name, total)
             for name, wall in walls.items():
