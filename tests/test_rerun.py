@@ -1,0 +1,73 @@
+"""Reruns through the API: an appended input adds just its new lines; changes are refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import microbatch as mb
+
+pytestmark = pytest.mark.anyio
+
+
+def sum_ints(lines: list[str]) -> int:
+    return sum(int(x) for x in lines)
+
+
+def twice_the_sum(lines: list[str]) -> int:
+    return 2 * sum(int(x) for x in lines)
+
+
+def pipeline_of(fn: object, **settings: object) -> mb.Pipeline[int, int]:
+    return mb.Pipeline(fn, aggregate=mb.Sum(), max_size=100, executor="inline", **settings)  # type: ignore[arg-type]
+
+
+async def test_a_finished_run_over_an_appended_file_adds_exactly_the_new_lines(tmp_path: Path) -> None:
+    src, state = tmp_path / "n.txt", tmp_path / "state"
+    src.write_text("".join(f"{i}\n" for i in range(1_000)))
+    pipeline = pipeline_of(sum_ints)
+    assert await pipeline.run(mb.read_lines(src), checkpoint=state) == sum(range(1_000))
+    with src.open("a") as f:
+        f.write("".join(f"{i}\n" for i in range(1_000, 1_500)))
+    folded: list[int] = []
+    async with pipeline.updates(mb.read_lines(src), checkpoint=state) as updates:
+        async for update in updates:
+            folded.append(update.batch_records)
+    assert sum(folded) == 500  # only the appended lines were read
+    assert updates.value == sum(range(1_500))
+    # Nothing new: the finished run's value, nothing read.
+    assert await pipeline.run(mb.read_lines(src), checkpoint=state) == sum(range(1_500))
+
+
+async def test_a_rewritten_input_is_refused_naming_it_and_fresh_starts_over(tmp_path: Path) -> None:
+    src, state = tmp_path / "n.txt", tmp_path / "state"
+    src.write_text("".join(f"{i}\n" for i in range(1_000)))
+    pipeline = pipeline_of(sum_ints)
+    await pipeline.run(mb.read_lines(src), checkpoint=state)
+    src.write_text("".join(f"{i}\n" for i in range(5, 900)))  # shorter, other content
+    with pytest.raises(mb.CheckpointMismatch, match="the input changed") as info:
+        await pipeline.run(mb.read_lines(src), checkpoint=state)
+    assert str(src) in str(info.value)
+    assert await pipeline.run(mb.read_lines(src), checkpoint=state, fresh=True) == sum(range(5, 900))
+
+
+async def test_a_changed_fn_or_aggregator_is_refused_unless_accepted(tmp_path: Path) -> None:
+    src, state = tmp_path / "n.txt", tmp_path / "state"
+    src.write_text("".join(f"{i}\n" for i in range(1_000)))
+    async with pipeline_of(sum_ints, checkpoint_every_batches=1).updates(
+        mb.read_lines(src), checkpoint=state
+    ) as updates:
+        async for update in updates:
+            if update.seq == 3:
+                break
+    with pytest.raises(mb.CheckpointMismatch, match="fn changed") as info:
+        await pipeline_of(twice_the_sum).run(mb.read_lines(src), checkpoint=state)
+    assert "--fresh" in str(info.value) and "accept" in str(info.value)
+    with pytest.raises(mb.CheckpointMismatch, match="aggregator changed"):
+        await mb.Pipeline(sum_ints, aggregate=mb.Mean(), executor="inline").run(
+            mb.read_lines(src), checkpoint=state
+        )
+    # A change the user knows is compatible: the first 4 batches keep their sums, the rest double.
+    value = await pipeline_of(twice_the_sum).run(mb.read_lines(src), checkpoint=state, accept_changes=True)
+    assert value == sum(range(400)) + 2 * sum(range(400, 1_000))
