@@ -18,7 +18,7 @@ from .base import JSON, Aggregator
 from .exact import _ExactSum
 from .numeric import Count, Sum
 
-__all__ = ["Folder", "KeyedState", "KeyedView", "folder_for"]
+__all__ = ["KeyFolder", "KeyedState", "KeyedView", "folder_for"]
 
 #: A shard whose changed keys pass this share of its keys is written whole at the next checkpoint
 #: (and its set of changed keys is dropped, which bounds that set's memory).
@@ -71,7 +71,7 @@ class KeyedState:
         return self.shards[self.ring.shard_of_hash(h)][key]
 
 
-class Folder:
+class KeyFolder:
     """Folds per-key partials into a shard's dict with any aggregator, and converts its states."""
 
     def __init__(self, inner: Aggregator[Any, Any, Any]) -> None:
@@ -103,7 +103,7 @@ class Folder:
 _MISSING: Any = object()
 
 
-class _CountFolder(Folder):
+class _CountFolder(KeyFolder):
     """Count per key: an int added as it is, anything else through ``Count.fold``."""
 
     def fold(self, shard: dict[Any, Any], part: Mapping[Any, Any]) -> None:
@@ -127,7 +127,7 @@ class _CountFolder(Folder):
         return list(states)  # ints are their own JSON
 
 
-class _SumFolder(Folder):
+class _SumFolder(KeyFolder):
     """Sum per key: a plain int while the key saw only ints, an exact sum once it saw anything else.
 
     Both forms dump as ``Sum`` would, except that an int state dumps as the int itself.
@@ -164,13 +164,13 @@ class _SumFolder(Folder):
         return self.inner.load(data)
 
 
-def folder_for(inner: Aggregator[Any, Any, Any]) -> Folder:
+def folder_for(inner: Aggregator[Any, Any, Any]) -> KeyFolder:
     """The folder for ``inner``: a fast one for ``Count`` and ``Sum`` (not their subclasses)."""
     if type(inner) is Count:
         return _CountFolder(inner)
     if type(inner) is Sum:
         return _SumFolder(inner)
-    return Folder(inner)
+    return KeyFolder(inner)
 
 
 class KeyedView(Mapping[Any, Any]):

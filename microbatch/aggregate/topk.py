@@ -11,7 +11,7 @@ from .._core.params import check_int
 from .._core.ring import MAX_SHARDS, ring
 from .base import JSON, Aggregator, _type_error
 from .bykey import KeyedAggregator
-from .keyed import Folder, KeyedState
+from .keyed import KeyFolder, KeyedState
 
 __all__ = ["TopK"]
 
@@ -38,7 +38,7 @@ class _Total(Aggregator[int, int, int]):
         return data
 
 
-class _TotalFolder(Folder):
+class _TotalFolder(KeyFolder):
     def fold(self, shard: dict[Any, Any], part: Mapping[Any, Any]) -> None:
         get = shard.get
         for key, n in part.items():
