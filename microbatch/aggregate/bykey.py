@@ -23,7 +23,7 @@ from .._core.keys import key_from_json, key_to_json
 from .._core.params import check_int
 from .._core.ring import MAX_SHARDS, Ring, ring
 from .base import JSON, Aggregator, _type_error
-from .keyed import KeyFolder, KeyedState, KeyedView, folder_for
+from .keyed import KeyedState, KeyedView, KeyFolder, folder_for
 
 __all__ = ["ByKey", "KeyedAggregator", "split_to_bytes"]
 

@@ -11,7 +11,7 @@ from .._core.params import check_int
 from .._core.ring import MAX_SHARDS, ring
 from .base import JSON, Aggregator, _type_error
 from .bykey import KeyedAggregator
-from .keyed import KeyFolder, KeyedState
+from .keyed import KeyedState, KeyFolder
 
 __all__ = ["TopK"]
 
