@@ -154,3 +154,20 @@ async def test_an_ipv6_listener_is_named_as_in_a_url(caplog: pytest.LogCaptureFi
     except OSError:
         pytest.skip("no IPv6 loopback here")
     assert f"listening on tcp://[::1]:{port}" in caplog.text
+
+
+def test_split_size_reaches_the_pipeline_and_zero_turns_splits_off(numbers: Path) -> None:
+    from microbatch.cli.main import build_parser
+    from microbatch.cli.run import _overrides
+
+    def split_size(*argv: str) -> object:
+        args = build_parser().parse_args(["run", GATED, "--input", str(numbers), *argv])
+        return _overrides(args).get("split_size", "unset")
+
+    assert split_size() == "unset"
+    assert split_size("--split-size", "4096") == 4096
+    assert split_size("--split-size", "0") is None
+    for size in ("0", "100"):  # no splits, and splits of 100 bytes over the 3,890-byte file
+        result = mb("run", GATED, "--input", str(numbers), "--split-size", size, "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == TOTAL

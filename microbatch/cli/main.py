@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tuning.add_argument("--retries", type=_non_negative_int, metavar="N", help="retries of a failed batch")
     tuning.add_argument(
+        "--split-size",
+        type=_non_negative_int,
+        metavar="BYTES",
+        help="bytes of a file each worker reads itself (default 2 MiB; 0: the command reads the file "
+        "and ships its lines)",
+    )
+    tuning.add_argument(
         "--timeout",
         type=_seconds(allow_zero=False),
         default=_UNSET,

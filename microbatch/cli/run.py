@@ -128,6 +128,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("max_wait", "timeout", "checkpoint_every"):
         if getattr(args, option) is not _UNSET:
             changes[option] = getattr(args, option)
+    if args.split_size is not None:
+        changes["split_size"] = args.split_size or None  # 0: no splits
     if args.dead_letter is not None:
         changes["dead_letter"] = args.dead_letter
     if args.dask is not None:
