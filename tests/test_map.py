@@ -149,8 +149,13 @@ async def test_failures_separated_by_successes_do_not_stop_the_run(tmp_path: Pat
     # 1,000 records, 500 of them bad in blocks of 100: each block is 100 dead letters in a row.
     src = numbers(tmp_path / "n.txt", 1_000)
     pipeline = mb.Pipeline(
-        fails_on_odd_hundreds, aggregate=mb.Sum(), max_size=100, executor="inline", retries=0,
-        dead_letter=tmp_path / "dl.jsonl", max_dead_letters_in_a_row=None,
+        fails_on_odd_hundreds,
+        aggregate=mb.Sum(),
+        max_size=100,
+        executor="inline",
+        retries=0,
+        dead_letter=tmp_path / "dl.jsonl",
+        max_dead_letters_in_a_row=None,
     )
     assert await pipeline.run(mb.read_lines(src)) == 500
     with pytest.raises(mb.TooManyDeadLetters):
@@ -181,3 +186,26 @@ async def test_an_undecodable_line_is_dead_lettered_with_its_original_bytes(tmp_
     (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
     assert base64.b64decode(letter["record_base64"]) == b"\xff\xfe3"
     assert letter["error"].endswith("SourceDecodeError") and letter["position"] == 4
+
+
+def crash_on_seven(lines: list[str]) -> int:
+    import os
+
+    if "7" in lines:
+        os._exit(3)
+    return len(lines)
+
+
+async def test_a_crash_dead_letter_holds_the_workers_exit_not_the_parents_stack(tmp_path: Path) -> None:
+    import json
+
+    src = numbers(tmp_path / "n.txt", 20)
+    dead = tmp_path / "dead.jsonl"
+    pipeline = mb.Pipeline(
+        crash_on_seven, aggregate=mb.Sum(), max_size=20, workers=1, retries=0, dead_letter=dead
+    )
+    assert await pipeline.run(mb.read_lines(src)) == 19
+    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert letter["record"] == "7" and letter["error"] == "WorkerCrashed"
+    assert "exit code 3" in letter["traceback"] and "File " not in letter["traceback"]
+    assert len(letter["traceback"]) < 500

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .._exceptions import RemoteError, RemoteTraceback
+from .._exceptions import BatchTimeout, RemoteError, RemoteTraceback, WorkerCrashed
 
 __all__ = ["DeadLetter", "DeadLetterFile", "describe_error"]
 
@@ -57,7 +57,12 @@ class DeadLetter:
 
 
 def describe_error(exc: BaseException) -> tuple[str, str, str]:
-    """The type name, message and traceback text of an error, the worker's traceback if any."""
+    """The type name, message and traceback text of an error, the worker's traceback if any.
+
+    A crashed or timed-out worker has no traceback to give: its error says which worker died and
+    how (pid, exit code or signal, the time limit), and the parent's stack would say nothing about
+    the record, so the dead letter keeps that one line.
+    """
     if isinstance(exc, RemoteError):
         type_name, message = exc.type_name, exc.message
     else:
@@ -65,6 +70,8 @@ def describe_error(exc: BaseException) -> tuple[str, str, str]:
     cause = exc.__cause__
     if isinstance(cause, RemoteTraceback):
         tb = cause.tb
+    elif isinstance(exc, (WorkerCrashed, BatchTimeout)):
+        tb = "".join(traceback.format_exception_only(type(exc), exc))
     else:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return type_name, message, tb
