@@ -1,4 +1,4 @@
-"""``batches()``: the async shell around :class:`~microbatch._policy.BatchPolicy`.
+"""``batches()``: the async shell around :class:`~microbatch._core.policy.BatchPolicy`.
 
 Two tasks share one small state object and never block each other for long:
 

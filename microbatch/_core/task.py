@@ -1,6 +1,6 @@
 """What a worker runs for one batch: turn the shipped payload into records and call ``fn``.
 
-Line sources ship a batch as one :class:`~microbatch._lines.LineBlock` of raw bytes; splitting and
+Line sources ship a batch as one :class:`~microbatch._core.lines.LineBlock` of raw bytes; splitting and
 decoding happen here, in the worker, so the event loop never creates per-line objects. Other sources
 ship the list of records itself. This module stays free of anyio: worker processes import it.
 """
