@@ -8,6 +8,7 @@ on asyncio and uvloop (Dask's client needs asyncio); one test checks the error o
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 from _procs import alive
 
@@ -472,3 +474,72 @@ async def test_pipeline_retries_a_batch_dask_gave_up_on(
     assert updates.value == expected
     # Dask gave up at once (KilledWorker): the pipeline's own retry ran the batch again.
     assert last.stats.crashes == 1 and last.stats.retries == 1
+
+
+# -- file splits on the cluster ------------------------------------------------------------------------
+
+
+def sum_with_pid(lines: list[str]) -> tuple[int, int]:
+    """The batch's sum and the pid of the process that ran it."""
+    return os.getpid(), sum(int(line) for line in lines)
+
+
+class RecordingDaskExecutor(DaskExecutor):
+    """A ``DaskExecutor`` that keeps the argument of every call the pipeline makes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.args: list[Any] = []
+
+    async def run(self, fn: Any, arg: Any, *, timeout: float | None = None) -> Any:
+        self.args.append(arg)
+        return await super().run(fn, arg, timeout=timeout)
+
+
+def _worker_pids(dask_worker: Any = None) -> int:
+    return os.getpid()
+
+
+@pytest.mark.anyio
+async def test_file_splits_run_as_tasks_that_read_the_file_on_the_workers(
+    cluster: LocalCluster, tmp_path: Path, _cluster: tuple[LocalCluster, Client]
+) -> None:
+    from microbatch._core.splits import FileSplit
+
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 100_000)
+    size = path.stat().st_size
+    split_size = 64 << 10
+    assert size > 5 * split_size
+    executor = RecordingDaskExecutor(cluster)
+    pipeline = mb.Pipeline(
+        sum_with_pid,
+        max_size=1_000,
+        executor=executor,
+        split_size=split_size,
+        dead_letter=tmp_path / "dead.jsonl",
+    )
+    pids: set[int] = set()
+    totals = 0
+    before = psutil.Process().io_counters()
+    async with pipeline.map(mb.read_lines(path)) as results:
+        async for pid, batch_total in results:
+            pids.add(pid)
+            totals += batch_total
+    after = psutil.Process().io_counters()
+    assert totals == expected
+    # This process (the pipeline's, here also the scheduler's) moved under 5 % of the file's bytes.
+    assert after.read_chars - before.read_chars < size / 20
+    assert after.write_chars - before.write_chars < size / 20
+    # Every call was one split: a path and a byte range, never the file's bytes. Together the
+    # splits cover the file once, in order.
+    assert len(executor.args) >= 5
+    assert all(isinstance(arg, FileSplit) for arg in executor.args)
+    assert all(arg.path == str(path) for arg in executor.args)
+    ranges = sorted((arg.start, arg.end) for arg in executor.args)
+    assert ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    # fn ran in the worker processes, not in this one.
+    workers = set(_cluster[1].run(_worker_pids).values())
+    assert pids and pids <= workers and os.getpid() not in pids
+    assert executor.crashes == executor.timeouts == 0
