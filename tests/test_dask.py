@@ -543,3 +543,52 @@ async def test_file_splits_run_as_tasks_that_read_the_file_on_the_workers(
     workers = set(_cluster[1].run(_worker_pids).values())
     assert pids and pids <= workers and os.getpid() not in pids
     assert executor.crashes == executor.timeouts == 0
+
+
+@pytest.mark.anyio
+async def test_path_check_names_every_worker_and_the_path(
+    cluster: LocalCluster, tmp_path: Path, _cluster: tuple[LocalCluster, Client]
+) -> None:
+    from microbatch._core.splits import FileSplit
+    from microbatch._core.splittask import SplitTask
+    from microbatch.executors.dask import PathNotVisible, check_path_visible
+
+    workers = sorted(_cluster[1].scheduler_info()["workers"])
+    assert len(workers) == 2
+    present = tmp_path / "numbers.txt"
+    write_numbers(present, 100)
+    missing = str(tmp_path / "nowhere" / "numbers.txt")
+    async with DaskExecutor(cluster) as executor:
+        sizes = await check_path_visible(executor.client, str(present))
+        assert sizes == {worker: present.stat().st_size for worker in workers}
+
+        with pytest.raises(PathNotVisible) as raised:
+            await check_path_visible(executor.client, missing)
+        assert missing in str(raised.value)
+        assert all(worker in str(raised.value) for worker in workers)
+
+        # A split of that path fails the same way before any task runs, and as an executor that
+        # cannot run it (a pipeline stops instead of reading the file itself).
+        task = SplitTask(sum_ints)
+        with pytest.raises(PathNotVisible, match="not visible to Dask worker"):
+            await executor.run(task, FileSplit(missing, 0, 100, 10, 1 << 20))
+        assert isinstance(raised.value, mb.ExecutorUnavailable)
+        outcomes = await executor.run(task, FileSplit(str(present), 0, 50, 10, 1 << 20))
+        assert sum(count for count, *_ in outcomes) > 0
+
+
+@pytest.mark.anyio
+async def test_a_relative_path_is_read_by_workers_running_in_another_folder(
+    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = write_numbers(tmp_path / "numbers.txt", 50_000)
+    monkeypatch.chdir(tmp_path)  # the workers keep the folder they started in
+    pipeline = mb.Pipeline(
+        sum_ints, aggregate=mb.Sum(), max_size=1_000, executor=DaskExecutor(cluster), split_size=64 << 10
+    )
+    async with pipeline.updates(mb.read_lines("numbers.txt")) as updates:
+        async for _ in updates:
+            pass
+    assert updates.value == expected
+    # Run on the workers, not batch by batch from here after a failure to find the file.
+    assert updates.stats.splits >= 5 and updates.stats.split_fallbacks == 0
