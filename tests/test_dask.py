@@ -592,3 +592,37 @@ async def test_a_relative_path_is_read_by_workers_running_in_another_folder(
     assert updates.value == expected
     # Run on the workers, not batch by batch from here after a failure to find the file.
     assert updates.stats.splits >= 5 and updates.stats.split_fallbacks == 0
+
+
+@pytest.mark.anyio
+async def test_the_executor_split_size_applies_when_the_pipeline_gives_none(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    from microbatch._core.splits import FileSplit
+    from microbatch.executors.dask import DEFAULT_SPLIT_SIZE
+
+    assert DaskExecutor(cluster).split_size == DEFAULT_SPLIT_SIZE >= 16 << 20
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 100_000)
+    size = path.stat().st_size
+
+    async def calls(executor: RecordingDaskExecutor, **settings: Any) -> list[Any]:
+        pipeline = mb.Pipeline(sum_ints, aggregate=mb.Sum(), max_size=1_000, executor=executor, **settings)
+        assert await pipeline.replace(max_size=2_000).run(mb.read_lines(path)) == expected
+        return executor.args
+
+    # No split_size given: the executor's (128 KiB here) plans the splits.
+    split_calls = await calls(RecordingDaskExecutor(cluster, split_size=128 << 10))
+    assert all(isinstance(arg, FileSplit) for arg in split_calls)
+    assert max(arg.end - arg.start for arg in split_calls) == 128 << 10
+    # The pipeline's own split_size wins over the executor's.
+    split_calls = await calls(RecordingDaskExecutor(cluster, split_size=128 << 10), split_size=64 << 10)
+    assert max(arg.end - arg.start for arg in split_calls) == 64 << 10
+    # split_size=None: no splits; and the default 32 MiB is more than this file holds.
+    for executor, settings in [
+        (RecordingDaskExecutor(cluster, split_size=128 << 10), {"split_size": None}),
+        (RecordingDaskExecutor(cluster), {}),
+    ]:
+        batch_calls = await calls(executor, **settings)
+        assert not any(isinstance(arg, FileSplit) for arg in batch_calls)
+        assert len(batch_calls) == 50 and size < DEFAULT_SPLIT_SIZE
