@@ -52,7 +52,7 @@ _INSTALL_HINT = "pip install 'microbatch[dask]'"
 
 #: Bytes of a file per split on Dask, used by a pipeline whose ``split_size`` was not given: a task
 #: costs milliseconds on a cluster (against about 0.1 ms in a local pool), so splits are larger.
-DEFAULT_SPLIT_SIZE = 32 << 20
+DEFAULT_SPLIT_SIZE = 16 << 20
 
 
 class PathNotVisible(ExecutorUnavailable):
@@ -135,7 +135,7 @@ class DaskExecutor:
     A file split (a pipeline over a regular file) is one task that reads the file on its worker:
     the path must be the same file on every worker (a shared filesystem). The first split of each
     path checks that once (:func:`check_path_visible`), else ``PathNotVisible`` names the workers.
-    ``split_size`` (32 MiB) is the split size a ``Pipeline`` given no ``split_size`` uses.
+    ``split_size`` (16 MiB) is the split size a ``Pipeline`` given no ``split_size`` uses.
 
     Failures:
 

@@ -62,7 +62,7 @@ class Pipeline(Generic[R, V]):
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
     - ``split_size`` (2 MiB, or the executor's ``split_size`` attribute when it has one, such as
-      ``DaskExecutor``'s 32 MiB; None for none): a regular file read without ``follow`` with more
+      ``DaskExecutor``'s 16 MiB; None for none): a regular file read without ``follow`` with more
       than ``split_size`` bytes to read is cut into byte ranges of about this size that workers
       read themselves, each one executor call holding its batches of ``max_size`` lines (see
       ``docs/pipeline.md``, "Splits"); the pipeline process does not read the file. ``timeout``
