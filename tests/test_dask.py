@@ -626,3 +626,37 @@ async def test_the_executor_split_size_applies_when_the_pipeline_gives_none(
         batch_calls = await calls(executor, **settings)
         assert not any(isinstance(arg, FileSplit) for arg in batch_calls)
         assert len(batch_calls) == 50 and size < DEFAULT_SPLIT_SIZE
+
+
+@pytest.mark.anyio
+async def test_a_file_only_this_process_sees_stops_the_run_naming_it_and_the_workers(
+    cluster: LocalCluster, tmp_path: Path, _cluster: tuple[LocalCluster, Client]
+) -> None:
+    from microbatch.executors.dask import PathNotVisible
+
+    write_numbers(tmp_path / "numbers.txt", 50_000)
+    # /proc/self/fd/N names this process's open file: the workers have no such descriptor.
+    fd = os.open(tmp_path / "numbers.txt", os.O_RDONLY)
+    private = 900
+    os.dup2(fd, private)
+    os.close(fd)
+    path = f"/proc/self/fd/{private}"
+    try:
+        pipeline = mb.Pipeline(
+            sum_ints,
+            aggregate=mb.Sum(),
+            max_size=1_000,
+            executor=DaskExecutor(cluster),
+            split_size=64 << 10,
+            dead_letter=tmp_path / "dead.jsonl",
+        )
+        with pytest.raises(mb.BatchFailed) as raised:
+            await pipeline.run(mb.read_lines(path))
+    finally:
+        os.close(private)
+    cause = raised.value.cause
+    assert isinstance(cause, PathNotVisible)
+    assert path in str(cause)
+    assert all(worker in str(cause) for worker in _cluster[1].scheduler_info()["workers"])
+    # It stopped instead of reading the file here batch by batch.
+    assert not (tmp_path / "dead.jsonl").exists() or (tmp_path / "dead.jsonl").read_text() == ""
