@@ -9,6 +9,8 @@ process executor's two workers is (it is part of every local run).
     with its default capacity (the cluster's 2 worker threads) and with ``max_in_flight=4``.
 (b) A CPU-heavy fn (~20 us of Python per record): the same three, where per-batch overhead matters less.
 
+The file is read by the pipeline and sent batch by batch (``split_size=None``), the path of a
+source that cannot be split; ``bench_dask_splits.py`` measures files read by the workers in splits.
 Ratios are medians of ``--repeat`` runs made by this script in one go.
 
     python benchmarks/bench_dask.py [--n 3000000] [--heavy 200000] [--repeat 3]
@@ -77,7 +79,10 @@ def dask_cluster(tmp: str) -> Iterator[str]:
 
 
 def run_once(fn: Callable[[list[str]], int], path: str, executor: mb.Executor) -> tuple[float, int]:
-    pipeline = mb.Pipeline(fn, aggregate=mb.Sum(), max_size=10_000, max_wait=None, executor=executor)
+    # split_size=None: one task per batch, read here (bench_dask_splits.py measures file splits).
+    pipeline = mb.Pipeline(
+        fn, aggregate=mb.Sum(), max_size=10_000, max_wait=None, executor=executor, split_size=None
+    )
     start = time.perf_counter()
     total = anyio.run(pipeline.run, mb.read_lines(path))
     return time.perf_counter() - start, total

@@ -8,6 +8,7 @@ on asyncio and uvloop (Dask's client needs asyncio); one test checks the error o
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 from _procs import alive
 
@@ -472,3 +474,189 @@ async def test_pipeline_retries_a_batch_dask_gave_up_on(
     assert updates.value == expected
     # Dask gave up at once (KilledWorker): the pipeline's own retry ran the batch again.
     assert last.stats.crashes == 1 and last.stats.retries == 1
+
+
+# -- file splits on the cluster ------------------------------------------------------------------------
+
+
+def sum_with_pid(lines: list[str]) -> tuple[int, int]:
+    """The batch's sum and the pid of the process that ran it."""
+    return os.getpid(), sum(int(line) for line in lines)
+
+
+class RecordingDaskExecutor(DaskExecutor):
+    """A ``DaskExecutor`` that keeps the argument of every call the pipeline makes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.args: list[Any] = []
+
+    async def run(self, fn: Any, arg: Any, *, timeout: float | None = None) -> Any:
+        self.args.append(arg)
+        return await super().run(fn, arg, timeout=timeout)
+
+
+def _worker_pids(dask_worker: Any = None) -> int:
+    return os.getpid()
+
+
+@pytest.mark.anyio
+async def test_file_splits_run_as_tasks_that_read_the_file_on_the_workers(
+    cluster: LocalCluster, tmp_path: Path, _cluster: tuple[LocalCluster, Client]
+) -> None:
+    from microbatch._core.splits import FileSplit
+
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 100_000)
+    size = path.stat().st_size
+    split_size = 64 << 10
+    assert size > 5 * split_size
+    executor = RecordingDaskExecutor(cluster)
+    pipeline = mb.Pipeline(
+        sum_with_pid,
+        max_size=1_000,
+        executor=executor,
+        split_size=split_size,
+        dead_letter=tmp_path / "dead.jsonl",
+    )
+    pids: set[int] = set()
+    totals = 0
+    before = psutil.Process().io_counters()
+    async with pipeline.map(mb.read_lines(path)) as results:
+        async for pid, batch_total in results:
+            pids.add(pid)
+            totals += batch_total
+    after = psutil.Process().io_counters()
+    assert totals == expected
+    # This process (the pipeline's, here also the scheduler's) moved under 5 % of the file's bytes.
+    assert after.read_chars - before.read_chars < size / 20
+    assert after.write_chars - before.write_chars < size / 20
+    # Every call was one split: a path and a byte range, never the file's bytes. Together the
+    # splits cover the file once, in order.
+    assert len(executor.args) >= 5
+    assert all(isinstance(arg, FileSplit) for arg in executor.args)
+    assert all(arg.path == str(path) for arg in executor.args)
+    ranges = sorted((arg.start, arg.end) for arg in executor.args)
+    assert ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    # fn ran in the worker processes, not in this one.
+    workers = set(_cluster[1].run(_worker_pids).values())
+    assert pids and pids <= workers and os.getpid() not in pids
+    assert executor.crashes == executor.timeouts == 0
+
+
+@pytest.mark.anyio
+async def test_path_check_names_every_worker_and_the_path(
+    cluster: LocalCluster, tmp_path: Path, _cluster: tuple[LocalCluster, Client]
+) -> None:
+    from microbatch._core.splits import FileSplit
+    from microbatch._core.splittask import SplitTask
+    from microbatch.executors.dask import PathNotVisible, check_path_visible
+
+    workers = sorted(_cluster[1].scheduler_info()["workers"])
+    assert len(workers) == 2
+    present = tmp_path / "numbers.txt"
+    write_numbers(present, 100)
+    missing = str(tmp_path / "nowhere" / "numbers.txt")
+    async with DaskExecutor(cluster) as executor:
+        sizes = await check_path_visible(executor.client, str(present))
+        assert sizes == {worker: present.stat().st_size for worker in workers}
+
+        with pytest.raises(PathNotVisible) as raised:
+            await check_path_visible(executor.client, missing)
+        assert missing in str(raised.value)
+        assert all(worker in str(raised.value) for worker in workers)
+
+        # A split of that path fails the same way before any task runs, and as an executor that
+        # cannot run it (a pipeline stops instead of reading the file itself).
+        task = SplitTask(sum_ints)
+        with pytest.raises(PathNotVisible, match="not visible to Dask worker"):
+            await executor.run(task, FileSplit(missing, 0, 100, 10, 1 << 20))
+        assert isinstance(raised.value, mb.ExecutorUnavailable)
+        outcomes = await executor.run(task, FileSplit(str(present), 0, 50, 10, 1 << 20))
+        assert sum(count for count, *_ in outcomes) > 0
+
+
+@pytest.mark.anyio
+async def test_a_relative_path_is_read_by_workers_running_in_another_folder(
+    cluster: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = write_numbers(tmp_path / "numbers.txt", 50_000)
+    monkeypatch.chdir(tmp_path)  # the workers keep the folder they started in
+    pipeline = mb.Pipeline(
+        sum_ints, aggregate=mb.Sum(), max_size=1_000, executor=DaskExecutor(cluster), split_size=64 << 10
+    )
+    async with pipeline.updates(mb.read_lines("numbers.txt")) as updates:
+        async for _ in updates:
+            pass
+    assert updates.value == expected
+    # Run on the workers, not batch by batch from here after a failure to find the file.
+    assert updates.stats.splits >= 5 and updates.stats.split_fallbacks == 0
+
+
+@pytest.mark.anyio
+async def test_the_executor_split_size_applies_when_the_pipeline_gives_none(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    from microbatch._core.splits import FileSplit
+    from microbatch.executors.dask import DEFAULT_SPLIT_SIZE
+
+    assert DaskExecutor(cluster).split_size == DEFAULT_SPLIT_SIZE >= 16 << 20
+    path = tmp_path / "numbers.txt"
+    expected = write_numbers(path, 100_000)
+    size = path.stat().st_size
+
+    async def calls(executor: RecordingDaskExecutor, **settings: Any) -> list[Any]:
+        pipeline = mb.Pipeline(sum_ints, aggregate=mb.Sum(), max_size=1_000, executor=executor, **settings)
+        assert await pipeline.replace(max_size=2_000).run(mb.read_lines(path)) == expected
+        return executor.args
+
+    # No split_size given: the executor's (128 KiB here) plans the splits.
+    split_calls = await calls(RecordingDaskExecutor(cluster, split_size=128 << 10))
+    assert all(isinstance(arg, FileSplit) for arg in split_calls)
+    assert max(arg.end - arg.start for arg in split_calls) == 128 << 10
+    # The pipeline's own split_size wins over the executor's.
+    split_calls = await calls(RecordingDaskExecutor(cluster, split_size=128 << 10), split_size=64 << 10)
+    assert max(arg.end - arg.start for arg in split_calls) == 64 << 10
+    # split_size=None: no splits; and the default 32 MiB is more than this file holds.
+    for executor, settings in [
+        (RecordingDaskExecutor(cluster, split_size=128 << 10), {"split_size": None}),
+        (RecordingDaskExecutor(cluster), {}),
+    ]:
+        batch_calls = await calls(executor, **settings)
+        assert not any(isinstance(arg, FileSplit) for arg in batch_calls)
+        assert len(batch_calls) == 50 and size < DEFAULT_SPLIT_SIZE
+
+
+@pytest.mark.anyio
+async def test_a_file_only_this_process_sees_stops_the_run_naming_it_and_the_workers(
+    cluster: LocalCluster, tmp_path: Path, _cluster: tuple[LocalCluster, Client]
+) -> None:
+    from microbatch.executors.dask import PathNotVisible
+
+    write_numbers(tmp_path / "numbers.txt", 50_000)
+    # /proc/self/fd/N names this process's open file: the workers have no such descriptor.
+    fd = os.open(tmp_path / "numbers.txt", os.O_RDONLY)
+    private = 900
+    os.dup2(fd, private)
+    os.close(fd)
+    path = f"/proc/self/fd/{private}"
+    try:
+        pipeline = mb.Pipeline(
+            sum_ints,
+            aggregate=mb.Sum(),
+            max_size=1_000,
+            executor=DaskExecutor(cluster),
+            split_size=64 << 10,
+            dead_letter=tmp_path / "dead.jsonl",
+        )
+        with pytest.raises(mb.BatchFailed) as raised:
+            await pipeline.run(mb.read_lines(path))
+    finally:
+        os.close(private)
+    cause = raised.value.cause
+    assert isinstance(cause, PathNotVisible)
+    assert path in str(cause)
+    assert all(worker in str(cause) for worker in _cluster[1].scheduler_info()["workers"])
+    # It stopped instead of reading the file here batch by batch.
+    assert not (tmp_path / "dead.jsonl").exists() or (tmp_path / "dead.jsonl").read_text() == ""

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 import anyio
 
-from .._core.params import callable_name
+from .._core.params import callable_name, check_int
+from .._core.splits import FileSplit
 from .._exceptions import (
     BackendNotSupported,
     BatchTimeout,
@@ -36,7 +37,7 @@ from .._exceptions import (
 from . import remote
 from .base import FunctionCache, PickledFunction, check_timeout
 
-__all__ = ["DaskExecutor"]
+__all__ = ["DEFAULT_SPLIT_SIZE", "DaskExecutor", "PathNotVisible", "check_path_visible"]
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -48,6 +49,14 @@ _CHECKED_CACHE_SIZE = 32
 _RELEASE_WAIT = 5.0
 
 _INSTALL_HINT = "pip install 'microbatch[dask]'"
+
+#: Bytes of a file per split on Dask, used by a pipeline whose ``split_size`` was not given: a task
+#: costs milliseconds on a cluster (against about 0.1 ms in a local pool), so splits are larger.
+DEFAULT_SPLIT_SIZE = 16 << 20
+
+
+class PathNotVisible(ExecutorUnavailable):
+    """A file to be read in splits is not there for some Dask workers: nothing can run its splits."""
 
 
 def _kill_worker_process(dask_worker: Any) -> int | None:
@@ -123,6 +132,11 @@ class DaskExecutor:
     first task is sent. The task runs in one of the worker's threads: a function holding the GIL
     needs workers with one thread each (``dask worker --nthreads 1 --nworkers N``) to use N cores.
 
+    A file split (a pipeline over a regular file) is one task that reads the file on its worker:
+    the path must be the same file on every worker (a shared filesystem). The first split of each
+    path checks that once (:func:`check_path_visible`), else ``PathNotVisible`` names the workers.
+    ``split_size`` (16 MiB) is the split size a ``Pipeline`` given no ``split_size`` uses.
+
     Failures:
 
     - ``fn`` raises: the same exception is raised here with the worker's traceback as a
@@ -160,19 +174,10 @@ class DaskExecutor:
         connect_timeout: float = 30.0,
         worker_timeout: float = 60.0,
         restart_on_timeout: bool = True,
+        split_size: int | None = DEFAULT_SPLIT_SIZE,
     ) -> None:
         distributed = _import_distributed()
-        if max_in_flight is not None and (
-            isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
-        ):
-            raise ValueError(
-                f"max_in_flight must be a positive integer or None (the cluster's worker threads), "
-                f"got {max_in_flight!r}"
-            )
-        if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
-        if not worker_timeout > 0:
-            raise ValueError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
+        _check_arguments(max_in_flight, connect_timeout, worker_timeout, split_size)
         self._given_client: Any = None
         self._address: str | None = None
         if isinstance(address_or_client, str):
@@ -192,6 +197,8 @@ class DaskExecutor:
         self.connect_timeout = connect_timeout
         self.worker_timeout = worker_timeout
         self.restart_on_timeout = restart_on_timeout
+        self.split_size = split_size
+        self._paths = _VisiblePaths()
         self.capacity = max_in_flight or 0
         self.crashes = 0
         self.timeouts = 0
@@ -285,6 +292,7 @@ class DaskExecutor:
     async def _shutdown(self) -> None:
         self._state = "closed"
         self._slots = None
+        self._paths = _VisiblePaths()  # workers may differ the next time
         client, self.client = self.client, None
         if client is not None and self._owns_client:
             await _close_client(client)
@@ -305,6 +313,8 @@ class DaskExecutor:
                 f"DaskExecutor is {self._state}: use it inside 'async with DaskExecutor(...) as executor:'"
             )
         shipped = self._functions.get(fn)
+        if isinstance(arg, FileSplit):
+            arg = await self._paths.check(self.client, arg)  # type: ignore[assignment]
         async with self._slots:
             return await self._submit(shipped, arg, timeout)  # type: ignore[no-any-return]
 
@@ -433,3 +443,57 @@ async def _close_client(client: Any) -> None:
             await client.close()
         except Exception:  # pragma: no cover - closing a client whose scheduler is gone
             pass
+
+
+def _check_arguments(
+    max_in_flight: int | None, connect_timeout: float, worker_timeout: float, split_size: int | None
+) -> None:
+    if max_in_flight is not None and (
+        isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
+    ):
+        raise ValueError(
+            f"max_in_flight must be a positive integer or None (the cluster's worker threads), "
+            f"got {max_in_flight!r}"
+        )
+    if not connect_timeout > 0:
+        raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
+    if not worker_timeout > 0:
+        raise ValueError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
+    if split_size is not None:
+        check_int("split_size", split_size, minimum=1)
+
+
+def _file_size(path: str) -> int | None:
+    """Runs on each worker: the size of the regular file at ``path`` there, None when there is none."""
+    return os.stat(path).st_size if os.path.isfile(path) else None
+
+
+async def check_path_visible(client: Any, path: str) -> dict[str, int]:
+    """Each worker's address and the size there of the regular file at ``path``, which every
+    worker must see; else :class:`PathNotVisible` names ``path`` and the workers that do not."""
+    sizes: dict[str, int | None] = await client.run(_file_size, path, on_error="return")
+    missing = sorted(worker for worker, size in sizes.items() if not isinstance(size, int))
+    if missing:
+        raise PathNotVisible(
+            f"the file {path} is not visible to Dask worker(s) {', '.join(missing)}: file splits are read "
+            f"by the workers, so the file must be at the same path on a filesystem they share (NFS, a "
+            f"shared folder); or give the Pipeline split_size=None to send the lines from this process"
+        )
+    return {worker: size for worker, size in sizes.items() if isinstance(size, int)}
+
+
+class _VisiblePaths:
+    """The paths found visible to the workers: each is checked once, by the first split of it."""
+
+    def __init__(self) -> None:
+        self.checked: set[str] = set()
+        self.lock = anyio.Lock()
+
+    async def check(self, client: Any, split: FileSplit) -> FileSplit:
+        """``split`` with an absolute path (workers may run in another folder), once checked."""
+        path = os.path.abspath(split.path)  # noqa: ASYNC240 - no I/O but getcwd
+        async with self.lock:
+            if path not in self.checked:
+                await check_path_visible(client, path)
+                self.checked.add(path)
+        return split if path == split.path else FileSplit(path, *split._key()[1:])

@@ -15,7 +15,7 @@ from ..aggregate import Aggregator
 from ..executors import Executor
 from ..stores import CheckpointStore
 from .reader import describe_source
-from .run import Discard, Run
+from .run import Discard, Run, UnsetSplitSize
 
 __all__ = ["DEFAULT_SPLIT_SIZE", "Pipeline"]
 
@@ -61,7 +61,8 @@ class Pipeline(Generic[R, V]):
       showing the first failure, instead of isolating and dead-lettering the whole input.
     - ``checkpoint_every`` (5 s) and ``checkpoint_every_batches`` (None): how often a checkpoint is
       written when ``run(..., checkpoint=...)`` is given; always also at the end and on cancellation.
-    - ``split_size`` (2 MiB, None for none): a regular file read without ``follow`` with more
+    - ``split_size`` (2 MiB, or the executor's ``split_size`` attribute when it has one, such as
+      ``DaskExecutor``'s 16 MiB; None for none): a regular file read without ``follow`` with more
       than ``split_size`` bytes to read is cut into byte ranges of about this size that workers
       read themselves, each one executor call holding its batches of ``max_size`` lines (see
       ``docs/pipeline.md``, "Splits"); the pipeline process does not read the file. ``timeout``
@@ -93,7 +94,7 @@ class Pipeline(Generic[R, V]):
         checkpoint_every: float | None = 5.0,
         checkpoint_every_batches: int | None = None,
         sink: Sink | None = None,
-        split_size: int | None = DEFAULT_SPLIT_SIZE,
+        split_size: int | None = UnsetSplitSize(DEFAULT_SPLIT_SIZE),
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")

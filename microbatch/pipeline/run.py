@@ -28,6 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from .._core.params import check_int
 from .._core.schedule import CheckpointSchedule
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
@@ -37,7 +38,15 @@ from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
-from .reader import Batch, Emitter, decoding, position_kind, read, resume_source, source_identity
+from .reader import (
+    Batch,
+    Emitter,
+    decoding,
+    position_kind,
+    read,
+    resume_source,
+    source_identity,
+)
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
@@ -274,9 +283,8 @@ class Run(Generic[R, V]):
             emit = Emitter(send, window, seq)
             p = self.p
             with self._intake:
-                await read(
-                    self.source, p.max_size, p.max_wait, emit, position=position, split_size=p.split_size
-                )
+                size = split_size_for(p.split_size, p.executor)
+                await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
                 # The source ended (not stopped): these many batches make the whole run.
                 await send.send(End(emit.seq))
 
@@ -307,6 +315,19 @@ class Run(Generic[R, V]):
                 window.release()
             for _ in range(capacity * (1 + getattr(executor, "prefetch", 0))):
                 tg.start_soon(dispatcher.serve, batches.clone(), events.clone())
+
+
+class UnsetSplitSize(int):
+    """A ``split_size`` the user did not give: the pipeline's default, which an executor may replace."""
+
+
+def split_size_for(split_size: int | None, executor: object) -> int | None:
+    """The split size a run uses: ``split_size`` when given (an int or None), else the executor's
+    ``split_size`` attribute when it has one (a remote executor wants larger splits)."""
+    if not isinstance(split_size, UnsetSplitSize):
+        return split_size
+    preferred = getattr(executor, "split_size", None)
+    return int(split_size) if preferred is None else check_int("executor.split_size", preferred, minimum=1)
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
