@@ -8,6 +8,8 @@ The hierarchy::
     │   └── SourceDecodeError           bytes that do not decode (names path and byte offset)
     ├── ExecutorError                   one call on an executor failed for a reason other than fn
     │   ├── WorkerCrashed               the worker process died while it ran the call
+    │   │   └── ExecutorUnavailable     nothing can run: workers do not start, a scheduler is lost
+    │   │       └── PathNotVisible      a file to split is not visible to some Dask workers
     │   ├── BatchTimeout                the call ran past its timeout; its worker was killed
     │   └── RemoteError                 fn raised an exception that could not be sent back as itself
     ├── UnpicklableFunction             fn cannot be sent to worker processes (raised before any batch)
@@ -40,6 +42,7 @@ __all__ = [
     "ExecutorError",
     "WorkerCrashed",
     "ExecutorUnavailable",
+    "PathNotVisible",
     "BatchTimeout",
     "RemoteError",
     "RemoteTraceback",
@@ -116,6 +119,11 @@ class ExecutorUnavailable(WorkerCrashed):
     never bisects it or sends its records to the dead-letter file: after the retries the run stops
     with :class:`BatchFailed` (this error as its cause), and a checkpointed run resumes from there.
     """
+
+
+class PathNotVisible(ExecutorUnavailable):
+    """Raised by ``DaskExecutor`` when a file to be read in splits is not there for some workers
+    (it must be on a shared or network filesystem); the message names the path and the workers."""
 
 
 class BatchTimeout(ExecutorError, TimeoutError):

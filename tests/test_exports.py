@@ -24,7 +24,8 @@ DOCUMENTED = {
     "Batcher", "BatcherStats", "BatchExecutor", "PendingResult",
     # errors
     "MicrobatchError", "SourceError", "LineTooLong", "SourceDecodeError", "ExecutorError",
-    "WorkerCrashed", "ExecutorUnavailable", "BatchTimeout", "RemoteError", "RemoteTraceback",
+    "WorkerCrashed", "ExecutorUnavailable", "PathNotVisible", "BatchTimeout", "RemoteError",
+    "RemoteTraceback",
     "UnpicklableFunction",
     "BackendNotSupported", "BatchFailed", "TooManyDeadLetters",
     "BatchResultMismatch", "CheckpointError", "CheckpointCorrupt",

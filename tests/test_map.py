@@ -209,3 +209,11 @@ async def test_a_crash_dead_letter_holds_the_workers_exit_not_the_parents_stack(
     assert letter["record"] == "7" and letter["error"] == "WorkerCrashed"
     assert "exit code 3" in letter["traceback"] and "File " not in letter["traceback"]
     assert len(letter["traceback"]) < 500
+
+
+async def test_batch_failed_keeps_its_cause(tmp_path: Path) -> None:
+    src = numbers(tmp_path / "n.txt", 30, bad_at=3)
+    pipeline = mb.Pipeline(doubled_or_fail, max_size=10, executor="inline", retries=0, on_error="raise")
+    with pytest.raises(mb.BatchFailed) as info:
+        await pipeline.run(mb.read_lines(src))
+    assert isinstance(info.value.__cause__, ValueError) and info.value.__cause__ is info.value.cause

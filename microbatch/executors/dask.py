@@ -32,6 +32,7 @@ from .._exceptions import (
     BatchTimeout,
     ExecutorError,
     ExecutorUnavailable,
+    PathNotVisible,
     WorkerCrashed,
 )
 from . import remote
@@ -53,10 +54,6 @@ _INSTALL_HINT = "pip install 'microbatch[dask]'"
 #: Bytes of a file per split on Dask, used by a pipeline whose ``split_size`` was not given: a task
 #: costs milliseconds on a cluster (against about 0.1 ms in a local pool), so splits are larger.
 DEFAULT_SPLIT_SIZE = 16 << 20
-
-
-class PathNotVisible(ExecutorUnavailable):
-    """A file to be read in splits is not there for some Dask workers: nothing can run its splits."""
 
 
 def _kill_worker_process(dask_worker: Any) -> int | None:

@@ -212,7 +212,9 @@ class Run(Generic[R, V]):
         try:
             return await self._stack.__aexit__(*exc_info)
         except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+            error = _unwrap(group)
+            # Hide the group (the context), keep the error's own cause (BatchFailed's original error).
+            raise error from error.__cause__
 
     def stop(self) -> None:
         """Stop intake: read no more of the source, finish and fold the batches already read.
