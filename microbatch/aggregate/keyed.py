@@ -196,11 +196,5 @@ class KeyedView(Mapping[Any, Any]):
     def __len__(self) -> int:
         return len(self._state)
 
-    def items_of_shard(self, shard: int) -> Iterator[tuple[Any, Any]]:
-        """The (key, value) pairs of one shard."""
-        value = self._value
-        for key, state in self._state.shards[shard].items():
-            yield key, value(state)
-
     def __repr__(self) -> str:
         return f"<keyed values of {len(self)} keys in {len(self._state.shards)} shards>"
