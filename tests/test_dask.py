@@ -552,6 +552,7 @@ async def test_path_check_names_every_worker_and_the_path(
 ) -> None:
     from microbatch._core.splits import FileSplit
     from microbatch._core.splittask import SplitTask
+    from microbatch._core.task import BatchTask
     from microbatch.executors.dask import PathNotVisible, check_path_visible
 
     workers = sorted(_cluster[1].scheduler_info()["workers"])
@@ -570,7 +571,7 @@ async def test_path_check_names_every_worker_and_the_path(
 
         # A split of that path fails the same way before any task runs, and as an executor that
         # cannot run it (a pipeline stops instead of reading the file itself).
-        task = SplitTask(sum_ints)
+        task = SplitTask(BatchTask(sum_ints))
         with pytest.raises(PathNotVisible, match="not visible to Dask worker"):
             await executor.run(task, FileSplit(missing, 0, 100, 10, 1 << 20))
         assert isinstance(raised.value, mb.ExecutorUnavailable)

@@ -16,6 +16,7 @@ from microbatch._core import splittask
 from microbatch._core.lines import decode_lines
 from microbatch._core.splits import FileSplit, owned_range, plan_splits
 from microbatch._core.splittask import SplitTask, read_split, split_blocks
+from microbatch._core.task import BatchTask
 from microbatch._exceptions import LineTooLong
 
 BIG = 1 << 20
@@ -145,7 +146,7 @@ def _sum(lines: list[str]) -> int:
 def test_split_task_runs_fn_per_batch_and_survives_pickling(tmp_path: Path) -> None:
     path = tmp_path / "n.txt"
     path.write_text("".join(f"{i}\n" for i in range(100)))
-    task = pickle.loads(pickle.dumps(SplitTask(_sum, encoding="utf-8", where=str(path))))
+    task = pickle.loads(pickle.dumps(SplitTask(BatchTask(_sum, encoding="utf-8", where=str(path)))))
     size = path.stat().st_size
     outcomes = [o for lo, hi in plan_splits(0, size, 64) for o in task(FileSplit(str(path), lo, hi, 7, BIG))]
     assert sum(o[0] for o in outcomes) == 100
@@ -172,7 +173,7 @@ def test_the_worker_side_task_sees_every_line_once_in_batches(
 ) -> None:
     path = tmp_path / "f.txt"
     path.write_bytes(data)
-    task = SplitTask(_records, encoding=None, where=str(path))
+    task = SplitTask(BatchTask(_records, encoding=None, where=str(path)))
     saved = splittask._SCAN_BLOCK
     splittask._SCAN_BLOCK = scan  # how far past a split one read goes: also the rare paths
     try:

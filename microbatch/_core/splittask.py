@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from collections.abc import Callable
 from typing import IO, Any, Generic, TypeVar
 
 from .._exceptions import LineTooLong
 from .lines import LineBlock, _nth_newline, decode_lines, find_long_line
 from .splits import FileSplit
+from .task import BatchTask
 
 __all__ = ["BatchError", "SplitTask", "batch_bounds", "read_owned", "read_split", "split_blocks"]
 
@@ -178,28 +178,26 @@ class BatchError:
 
 
 class SplitTask(Generic[R]):
-    """Calls ``fn(records)`` on each batch of a split's lines, read from the file by the worker."""
+    """Runs a batch task's ``fn`` on each batch of a split's lines, read from the file by the worker.
 
-    __slots__ = ("encoding", "errors", "fn", "where")
+    The decoding settings (``encoding``, ``errors``, ``where``) are the batch task's: a split's
+    batches decode exactly as the same batches sent one by one.
+    """
 
-    def __init__(
-        self,
-        fn: Callable[[list[Any]], R],
-        *,
-        encoding: str | None = "utf-8",
-        errors: str = "strict",
-        where: str = "<file>",
-    ) -> None:
-        self.fn = fn
-        self.encoding = encoding
-        self.errors = errors
-        self.where = where
+    __slots__ = ("task",)
+
+    def __init__(self, task: BatchTask[R]) -> None:
+        self.task = task
+
+    def __repr__(self) -> str:
+        return f"SplitTask({self.task!r})"
 
     def __call__(self, split: FileSplit) -> list[BatchOutcome]:
         with open(split.path, "rb") as f:
-            data, stop, first = read_owned(f, split, self.where)
+            data, stop, first = read_owned(f, split, self.task.where)
         outcomes: list[BatchOutcome] = []
-        fn, encoding, errors, where = self.fn, self.encoding, self.errors, self.where
+        task = self.task
+        fn, encoding, errors, where = task.fn, task.encoding, task.errors, task.where
         limit = split.max_line_length
         # One batch's bytes and records at a time besides the split's bytes.
         for lo, hi, count in batch_bounds(data, split.max_size, stop):
@@ -215,9 +213,3 @@ class SplitTask(Generic[R]):
                 result = BatchError.of(exc)
             outcomes.append((count, first + lo, first + hi, result))
         return outcomes
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (self.fn, self.encoding, self.errors, self.where)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.fn, self.encoding, self.errors, self.where = state

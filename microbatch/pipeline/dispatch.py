@@ -168,9 +168,7 @@ class Dispatcher:
         self._dead_in_a_row = 0
         self._first_dead: BaseException | None = None
         # One task object for every split, so that worker processes receive it once.
-        self.split_task: SplitTask[Any] = SplitTask(
-            task.fn, encoding=task.encoding, errors=task.errors, where=task.where
-        )
+        self.split_task: SplitTask[Any] = SplitTask(task)
         # Bytes per batch in the splits run so far: a split's timeout is ``timeout`` per batch.
         self._split_bytes = 0
         self._split_batches = 0
