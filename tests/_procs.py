@@ -4,8 +4,10 @@ earlier test's Dask cluster, are not the current test's business)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import psutil
+import pytest
 
 _before: set[int] = set()
 
@@ -54,3 +56,18 @@ def own_io() -> tuple[int, int]:
         read += int(fields["rchar"])
         written += int(fields["wchar"])
     return read, written
+
+
+def workers_stop_starting_after(marker: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes start through a wrapper that exits at once when ``marker`` exists, as with a
+    broken interpreter or a full process table: a test creates the marker to make new workers fail."""
+    from microbatch.executors import process
+
+    wrapper = folder / "worker.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        f"if os.path.exists({str(marker)!r}):\n"
+        "    sys.exit('cannot start')\n"
+        f"runpy.run_path({process._WORKER_SCRIPT!r}, run_name='__main__')\n"
+    )
+    monkeypatch.setattr(process, "_WORKER_SCRIPT", str(wrapper))

@@ -14,10 +14,9 @@ from typing import Any
 import anyio
 import psutil
 import pytest
-from _procs import new_children
+from _procs import new_children, workers_stop_starting_after
 
 import microbatch as mb
-from microbatch.executors import process as executors
 
 pytestmark = pytest.mark.anyio
 
@@ -199,18 +198,8 @@ def crash_at_500(lines: list[str]) -> int:
 async def test_an_executor_that_cannot_start_workers_stops_the_run_without_dead_letters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Workers start through a wrapper that fails once the marker exists, as a broken interpreter
-    # or a full process table would.
-    marker = tmp_path / "no-more-workers"
-    wrapper = tmp_path / "worker.py"
-    wrapper.write_text(
-        "import os, runpy, sys\n"
-        f"if os.path.exists({str(marker)!r}):\n"
-        "    sys.exit('cannot start')\n"
-        f"runpy.run_path({executors._WORKER_SCRIPT!r}, "
-        "run_name='__main__')\n"
-    )
-    monkeypatch.setattr(executors, "_WORKER_SCRIPT", str(wrapper))
+    marker = tmp_path / "no-more-workers"  # crash_at_500 creates it
+    workers_stop_starting_after(marker, tmp_path, monkeypatch)
     path = write_numbers(tmp_path / "n.txt", 1_000)
     dead, checkpoint = tmp_path / "dead.jsonl", tmp_path / "ck"
     pipeline = mb.Pipeline(

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _procs import new_children
+from _procs import new_children, workers_stop_starting_after
 
 import microbatch as mb
 from microbatch._core.splits import plan_splits
@@ -219,24 +219,11 @@ async def test_stopped_inside_a_split_then_resumed_gives_the_exact_value(tmp_pat
 IO_SCRIPT = """
 import os, sys, anyio
 import microbatch as mb
+sys.path.insert(0, {tests!r})
+from _procs import own_io
 
 def sum_ints(lines):
     return sum(int(x) for x in lines)
-
-def own_io():
-    # This process's own reads and writes: the sum over its threads. psutil's io_counters() (the
-    # process's /proc/PID/io) also holds the I/O of every child it has reaped, and the workers
-    # are reaped while the last updates are delivered.
-    read = written = 0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/io") as f:
-                fields = dict(line.split(": ") for line in f.read().splitlines())
-        except OSError:
-            continue  # a thread that ended since the listing
-        read += int(fields["rchar"])
-        written += int(fields["wchar"])
-    return read, written
 
 async def main(path, split_size):
     pipeline = mb.Pipeline(sum_ints, aggregate=mb.Sum(), workers=2, split_size=split_size)
@@ -268,7 +255,7 @@ def test_the_parent_reads_and_writes_almost_none_of_the_file(tmp_path: Path) -> 
     size = path.stat().st_size
     assert size > 4_000_000
     script = tmp_path / "io_run.py"
-    script.write_text(IO_SCRIPT)
+    script.write_text(IO_SCRIPT.format(tests=str(Path(__file__).parent)))
     value, read, written = io_of_a_run(path, script, 1 << 20)
     assert value == sum(range(600_000))
     assert read < 0.05 * size, (read, size)
@@ -291,17 +278,8 @@ def crash_at_500(lines: list[str]) -> int:
 async def test_workers_that_cannot_start_stop_the_run_after_the_splits_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from microbatch.executors import process as executors
-
-    marker = tmp_path / "no-more-workers"
-    wrapper = tmp_path / "worker.py"
-    wrapper.write_text(
-        "import os, runpy, sys\n"
-        f"if os.path.exists({str(marker)!r}):\n"
-        "    sys.exit('cannot start')\n"
-        f"runpy.run_path({executors._WORKER_SCRIPT!r}, run_name='__main__')\n"
-    )
-    monkeypatch.setattr(executors, "_WORKER_SCRIPT", str(wrapper))
+    marker = tmp_path / "no-more-workers"  # crash_at_500 creates it
+    workers_stop_starting_after(marker, tmp_path, monkeypatch)
     path = write_numbers(tmp_path / "n.txt", 1_000)
     dead, checkpoint = tmp_path / "dead.jsonl", tmp_path / "ck"
     pipeline = mb.Pipeline(
