@@ -147,6 +147,18 @@ def position_kind(source: object) -> PositionKind:
     return "count"
 
 
+def stop_intake(source: object) -> bool:
+    """Ask a source that can end on request (a TCP server) to deliver what it has received and end.
+
+    False for the others: the run then stops reading it itself.
+    """
+    stop = getattr(source, "stop_intake", None)
+    if not callable(stop):
+        return False
+    stop()
+    return True
+
+
 def source_identity(source: object) -> Callable[[int, int], Any] | None:
     """For a followed file: ``identity(offset, records)``, the identity of the file the
     ``records``-th record read came from, up to ``offset`` (it may have been rotated since)."""

@@ -46,6 +46,7 @@ from .reader import (
     read,
     resume_source,
     source_identity,
+    stop_intake,
 )
 from .stats import Stats, Update
 
@@ -227,11 +228,8 @@ class Run(Generic[R, V]):
         the batch being folded when it is called (a split holds many batches). A TCP server stops
         accepting and reading, and the complete lines it had received are batched and folded.
         """
-        stop_intake = getattr(self.source, "stop_intake", None)
-        if callable(stop_intake):
-            # A server delivers the complete lines it has received, then its iteration ends.
-            self._stopped = True
-            stop_intake()
+        if stop_intake(self.source):
+            self._stopped = True  # the source ends because it was asked to, not because it ran out
             return
         self._intake.cancel()
         if self.folder is not None:
