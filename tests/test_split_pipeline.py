@@ -346,3 +346,20 @@ async def test_an_undecodable_line_is_dead_lettered_as_without_splits(tmp_path: 
     offset = len(b"".join(lines[:1_500]))
     assert found["split"] == found["plain"] == [("//4=", offset, "microbatch._exceptions.SourceDecodeError")]
     assert found["split stats"] == found["plain stats"]
+
+
+@pytest.mark.anyio
+async def test_a_stage_sending_to_a_stage_stopped_by_an_error_does_not_hide_the_error() -> None:
+    """The fold stage stops with BatchFailed; a dispatcher's send then fails with a broken stream.
+
+    Which of the two a run's task group sees first depends on scheduling; the run raises the
+    BatchFailed either way.
+    """
+    from microbatch.pipeline.run import BaseExceptionGroup, _unwrap
+
+    failed = mb.BatchFailed(27, ValueError("cannot parse 'bad'"), 1)
+    for leaves in ([failed, anyio.BrokenResourceError()], [anyio.ClosedResourceError(), failed]):
+        group = BaseExceptionGroup("stages", [BaseExceptionGroup("dispatchers", leaves)])
+        assert _unwrap(group) is failed
+    alone = anyio.BrokenResourceError()
+    assert _unwrap(BaseExceptionGroup("stages", [alone])) is alone

@@ -343,6 +343,11 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     collect(group)
+    # A stage that sent to a stage already stopped by an error fails with a broken stream: that is
+    # a consequence of the error, not a second one.
+    consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError)
+    causes = [leaf for leaf in leaves if not isinstance(leaf, consequences)]
+    leaves = causes or leaves
     failed = [leaf for leaf in leaves if isinstance(leaf, BatchFailed)]
     if failed and len(failed) == len(leaves):
         # Dispatchers failing together (an executor gone for every batch in flight): the first.
