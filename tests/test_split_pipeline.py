@@ -12,6 +12,9 @@ from typing import Any
 
 import anyio
 import pytest
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 from _procs import new_children, workers_stop_starting_after
 
 import microbatch as mb
@@ -355,7 +358,7 @@ async def test_a_stage_sending_to_a_stage_stopped_by_an_error_does_not_hide_the_
     Which of the two a run's task group sees first depends on scheduling; the run raises the
     BatchFailed either way.
     """
-    from microbatch.pipeline.run import BaseExceptionGroup, _unwrap
+    from microbatch.pipeline.run import _unwrap
 
     failed = mb.BatchFailed(27, ValueError("cannot parse 'bad'"), 1)
     for leaves in ([failed, anyio.BrokenResourceError()], [anyio.ClosedResourceError(), failed]):
