@@ -12,8 +12,8 @@ from .._core.params import callable_name, check_int, check_seconds
 from .._core.policy import check_limits
 from .._core.retry import RetryPolicy
 from ..aggregate import Aggregator
+from ..checkpoints.store import CheckpointStore
 from ..executors import Executor
-from ..stores import CheckpointStore
 from .reader import describe_source
 from .run import Discard, Run, UnsetSplitSize
 

@@ -36,11 +36,11 @@ import anyio
 from anyio.abc import ObjectSendStream
 
 from .._batching import batches, wait_until
-from .._core.checkpoint import PositionKind
 from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
+from ..checkpoints.format import PositionKind
 from ..sources.protocol import Chunk, LineParts, Part, Source
 
 __all__ = [
@@ -178,7 +178,7 @@ def resume_source(source: Any, position: Any, file: Any = None) -> Any:
       the same records in the same order each time).
 
     ``file`` is what became of a file source's input since the checkpoint (a
-    ``sources.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
+    ``checkpoints.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
     files written after it are read (``continue_rotated``) when the source follows; otherwise it is
     refused with the state's error.
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ import xxhash
 from .._core.keys import key_bytes, key_from_json, key_to_json
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from ..aggregate.base import JSON
-from ..stores.directory import fsync_dir
+from .atomic import TEMP_SUFFIX, fsync_dir, write_atomic
+from .format import JSON
 
 __all__ = ["MANIFEST_FORMAT", "ShardFiles", "merge_documents"]
 
@@ -164,19 +163,7 @@ class ShardFiles:
         return {"shard": shard, "count": doc["count"], "base": meta, "deltas": []}
 
     def _write_file(self, name: str, data: bytes) -> dict[str, Any]:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.path)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                if self.fsync:
-                    os.fsync(file.fileno())
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, name, data, prefix=_TEMP_PREFIX, fsync=self.fsync)
         return {"name": name, "bytes": len(data), "xxh3": xxhash.xxh3_64_hexdigest(data)}
 
     # --- reading -------------------------------------------------------------------------------
@@ -245,7 +232,7 @@ class ShardFiles:
             return removed
         for file in self.path.iterdir():
             shard_file = file.name.startswith("shard-") and file.name.endswith(".json")
-            temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(".tmp")
+            temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(TEMP_SUFFIX)
             if (shard_file or temporary) and file.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     file.unlink()

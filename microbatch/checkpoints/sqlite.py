@@ -8,9 +8,10 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from .._core.checkpoint import Checkpoint, encode
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from ._common import Validate, WriterLock, accept, check_keep, none_valid, report_skipped
+from .format import Checkpoint, encode
+from .lock import WriterLock
+from .store import Validate, accept, check_keep, none_valid, report_skipped
 
 
 class SqliteStore:

@@ -1,8 +1,13 @@
-"""A run's checkpoints: restore at the start, save when due, at the end and when stopped early.
+"""A run's checkpoints: open and lock the store, restore at the start, save when due and at the end.
 
 The store is opened and locked (one writer at a time), the newest valid checkpoint is checked
 against the pipeline's fingerprint and handed back to the run; saves write the dead-letter file's
 durable length together with the state, so a resumed run cuts it back to what was folded.
+
+:func:`restore` runs every resume check in one call, in order: the newest checkpoint the pipeline
+can resume from (falling back past invalid ones), the fingerprint, the aggregator's state and, for a
+file, what became of the file. It blocks (file I/O); :class:`Checkpoints` calls it in a worker
+thread.
 
 Keyed state (``ByKey``, ``TopK``) in a folder or SQLite store is not written whole each time: each
 save writes the shards' changes since the last one into shard files beside the store (``keyed/``
@@ -16,23 +21,48 @@ import collections
 import functools
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
-from .._core.checkpoint import Checkpoint, PositionKind
-from ..aggregate import Aggregator
-from ..aggregate.bykey import KeyedAggregator
-from ..keyed import MANIFEST_FORMAT, ShardFiles
-from ..sources.identity import file_identity
-from ..stores import CheckpointStore, is_sqlite_target, open_store
-from ..stores.resume import Restored, restore
-from .deadletter import DeadLetterFile
+from .._core.fingerprint import check_fingerprint
+from .._exceptions import InvalidCheckpoint
+from .deadletters import DeadLetterFile
+from .format import JSON, Checkpoint, PositionKind, check_position, checked
+from .identity import FileIdentity, classify, file_identity
+from .shards import MANIFEST_FORMAT, ShardFiles
+from .store import CheckpointStore
+from .targets import is_sqlite_target, open_store
 
-__all__ = ["Checkpoints", "dead_letter_path"]
+__all__ = ["Checkpoints", "Restored", "dead_letter_path", "restore"]
 
 log = logging.getLogger("microbatch")
+logger = logging.getLogger("microbatch.checkpoint")
+
+
+class StateCodec(Protocol):
+    """What a run's checkpoints need of its aggregator: its state as JSON data and back."""
+
+    def dump(self, state: Any) -> JSON: ...
+
+    def load(self, data: JSON) -> Any: ...
+
+    def describe(self) -> str: ...
+
+
+@runtime_checkable
+class ShardedCodec(StateCodec, Protocol):
+    """A keyed aggregator (``ByKey``, ``TopK``): its state is written as shard files, by changes."""
+
+    shards: int
+
+    def dump_changes(self, state: Any) -> list[JSON]: ...
+
+    def load_documents(self, documents: Iterable[JSON]) -> Any: ...
+
+    def mark_all_changed(self, state: Any) -> None: ...
 
 Target = str | os.PathLike[str] | CheckpointStore
 
@@ -44,6 +74,82 @@ def dead_letter_path(dead_letter: str | os.PathLike[str] | None, target: Target 
     if isinstance(target, (str, os.PathLike)) and not is_sqlite_target(target):
         return os.path.join(target, "dead-letters.jsonl")
     return "dead-letters.jsonl"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A checkpoint to resume from: the ``checkpoint``, the aggregator ``state`` its ``load`` returned,
+    the ``position`` checked for the source's kind, the fingerprint ``changes`` accepted (empty
+    unless ``accept_changes``), and for a file source ``file`` (a ``identity.FileState``:
+    ``grown``, ``same`` or ``rotated``; ``None`` when the checkpoint recorded no identity)."""
+
+    checkpoint: Checkpoint
+    state: Any
+    position: JSON
+    changes: list[str]
+    file: Any = None
+
+
+def restore(
+    store: CheckpointStore,
+    *,
+    fingerprint: Mapping[str, str],
+    kind: PositionKind,
+    load_state: Callable[[JSON], Any],
+    path: str | os.PathLike[str] | None = None,
+    accept_changes: bool = False,
+) -> Restored | None:
+    """Return what to resume from, or ``None`` when the store holds no checkpoint.
+
+    1. The newest checkpoint whose position suits ``kind`` (``check_position``), whose identity
+       (when ``path`` is given) is well formed, and whose state ``load_state`` accepts; the others
+       are skipped with a warning naming the field, falling back to the previous one.
+    2. ``CheckpointMismatch`` when the fingerprint differs from ``fingerprint``, naming each change,
+       unless ``accept_changes`` (then the changes are logged and returned).
+    3. For a file (``path``) whose checkpoint holds an identity: ``CheckpointMismatch`` saying what
+       differs when the file was rewritten, truncated or replaced and its data is nowhere else, or
+       is missing; otherwise the ``FileState`` in ``Restored.file``. A ``finished`` checkpoint
+       whose file has grown is logged: the rerun reads only what was appended.
+    """
+    loaded: list[Any] = []
+
+    found: list[list[str]] = []
+
+    def validate(checkpoint: Checkpoint) -> None:
+        # Another pipeline's checkpoint is a mismatch (which stops the resume), not a bad state.
+        found[:] = [
+            check_fingerprint(
+                checkpoint.fingerprint, fingerprint, location=store.location, accept_changes=accept_changes
+            )
+        ]
+        position = check_position(checkpoint, kind)
+        if path is not None and checkpoint.identity is not None:
+            identity = FileIdentity.from_json(checkpoint.identity)
+            if identity.offset != position:
+                raise InvalidCheckpoint(
+                    "identity.offset", f"is {identity.offset}, not the position {position} it belongs to"
+                )
+        loaded[:] = [checked("state", load_state, checkpoint.state)]
+
+    checkpoint = store.load(validate)
+    if checkpoint is None:
+        return None
+    changes = found[0]
+    position = check_position(checkpoint, kind)
+    file_state = None
+    if path is not None and checkpoint.identity is not None:
+        file_state = classify(path, FileIdentity.from_json(checkpoint.identity))
+        if file_state.kind == "missing" and checkpoint.finished:
+            # Nothing is left to read: the finished run's value stands without its input.
+            logger.info("%s is gone; the finished run of %s still has its value", path, store.location)
+        elif file_state.kind in ("changed", "missing"):
+            raise file_state.error()
+        if checkpoint.finished and file_state.kind == "grown":
+            logger.info(
+                "%s has %d new bytes since the finished run of %s: reading only those",
+                file_state.path, max(0, file_state.size - file_state.offset), store.location,
+            )
+    return Restored(checkpoint, loaded[0], position, changes, file_state)
 
 
 #: Manifests whose shard files are kept: those of the checkpoints a store keeps to fall back on.
@@ -96,46 +202,44 @@ class Checkpoints:
             self._files = ShardFiles(folder)
         return self._files
 
-    def dump(self, agg: Aggregator[Any, Any, Any], state: Any) -> Any:
+    def dump(self, agg: StateCodec, state: Any) -> Any:
         """What a checkpoint of ``state`` holds, taken without awaiting (folding may go on after)."""
-        if isinstance(agg, KeyedAggregator) and self._shard_files() is not None:
+        if isinstance(agg, ShardedCodec) and self._shard_files() is not None:
             return _KeyedChanges(agg.dump_changes(state), agg.shards)
         return agg.dump(state)
 
-    def loader(self, agg: Aggregator[Any, Any, Any]) -> Callable[[Any], Any]:
+    def loader(self, agg: StateCodec) -> Callable[[Any], Any]:
         """How a resumed run turns a checkpoint's state back into the aggregator's state."""
 
         def load(data: Any) -> Any:
             files = self._shard_files()
             if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and files is not None:
-                if not isinstance(agg, KeyedAggregator):
+                if not isinstance(agg, ShardedCodec):
                     raise ValueError(f"keyed shard files cannot be loaded by {agg.describe()}")
                 state = agg.load_documents(files.read(data))
                 files.adopt(data)
                 self._manifests.append(data)
                 return state
             state = agg.load(data)
-            if isinstance(agg, KeyedAggregator):
+            if isinstance(agg, ShardedCodec):
                 agg.mark_all_changed(state)  # the first save writes every shard whole
             return state
 
         return load
 
     async def open(
-        self, *, fresh: bool, accept_changes: bool, agg: Aggregator[Any, Any, Any]
+        self, *, fresh: bool, accept_changes: bool, agg: StateCodec
     ) -> Restored | None:
         """Open and lock the store; return what to resume from (None: start afresh).
 
         Checkpoints with a field of the wrong type or range are skipped (the previous one is used);
-        a changed pipeline or input is refused unless ``accept_changes`` (see ``stores.resume``).
+        a changed pipeline or input is refused unless ``accept_changes`` (see :func:`restore`).
         """
         if self.target is None:
             return None
         # Opening and locking a store is file I/O (the lock also removes stale temporary files).
         store = self.store = await anyio.to_thread.run_sync(open_store, self.target)
-        lock = getattr(store, "lock", None)  # the built-in stores admit one writer at a time
-        if lock is not None:
-            await anyio.to_thread.run_sync(lock)
+        await anyio.to_thread.run_sync(store.lock)  # one writer at a time
         # A run without a checkpoint appends to the dead-letter file as it finds it; checkpoints
         # record the file's absolute length, so a resumed run cuts back only what it wrote itself.
         if fresh:
