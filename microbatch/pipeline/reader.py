@@ -35,11 +35,12 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from anyio.abc import ObjectSendStream
 
-from .._batching import batches, wait_until
+from .._batching import batches
 from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
+from .._waits import wait_until
 from ..checkpoints.format import PositionKind
 from ..sources.protocol import Chunk, LineParts, Part, Source
 
