@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -30,9 +31,11 @@ import anyio
 from .._core.fingerprint import check_fingerprint
 from .._exceptions import InvalidCheckpoint
 from .deadletters import DeadLetterFile
+from .directory import DirectoryStore
 from .format import JSON, Checkpoint, PositionKind, check_position, checked
 from .identity import FileIdentity, classify, file_identity
 from .shards import MANIFEST_FORMAT, ShardFiles
+from .sqlite import SqliteStore
 from .store import CheckpointStore
 from .targets import is_sqlite_target, open_store
 
@@ -68,12 +71,30 @@ Target = str | os.PathLike[str] | CheckpointStore
 
 
 def dead_letter_path(dead_letter: str | os.PathLike[str] | None, target: Target | None) -> str:
-    """Where dead letters go: the given path, the checkpoint folder, or the current directory."""
+    """Where dead letters go: ``dead_letter`` when given, else a file that belongs to the checkpoint.
+
+    A resumed run cuts the dead-letter file back to the length its checkpoint recorded, so two
+    pipelines must never share one by default: a folder store keeps ``DIR/dead-letters.jsonl``, a
+    SQLite store ``NAME.dead-letters.jsonl`` beside its file (``state.sqlite`` ->
+    ``state.sqlite.dead-letters.jsonl``), a store object of another kind
+    ``dead-letters-<hash of its location>.jsonl`` in the current directory. Without a checkpoint
+    nothing is ever cut back: ``dead-letters.jsonl`` in the current directory, appended to.
+    """
     if dead_letter is not None:
         return os.fspath(dead_letter)
-    if isinstance(target, (str, os.PathLike)) and not is_sqlite_target(target):
-        return os.path.join(target, "dead-letters.jsonl")
-    return "dead-letters.jsonl"
+    if target is None:
+        return "dead-letters.jsonl"
+    if isinstance(target, (str, os.PathLike)):
+        path = os.fspath(target)
+        if is_sqlite_target(path):
+            return path + ".dead-letters.jsonl"
+        return os.path.join(path, "dead-letters.jsonl")
+    if isinstance(target, DirectoryStore):
+        return os.fspath(target.path / "dead-letters.jsonl")
+    if isinstance(target, SqliteStore):
+        return os.fspath(target.path) + ".dead-letters.jsonl"
+    digest = hashlib.sha256(target.location.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"dead-letters-{digest}.jsonl"
 
 
 @dataclass(frozen=True)
