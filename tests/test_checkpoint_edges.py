@@ -57,3 +57,93 @@ async def test_store_objects_name_their_own_dead_letter_file(tmp_path: Path) -> 
         assert dead_letter_path(None, None) == "dead-letters.jsonl"
     finally:
         db.close()
+
+
+# --- keyed state's shard files -------------------------------------------------------------------
+
+
+def count_users(lines: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in lines:
+        out[line] = out.get(line, 0) + 1
+    return out
+
+
+def _users(path: Path, n: int) -> Path:
+    path.write_text("".join(f"u{(i * 7919) % 300}\n" for i in range(n)))
+    return path
+
+
+def _manifests(state: Path) -> list[dict[str, object]]:
+    from microbatch.checkpoints.format import decode
+
+    return [decode(file.read_bytes()).state for file in sorted(state.glob("checkpoint-*.json"))]
+
+
+def _named_files(manifest: object) -> list[str]:
+    from microbatch.checkpoints.shards import _names
+
+    return _names(manifest)
+
+
+async def test_a_keyed_checkpoint_folder_deleted_during_the_run_is_written_whole(tmp_path: Path) -> None:
+    import shutil
+
+    src = _users(tmp_path / "users.txt", 3_000)
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        count_users, aggregate=mb.ByKey(mb.Count(), shards=4), max_size=100, executor="inline",
+        checkpoint_every_batches=1,
+    )
+    async with pipeline.updates(mb.read_lines(src), checkpoint=state) as updates:
+        async for update in updates:
+            if update.seq == 10:
+                # No save is running: the one of batch 9 ended before this update was sent.
+                shutil.rmtree(state)
+    manifests = _manifests(state)
+    assert manifests, "checkpoints are written again after the folder was deleted"
+    for manifest in manifests:
+        assert all((state / "keyed" / name).is_file() for name in _named_files(manifest))
+    expected = count_users(src.read_text().splitlines())
+    assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
+
+
+def test_a_crafted_manifest_naming_a_path_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    from microbatch.checkpoints.shards import ShardFiles
+
+    agg = mb.ByKey(mb.Count(), shards=2)
+    files = ShardFiles(tmp_path / "keyed", fsync=False)
+    manifest = files.write(1, agg.dump_changes(agg.fold(agg.initial(), {"a": 1, "b": 2})), shards=2)
+    entry = manifest["entries"][0]
+    for name in ("../../etc/passwd", "/etc/passwd", "sub/shard-0000-000000000001-base.json", ".."):
+        crafted = {**manifest, "entries": [{**entry, "base": {**entry["base"], "name": name}},
+                                           *manifest["entries"][1:]]}
+        with pytest.raises(mb.CheckpointCorrupt, match=r"entries\[0\]\.base\.name"):
+            list(files.read(crafted))
+    bad_count = {**manifest, "entries": [{**entry, "count": "3"}, *manifest["entries"][1:]]}
+    with pytest.raises(mb.CheckpointCorrupt, match=r"entries\[0\]\.count"):
+        files.counts(bad_count)
+
+
+async def test_a_resume_falls_back_past_a_checkpoint_whose_manifest_leaves_the_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+
+    from microbatch.checkpoints.format import decode, encode
+
+    src = _users(tmp_path / "users.txt", 1_000)
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        count_users, aggregate=mb.ByKey(mb.Count(), shards=2), max_size=100, executor="inline",
+        checkpoint_every_batches=1,
+    )
+    expected = dict(await pipeline.run(mb.read_lines(src), checkpoint=state))
+    newest = sorted(state.glob("checkpoint-*.json"))[-1]
+    cp = decode(newest.read_bytes())
+    manifest = json.loads(json.dumps(cp.state))
+    manifest["entries"][0]["base"]["name"] = "../../etc/passwd"
+    crafted = dataclasses.replace(cp, batches=cp.batches + 1, state=manifest)
+    (state / f"checkpoint-{crafted.batches:012d}.json").write_bytes(encode(crafted))
+    assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
+    assert "entries[0].base.name" in caplog.text and "../../etc/passwd" in caplog.text

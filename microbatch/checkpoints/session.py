@@ -34,7 +34,7 @@ from .deadletters import DeadLetterFile
 from .directory import DirectoryStore
 from .format import JSON, Checkpoint, PositionKind, check_position, checked
 from .identity import FileIdentity, classify, file_identity
-from .shards import MANIFEST_FORMAT, ShardFiles
+from .shards import MANIFEST_FORMAT, ShardFiles, ShardFilesLost
 from .sqlite import SqliteStore
 from .store import CheckpointStore
 from .targets import is_sqlite_target, open_store
@@ -180,11 +180,16 @@ _KEEP_MANIFESTS = 3
 class _KeyedChanges:
     """A keyed state's changes since the last save, to be written as shard files."""
 
-    __slots__ = ("documents", "shards")
+    __slots__ = ("agg", "documents", "shards", "state")
 
-    def __init__(self, documents: list[Any], shards: int) -> None:
-        self.documents = documents
-        self.shards = shards
+    def __init__(self, agg: ShardedCodec, state: Any) -> None:
+        self.agg, self.state, self.shards = agg, state, agg.shards
+        self.documents = agg.dump_changes(state)
+
+    def take_whole(self) -> None:
+        """Every shard whole, from the live state (only right when nothing was folded since)."""
+        self.agg.mark_all_changed(self.state)
+        self.documents = self.agg.dump_changes(self.state)
 
 
 class Checkpoints:
@@ -225,8 +230,11 @@ class Checkpoints:
 
     def dump(self, agg: StateCodec, state: Any) -> Any:
         """What a checkpoint of ``state`` holds, taken without awaiting (folding may go on after)."""
-        if isinstance(agg, ShardedCodec) and self._shard_files() is not None:
-            return _KeyedChanges(agg.dump_changes(state), agg.shards)
+        files = self._shard_files()
+        if isinstance(agg, ShardedCodec) and files is not None:
+            if files.needs_base():  # the shard folder was deleted under the run: start it afresh
+                agg.mark_all_changed(state)
+            return _KeyedChanges(agg, state)
         return agg.dump(state)
 
     def loader(self, agg: StateCodec) -> Callable[[Any], Any]:
@@ -300,11 +308,15 @@ class Checkpoints:
             return
         files = self._files
 
-        def write() -> None:
+        def write() -> bool:
             data = state
             if isinstance(state, _KeyedChanges):
                 assert files is not None
-                data = files.write(batches, state.documents, shards=state.shards)
+                try:
+                    data = files.write(batches, state.documents, shards=state.shards)
+                except ShardFilesLost as exc:
+                    log.warning("checkpoint at batch %d not written: %s", batches, exc)
+                    return False
             cp = Checkpoint(
                 batches=batches,
                 records=records,
@@ -320,11 +332,18 @@ class Checkpoints:
             if files is not None and isinstance(state, _KeyedChanges):
                 self._manifests.append(data)
                 files.collect(self._manifests)  # shard files no kept checkpoint names
+            return True
 
         # A save once begun is finished, also when the run is cancelled meanwhile: the changes it
         # took from a keyed state are in no other save, and the final checkpoint follows it.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(write)
+            written = await anyio.to_thread.run_sync(write)
+            if not written and finished and isinstance(state, _KeyedChanges):
+                # Nothing folds after the last save: the live state is the one at ``batches``.
+                state.take_whole()
+                written = await anyio.to_thread.run_sync(write)
+        if not written:
+            return
         self.saved += 1
         log.debug("checkpoint %d written to %s at batch %d", self.saved, store.location, batches)
 
