@@ -86,24 +86,31 @@ def _named_files(manifest: object) -> list[str]:
     return _names(manifest)
 
 
-async def test_a_keyed_checkpoint_folder_deleted_during_the_run_is_written_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delete_at", [None, 10])
+async def test_every_kept_keyed_checkpoint_names_files_that_exist_even_after_the_folder_was_deleted(
+    tmp_path: Path, delete_at: int | None
+) -> None:
+    """Also without a deletion: the final save replaces the regular one of the same batch, and the
+    files of the checkpoints kept before it must stay."""
     import shutil
 
     src = _users(tmp_path / "users.txt", 3_000)
     state = tmp_path / "state"
+
+    async def sink(seq: int, result: object) -> None:
+        # The fold stage calls the sink between saves: no checkpoint is being written now.
+        if seq == delete_at:
+            shutil.rmtree(state)
+
     pipeline = mb.Pipeline(
         count_users, aggregate=mb.ByKey(mb.Count(), shards=4), max_size=100, executor="inline",
-        checkpoint_every_batches=1,
+        checkpoint_every_batches=1, sink=sink,
     )
-    async with pipeline.updates(mb.read_lines(src), checkpoint=state) as updates:
-        async for update in updates:
-            if update.seq == 10:
-                # No save is running: the one of batch 9 ended before this update was sent.
-                shutil.rmtree(state)
+    await pipeline.run(mb.read_lines(src), checkpoint=state)
     manifests = _manifests(state)
     assert manifests, "checkpoints are written again after the folder was deleted"
     for manifest in manifests:
-        assert all((state / "keyed" / name).is_file() for name in _named_files(manifest))
+        assert [name for name in _named_files(manifest) if not (state / "keyed" / name).is_file()] == []
     expected = count_users(src.read_text().splitlines())
     assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
 
@@ -147,3 +154,65 @@ async def test_a_resume_falls_back_past_a_checkpoint_whose_manifest_leaves_the_f
     (state / f"checkpoint-{crafted.batches:012d}.json").write_bytes(encode(crafted))
     assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
     assert "entries[0].base.name" in caplog.text and "../../etc/passwd" in caplog.text
+
+
+# --- loading is strict: a field of the wrong type or range falls back, named ----------------------
+
+_GOOD_SUM = {"int": 12, "partials": [], "special": 0.0, "floats": False}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("int", "12"), ("int", 1.5), ("int", True), ("partials", ["1.0"]), ("floats", 1), ("special", 0)],
+)
+def test_a_sum_state_with_a_wrongly_typed_field_is_refused_naming_it(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"field '{field}'"):
+        mb.Sum().load({**_GOOD_SUM, field: value})
+    assert mb.Sum().value(mb.Sum().load(_GOOD_SUM)) == 12
+
+
+@pytest.mark.parametrize(
+    ("agg", "state"),
+    [
+        (mb.Count(), True),
+        (mb.Count(), -1),
+        (mb.Count(), "3"),
+        (mb.Mean(), {"sum": _GOOD_SUM, "count": "3"}),
+        (mb.Mean(), {"sum": _GOOD_SUM, "count": True}),
+        (mb.Mean(), {"sum": {**_GOOD_SUM, "int": "12"}, "count": 3}),
+        (mb.Min(), True),
+        (mb.Max(), float("nan")),
+        (mb.ByKey(mb.Sum(), shards=1), {"format": "microbatch.keyed/1", "documents": [
+            {"format": "microbatch.keyed/1", "shard": 0, "shards": 1, "kind": "base", "count": "1",
+             "keys": ["a"], "states": [3]}]}),
+        (mb.ByKey(mb.Count(), shards=1), {"format": "microbatch.keyed/1", "documents": [
+            {"format": "microbatch.keyed/1", "shard": 0, "shards": 1, "kind": "base", "count": 1,
+             "keys": ["a"], "states": [True]}]}),
+    ],
+)
+def test_aggregator_states_of_the_wrong_type_or_range_are_refused(agg: mb.Aggregator[object, object, object],
+                                                                 state: object) -> None:
+    with pytest.raises(ValueError):
+        agg.load(state)
+
+
+@pytest.mark.parametrize("bad", [{"int": "12"}, {"int": 1.5}, {"int": True}])
+async def test_a_checkpoint_whose_state_has_a_bad_field_falls_back_to_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: dict[str, object]
+) -> None:
+    import dataclasses
+
+    from microbatch.checkpoints.format import decode, encode
+
+    src = tmp_path / "n.txt"
+    src.write_text("".join(f"{i}\n" for i in range(100)))
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(sum_or_fail, aggregate=mb.Sum(), max_size=10, executor="inline",
+                           checkpoint_every_batches=1)
+    assert await pipeline.run(mb.read_lines(src), checkpoint=state) == sum(range(100))
+    cp = decode(sorted(state.glob("checkpoint-*.json"))[-1].read_bytes())
+    crafted = dataclasses.replace(cp, batches=cp.batches + 1, state={**cp.state, **bad})
+    (state / f"checkpoint-{crafted.batches:012d}.json").write_bytes(encode(crafted))
+    assert await pipeline.run(mb.read_lines(src), checkpoint=state) == sum(range(100))
+    [field] = bad
+    assert f"field {field!r}" in caplog.text and "field 'state' was refused by Sum().load" in caplog.text

@@ -247,13 +247,14 @@ class Checkpoints:
                     raise ValueError(f"keyed shard files cannot be loaded by {agg.describe()}")
                 state = agg.load_documents(files.read(data))
                 files.adopt(data)
-                self._manifests.append(data)
+                self._keep(data)
                 return state
             state = agg.load(data)
             if isinstance(agg, ShardedCodec):
                 agg.mark_all_changed(state)  # the first save writes every shard whole
             return state
 
+        load.__qualname__ = f"{agg.describe()}.load"  # how a refusal names it
         return load
 
     async def open(
@@ -330,7 +331,7 @@ class Checkpoints:
             self.dead.sync()
             store.save(cp)
             if files is not None and isinstance(state, _KeyedChanges):
-                self._manifests.append(data)
+                self._keep(data)
                 files.collect(self._manifests)  # shard files no kept checkpoint names
             return True
 
@@ -346,6 +347,14 @@ class Checkpoints:
             return
         self.saved += 1
         log.debug("checkpoint %d written to %s at batch %d", self.saved, store.location, batches)
+
+    def _keep(self, manifest: Any) -> None:
+        """Remember ``manifest`` among those of the checkpoints the store keeps. A checkpoint with
+        the number of the last one replaces it in the store (the final save after a regular one),
+        so its manifest replaces the last one here too, and the older ones' files stay."""
+        if self._manifests and self._manifests[-1]["seq"] == manifest["seq"]:
+            self._manifests.pop()
+        self._manifests.append(manifest)
 
     def _identity(self, position: Any) -> Any:
         """Which file the offset belongs to, so a resume can tell a grown file from another one."""
