@@ -216,3 +216,39 @@ async def test_a_checkpoint_whose_state_has_a_bad_field_falls_back_to_the_previo
     assert await pipeline.run(mb.read_lines(src), checkpoint=state) == sum(range(100))
     [field] = bad
     assert f"field {field!r}" in caplog.text and "field 'state' was refused by Sum().load" in caplog.text
+
+
+# --- a user source without describe() -------------------------------------------------------------
+
+
+class Numbers:
+    """A source of its own positions, without ``describe()`` (it is optional)."""
+
+    def __init__(self, stop: int, start: int = 0, fail_at: int | None = None) -> None:
+        self.start, self.stop, self.fail_at = start, stop, fail_at
+
+    async def chunks(self):  # type: ignore[no-untyped-def]
+        for first in range(self.start, self.stop, 10):
+            if first == self.fail_at:
+                raise OSError("the source broke")
+            records = list(range(first, min(first + 10, self.stop)))
+            yield mb.Chunk(records, position={"next": records[-1] + 1})
+
+    def resume(self, position: dict[str, int]) -> Numbers:
+        return Numbers(self.stop, position["next"])
+
+
+async def test_a_source_without_describe_resumes_fingerprinted_by_its_class(tmp_path: Path) -> None:
+    from microbatch.checkpoints.format import decode
+
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        sum, aggregate=mb.Sum(), max_size=10, executor="inline", checkpoint_every_batches=1
+    )
+    with pytest.raises(OSError, match="the source broke"):
+        await pipeline.run(Numbers(100, fail_at=50), checkpoint=state)
+    newest = decode(sorted(state.glob("checkpoint-*.json"))[-1].read_bytes())
+    assert not newest.finished and newest.fingerprint["source"] == "source:Numbers"
+    assert isinstance(newest.position, dict)
+    # the same source again resumes after what was folded and ends exact
+    assert await pipeline.run(Numbers(100), checkpoint=state) == sum(range(100))

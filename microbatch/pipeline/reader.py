@@ -126,7 +126,7 @@ def describe_source(source: object) -> str:
         if not isinstance(text, str):
             raise TypeError(f"{type(source).__qualname__}.describe() must return a str, got {text!r}")
         return text
-    return f"iterable:{type(source).__qualname__}"
+    return f"{'source' if isinstance(source, Source) else 'iterable'}:{type(source).__qualname__}"
 
 
 def decoding(source: object) -> tuple[str, str | None, str]:
@@ -436,7 +436,7 @@ class _Skipped:
         self.count = count
 
     def describe(self) -> str:
-        return self.source.describe()
+        return describe_source(self.source)
 
     def resume(self, position: Any) -> Source[Any]:
         return self.source.resume(position)
