@@ -252,3 +252,46 @@ async def test_a_source_without_describe_resumes_fingerprinted_by_its_class(tmp_
     assert isinstance(newest.position, dict)
     # the same source again resumes after what was folded and ends exact
     assert await pipeline.run(Numbers(100), checkpoint=state) == sum(range(100))
+
+
+# --- modes: folders 0700, files 0600, whatever the umask -------------------------------------------
+
+
+def count_or_fail(lines: list[str]) -> dict[str, int]:
+    if "bad" in lines:
+        raise ValueError("a bad record")
+    return count_users(lines)
+
+
+def _modes(root: Path) -> dict[str, str]:
+    paths = [root, *root.rglob("*")]
+    return {str(path.relative_to(root)): oct(path.stat().st_mode & 0o777) for path in paths}
+
+
+@pytest.mark.parametrize("target", ["made/here/state", "made/here/cp.sqlite"])
+async def test_checkpoint_folders_are_0700_and_files_0600_under_umask_000(
+    tmp_path: Path, target: str
+) -> None:
+    import os
+
+    src = tmp_path / "users.txt"
+    src.write_text("".join(f"u{i % 7}\n" for i in range(200)) + "bad\n")
+    pipeline = mb.Pipeline(
+        count_or_fail, aggregate=mb.ByKey(mb.Count(), shards=2), max_size=20, executor="inline",
+        retries=0, checkpoint_every_batches=1,
+    )
+    old = os.umask(0)
+    try:
+        counts = await pipeline.run(mb.read_lines(src), checkpoint=tmp_path / target)
+    finally:
+        os.umask(old)
+    assert counts["u0"] == 29
+    made = tmp_path / "made"
+    modes = _modes(made)
+    assert any(name.endswith("dead-letters.jsonl") for name in modes)
+    assert any("keyed" in name and name.endswith(".json") for name in modes)
+    wrong = {
+        name: mode for name, mode in modes.items()
+        if mode != ("0o700" if (made / name).is_dir() else "0o600")
+    }
+    assert wrong == {}

@@ -14,21 +14,38 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "fsync_dir", "write_atomic"]
+__all__ = ["TEMP_SUFFIX", "fsync_dir", "make_folder", "write_atomic"]
 
 #: The suffix of every temporary file :func:`write_atomic` makes.
 TEMP_SUFFIX = ".tmp"
 
 
+def make_folder(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700, whatever the umask (they hold the
+    aggregator's state and failed records); a folder that exists is left as it is."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        make_folder(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+
+
 def write_atomic(folder: Path, name: str, data: bytes, *, prefix: str, fsync: bool = True) -> None:
-    """Write ``data`` as ``folder/name`` atomically; the folder is created if missing.
+    """Write ``data`` as ``folder/name`` atomically, mode 0600; the folder is created (0700) if missing.
 
     The data goes to a temporary file made by ``tempfile.mkstemp`` in ``folder`` (``prefix``,
     ``.tmp``), is flushed and ``fsync``ed, then ``os.replace``d onto ``name``. ``fsync_dir`` is
     left to the caller, so that several files can share one. Raises the ``OSError`` of the step
     that failed, after removing the temporary file.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     fd: int | None = None
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=folder)
     try:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .._exceptions import CheckpointError, CheckpointWriteError
+from .atomic import make_folder
 
 __all__ = ["WriterLock"]
 
@@ -45,7 +46,7 @@ class WriterLock:
         except ImportError:  # pragma: no cover - Windows
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise CheckpointWriteError(f"cannot create the lock file {self.path}: {exc}") from exc
