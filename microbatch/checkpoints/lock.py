@@ -60,7 +60,7 @@ class WriterLock:
                 f"checkpoint store would overwrite each other's checkpoints. Wait for it to end, or "
                 f"give this run its own checkpoint location"
             ) from None
-        os.fchmod(fd, 0o600)  # also a lock file an older version created 0644
+        os.fchmod(fd, 0o600)  # also a lock file that was created with another mode
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode("ascii"))
         st = os.fstat(fd)
