@@ -295,3 +295,66 @@ async def test_checkpoint_folders_are_0700_and_files_0600_under_umask_000(
         if mode != ("0o700" if (made / name).is_dir() else "0o600")
     }
     assert wrong == {}
+
+
+# --- kill -9 of a SQLite pipeline, another pipeline meanwhile, then the resume ---------------------
+
+_JOB = """
+import sys, time
+import anyio
+import microbatch as mb
+
+def sum_or_fail(lines):
+    time.sleep(0.002)
+    if "bad" in lines:
+        raise ValueError("a bad record")
+    return sum(int(line) for line in lines)
+
+async def main(numbers, checkpoint):
+    pipeline = mb.Pipeline(sum_or_fail, aggregate=mb.Sum(), max_size=10, executor="inline", retries=0,
+                           backoff=0.0, checkpoint_every=None, checkpoint_every_batches=1)
+    async with pipeline.updates(mb.read_lines(numbers), checkpoint=checkpoint) as updates:
+        async for update in updates:
+            print(update.seq, flush=True)
+    print("done", updates.value, flush=True)
+
+anyio.run(main, sys.argv[1], sys.argv[2], backend=sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_sqlite_pipeline_killed_and_resumed_leaves_another_pipelines_dead_letters_alone(
+    tmp_path: Path, backend: str
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    job = tmp_path / "job.py"
+    job.write_text(_JOB)
+    numbers = tmp_path / "a.txt"
+    numbers.write_text("".join("bad\n" if i % 50 == 7 else f"{i}\n" for i in range(3_000)))
+    (tmp_path / "b.txt").write_text("".join("bad\n" if i % 10 == 3 else f"{i}\n" for i in range(100)))
+
+    def run(source: str, checkpoint: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, str(job), source, checkpoint, backend], cwd=tmp_path,
+                                stdout=subprocess.PIPE, text=True)
+
+    a = run("a.txt", "a.sqlite")
+    assert a.stdout is not None
+    for _ in range(20):  # batch 20 is folded and checkpointed: dead letters are in A's file
+        assert a.stdout.readline()
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    a.stdout.close()
+    b = run("b.txt", "b.sqlite")
+    out, _ = b.communicate(timeout=60)
+    assert out.splitlines()[-1] == f"done {sum(i for i in range(100) if i % 10 != 3)}"
+    b_letters = _letters(tmp_path / "b.sqlite.dead-letters.jsonl")
+    assert b_letters == ["bad"] * 10
+    a = run("a.txt", "a.sqlite")
+    out, _ = a.communicate(timeout=120)
+    assert out.splitlines()[-1] == f"done {sum(i for i in range(3_000) if i % 50 != 7)}"
+    assert _letters(tmp_path / "b.sqlite.dead-letters.jsonl") == b_letters
+    assert _letters(tmp_path / "a.sqlite.dead-letters.jsonl") == ["bad"] * 60  # none twice, none lost
+    assert not (tmp_path / "dead-letters.jsonl").exists()
