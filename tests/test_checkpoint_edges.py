@@ -115,6 +115,32 @@ async def test_every_kept_keyed_checkpoint_names_files_that_exist_even_after_the
     assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
 
 
+async def test_shard_files_deleted_before_the_final_save_are_written_again_whole_in_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _users(tmp_path / "users.txt", 3_000)  # 30 batches: saves after 7, 14, 21, 28, and the final
+    state = tmp_path / "state"
+
+    async def sink(seq: int, result: object) -> None:
+        if seq == 29:  # the save after batch 28 is over; the final one comes next
+            for file in (state / "keyed").iterdir():
+                file.unlink()
+
+    pipeline = mb.Pipeline(
+        count_users, aggregate=mb.ByKey(mb.Count(), shards=4), max_size=100, executor="inline",
+        checkpoint_every=None, checkpoint_every_batches=7, sink=sink,
+    )
+    expected = count_users(src.read_text().splitlines())
+    assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
+    assert "checkpoint at batch 30 not written" in caplog.text
+    from microbatch.checkpoints.format import decode
+
+    final = decode(sorted(state.glob("checkpoint-*.json"))[-1].read_bytes())
+    assert final.finished and final.batches == 30
+    assert [name for name in _named_files(final.state) if not (state / "keyed" / name).is_file()] == []
+    assert dict(await pipeline.run(mb.read_lines(src), checkpoint=state)) == expected
+
+
 def test_a_crafted_manifest_naming_a_path_outside_the_folder_is_refused(tmp_path: Path) -> None:
     from microbatch.checkpoints.shards import ShardFiles
 
