@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import microbatch as mb
-from microbatch._core.checkpoint import open_store
+from microbatch.checkpoints.targets import open_store
 
 pytestmark = pytest.mark.anyio
 

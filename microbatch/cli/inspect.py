@@ -37,7 +37,7 @@ def _aggregator_from(description: str) -> Any:
 
 
 def _command_inspect(args: argparse.Namespace) -> int:
-    from ..stores import open_store
+    from ..checkpoints.targets import open_store
 
     path = Path(args.directory)
     if not path.exists():
@@ -92,8 +92,8 @@ def _command_inspect(args: argparse.Namespace) -> int:
 
 def _keyed_files(directory: str, state: Any) -> Any:
     """The shard files of a keyed checkpoint (its state a manifest), else None."""
-    from ..keyed import MANIFEST_FORMAT, ShardFiles
-    from ..stores import is_sqlite_target
+    from ..checkpoints.shards import MANIFEST_FORMAT, ShardFiles
+    from ..checkpoints.targets import is_sqlite_target
 
     if not (isinstance(state, dict) and state.get("format") == MANIFEST_FORMAT):
         return None

@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument(
         "--dead-letter",
         metavar="PATH",
-        help="file of records that kept failing (default: DIR/dead-letters.jsonl)",
+        help="file of records that kept failing (default: DIR/dead-letters.jsonl, FILE.dead-letters.jsonl "
+        "beside a SQLite checkpoint FILE)",
     )
     tuning = run.add_argument_group("pipeline settings (default: the pipeline's own)")
     tuning.add_argument("-w", "--workers", type=_positive_int, metavar="N", help="worker processes")

@@ -154,7 +154,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError("--accept-changes resumes a changed pipeline: it needs --checkpoint DIR")
     if args.checkpoint is not None:
         cp = Path(args.checkpoint)
-        from ..stores import is_sqlite_target
+        from ..checkpoints.targets import is_sqlite_target
 
         if cp.exists() and not cp.is_dir() and not is_sqlite_target(cp):
             raise UsageError(

@@ -12,8 +12,8 @@ from .._core.params import callable_name, check_int, check_seconds
 from .._core.policy import check_limits
 from .._core.retry import RetryPolicy
 from ..aggregate import Aggregator
+from ..checkpoints.store import CheckpointStore
 from ..executors import Executor
-from ..stores import CheckpointStore
 from .reader import describe_source
 from .run import Discard, Run, UnsetSplitSize
 
@@ -51,8 +51,9 @@ class Pipeline(Generic[R, V]):
       exponential backoff and full jitter.
     - ``timeout`` (60 s, None for none): seconds one batch may run; the worker is then killed.
     - ``on_error``: ``"dead_letter"`` (default) isolates failing records by bisection and writes them
-      to ``dead_letter`` (default: ``dead-letters.jsonl`` in the checkpoint folder, or in the
-      current directory without one), the rest counts; ``"raise"`` stops with ``BatchFailed``.
+      to ``dead_letter`` (default: ``dead-letters.jsonl`` in the checkpoint folder,
+      ``NAME.dead-letters.jsonl`` beside a SQLite checkpoint ``NAME``, ``dead-letters.jsonl`` in the
+      current directory without a checkpoint), the rest counts; ``"raise"`` stops with ``BatchFailed``.
       Either way, an executor that cannot run anything (``ExecutorUnavailable``: workers that do
       not start, a lost Dask scheduler) stops the run with ``BatchFailed`` after the retries, and
       no record is dead-lettered for it.

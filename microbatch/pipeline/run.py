@@ -33,9 +33,9 @@ from .._core.schedule import CheckpointSchedule
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
+from ..checkpoints.deadletters import DeadLetterFile
+from ..checkpoints.session import Checkpoints, dead_letter_path
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
-from .checkpoints import Checkpoints, dead_letter_path
-from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
 from .reader import (
@@ -53,7 +53,7 @@ from .stats import Stats, Update
 if TYPE_CHECKING:
     import os
 
-    from ..stores import CheckpointStore
+    from ..checkpoints.store import CheckpointStore
     from .pipeline import Pipeline, Source
 
 __all__ = ["Discard", "Run"]

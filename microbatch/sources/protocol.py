@@ -16,7 +16,8 @@ class):
    the iterable again and skips what was folded (correct when the iterable yields the same records
    in the same order each time).
 
-Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint.
+Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint; without
+one, the fingerprint names the source's class.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class Chunk(Generic[T_co]):
 
 @runtime_checkable
 class Source(Protocol[T_co]):
-    """A source that resumes from its own positions (an offset in a log, a page token, ...)."""
+    """A source that resumes from its own positions (an offset in a log, a page token, ...).
 
-    def describe(self) -> str:
-        """A stable text that names what is read (not when): part of the pipeline's fingerprint."""
-        ...
+    It may also have ``describe()``, a stable text that names what is read (not when), for the
+    pipeline's fingerprint; without one, the fingerprint names the source's class.
+    """
 
     def chunks(self) -> AsyncIterator[Chunk[T_co]]:
         """The records, in chunks, each with the position after it."""

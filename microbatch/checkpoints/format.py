@@ -1,14 +1,10 @@
-"""Checkpoints: the format (fields, checksum, validation) and fingerprint checks; no file I/O.
+"""The checkpoint format: fields, encoding, checksum, versions and validation; no file I/O.
 
 A checkpoint is one record — format version, pipeline fingerprint, batches folded, records folded,
 source position, aggregator state, dead-letter file length, whether the run finished — serialized
 as JSON with a SHA-256 checksum of its canonical JSON body. It is data only: loading a checkpoint
 parses JSON and never runs code (no pickle). The checksum detects corruption (a torn write, a
 flipped bit, a truncated file); it is not a signature against deliberate tampering.
-
-The stores that keep checkpoints (a folder, a SQLite file) live in ``microbatch.stores``; the
-names ``CheckpointStore``, ``DirectoryStore``, ``SqliteStore``, ``open_store`` and
-``is_sqlite_target`` are still importable from here for older imports.
 """
 
 from __future__ import annotations
@@ -20,28 +16,18 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .._exceptions import InvalidCheckpoint
-from .fingerprint import check_fingerprint
-
-if TYPE_CHECKING:
-    from ..stores import CheckpointStore, DirectoryStore, SqliteStore, is_sqlite_target, open_store
 
 __all__ = [
     "FORMAT_VERSION",
+    "JSON",
     "MAX_DEPTH",
     "Checkpoint",
-    "InvalidCheckpoint",
     "PositionKind",
     "check_position",
     "checked",
-    "CheckpointStore",
-    "DirectoryStore",
-    "SqliteStore",
-    "open_store",
-    "is_sqlite_target",
-    "check_fingerprint",
     "encode",
     "decode",
 ]
@@ -65,7 +51,7 @@ class Checkpoint:
     (cut back to it on resume); ``fingerprint`` what identifies the pipeline (fn, aggregator,
     source...); ``finished`` whether the source was read to its end; ``created`` the
     ``time.time()`` of the save; ``version`` the format version; ``identity`` which input the
-    position belongs to (for a file, ``sources.identity.FileIdentity.to_json()``; ``None`` when
+    position belongs to (for a file, ``checkpoints.identity.FileIdentity.to_json()``; ``None`` when
     unknown, as in checkpoints of earlier versions).
     """
 
@@ -252,7 +238,7 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Checkpoint:
 
 
 def _check_identity(value: object) -> JSON:
-    # Checked in full by the source that wrote it (sources.identity.FileIdentity.from_json).
+    # Checked in full by the source that wrote it (checkpoints.identity.FileIdentity.from_json).
     if value is not None and not isinstance(value, dict):
         raise InvalidCheckpoint("identity", f"is {value!r:.60}, not null or an object")
     return value
@@ -347,15 +333,3 @@ def checked(field: str, load: Callable[[JSON], T], value: JSON) -> T:
         who = f"{describe()}.load" if callable(describe) else getattr(load, "__qualname__", "load")
         raise InvalidCheckpoint(field, f"was refused by {who}: {type(exc).__name__}: {exc}") from exc
 
-
-_MOVED = frozenset({"CheckpointStore", "DirectoryStore", "SqliteStore", "is_sqlite_target", "open_store"})
-
-
-def __getattr__(name: str) -> Any:
-    # The stores do file I/O and moved to microbatch.stores; they are imported from there on first
-    # use, which also keeps this module free of an import cycle (the stores import the format).
-    if name in _MOVED:
-        from .. import stores
-
-        return getattr(stores, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,11 @@ import logging
 import os
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import BatchTimeout, RemoteError, RemoteTraceback, WorkerCrashed
+from .atomic import make_folder
 
 __all__ = ["DeadLetter", "DeadLetterFile", "describe_error"]
 
@@ -127,10 +129,10 @@ class DeadLetterFile:
                 f.truncate(length)
 
     def _open(self) -> IO[bytes]:
-        """Open the file to append, creating it (and its folder) with mode 0600: it holds raw records."""
+        """Open the file to append, creating it with mode 0600 (its folder 0700): it holds raw records."""
         directory = os.path.dirname(self.path)
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            make_folder(Path(directory))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return os.fdopen(fd, "ab")
 
