@@ -70,8 +70,7 @@ async def _execute(
                     run_scope.cancel()
                     continue
                 outcome.signal = signum
-                stop = getattr(outcome.runs[0], "stop", None) if outcome.runs else None
-                if stop is None:
+                if not outcome.runs:
                     log.warning("%s: stopping", name)
                     run_scope.cancel()
                     continue
@@ -81,7 +80,7 @@ async def _execute(
                     name,
                     f" for at most {grace:g} s" if grace is not None else "",
                 )
-                stop()
+                tg.start_soon(outcome.runs[0].stop)  # the updates of the batches in flight still come
                 if grace is not None:
                     run_scope.deadline = min(run_scope.deadline, anyio.current_time() + grace)
 
@@ -96,16 +95,16 @@ async def _execute(
                         await stack.enter_async_context(source)
                     if prepare is not None:  # waits for the input, stopped by a signal like the run
                         await prepare()
-                    async with pipeline.updates(
+                    async with pipeline.start(
                         source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
-                    ) as updates:
-                        outcome.runs.append(updates)
-                        start = updates.stats.position if isinstance(updates.stats.position, int) else 0
+                    ) as run:
+                        outcome.runs.append(run)
+                        start = run.stats.position if isinstance(run.stats.position, int) else 0
                         display.start(total, start)
-                        async for update in updates:
+                        async for update in run.updates():
                             display.update(update.stats)
-                        outcome.finished = updates.finished
-                        outcome.stats = updates.stats
+                        outcome.finished = run.finished
+                        outcome.stats = run.stats
             if outcome.runs:
                 run = outcome.runs[0]
                 outcome.value = run.value
