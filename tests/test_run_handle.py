@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import microbatch as mb
-from microbatch.stores import open_store
+from microbatch.stores import DirectoryStore, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +44,7 @@ def checkpoint(folder: Path) -> mb.Checkpoint:
     return cp
 
 
-async def test_run_is_exported_and_start_makes_one(tmp_path: Path) -> None:
+def test_run_is_exported_and_start_makes_one(tmp_path: Path) -> None:
     run = pipeline().start(mb.read_lines(numbers(tmp_path / "n.txt", 10)))
     assert isinstance(run, mb.Run)
 
@@ -168,3 +168,38 @@ async def test_a_finished_checkpoint_gives_its_value_without_running(tmp_path: P
         assert [u async for u in run.updates()] == []
         assert await run.stop() == sum(range(100))
     assert run.stats.run_batches == 0
+
+
+class BreakableStore(DirectoryStore):
+    """A folder store whose saves fail once ``broken`` is set (a disk that fills up)."""
+
+    broken = False
+
+    def save(self, checkpoint: mb.Checkpoint) -> None:
+        if self.broken:
+            raise mb.CheckpointWriteError(f"cannot write a checkpoint in {self.location}: disk full")
+        super().save(checkpoint)
+
+
+async def test_a_final_checkpoint_that_fails_under_stop_is_raised_there_and_at_the_block_end(
+    tmp_path: Path,
+) -> None:
+    src = numbers(tmp_path / "n.txt", 5000)
+    store = BreakableStore(tmp_path / "state")
+    failed: list[BaseException] = []
+
+    async def stop(run: mb.Run[int, int]) -> None:
+        try:
+            await run.stop()
+        except mb.CheckpointWriteError as exc:
+            failed.append(exc)
+
+    with anyio.fail_after(SAFETY), pytest.raises(mb.CheckpointWriteError, match="disk full"):
+        source = mb.read_lines(src, follow=True)
+        async with pipeline(checkpoint_every=None).start(source, checkpoint=store) as run:
+            async with anyio.create_task_group() as tg:
+                async for update in run.updates():
+                    if update.seq == 1:
+                        store.broken = True
+                        tg.start_soon(stop, run)
+    assert len(failed) == 1

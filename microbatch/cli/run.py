@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -89,9 +90,15 @@ async def _execute(
                     name,
                     f" for at most {grace:g} s" if grace is not None else "",
                 )
-                tg.start_soon(outcome.runs[0].stop)  # the updates of the batches in flight still come
+                tg.start_soon(stop_run, outcome.runs[0])
                 if grace is not None:
                     run_scope.deadline = min(run_scope.deadline, anyio.current_time() + grace)
+
+    async def stop_run(run: Any) -> None:
+        # The updates of the batches in flight still reach the display. An error of the final
+        # checkpoint is raised again where the run's block ends, and recorded there.
+        with contextlib.suppress(Exception):
+            await run.stop()
 
     async with anyio.create_task_group() as tg:
         await tg.start(watch_signals)

@@ -123,11 +123,12 @@ class Run(Generic[R, V]):
         self.folder: Folder[V] | None = None
         self._state: Any = self.agg.initial()
         self._stack = AsyncExitStack()
-        self._intake = anyio.CancelScope()
+        self._intake: anyio.CancelScope | None = None  # the reader's scope, cancelled to stop intake
         self._updates: _Updates[V] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._folded: anyio.Event | None = None  # the folder's task returned
         self._saved: anyio.Event | None = None  # the final checkpoint is (being) written
+        self._save_error: Exception | None = None
         self._finished_before = False  # the checkpoint resumed from is of a finished run
         self._stopped = False  # stop() asked the source to end (its end is then not the input's)
 
@@ -150,6 +151,7 @@ class Run(Generic[R, V]):
     async def __aenter__(self) -> Run[R, V]:
         p, stack = self.p, self._stack
         self.stats.started = anyio.current_time()
+        self._intake = anyio.CancelScope()
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
             restored = await self.checkpoints.open(
@@ -279,7 +281,8 @@ class Run(Generic[R, V]):
         if stop_intake(self.source):
             self._stopped = True  # the source ends because it was asked to, not because it ran out
             return
-        self._intake.cancel()
+        if self._intake is not None:
+            self._intake.cancel()
         if self.folder is not None:
             self.folder.stop()
 
@@ -299,6 +302,8 @@ class Run(Generic[R, V]):
         assert folder is not None
         if self._saved is not None:
             await self._saved.wait()
+            if self._save_error is not None:
+                raise self._save_error
             return
         saved = self._saved = anyio.Event()
         try:
@@ -307,17 +312,12 @@ class Run(Generic[R, V]):
             else:
                 with anyio.CancelScope(shield=True):
                     await folder.save(finished=self.finished)
+        except Exception as exc:
+            self._save_error = exc  # for every other caller too: the block's end raises it
+            raise
         finally:
             saved.set()
-        stats = self.stats
-        log.info(
-            "run %s: %d batches, %d records folded, %d dead letters%s",
-            "finished" if folder.finished else "stopped",
-            stats.batches,
-            stats.records,
-            stats.dead_letters,
-            f" (in {self.dead.path})" if stats.dead_letters else "",
-        )
+        _log_end(folder.finished, self.stats, self.dead.path)
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -327,12 +327,23 @@ class Run(Generic[R, V]):
         async with send:
             emit = Emitter(send, window, seq)
             p = self.p
-            with self._intake:
+            with self._intake or anyio.CancelScope():
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
                 # The source ended (not stopped): these many batches make the whole run.
                 await send.send(End(emit.seq))
 
+
+
+def _log_end(finished: bool, stats: Stats, dead_path: str) -> None:
+    log.info(
+        "run %s: %d batches, %d records folded, %d dead letters%s",
+        "finished" if finished else "stopped",
+        stats.batches,
+        stats.records,
+        stats.dead_letters,
+        f" (in {dead_path})" if stats.dead_letters else "",
+    )
 
 
 def make_executor(spec: Executor | str, workers: int | None) -> Executor:
