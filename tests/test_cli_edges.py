@@ -231,3 +231,16 @@ def _file(tmp_path: Path, text: str) -> IO[Any]:
     path = tmp_path / f"stdin-{len(list(tmp_path.iterdir()))}.txt"
     path.write_text(text)
     return path.open()
+
+
+def test_error_options_reach_the_pipeline() -> None:
+    from microbatch.cli.main import build_parser
+    from microbatch.cli.run import _overrides
+
+    parse = build_parser().parse_args
+    spellings = (("dead-letter", "dead_letter"), ("dead_letter", "dead_letter"), ("raise", "raise"))
+    for spelled, expected in spellings:
+        assert _overrides(parse(["run", "x:y", "-i", "f", "--on-error", spelled]))["on_error"] == expected
+    limit = parse(["run", "x:y", "-i", "f", "--max-dead-letters-in-a-row", "none", "--timeout", "2.5"])
+    assert _overrides(limit) == {"max_dead_letters_in_a_row": None, "timeout": 2.5}
+    assert _overrides(parse(["run", "x:y", "-i", "f"])) == {}  # the pipeline's own settings stay

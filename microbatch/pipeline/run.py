@@ -405,7 +405,7 @@ class _Updates(Generic[V]):
     def __init__(self, stream: ObjectReceiveStream[Update[V]]) -> None:
         self.stream = stream
         self.held: deque[Update[V]] = deque()
-        self.lock = anyio.Lock()
+        self.lock = anyio.Lock(fast_acquire=True)
         self.ended = False
 
     async def next(self) -> Update[V] | None:
