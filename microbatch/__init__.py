@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .checkpoints.store import CheckpointStore
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
     from .executors.dask import DaskExecutor
-    from .pipeline import Pipeline, Stats, Update
+    from .pipeline import Pipeline, Run, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
     from .sources import Chunk, LineSource, Source, TcpLines, read_lines, tcp_lines
 
@@ -61,7 +61,7 @@ _LAZY = {
     ".executors.dask": ["DaskExecutor"],
     ".aggregate": ["Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
-    ".pipeline": ["Pipeline", "Stats", "Update"],
+    ".pipeline": ["Pipeline", "Run", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
     ".sources": ["Chunk", "LineSource", "Source", "TcpLines", "read_lines", "tcp_lines"],
 }
@@ -110,6 +110,7 @@ __all__ = [
     "Reduce",
     "RemoteError",
     "RemoteTraceback",
+    "Run",
     "SourceDecodeError",
     "Source",
     "SourceError",

@@ -210,7 +210,7 @@ async def test_stopped_inside_a_split_then_resumed_gives_the_exact_value(tmp_pat
     async with pipeline.updates(mb.read_lines(path), checkpoint=state) as run:
         async for update in run:
             if update.seq == 11:  # inside the second split, not on a checkpoint
-                run.stop()
+                await run.stop()
     # Folding stops at the next batch of the split (one more may be on its way to the consumer).
     assert not run.finished and update.seq in (11, 12, 13)
     assert update.position % 5_000 != 0
@@ -321,7 +321,7 @@ async def test_stop_ends_the_run_without_waiting_for_the_splits_in_flight(tmp_pa
         async with pipeline.updates(mb.read_lines(path)) as run:
             async for update in run:
                 records = update.records
-                run.stop()
+                await run.stop()
     assert not run.finished
     assert records <= 100 and run.value == sum(range(records))
     assert new_children() == []

@@ -5,6 +5,7 @@
 """
 
 from .pipeline import Pipeline
+from .run import Run
 from .stats import Stats, Update
 
-__all__ = ["Pipeline", "Stats", "Update"]
+__all__ = ["Pipeline", "Run", "Stats", "Update"]
