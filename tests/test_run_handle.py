@@ -12,7 +12,8 @@ import anyio
 import pytest
 
 import microbatch as mb
-from microbatch.stores import DirectoryStore, open_store
+from microbatch.checkpoints.directory import DirectoryStore
+from microbatch.checkpoints.targets import open_store
 
 pytestmark = pytest.mark.anyio
 
