@@ -384,3 +384,23 @@ def test_a_sqlite_pipeline_killed_and_resumed_leaves_another_pipelines_dead_lett
     assert _letters(tmp_path / "b.sqlite.dead-letters.jsonl") == b_letters
     assert _letters(tmp_path / "a.sqlite.dead-letters.jsonl") == ["bad"] * 60  # none twice, none lost
     assert not (tmp_path / "dead-letters.jsonl").exists()
+
+
+async def test_a_chunk_position_of_the_wrong_type_falls_back_to_the_previous_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+
+    from microbatch.checkpoints.format import decode, encode
+
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        sum, aggregate=mb.Sum(), max_size=10, executor="inline", checkpoint_every_batches=1
+    )
+    with pytest.raises(OSError, match="the source broke"):
+        await pipeline.run(Numbers(100, fail_at=50), checkpoint=state)
+    cp = decode(sorted(state.glob("checkpoint-*.json"))[-1].read_bytes())
+    crafted = dataclasses.replace(cp, batches=cp.batches + 1, position={**cp.position, "skip": "3"})
+    (state / f"checkpoint-{crafted.batches:012d}.json").write_bytes(encode(crafted))
+    assert await pipeline.run(Numbers(100), checkpoint=state) == sum(range(100))
+    assert "field 'position.skip' is '3'" in caplog.text

@@ -134,8 +134,21 @@ def test_an_offset_must_be_an_int_at_least_zero(value: Any) -> None:
         check_position(cp(3, position=value), "offset")
 
 
+@pytest.mark.parametrize(
+    ("position", "field"),
+    [({"offset": 5}, "position"), ({"chunk": 1, "skip": "3"}, "position.skip"),
+     ({"chunk": 1, "skip": True}, "position.skip"), ({"chunk": 1, "skip": -1}, "position.skip"),
+     ({"chunk": 1, "skip": 1.0}, "position.skip"), (7, "position")],
+)
+def test_a_chunk_position_of_the_wrong_shape_is_refused_naming_the_field(position: Any, field: str) -> None:
+    with pytest.raises(InvalidCheckpoint, match=f"field '{field}'"):
+        check_position(cp(3, position=position), "chunk")
+
+
 def test_chunk_and_none_positions() -> None:
-    assert check_position(cp(3, position={"offset": 5, "file": "a"}), "chunk") == {"offset": 5, "file": "a"}
+    position = {"chunk": {"offset": 5, "file": "a"}, "skip": 2}
+    assert check_position(cp(3, position=position), "chunk") == position
+    assert check_position(cp(3, position={"chunk": None, "skip": 0}), "chunk") == {"chunk": None, "skip": 0}
     # A chunk source whose chunks carry no position (a TCP server) continues with what comes next.
     assert check_position(cp(3, position=None), "chunk") is None
     assert check_position(cp(3, position=None), "none") is None

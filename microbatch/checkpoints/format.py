@@ -285,8 +285,9 @@ def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
     - ``"offset"`` and ``"count"``: an int >= 0 (a bool is refused). ``null`` is accepted, as 0,
       only when no batch was folded; after that it would silently read the input again from its
       start and count it twice. The int is returned.
-    - ``"chunk"``: any JSON value; ``null`` for a chunk source whose chunks carry no position (a
-      TCP server), which continues with what arrives next.
+    - ``"chunk"``: ``{"chunk": <the position of the last whole chunk folded, any JSON>, "skip":
+      <records of the next chunk folded, an int >= 0>}``; ``null`` for a chunk source whose chunks
+      carry no position (a TCP server), which continues with what arrives next.
     - ``"none"``: the source cannot resume; the position must be ``null``.
     """
     position = checkpoint.position
@@ -303,6 +304,16 @@ def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
             raise InvalidCheckpoint("position", f"is {position!r:.60}, not {what} (an int >= 0)")
         return position
     if kind == "chunk":
+        if position is None:
+            return None
+        if not isinstance(position, dict) or set(position) != {"chunk", "skip"}:
+            raise InvalidCheckpoint(
+                "position", f"is {position!r:.60}, not a chunk source's position "
+                f"({{'chunk': <a chunk's position or null>, 'skip': <records>}})"
+            )
+        skip = position["skip"]
+        if type(skip) is not int or skip < 0:
+            raise InvalidCheckpoint("position.skip", f"is {skip!r:.60}, not an int >= 0")
         return position
     if kind == "none":
         if position is not None:
