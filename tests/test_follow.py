@@ -107,7 +107,7 @@ async def test_follow_restarts_at_zero_after_truncation(tmp_path: Path) -> None:
         assert await records.receive() == "y"
 
 
-async def test_copytruncate_warns_naming_the_file_and_the_bytes_skipped(
+async def test_copytruncate_reads_the_rest_from_the_copy_and_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "app.log"
@@ -116,14 +116,14 @@ async def test_copytruncate_warns_naming_the_file_and_the_bytes_skipped(
     async with _follow(mb.read_lines(path, follow=True, poll_interval=POLL)) as records:
         assert (await _take(records, 100))[-1] == "line 99"
         # The copy holds 2 lines the reader never saw (written just before the copy), then the
-        # file is truncated: those 2 lines (14 bytes) are skipped, and the warning says so.
+        # file is truncated: those 2 lines (14 bytes) are read from the copy, then the file again.
         (tmp_path / "app.log.1").write_bytes(path.read_bytes() + b"late 1\nlate 2\n")
         with open(path, "r+b") as f:
             f.truncate(0)
         _append(path, b"new\n")
-        assert await records.receive() == "new"
+        assert await _take(records, 3) == ["late 1", "late 2", "new"]
     (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert f"{path}: truncated at byte 790 (copytruncate): 14 bytes written after that" in warning
+    assert f"{path}: truncated at byte 790 (copytruncate): reading the 14 bytes written after" in warning
     assert str(tmp_path / "app.log.1") in warning
 
 

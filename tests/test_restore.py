@@ -12,7 +12,7 @@ from microbatch import CheckpointCorrupt, CheckpointMismatch
 from microbatch._core.checkpoint import Checkpoint
 from microbatch._core.fingerprint import pipeline_fingerprint
 from microbatch.aggregate import Mean, Sum
-from microbatch.sources.identity import file_identity
+from microbatch.sources.identity import file_position
 from microbatch.stores import CheckpointStore, DirectoryStore, SqliteStore
 from microbatch.stores.resume import restore
 
@@ -46,7 +46,7 @@ def save(store: CheckpointStore, numbers: Path, batches: int, offset: int, total
         batches=batches, records=batches * 10, position=offset,
         state=agg.dump(agg.fold(agg.initial(), total)),
         fingerprint=pipeline_fingerprint(parse, agg, f"file:{numbers}"),
-        identity=file_identity(numbers, offset).to_json(),
+        identity=file_position(numbers, offset).to_json(),
     )
     fields.update(kw)
     store.save(Checkpoint(**fields))  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from .._core.checkpoint import Checkpoint, PositionKind
 from ..aggregate import Aggregator
 from ..aggregate.bykey import KeyedAggregator
 from ..keyed import MANIFEST_FORMAT, ShardFiles
-from ..sources.identity import file_identity
+from ..sources.identity import file_position
 from ..stores import CheckpointStore, is_sqlite_target, open_store
 from ..stores.resume import Restored, restore
 from .deadletter import DeadLetterFile
@@ -75,12 +75,14 @@ class Checkpoints:
         *,
         kind: PositionKind,
         path: str | None,
+        follow: bool = False,
     ) -> None:
         self.target = target
         self.fingerprint = fingerprint
         self.dead = dead
         self.kind: PositionKind = kind
         self.path = path
+        self.follow = follow
         self.store: CheckpointStore | None = None
         self.saved = 0
         #: Which file an offset belongs to, for a source that can tell (a followed, rotating file).
@@ -152,6 +154,7 @@ class Checkpoints:
                 kind=self.kind,
                 load_state=self.loader(agg),
                 path=self.path,
+                follow=self.follow,
                 accept_changes=accept_changes,
             )
         )
@@ -211,7 +214,7 @@ class Checkpoints:
             if self.identify is not None:
                 found = self.identify(position)
                 return None if found is None else found.to_json()
-            return file_identity(self.path, position).to_json()
+            return file_position(self.path, position).to_json()
         except (OSError, ValueError) as exc:
             # A followed file rotated under the run: the path names a newer file now.
             log.warning("no identity recorded for %s at offset %d: %s", self.path, position, exc)

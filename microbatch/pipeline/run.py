@@ -111,6 +111,7 @@ class Run(Generic[R, V]):
             self.dead,
             kind=kind,
             path=None if path is None else str(path),
+            follow=bool(getattr(source, "follow", False)),
         )
         self.folder: Folder[V] | None = None
         self._state: Any = self.agg.initial()
@@ -154,7 +155,8 @@ class Run(Generic[R, V]):
             next_seq = cp.batches
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
-            if cp.finished and not grown:
+            # A followed file that stopped when idle is never done: the next run follows it again.
+            if cp.finished and not grown and not self.checkpoints.follow:
                 self._finished_before = True
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self

@@ -6,18 +6,26 @@ through ``watchfiles``), with ``poll_interval`` as the longest wait and the fall
 notifications are unavailable. After every wake-up the open file and the path are checked:
 
 - the open file grew: read on;
-- it shrank below the read position (``copytruncate``): the bytes between the read position and the
-  size seen last are lost; a WARNING names the file and that count; reading restarts at byte 0;
+- it shrank below the read position (``copytruncate``): where a sibling holds a copy of what was
+  read (the same bytes before the read position), the rest is read from the copy, from the same
+  offset, then the file again from byte 0: only the lines written between the copy and the
+  truncation are lost. Without a copy, the bytes between the read position and the truncation are
+  lost; a WARNING names the file; reading restarts at byte 0;
 - the path names another file (a rename rotation): the old file, still open, is read to its end,
   then the *next* file is opened. The next file is not simply the one at the path: with rotations
   faster than the reader (``app.log`` → ``app.log.1`` → ``app.log.2``...) whole files would be
-  skipped. A numbered sibling ``NAME.k`` continues in ``NAME.(k-1)`` (``NAME.1`` in ``NAME``);
-  otherwise the least recently changed file not read yet, among the path and its siblings, that
-  changed no earlier than the old one.
+  skipped. A resumed reading first reads the files its position names as rotated after its own,
+  opened by identity. Then a numbered sibling ``NAME.k`` continues in ``NAME.(k-1)`` (``NAME.1``
+  in ``NAME``); otherwise the least recently changed file not read yet, among the path and its
+  siblings, that changed no earlier than the old one. A file not read yet may reuse the inode of
+  one read and deleted since: files are told apart by their size and first bytes too (:class:`Seen`).
+
+With ``stop_when_idle``, the reading ends once nothing new arrived for that long (a partial last
+line stays for the next reading).
 
 A :class:`FileTrail` remembers the files read, in order, with how many records each one ended at,
 so that a checkpoint taken while the pipeline folds lines of an older file than the one read now
-records the identity of the file its offset belongs to.
+records the position in the file its offset belongs to, and the files read after it.
 """
 
 from __future__ import annotations
@@ -27,20 +35,21 @@ import os
 import re
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 
-from .identity import FileIdentity, fd_identity, siblings
+from .identity import FilePosition, FileStamp, fd_position, fd_stamp, open_identified, siblings
 from .linereader import LineReader
+from .prefix import PrefixHasher, Verify
 from .protocol import Part
 
 if TYPE_CHECKING:
     from .files import LineSource
 
-__all__ = ["FileTrail", "Wakeup", "follow_parts", "next_file"]
+__all__ = ["FileTrail", "Seen", "Wakeup", "follow_parts", "next_file"]
 
 logger = logging.getLogger("microbatch.sources")
 
@@ -57,13 +66,15 @@ _NUMBERED = re.compile(r"\.(\d+)$")
 class FileTrail:
     """The files one reading of a followed source went through, oldest first.
 
-    Each entry is ``[file or None, records read when it ended or None while current]``; ``None``
-    for the file means its content is gone (truncated in place). ``records`` counts the records
-    read so far. :meth:`identity` is called from a checkpoint's worker thread, hence the lock.
+    Each entry is ``[file or None, records read when it ended or None while current, hasher]``;
+    ``None`` for the file means its content is gone (truncated in place, no copy found).
+    ``records`` counts the records read so far. :meth:`position` is called from a checkpoint's
+    worker thread, hence the lock.
     """
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, verify: Verify = "full") -> None:
         self.where = where
+        self.verify: Verify = verify
         self.records = 0
         self.entries: list[list[Any]] = []
         self.lock = threading.Lock()
@@ -83,17 +94,25 @@ class FileTrail:
                 last[1] = self.records
                 if last[0] is f:
                     last[0] = None  # truncated in place: the old content is gone
-            self.entries.append([f, None])
+            self.entries.append([f, None, PrefixHasher()])
             while len(self.entries) > MAX_TRAIL:
                 self._drop(0)
+
+    def replace(self, f: IO[bytes], copy: IO[bytes]) -> None:
+        """The content read from ``f`` lives on in ``copy`` (``f`` was copied, then truncated)."""
+        with self.lock:
+            for entry in self.entries:
+                if entry[0] is f:
+                    entry[0], entry[2] = copy, PrefixHasher()
 
     def _drop(self, index: int) -> None:
         f = self.entries.pop(index)[0]
         if f is not None and all(e[0] is not f for e in self.entries):
             f.close()
 
-    def identity(self, offset: int, records: int) -> FileIdentity | None:
-        """The identity of the file the ``records``-th record read ends in, up to ``offset``.
+    def position(self, offset: int, records: int) -> FilePosition | None:
+        """The position of the ``records``-th record read, which ends at ``offset`` in its file,
+        with the files read after that one as ``pending``.
 
         ``records`` counts from the start of this reading. Files before that one are closed:
         checkpoints come in order. ``None`` when that file's content is gone (truncated) or it
@@ -107,14 +126,53 @@ class FileTrail:
                 return None
             for _ in range(index):
                 self._drop(0)
-            f = self.entries[0][0]
+            f, _, hasher = self.entries[0]
             if f is None or f.closed:
                 logger.warning(
                     "%s: the file holding byte offset %d was truncated since: no identity recorded",
                     self.where, offset,
                 )
                 return None
-            return fd_identity(f.fileno(), offset, where=self.where)
+            later = {id(e[0]): e[0] for e in self.entries[1:] if e[0] is not None and e[0] is not f}
+            pending = [fd_stamp(g.fileno()) for g in later.values() if not g.closed]
+            return fd_position(f.fileno(), offset, where=self.where, verify=self.verify, hasher=hasher,
+                               pending=pending)
+
+
+class Seen:
+    """The files a reading went through, so that a rotation never goes back to one of them.
+
+    A file is known by device and inode, and by its size and first bytes when it was left: a
+    file deleted since may leave its inode to a new file, which is not one read before.
+    """
+
+    def __init__(self) -> None:
+        self.files: OrderedDict[tuple[int, int], FileStamp | None] = OrderedDict()
+
+    def add(self, f: IO[bytes]) -> None:
+        st = os.fstat(f.fileno())
+        self.files[(st.st_dev, st.st_ino)] = None  # open: its inode cannot be another file's
+        while len(self.files) > MAX_SEEN:
+            self.files.popitem(last=False)
+
+    def leave(self, f: IO[bytes]) -> None:
+        """Reading left ``f``, which may be closed later: remember what it looked like."""
+        stamp = fd_stamp(f.fileno())
+        self.files[(stamp.device, stamp.inode)] = stamp
+
+    def __contains__(self, item: tuple[str, os.stat_result]) -> bool:
+        name, st = item
+        key = (st.st_dev, st.st_ino)
+        if key not in self.files:
+            return False
+        stamp = self.files[key]
+        if stamp is None:
+            return True
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            return stamp.matches(fd)
+        finally:
+            os.close(fd)
 
 
 def _suffix_number(path: str, base: str) -> int | None:
@@ -126,7 +184,7 @@ def _suffix_number(path: str, base: str) -> int | None:
     return None
 
 
-def next_file(path: str, current: IO[bytes], seen: OrderedDict[tuple[int, int], None]) -> IO[bytes] | None:
+def next_file(path: str, current: IO[bytes], seen: Seen) -> IO[bytes] | None:
     """Open the file written after ``current`` (see the module's docstring), or ``None`` if none yet.
 
     Blocks (``stat`` of the siblings); call it in a worker thread.
@@ -138,7 +196,7 @@ def next_file(path: str, current: IO[bytes], seen: OrderedDict[tuple[int, int], 
             found.append((name, os.stat(name)))
         except OSError:  # noqa: PERF203 - once per sibling, after a rotation
             continue
-    unseen = [(n, st) for n, st in found if (st.st_dev, st.st_ino) not in seen]
+    unseen = [(n, st) for n, st in found if (n, st) not in seen]
     choice: str | None = None
     where = next((n for n, st in found if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)), None)
     number = None if where is None else _suffix_number(where, path)
@@ -234,26 +292,59 @@ def _copy_of(path: str, position: int, tail: bytes) -> tuple[str | None, int]:
     return None, 0
 
 
-async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> AsyncGenerator[Part, None]:
-    """The parts of a followed file opened as ``f`` at ``start``; never ends by itself.
+def _open_pending(path: str, pending: deque[FileStamp]) -> IO[bytes] | None:
+    """Open the next of the files a resumed position names as rotated after its own (blocks)."""
+    while pending:
+        stamp = pending.popleft()
+        found = open_identified(path, stamp)
+        if found is not None:
+            return found[0]
+        logger.warning(
+            "%s: the file rotated after it (inode %d, %d bytes) is gone: its lines are skipped",
+            path, stamp.inode, stamp.size,
+        )
+    return None
+
+
+def _open_copy(name: str, position: int, tail: bytes) -> IO[bytes] | None:
+    try:
+        f = open(name, "rb", buffering=0)  # closed by the trail
+    except OSError:
+        return None
+    if os.pread(f.fileno(), len(tail), position - len(tail)) == tail:
+        f.seek(position)
+        return f
+    f.close()
+    return None
+
+
+async def follow_parts(
+    source: LineSource[Any], f: IO[bytes], start: int, pending: Sequence[FileStamp] = ()
+) -> AsyncGenerator[Part, None]:
+    """The parts of a followed file opened as ``f`` at ``start``, then of the files after it
+    (``pending`` first: those a resumed position names); ends only after ``stop_when_idle``.
 
     Records the files read in ``source.trail``; the trail, not this loop, closes them.
     """
     path, where = source.path, source.path
-    trail = source.trail = FileTrail(where)
+    trail = source.trail = FileTrail(where, source.verify)
     trail.add(f)
-    st = os.fstat(f.fileno())
-    seen: OrderedDict[tuple[int, int], None] = OrderedDict({(st.st_dev, st.st_ino): None})
+    seen = Seen()
+    seen.add(f)
+    waiting = deque(pending)
     reader = LineReader(
         where, start=start, max_line_length=source.max_line_length, encoding=source.encoding,
         errors=source.errors,
     )
     wakeup = Wakeup(path, source.poll_interval)
     block_size, tail = source.block_size, b""
+    truncated: IO[bytes] | None = None  # read from byte 0 once its copy is read to its end
+    quiet, idle_since = source.stop_when_idle, anyio.current_time()
     try:
         while True:
             data = await anyio.to_thread.run_sync(f.read, block_size)
             if data:
+                idle_since = anyio.current_time()
                 tail = (tail + data)[-_TAIL:] if len(data) < _TAIL else data[-_TAIL:]
                 part = reader.feed(data)
                 if part is not None:
@@ -264,36 +355,49 @@ async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> Asy
             state, now = await anyio.to_thread.run_sync(_check, path, f)
             if state == "data":
                 continue
-            if state == "idle":
+            new: IO[bytes] | None = None
+            if state == "rotated":
+                if truncated is not None:
+                    new, truncated = truncated, None
+                    await anyio.to_thread.run_sync(new.seek, 0)
+                elif waiting:
+                    new = await anyio.to_thread.run_sync(_open_pending, path, waiting)
+                if new is None:
+                    new = await anyio.to_thread.run_sync(next_file, path, f, seen)
+            if state in ("idle", "rotated") and new is None:
+                if quiet is not None and anyio.current_time() - idle_since >= quiet:
+                    return  # quiet for stop_when_idle: a partial last line waits for the next run
                 await wakeup.wait()
                 continue
-            if state == "rotated":
-                new = await anyio.to_thread.run_sync(next_file, path, f, seen)
-                if new is None:
-                    await wakeup.wait()
-                    continue
+            if new is not None:
                 logger.info("%s: rotated; the old file was read to its end, reading %s from byte 0",
                             where, new.name)
+                await anyio.to_thread.run_sync(seen.leave, f)
                 f = new
-                st = os.fstat(f.fileno())
-                seen[(st.st_dev, st.st_ino)] = None
-                while len(seen) > MAX_SEEN:
-                    seen.popitem(last=False)
+                seen.add(f)
             else:
                 position = f.tell()
                 copy, lost = await anyio.to_thread.run_sync(_copy_of, path, position, tail)
-                if copy is None:
+                opened = None
+                if copy is not None:
+                    opened = await anyio.to_thread.run_sync(_open_copy, copy, position, tail)
+                if opened is not None:
+                    # What the file held past the read position before the truncation is in the copy:
+                    # read it there, from the same offset, then the truncated file from byte 0.
                     logger.warning(
-                        "%s: truncated at byte %d (now %d bytes) and no copy of it found beside it: "
-                        "the bytes written after byte %d before the truncation were skipped (how many "
-                        "is unknown); reading again from byte 0", where, position, now, position,
+                        "%s: truncated at byte %d (copytruncate): reading the %d bytes written after "
+                        "that from its copy %s, then the file again from byte 0 (lines written between "
+                        "the copy and the truncation are lost)", where, position, lost, copy,
                     )
-                else:
-                    logger.warning(
-                        "%s: truncated at byte %d (copytruncate): %d bytes written after that, found "
-                        "in its copy %s, were skipped; reading again from byte 0",
-                        where, position, lost, copy,
-                    )
+                    trail.replace(f, opened)
+                    truncated, f = f, opened
+                    seen.add(f)
+                    continue
+                logger.warning(
+                    "%s: truncated at byte %d (now %d bytes) and no copy of it found beside it: "
+                    "the bytes written after byte %d before the truncation were skipped (how many "
+                    "is unknown); reading again from byte 0", where, position, now, position,
+                )
                 await anyio.to_thread.run_sync(f.seek, 0)
             # The file this partial line belongs to has ended: it will not be completed.
             part = reader.finish()
@@ -303,5 +407,6 @@ async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> Asy
             trail.add(f)
             reader.reset(0)
             tail = b""
+            idle_since = anyio.current_time()
     finally:
         wakeup.close()

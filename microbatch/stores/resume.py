@@ -27,7 +27,8 @@ class Restored:
     """A checkpoint to resume from: the ``checkpoint``, the aggregator ``state`` its ``load`` returned,
     the ``position`` checked for the source's kind, the fingerprint ``changes`` accepted (empty
     unless ``accept_changes``), and for a file source ``file`` (a ``sources.identity.FileState``:
-    ``grown``, ``same`` or ``rotated``; ``None`` when the checkpoint recorded no identity)."""
+    ``grown``, ``same``, ``rotated`` or, when followed, ``recreated``; ``None`` when the checkpoint
+    recorded no identity)."""
 
     checkpoint: Checkpoint
     state: Any
@@ -43,6 +44,7 @@ def restore(
     kind: PositionKind,
     load_state: Callable[[JSON], Any],
     path: str | os.PathLike[str] | None = None,
+    follow: bool = False,
     accept_changes: bool = False,
 ) -> Restored | None:
     """Return what to resume from, or ``None`` when the store holds no checkpoint.
@@ -54,10 +56,12 @@ def restore(
        unless ``accept_changes`` (then the changes are logged and returned).
     3. For a file (``path``) whose checkpoint holds an identity: ``CheckpointMismatch`` saying what
        differs when the file was rewritten, truncated or replaced and its data is nowhere else, or
-       is missing; otherwise the ``FileState`` in ``Restored.file``. A ``finished`` checkpoint
+       is missing, or its bytes before the offset changed (the first range that differs is named);
+       otherwise the ``FileState`` in ``Restored.file``. A followed file (``follow``) replaced
+       by a new one is ``recreated``: read from its start. A ``finished`` checkpoint
        whose file has grown is logged: the rerun reads only what was appended.
     """
-    from ..sources.identity import FileIdentity, classify  # file sources only
+    from ..sources.identity import FilePosition, classify  # file sources only
 
     loaded: list[Any] = []
 
@@ -72,7 +76,7 @@ def restore(
         ]
         position = check_position(checkpoint, kind)
         if path is not None and checkpoint.identity is not None:
-            identity = FileIdentity.from_json(checkpoint.identity)
+            identity = FilePosition.from_json(checkpoint.identity)
             if identity.offset != position:
                 raise InvalidCheckpoint(
                     "identity.offset", f"is {identity.offset}, not the position {position} it belongs to"
@@ -86,7 +90,7 @@ def restore(
     position = check_position(checkpoint, kind)
     file_state = None
     if path is not None and checkpoint.identity is not None:
-        file_state = classify(path, FileIdentity.from_json(checkpoint.identity))
+        file_state = classify(path, FilePosition.from_json(checkpoint.identity), follow=follow)
         if file_state.kind == "missing" and checkpoint.finished:
             # Nothing is left to read: the finished run's value stands without its input.
             logger.info("%s is gone; the finished run of %s still has its value", path, store.location)
