@@ -133,7 +133,9 @@ class Run(Generic[R, V]):
     def finished(self) -> bool:
         """The source was read to its end and every one of its batches was folded."""
         if self.folder is not None:
-            return self.folder.finished and not self._stopped
+            # A source that ended because it was quiet (stop_when_idle) has not ended its input.
+            idle = getattr(self.source, "idle_ended", False)
+            return self.folder.finished and not self._stopped and not idle
         return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -155,8 +157,7 @@ class Run(Generic[R, V]):
             next_seq = cp.batches
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
-            # A followed file that stopped when idle is never done: the next run follows it again.
-            if cp.finished and not grown and not self.checkpoints.follow:
+            if cp.finished and not grown:
                 self._finished_before = True
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self

@@ -102,6 +102,8 @@ class LineSource(Generic[T]):
         self.verify: Verify = verify
         #: The position resumed from (its file is opened by identity); None: ``path`` from ``start``.
         self.position = position
+        #: The latest reading ended because nothing new arrived for ``stop_when_idle`` seconds.
+        self.idle_ended = False
         #: The files the latest reading of a followed source went through (for checkpoints).
         self.trail: FileTrail | None = None
         self._hasher = PrefixHasher()

@@ -328,6 +328,7 @@ async def follow_parts(
     """
     path, where = source.path, source.path
     trail = source.trail = FileTrail(where, source.verify)
+    source.idle_ended = False
     trail.add(f)
     seen = Seen()
     seen.add(f)
@@ -366,7 +367,8 @@ async def follow_parts(
                     new = await anyio.to_thread.run_sync(next_file, path, f, seen)
             if state in ("idle", "rotated") and new is None:
                 if quiet is not None and anyio.current_time() - idle_since >= quiet:
-                    return  # quiet for stop_when_idle: a partial last line waits for the next run
+                    source.idle_ended = True  # its input goes on: a checkpoint is not "finished"
+                    return  # a partial last line waits for the next reading
                 await wakeup.wait()
                 continue
             if new is not None:
