@@ -66,8 +66,9 @@ _NUMBERED = re.compile(r"\.(\d+)$")
 class FileTrail:
     """The files one reading of a followed source went through, oldest first.
 
-    Each entry is ``[file or None, records read when it ended or None while current, hasher]``;
-    ``None`` for the file means its content is gone (truncated in place, no copy found).
+    Each entry is ``[file or None, records read when it ended or None while current, hasher,
+    (bytes read, the last of them)]``; ``None`` for the file means its content is gone (truncated
+    in place, no copy found).
     ``records`` counts the records read so far. :meth:`position` is called from a checkpoint's
     worker thread, hence the lock.
     """
@@ -94,16 +95,23 @@ class FileTrail:
                 last[1] = self.records
                 if last[0] is f:
                     last[0] = None  # truncated in place: the old content is gone
-            self.entries.append([f, None, PrefixHasher()])
+            self.entries.append([f, None, PrefixHasher(), (0, b"")])
             while len(self.entries) > MAX_TRAIL:
                 self._drop(0)
+
+    def mark(self, read: int, tail: bytes) -> None:
+        """The current file was read up to byte ``read``; ``tail``: the bytes just before it."""
+        self.entries[-1][3] = (read, tail)
 
     def replace(self, f: IO[bytes], copy: IO[bytes]) -> None:
         """The content read from ``f`` lives on in ``copy`` (``f`` was copied, then truncated)."""
         with self.lock:
-            for entry in self.entries:
-                if entry[0] is f:
-                    entry[0], entry[2] = copy, PrefixHasher()
+            self._replace(f, copy)
+
+    def _replace(self, f: IO[bytes], copy: IO[bytes]) -> None:
+        for entry in self.entries:
+            if entry[0] is f:
+                entry[0], entry[2] = copy, PrefixHasher()
 
     def _drop(self, index: int) -> None:
         f = self.entries.pop(index)[0]
@@ -126,7 +134,15 @@ class FileTrail:
                 return None
             for _ in range(index):
                 self._drop(0)
-            f, _, hasher = self.entries[0]
+            entry = self.entries[0]
+            f, _, hasher, (read, tail) = entry
+            if f is not None and not f.closed and tail and _pread(f, read - len(tail), len(tail)) != tail:
+                # Truncated and written again since it was read (copytruncate): the reader has not
+                # seen it yet. What it read lives on in the copy, if one was made.
+                copy, _ = _copy_of(self.where, read, tail)
+                f = None if copy is None else _open_copy(copy, read, tail)
+                if f is not None:
+                    self._replace(entry[0], f)
             if f is None or f.closed:
                 logger.warning(
                     "%s: the file holding byte offset %d was truncated since: no identity recorded",
@@ -137,6 +153,10 @@ class FileTrail:
             pending = [fd_stamp(g.fileno()) for g in later.values() if not g.closed]
             return fd_position(f.fileno(), offset, where=self.where, verify=self.verify, hasher=hasher,
                                pending=pending)
+
+
+def _pread(f: IO[bytes], start: int, length: int) -> bytes:
+    return os.pread(f.fileno(), length, start)
 
 
 class Seen:
@@ -261,11 +281,25 @@ def _count(data: bytes, end: int) -> int:
     return count + 1 if data[end - 1] != 10 else count
 
 
-def _check(path: str, f: IO[bytes]) -> tuple[str, int]:
-    """After the end of the data: ``("data" | "truncated" | "rotated" | "idle", size)`` (blocks)."""
+def _read(f: IO[bytes], size: int, tail: bytes) -> bytes | None:
+    """The next read of ``f``; ``None`` (at the old position) when the bytes before it are no longer
+    ``tail``: truncated and written again past the read position before the reader looked (blocks)."""
+    position = f.tell()
+    data = f.read(size)
+    if data and tail and os.pread(f.fileno(), len(tail), position - len(tail)) != tail:
+        f.seek(position)
+        return None
+    return data
+
+
+def _check(path: str, f: IO[bytes], rewritten: bool = False) -> tuple[str, int]:
+    """After the end of the data: ``("data" | "truncated" | "rotated" | "idle", size)`` (blocks).
+
+    ``rewritten``: the file no longer holds what was read before the position (see :func:`_read`).
+    """
     position = f.tell()
     current = os.fstat(f.fileno())
-    if current.st_size < position:
+    if current.st_size < position or rewritten:
         return "truncated", current.st_size
     if current.st_size > position:
         return "data", current.st_size
@@ -343,17 +377,18 @@ async def follow_parts(
     quiet, idle_since = source.stop_when_idle, anyio.current_time()
     try:
         while True:
-            data = await anyio.to_thread.run_sync(f.read, block_size)
+            data = await anyio.to_thread.run_sync(_read, f, block_size, tail)
             if data:
                 idle_since = anyio.current_time()
                 tail = (tail + data)[-_TAIL:] if len(data) < _TAIL else data[-_TAIL:]
+                trail.mark(reader.position + reader.pending + len(data), tail)
                 part = reader.feed(data)
                 if part is not None:
                     trail.records += _count(part[1], part[2])
                     yield part
                 reader.raise_pending()
                 continue
-            state, now = await anyio.to_thread.run_sync(_check, path, f)
+            state, now = await anyio.to_thread.run_sync(_check, path, f, data is None)
             if state == "data":
                 continue
             new: IO[bytes] | None = None
