@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -125,6 +126,33 @@ async def test_copytruncate_reads_the_rest_from_the_copy_and_warns(
     (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert f"{path}: truncated at byte 790 (copytruncate): reading the 14 bytes written after" in warning
     assert str(tmp_path / "app.log.1") in warning
+
+
+async def test_copytruncate_twice_while_the_reader_was_behind_reads_every_copy(tmp_path: Path) -> None:
+    """Two copytruncate rotations (logrotate: shift ``app.log.N``, copy, truncate) while the reader
+    was not looking: the rest of the first copy, the whole second copy, then the file itself."""
+    path = tmp_path / "app.log"
+    path.write_bytes(b"a1\na2\n")
+
+    def copytruncate() -> None:
+        for old in sorted(tmp_path.glob("app.log.*"), reverse=True):
+            old.rename(tmp_path / f"app.log.{int(old.suffix[1:]) + 1}")
+        shutil.copyfile(path, tmp_path / "app.log.1")
+        os.truncate(path, 0)
+
+    source = mb.read_lines(path, follow=True, poll_interval=POLL)
+    got: list[str] = []
+    async with aclosing(source.chunks()) as chunks:
+        assert await chunks.__anext__() == ["a1", "a2"]
+        _append(path, b"a3\n")
+        copytruncate()  # app.log.1: a1 a2 a3
+        _append(path, b"b1\nb2\n")
+        copytruncate()  # app.log.2: a1 a2 a3, app.log.1: b1 b2
+        _append(path, b"c1\n")
+        with anyio.fail_after(SAFETY):
+            while got[-1:] != ["c1"]:
+                got.extend(await chunks.__anext__())
+    assert got == ["a3", "b1", "b2", "c1"]
 
 
 async def test_rotations_faster_than_the_reader_are_read_file_by_file(tmp_path: Path) -> None:

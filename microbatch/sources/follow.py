@@ -104,9 +104,11 @@ class FileTrail:
         self.entries[-1][3] = (read, tail)
 
     def replace(self, f: IO[bytes], copy: IO[bytes]) -> None:
-        """The content read from ``f`` lives on in ``copy`` (``f`` was copied, then truncated)."""
+        """The content read from ``f`` lives on in ``copy`` (``f`` was copied, then truncated); the
+        reader leaves ``f``, which is closed."""
         with self.lock:
             self._replace(f, copy)
+            f.close()
 
     def _replace(self, f: IO[bytes], copy: IO[bytes]) -> None:
         for entry in self.entries:
@@ -174,6 +176,14 @@ class Seen:
         self.files[(st.st_dev, st.st_ino)] = None  # open: its inode cannot be another file's
         while len(self.files) > MAX_SEEN:
             self.files.popitem(last=False)
+
+    def replaced(self, f: IO[bytes], copy: IO[bytes]) -> None:
+        """``f`` was truncated after ``copy`` was made of it: the file ``f`` is now is a new one,
+        the one read before is ``copy``."""
+        self.add(copy)
+        st, stamp = os.fstat(f.fileno()), fd_stamp(copy.fileno())
+        self.files[(st.st_dev, st.st_ino)] = FileStamp(st.st_dev, st.st_ino, stamp.size, stamp.head_length,
+                                                       stamp.head)
 
     def leave(self, f: IO[bytes]) -> None:
         """Reading left ``f``, which may be closed later: remember what it looked like."""
@@ -330,7 +340,7 @@ def _open_pending(path: str, pending: deque[FileStamp]) -> IO[bytes] | None:
     """Open the next of the files a resumed position names as rotated after its own (blocks)."""
     while pending:
         stamp = pending.popleft()
-        found = open_identified(path, stamp)
+        found = open_identified(path, stamp, copies=True)
         if found is not None:
             return found[0]
         logger.warning(
@@ -373,7 +383,6 @@ async def follow_parts(
     )
     wakeup = Wakeup(path, source.poll_interval)
     block_size, tail = source.block_size, b""
-    truncated: IO[bytes] | None = None  # read from byte 0 once its copy is read to its end
     quiet, idle_since = source.stop_when_idle, anyio.current_time()
     try:
         while True:
@@ -393,10 +402,7 @@ async def follow_parts(
                 continue
             new: IO[bytes] | None = None
             if state == "rotated":
-                if truncated is not None:
-                    new, truncated = truncated, None
-                    await anyio.to_thread.run_sync(new.seek, 0)
-                elif waiting:
+                if waiting:
                     new = await anyio.to_thread.run_sync(_open_pending, path, waiting)
                 if new is None:
                     new = await anyio.to_thread.run_sync(next_file, path, f, seen)
@@ -420,15 +426,16 @@ async def follow_parts(
                     opened = await anyio.to_thread.run_sync(_open_copy, copy, position, tail)
                 if opened is not None:
                     # What the file held past the read position before the truncation is in the copy:
-                    # read it there, from the same offset, then the truncated file from byte 0.
+                    # read it there, from the same offset, then the files after the copy: the
+                    # truncated file from byte 0, or the next copy if it was truncated again.
                     logger.warning(
                         "%s: truncated at byte %d (copytruncate): reading the %d bytes written after "
                         "that from its copy %s, then the file again from byte 0 (lines written between "
                         "the copy and the truncation are lost)", where, position, lost, copy,
                     )
-                    trail.replace(f, opened)
-                    truncated, f = f, opened
-                    seen.add(f)
+                    await anyio.to_thread.run_sync(seen.replaced, f, opened)
+                    trail.replace(f, opened)  # and closes f: the file it is now is found as the next
+                    f = opened
                     continue
                 logger.warning(
                     "%s: truncated at byte %d (now %d bytes) and no copy of it found beside it: "

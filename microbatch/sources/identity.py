@@ -120,6 +120,11 @@ class FileStamp:
         return ((st.st_dev, st.st_ino) == (self.device, self.inode) and st.st_size >= self.size
                 and _digest(fd, 0, self.head_length) == self.head)
 
+    def copied(self, fd: int) -> bool:
+        """Whether ``fd`` holds a copy of this file: as long, same first bytes (none: no copy)."""
+        return (self.head_length > 0 and os.fstat(fd).st_size >= self.size
+                and _digest(fd, 0, self.head_length) == self.head)
+
 
 @dataclass(frozen=True)
 class FilePosition:
@@ -266,17 +271,18 @@ def open_identified(
 
     The file is recognised on the open file itself (inode, size, first bytes; with ``position``
     also the bytes before its offset), so a rename between the search and the open is harmless.
-    With ``copies``, a file with another inode holding ``position``'s bytes (a ``copytruncate``
-    copy) counts too. ``None`` when none does.
+    With ``copies``, a file with another inode holding ``position``'s bytes, or without
+    ``position`` the stamp's size and first bytes (a ``copytruncate`` copy), counts too. ``None``
+    when none does.
     """
     names = [path, *siblings(path)]
     for name in names:
         f = _open_if(name, lambda fd: stamp.matches(fd) and (position is None or position.holds(fd)))
         if f is not None:
             return f, name
-    if copies and position is not None:
+    if copies:
         for name in names:
-            f = _open_if(name, position.holds)
+            f = _open_if(name, stamp.copied if position is None else position.holds)
             if f is not None:
                 return f, name
     return None
