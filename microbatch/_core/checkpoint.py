@@ -65,7 +65,7 @@ class Checkpoint:
     (cut back to it on resume); ``fingerprint`` what identifies the pipeline (fn, aggregator,
     source...); ``finished`` whether the source was read to its end; ``created`` the
     ``time.time()`` of the save; ``version`` the format version; ``identity`` which input the
-    position belongs to (for a file, ``sources.identity.FileIdentity.to_json()``; ``None`` when
+    position belongs to (for a file, ``sources.identity.FilePosition.to_json()``; ``None`` when
     unknown, as in checkpoints of earlier versions).
     """
 
@@ -252,7 +252,7 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Checkpoint:
 
 
 def _check_identity(value: object) -> JSON:
-    # Checked in full by the source that wrote it (sources.identity.FileIdentity.from_json).
+    # Checked in full by the source that wrote it (sources.identity.FilePosition.from_json).
     if value is not None and not isinstance(value, dict):
         raise InvalidCheckpoint("identity", f"is {value!r:.60}, not null or an object")
     return value
