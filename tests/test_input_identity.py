@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -200,3 +201,29 @@ def test_an_invalid_identity_names_its_field(log: Path, key: str, value: object)
     assert info.value.field == f"identity.{key}"
     with pytest.raises(InvalidCheckpoint, match="field 'identity' is 'x'"):
         FilePosition.from_json("x")
+
+
+@pytest.mark.parametrize(
+    "key, value, field",
+    [
+        ("ranges", [[0, 10**9, "0" * 32]], "identity.ranges[0]"),
+        ("ranges", [[0, 10, "xyz"]], "identity.ranges[0]"),
+        ("ranges", "all", "identity.ranges"),
+        ("pending", [{"device": 1}], "identity.pending[0].inode"),
+    ],
+)
+def test_invalid_ranges_or_pending_name_their_field(log: Path, key: str, value: object, field: str) -> None:
+    data = file_position(log, 300).to_json()
+    data[key] = value
+    with pytest.raises(InvalidCheckpoint) as info:
+        FilePosition.from_json(data)
+    assert info.value.field == field
+
+
+def test_a_position_with_pending_files_round_trips(log: Path, tmp_path: Path) -> None:
+    other = tmp_path / "app.log.1"
+    other.write_text(lines(0, 10))
+    saved = file_position(log, 300)
+    pending = (file_position(other, 0).file,)
+    position = FilePosition(saved.file, saved.offset, saved.tail_length, saved.tail, saved.ranges, pending)
+    assert FilePosition.from_json(json.loads(json.dumps(position.to_json()))) == position
