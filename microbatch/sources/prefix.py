@@ -10,8 +10,9 @@ and refuses to continue when one differs, naming that range. Two settings:
   GiB from the page cache on 2 cores, in parallel threads. While a run goes on, each checkpoint
   hashes only the bytes read since the one before (:class:`PrefixHasher` keeps the digests of the
   complete pieces), so checkpoints of a growing file stay cheap.
-- ``"sampled"``: ``SAMPLES`` blocks of ``SAMPLE`` bytes spread evenly over the prefix, plus the
-  first and the last block before the offset; a resume reads about 1 MiB whatever the file size.
+- ``"sampled"``: at most ``SAMPLES`` blocks of ``SAMPLE`` bytes spread evenly over the prefix (the
+  first one at byte 0), plus the last block before the offset; a resume reads about 1 MiB
+  whatever the file size, and a checkpoint about 64 KiB.
   Its blind spots: a change that touches none of those blocks, such as an edit of a few bytes in
   the middle of a large file that keeps its length, is not seen.
 
@@ -99,42 +100,67 @@ def _full_bounds(offset: int) -> list[tuple[int, int]]:
 
 
 def _sample_bounds(offset: int) -> list[tuple[int, int]]:
-    starts = {0, max(0, offset - SAMPLE)}
-    starts.update(offset * i // (SAMPLES + 1) for i in range(1, SAMPLES + 1))
-    bounds: list[tuple[int, int]] = []
-    for start in sorted(starts):
-        if bounds and start < bounds[-1][1]:
-            start = bounds[-1][1]  # overlapping samples of a small prefix: continue the last one
-        end = min(start + SAMPLE, offset)
-        if start < end:
-            bounds.append((start, end))
+    """Blocks at every multiple of a power-of-two stride (the smallest giving at most ``SAMPLES``
+    blocks), then the last block before the offset: the strided ones stay put as the file grows,
+    so their digests are kept between checkpoints."""
+    stride = SAMPLE
+    while -(-offset // stride) > SAMPLES:
+        stride *= 2
+    bounds = [(at, min(at + SAMPLE, offset)) for at in range(0, offset, stride)]
+    last = (max(0, offset - SAMPLE), offset)
+    if bounds and last[0] < bounds[-1][1]:
+        last = (bounds.pop()[0], offset)  # overlapping: one block to the offset
+    if last[0] < last[1]:
+        bounds.append(last)
     return bounds
 
 
 class PrefixHasher:
-    """The digests of one file's complete pieces, kept so that each checkpoint hashes only new bytes.
+    """What one file's fingerprint needs kept between checkpoints, so that each hashes only new bytes:
+    the digests of the complete pieces, the running hash of the piece in progress (``"full"``),
+    and the sampled blocks' digests (``"sampled"``).
 
-    A run keeps one per file it reads; a checkpoint of an offset before the pieces hashed so far
-    (a file read again from an earlier point) starts over.
+    A run keeps one per file it reads; a checkpoint of an offset before the bytes hashed so far
+    (a file read again from an earlier point), or of another file, starts over.
     """
 
     def __init__(self) -> None:
         self.key: tuple[int, int] | None = None
         self.pieces: list[bytes] = []
+        self.partial = xxhash.xxh3_128()
+        self.done = 0  # bytes hashed into the pieces and the partial piece
+        self.samples: dict[tuple[int, int], bytes] = {}
+
+    def _start_over(self, fd: int, offset: int) -> None:
+        st = os.fstat(fd)
+        if self.key != (st.st_dev, st.st_ino) or self.done > offset:
+            self.key, self.pieces, self.partial, self.done = (st.st_dev, st.st_ino), [], xxhash.xxh3_128(), 0
+            self.samples = {}
 
     def ranges(self, fd: int, offset: int, verify: Verify) -> tuple[Range, ...]:
         """The fingerprint of the prefix ``[0, offset)`` of the open file ``fd`` (``verify`` mode)."""
+        self._start_over(fd, offset)
         if verify == "sampled":
-            return tuple((s, e, _combine([_piece(fd, s, e)])) for s, e in _sample_bounds(offset))
-        st = os.fstat(fd)
-        if self.key != (st.st_dev, st.st_ino) or len(self.pieces) * PIECE > offset:
-            self.key, self.pieces = (st.st_dev, st.st_ino), []
-        pieces = self.pieces
-        while (len(pieces) + 1) * PIECE <= offset:
-            at = len(pieces) * PIECE
-            pieces.append(_piece(fd, at, at + PIECE))
-        partial = offset % PIECE
-        every = [*pieces, _piece(fd, offset - partial, offset)] if partial else pieces
+            found = []
+            for start, end in _sample_bounds(offset):
+                digest = self.samples.get((start, end))
+                if digest is None:
+                    digest = _piece(fd, start, end)
+                    if end - start == SAMPLE and end < offset:  # a strided block: it stays
+                        self.samples[(start, end)] = digest
+                found.append((start, end, _combine([digest])))
+            return tuple(found)
+        while self.done < offset:
+            end = min((len(self.pieces) + 1) * PIECE, offset)
+            data = os.pread(fd, end - self.done, self.done)
+            if len(data) < end - self.done:
+                raise ValueError(f"the file shrank below byte {offset} while its fingerprint was taken")
+            self.partial.update(data)
+            self.done = end
+            if end % PIECE == 0:
+                self.pieces.append(self.partial.digest())
+                self.partial = xxhash.xxh3_128()
+        every = [*self.pieces, self.partial.digest()] if offset % PIECE else self.pieces
         return tuple(
             (start, end, _combine(every[start // PIECE : -(-end // PIECE)]))
             for start, end in _full_bounds(offset)
