@@ -4,7 +4,7 @@ Variants, each timed in a fresh interpreter, in interleaved rounds:
 
 - ``read``: a plain sequential read of the prefix in 4 MiB blocks, nothing else (the baseline);
 - ``full``: ``first_difference`` over the ``"full"`` fingerprint (every byte, hashed in threads);
-- ``sampled``: the same over the ``"sampled"`` fingerprint (18 blocks of 64 KiB);
+- ``sampled``: the same over the ``"sampled"`` fingerprint (at most 17 blocks of 64 KiB);
 - ``stamp``: computing the ``"full"`` fingerprint from nothing (the first checkpoint of a run).
 
 Prints each variant's median seconds and its ratio to ``read``. The fingerprints are computed once

@@ -334,7 +334,7 @@ def read_lines(
       pipeline then writes its final checkpoint; the next run continues from there.
     - ``verify`` (default ``"full"``): how a resumed run checks that the bytes read before are
       unchanged (:mod:`microbatch.sources.prefix`): ``"full"`` re-hashes the whole prefix (about
-      0.1 to 0.4 s per GiB), ``"sampled"`` only 18 blocks of 64 KiB (about 1 MiB whatever the size;
+      0.1 to 0.4 s per GiB), ``"sampled"`` only 17 blocks of 64 KiB (about 1 MiB whatever the size;
       an edit that touches none of them is not seen). A difference stops the run with
       ``CheckpointMismatch`` naming the file and the first byte range that differs.
 

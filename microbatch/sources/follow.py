@@ -430,8 +430,8 @@ async def follow_parts(
                     # truncated file from byte 0, or the next copy if it was truncated again.
                     logger.warning(
                         "%s: truncated at byte %d (copytruncate): reading the %d bytes written after "
-                        "that from its copy %s, then the file again from byte 0 (lines written between "
-                        "the copy and the truncation are lost)", where, position, lost, copy,
+                        "that from its copy %s, then the files written after the copy (lines written "
+                        "between the copy and the truncation are lost)", where, position, lost, copy,
                     )
                     await anyio.to_thread.run_sync(seen.replaced, f, opened)
                     trail.replace(f, opened)  # and closes f: the file it is now is found as the next
