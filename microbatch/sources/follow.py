@@ -198,7 +198,10 @@ class Seen:
         stamp = self.files[key]
         if stamp is None:
             return True
-        fd = os.open(name, os.O_RDONLY)
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except OSError:
+            return True  # gone since it was listed: nothing to read there
         try:
             return stamp.matches(fd)
         finally:
