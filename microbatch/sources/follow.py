@@ -165,11 +165,13 @@ class Seen:
     """The files a reading went through, so that a rotation never goes back to one of them.
 
     A file is known by device and inode, and by its size and first bytes when it was left: a
-    file deleted since may leave its inode to a new file, which is not one read before.
+    file deleted since may leave its inode to a new file, which is not one read before. A file
+    unchanged since it was left (same size and modification time) is not read again to tell.
     """
 
     def __init__(self) -> None:
-        self.files: OrderedDict[tuple[int, int], FileStamp | None] = OrderedDict()
+        #: (device, inode) -> None while open, else (stamp, size, mtime) when it was left.
+        self.files: OrderedDict[tuple[int, int], tuple[FileStamp, int, int] | None] = OrderedDict()
 
     def add(self, f: IO[bytes]) -> None:
         st = os.fstat(f.fileno())
@@ -182,28 +184,28 @@ class Seen:
         the one read before is ``copy``."""
         self.add(copy)
         st, stamp = os.fstat(f.fileno()), fd_stamp(copy.fileno())
-        self.files[(st.st_dev, st.st_ino)] = FileStamp(st.st_dev, st.st_ino, stamp.size, stamp.head_length,
-                                                       stamp.head)
+        old = FileStamp(st.st_dev, st.st_ino, stamp.size, stamp.head_length, stamp.head)
+        self.files[(st.st_dev, st.st_ino)] = (old, -1, -1)
 
     def leave(self, f: IO[bytes]) -> None:
         """Reading left ``f``, which may be closed later: remember what it looked like."""
-        stamp = fd_stamp(f.fileno())
-        self.files[(stamp.device, stamp.inode)] = stamp
+        st = os.fstat(f.fileno())
+        self.files[(st.st_dev, st.st_ino)] = (fd_stamp(f.fileno()), st.st_size, st.st_mtime_ns)
 
     def __contains__(self, item: tuple[str, os.stat_result]) -> bool:
         name, st = item
         key = (st.st_dev, st.st_ino)
         if key not in self.files:
             return False
-        stamp = self.files[key]
-        if stamp is None:
+        left = self.files[key]
+        if left is None or (st.st_size, st.st_mtime_ns) == left[1:]:
             return True
         try:
             fd = os.open(name, os.O_RDONLY)
         except OSError:
             return True  # gone since it was listed: nothing to read there
         try:
-            return stamp.matches(fd)
+            return left[0].matches(fd)
         finally:
             os.close(fd)
 
