@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -107,7 +108,7 @@ async def test_follow_restarts_at_zero_after_truncation(tmp_path: Path) -> None:
         assert await records.receive() == "y"
 
 
-async def test_copytruncate_warns_naming_the_file_and_the_bytes_skipped(
+async def test_copytruncate_reads_the_rest_from_the_copy_and_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "app.log"
@@ -116,15 +117,42 @@ async def test_copytruncate_warns_naming_the_file_and_the_bytes_skipped(
     async with _follow(mb.read_lines(path, follow=True, poll_interval=POLL)) as records:
         assert (await _take(records, 100))[-1] == "line 99"
         # The copy holds 2 lines the reader never saw (written just before the copy), then the
-        # file is truncated: those 2 lines (14 bytes) are skipped, and the warning says so.
+        # file is truncated: those 2 lines (14 bytes) are read from the copy, then the file again.
         (tmp_path / "app.log.1").write_bytes(path.read_bytes() + b"late 1\nlate 2\n")
         with open(path, "r+b") as f:
             f.truncate(0)
         _append(path, b"new\n")
-        assert await records.receive() == "new"
+        assert await _take(records, 3) == ["late 1", "late 2", "new"]
     (warning,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert f"{path}: truncated at byte 790 (copytruncate): 14 bytes written after that" in warning
+    assert f"{path}: truncated at byte 790 (copytruncate): reading the 14 bytes written after" in warning
     assert str(tmp_path / "app.log.1") in warning
+
+
+async def test_copytruncate_twice_while_the_reader_was_behind_reads_every_copy(tmp_path: Path) -> None:
+    """Two copytruncate rotations (logrotate: shift ``app.log.N``, copy, truncate) while the reader
+    was not looking: the rest of the first copy, the whole second copy, then the file itself."""
+    path = tmp_path / "app.log"
+    path.write_bytes(b"a1\na2\n")
+
+    def copytruncate() -> None:
+        for old in sorted(tmp_path.glob("app.log.*"), reverse=True):
+            old.rename(tmp_path / f"app.log.{int(old.suffix[1:]) + 1}")
+        shutil.copyfile(path, tmp_path / "app.log.1")
+        os.truncate(path, 0)
+
+    source = mb.read_lines(path, follow=True, poll_interval=POLL)
+    got: list[str] = []
+    async with aclosing(source.chunks()) as chunks:
+        assert await chunks.__anext__() == ["a1", "a2"]
+        _append(path, b"a3\n")
+        copytruncate()  # app.log.1: a1 a2 a3
+        _append(path, b"b1\nb2\n")
+        copytruncate()  # app.log.2: a1 a2 a3, app.log.1: b1 b2
+        _append(path, b"c1\n")
+        with anyio.fail_after(SAFETY):
+            while got[-1:] != ["c1"]:
+                got.extend(await chunks.__anext__())
+    assert got == ["a3", "b1", "b2", "c1"]
 
 
 async def test_rotations_faster_than_the_reader_are_read_file_by_file(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import microbatch as mb
 from microbatch._exceptions import CheckpointMismatch
+from microbatch.checkpoints.identity import file_position
 
 pytestmark = pytest.mark.anyio
 
@@ -94,6 +95,6 @@ async def test_a_checkpoint_while_the_old_file_is_folded_names_the_old_file(tmp_
     )
     # Start in the rotated file: the reader reaches the new file while the old one's batches wait.
     source = mb.read_lines(log, follow=True, poll_interval=POLL)
-    await _run_until(pipeline, source.continue_rotated(tmp_path / "app.log.1", 0), state, 1500)
+    await _run_until(pipeline, source.resume(file_position(tmp_path / "app.log.1", 0)), state, 1500)
     _seq(log, 3100, 3500, "a")
     assert await _run_until(pipeline, source, state, 3500) == sum(range(3500))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -13,7 +14,7 @@ import pytest
 from microbatch import CheckpointMismatch
 from microbatch._exceptions import InvalidCheckpoint
 from microbatch.checkpoints.format import Checkpoint, decode, encode
-from microbatch.checkpoints.identity import FileIdentity, classify, fd_identity, file_identity, siblings
+from microbatch.checkpoints.identity import FilePosition, classify, fd_position, file_position, siblings
 
 
 def lines(start: int, stop: int) -> str:
@@ -28,7 +29,7 @@ def log(tmp_path: Path) -> Path:
 
 
 def test_the_same_file_grown_or_not(log: Path) -> None:
-    saved = file_identity(log, log.stat().st_size)
+    saved = file_position(log, log.stat().st_size)
     state = classify(log, saved)
     assert (state.kind, state.path, state.offset) == ("same", str(log), saved.offset)
     with log.open("a") as f:
@@ -39,26 +40,26 @@ def test_the_same_file_grown_or_not(log: Path) -> None:
 
 def test_an_identity_in_the_middle_of_a_file(log: Path) -> None:
     offset = len(lines(0, 500).encode())
-    saved = file_identity(log, offset)
-    assert saved.head_length == 1024 and saved.tail_length == 1024
+    saved = file_position(log, offset)
+    assert saved.file.head_length == 1024 and saved.tail_length == 1024
     assert classify(log, saved).kind == "grown"
-    empty = file_identity(log, 0)
+    empty = file_position(log, 0)
     assert empty.tail_length == 0 and classify(log, empty).kind == "grown"
     with pytest.raises(ValueError, match=f"{log} holds .* fewer than the offset"):
-        file_identity(log, log.stat().st_size + 1)
+        file_position(log, log.stat().st_size + 1)
 
 
 @pytest.mark.parametrize(
     "damage, why",
     [
-        (lambda p: p.write_bytes(b"X" + p.read_bytes()[1:]), "the first 1024 bytes of"),
-        (lambda p: p.write_bytes(p.read_bytes()[:-2] + b"Z\n"), "before byte offset"),
+        (lambda p: p.write_bytes(b"X" + p.read_bytes()[1:]), "bytes 0-"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-2] + b"Z\n"), "bytes 0-"),
         (lambda p: p.write_text(lines(0, 10)), "fewer than the"),
     ],
     ids=["head-rewritten", "bytes-before-offset-rewritten", "truncated"],
 )
 def test_a_rewritten_or_shorter_file_is_refused(log: Path, damage: object, why: str) -> None:
-    saved = file_identity(log, log.stat().st_size)
+    saved = file_position(log, log.stat().st_size)
     damage(log)  # type: ignore[operator]
     state = classify(log, saved)
     assert state.kind == "changed" and why in state.why and str(log) in state.why
@@ -68,14 +69,14 @@ def test_a_rewritten_or_shorter_file_is_refused(log: Path, damage: object, why: 
 
 
 def test_a_file_replaced_by_another_is_refused_and_by_a_copy_continues(log: Path, tmp_path: Path) -> None:
-    saved = file_identity(log, log.stat().st_size)
+    saved = file_position(log, log.stat().st_size)
     os.link(log, tmp_path / "keep")  # the saved inode stays in use: no new file can get its number
     copy = tmp_path / "copy.tmp"
     shutil.copyfile(log, copy)
     with copy.open("a") as f:
         f.write(lines(1000, 1010))
     os.replace(copy, log)  # a new inode, the same data then more
-    assert os.stat(log).st_ino != saved.inode
+    assert os.stat(log).st_ino != saved.file.inode
     assert classify(log, saved).kind == "grown"
     other = tmp_path / "other.tmp"
     other.write_text(lines(5000, 6000))
@@ -88,15 +89,15 @@ def test_an_open_file_keeps_its_identity_after_a_rename(log: Path, tmp_path: Pat
     with log.open("rb") as f:
         log.rename(tmp_path / "app.log.1")
         log.write_text(lines(3000, 4000))
-        saved = fd_identity(f.fileno(), 500, where=str(log))
-    assert saved == file_identity(tmp_path / "app.log.1", 500)
+        saved = fd_position(f.fileno(), 500, where=str(log))
+    assert saved == file_position(tmp_path / "app.log.1", 500)
     state = classify(log, saved)
     assert state.kind == "rotated" and state.path == str(tmp_path / "app.log.1")
 
 
 def test_the_rotation_of_the_issue_finds_the_old_file(log: Path, tmp_path: Path) -> None:
     # seq 0 999 > app.log; checkpoint; seq 1000 1999 >> app.log; mv app.log app.log.1; seq 2000 3999 > app.log
-    saved = file_identity(log, log.stat().st_size)
+    saved = file_position(log, log.stat().st_size)
     with log.open("a") as f:
         f.write(lines(1000, 2000))
     log.rename(tmp_path / "app.log.1")
@@ -112,7 +113,7 @@ def test_the_rotation_of_the_issue_finds_the_old_file(log: Path, tmp_path: Path)
 
 
 def test_copytruncate_is_found_by_content(log: Path, tmp_path: Path) -> None:
-    saved = file_identity(log, len(lines(0, 600).encode()))
+    saved = file_position(log, len(lines(0, 600).encode()))
     shutil.copyfile(log, tmp_path / "app.log-20261130")
     with log.open("r+") as f:
         f.truncate(0)
@@ -123,7 +124,7 @@ def test_copytruncate_is_found_by_content(log: Path, tmp_path: Path) -> None:
 
 
 def test_a_deleted_or_compressed_rotation_cannot_be_recovered(log: Path, tmp_path: Path) -> None:
-    saved = file_identity(log, log.stat().st_size)
+    saved = file_position(log, log.stat().st_size)
     log.rename(tmp_path / "app.log.1.gz")  # a compressed rotation is not opened
     state = classify(log, saved)
     assert state.kind == "missing" and f"{log} is missing" in state.why
@@ -159,7 +160,7 @@ def test_rotating_file_handler_rotations_are_followed(tmp_path: Path) -> None:
         handler.flush()
         offset = path.stat().st_size
         read_so_far = path.read_bytes()
-        saved = file_identity(path, offset)
+        saved = file_position(path, offset)
         rotations = 0
         while rotations < 3:
             before = path.stat().st_ino
@@ -180,10 +181,10 @@ def test_rotating_file_handler_rotations_are_followed(tmp_path: Path) -> None:
 
 
 def test_identity_round_trips_through_a_checkpoint(log: Path) -> None:
-    saved = file_identity(log, 300)
+    saved = file_position(log, 300)
     checkpoint = Checkpoint(batches=2, records=20, position=300, state=None, identity=saved.to_json())
     loaded = decode(encode(checkpoint))
-    assert FileIdentity.from_json(loaded.identity) == saved
+    assert FilePosition.from_json(loaded.identity) == saved
     assert decode(encode(Checkpoint(batches=0, records=0, position=0, state=None))).identity is None
     with pytest.raises(InvalidCheckpoint, match="field 'identity'"):
         decode(encode(Checkpoint(batches=2, records=2, position=2, state=None, identity="app.log")))
@@ -194,10 +195,36 @@ def test_identity_round_trips_through_a_checkpoint(log: Path) -> None:
     [("inode", -1), ("inode", "12"), ("offset", True), ("head", "abc"), ("tail", 5), ("tail_length", 10**9)],
 )
 def test_an_invalid_identity_names_its_field(log: Path, key: str, value: object) -> None:
-    data = file_identity(log, 300).to_json()
+    data = file_position(log, 300).to_json()
     data[key] = value
     with pytest.raises(InvalidCheckpoint) as info:
-        FileIdentity.from_json(data)
+        FilePosition.from_json(data)
     assert info.value.field == f"identity.{key}"
     with pytest.raises(InvalidCheckpoint, match="field 'identity' is 'x'"):
-        FileIdentity.from_json("x")
+        FilePosition.from_json("x")
+
+
+@pytest.mark.parametrize(
+    "key, value, field",
+    [
+        ("ranges", [[0, 10**9, "0" * 32]], "identity.ranges[0]"),
+        ("ranges", [[0, 10, "xyz"]], "identity.ranges[0]"),
+        ("ranges", "all", "identity.ranges"),
+        ("pending", [{"device": 1}], "identity.pending[0].inode"),
+    ],
+)
+def test_invalid_ranges_or_pending_name_their_field(log: Path, key: str, value: object, field: str) -> None:
+    data = file_position(log, 300).to_json()
+    data[key] = value
+    with pytest.raises(InvalidCheckpoint) as info:
+        FilePosition.from_json(data)
+    assert info.value.field == field
+
+
+def test_a_position_with_pending_files_round_trips(log: Path, tmp_path: Path) -> None:
+    other = tmp_path / "app.log.1"
+    other.write_text(lines(0, 10))
+    saved = file_position(log, 300)
+    pending = (file_position(other, 0).file,)
+    position = FilePosition(saved.file, saved.offset, saved.tail_length, saved.tail, saved.ranges, pending)
+    assert FilePosition.from_json(json.loads(json.dumps(position.to_json()))) == position

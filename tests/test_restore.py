@@ -13,7 +13,7 @@ from microbatch._core.fingerprint import pipeline_fingerprint
 from microbatch.aggregate import Mean, Sum
 from microbatch.checkpoints.directory import DirectoryStore
 from microbatch.checkpoints.format import Checkpoint
-from microbatch.checkpoints.identity import file_identity
+from microbatch.checkpoints.identity import file_position
 from microbatch.checkpoints.session import restore
 from microbatch.checkpoints.sqlite import SqliteStore
 from microbatch.checkpoints.store import CheckpointStore
@@ -48,7 +48,7 @@ def save(store: CheckpointStore, numbers: Path, batches: int, offset: int, total
         batches=batches, records=batches * 10, position=offset,
         state=agg.dump(agg.fold(agg.initial(), total)),
         fingerprint=pipeline_fingerprint(parse, agg, f"file:{numbers}"),
-        identity=file_identity(numbers, offset).to_json(),
+        identity=file_position(numbers, offset).to_json(),
     )
     fields.update(kw)
     store.save(Checkpoint(**fields))  # type: ignore[arg-type]

@@ -42,3 +42,24 @@ async def test_stop_folds_every_line_the_server_received(tmp_path: Path) -> None
     finally:
         store.close()
     assert cp is not None and cp.records == n and not cp.finished
+
+
+async def test_stop_when_idle_ends_with_a_checkpoint_and_the_next_run_continues(tmp_path: Path) -> None:
+    """A server quiet for ``stop_when_idle`` stops taking lines: everything received is folded, the
+    final checkpoint is not ``finished``, and a run over a new server adds to its value."""
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(sum_ints, aggregate=mb.Sum(), max_size=100_000, max_wait=None, executor="thread")
+    with anyio.fail_after(SAFETY):
+        for start in (0, 1000):
+            async with mb.tcp_lines(0, stop_when_idle=1.0) as server:
+                async with await anyio.connect_tcp("127.0.0.1", server.port) as client:
+                    await client.send(b"".join(f"{i}\n".encode() for i in range(start, start + 1000)))
+                    # The client stays connected and quiet: only stop_when_idle ends the run.
+                    assert await pipeline.run(server, checkpoint=state) == sum(range(start + 1000))
+                    assert server.idle_ended
+    store = open_store(state)
+    try:
+        cp = store.load()
+    finally:
+        store.close()
+    assert cp is not None and cp.records == 2000 and not cp.finished

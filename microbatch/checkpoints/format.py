@@ -51,7 +51,7 @@ class Checkpoint:
     (cut back to it on resume); ``fingerprint`` what identifies the pipeline (fn, aggregator,
     source...); ``finished`` whether the source was read to its end; ``created`` the
     ``time.time()`` of the save; ``version`` the format version; ``identity`` which input the
-    position belongs to (for a file, ``checkpoints.identity.FileIdentity.to_json()``; ``None`` when
+    position belongs to (for a file, ``checkpoints.identity.FilePosition.to_json()``; ``None`` when
     unknown, as in checkpoints of earlier versions).
     """
 
@@ -238,7 +238,7 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Checkpoint:
 
 
 def _check_identity(value: object) -> JSON:
-    # Checked in full by the source that wrote it (checkpoints.identity.FileIdentity.from_json).
+    # Checked in full by the source that wrote it (checkpoints.identity.FilePosition.from_json).
     if value is not None and not isinstance(value, dict):
         raise InvalidCheckpoint("identity", f"is {value!r:.60}, not null or an object")
     return value

@@ -33,7 +33,7 @@ from .._exceptions import InvalidCheckpoint
 from .deadletters import DeadLetterFile
 from .directory import DirectoryStore
 from .format import JSON, Checkpoint, PositionKind, check_position, checked
-from .identity import FileIdentity, classify, file_identity
+from .identity import FilePosition, classify, file_position
 from .shards import MANIFEST_FORMAT, ShardFiles, ShardFilesLost
 from .sqlite import SqliteStore
 from .store import CheckpointStore
@@ -102,7 +102,8 @@ class Restored:
     """A checkpoint to resume from: the ``checkpoint``, the aggregator ``state`` its ``load`` returned,
     the ``position`` checked for the source's kind, the fingerprint ``changes`` accepted (empty
     unless ``accept_changes``), and for a file source ``file`` (a ``identity.FileState``:
-    ``grown``, ``same`` or ``rotated``; ``None`` when the checkpoint recorded no identity)."""
+    ``grown``, ``same``, ``rotated`` or, when followed, ``recreated``; ``None`` when the checkpoint
+    recorded no identity)."""
 
     checkpoint: Checkpoint
     state: Any
@@ -118,6 +119,7 @@ def restore(
     kind: PositionKind,
     load_state: Callable[[JSON], Any],
     path: str | os.PathLike[str] | None = None,
+    follow: bool = False,
     accept_changes: bool = False,
 ) -> Restored | None:
     """Return what to resume from, or ``None`` when the store holds no checkpoint.
@@ -129,7 +131,9 @@ def restore(
        unless ``accept_changes`` (then the changes are logged and returned).
     3. For a file (``path``) whose checkpoint holds an identity: ``CheckpointMismatch`` saying what
        differs when the file was rewritten, truncated or replaced and its data is nowhere else, or
-       is missing; otherwise the ``FileState`` in ``Restored.file``. A ``finished`` checkpoint
+       is missing, or its bytes before the offset changed (the first range that differs is named);
+       otherwise the ``FileState`` in ``Restored.file``. A followed file (``follow``) replaced
+       by a new one is ``recreated``: read from its start. A ``finished`` checkpoint
        whose file has grown is logged: the rerun reads only what was appended.
     """
     loaded: list[Any] = []
@@ -145,7 +149,7 @@ def restore(
         ]
         position = check_position(checkpoint, kind)
         if path is not None and checkpoint.identity is not None:
-            identity = FileIdentity.from_json(checkpoint.identity)
+            identity = FilePosition.from_json(checkpoint.identity)
             if identity.offset != position:
                 raise InvalidCheckpoint(
                     "identity.offset", f"is {identity.offset}, not the position {position} it belongs to"
@@ -159,7 +163,7 @@ def restore(
     position = check_position(checkpoint, kind)
     file_state = None
     if path is not None and checkpoint.identity is not None:
-        file_state = classify(path, FileIdentity.from_json(checkpoint.identity))
+        file_state = classify(path, FilePosition.from_json(checkpoint.identity), follow=follow)
         if file_state.kind == "missing" and checkpoint.finished:
             # Nothing is left to read: the finished run's value stands without its input.
             logger.info("%s is gone; the finished run of %s still has its value", path, store.location)
@@ -207,12 +211,14 @@ class Checkpoints:
         *,
         kind: PositionKind,
         path: str | None,
+        follow: bool = False,
     ) -> None:
         self.target = target
         self.fingerprint = fingerprint
         self.dead = dead
         self.kind: PositionKind = kind
         self.path = path
+        self.follow = follow
         self.store: CheckpointStore | None = None
         self.saved = 0
         #: Which file an offset belongs to, for a source that can tell (a followed, rotating file).
@@ -286,6 +292,7 @@ class Checkpoints:
                 kind=self.kind,
                 load_state=self.loader(agg),
                 path=self.path,
+                follow=self.follow,
                 accept_changes=accept_changes,
             )
         )
@@ -364,7 +371,7 @@ class Checkpoints:
             if self.identify is not None:
                 found = self.identify(position)
                 return None if found is None else found.to_json()
-            return file_identity(self.path, position).to_json()
+            return file_position(self.path, position).to_json()
         except (OSError, ValueError) as exc:
             # A followed file rotated under the run: the path names a newer file now.
             log.warning("no identity recorded for %s at offset %d: %s", self.path, position, exc)

@@ -117,7 +117,6 @@ class SplittableLines(LineParts, Protocol):
     def splittable(self) -> bool: ...
 
 
-
 def describe_source(source: object) -> str:
     """The source's text for the pipeline's fingerprint: ``describe()``, else its type's name."""
     describe = getattr(source, "describe", None)
@@ -161,14 +160,15 @@ def stop_intake(source: object) -> bool:
 
 
 def source_identity(source: object) -> Callable[[int, int], Any] | None:
-    """For a followed file: ``identity(offset, records)``, the identity of the file the
-    ``records``-th record read came from, up to ``offset`` (it may have been rotated since)."""
-    identity = getattr(source, "identity", None)
-    return identity if getattr(source, "follow", False) and callable(identity) else None
+    """For a file: ``position_at(offset, records)``, the position (a ``FilePosition``) after the
+    ``records``-th record read, which ends at ``offset`` of its file (a followed file may have been
+    rotated since)."""
+    position_at = getattr(source, "position_at", None)
+    return position_at if isinstance(source, LineParts) and callable(position_at) else None
 
 
 def resume_source(source: Any, position: Any, file: Any = None) -> Any:
-    """What to read after the checkpointed ``position`` (a batch's ``end``) of ``source``.
+    """What to read after the checkpointed ``position`` (a batch's end) of ``source``.
 
     - line parts: ``source.resume(position)`` (a byte offset);
     - chunks with positions: ``source.resume(position["chunk"])`` when a chunk was complete, then
@@ -178,18 +178,18 @@ def resume_source(source: Any, position: Any, file: Any = None) -> Any:
     - other iterables: read again, skipping ``position`` records (right when the iterable yields
       the same records in the same order each time).
 
-    ``file`` is what became of a file source's input since the checkpoint (a
-    ``checkpoints.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
-    files written after it are read (``continue_rotated``) when the source follows; otherwise it is
-    refused with the state's error.
+    ``file`` (a ``checkpoints.identity.FileState``, or None): a file source resumes from its saved
+    position, whose file it opens by identity (never by a path looked up again); ``rotated`` needs
+    ``follow`` (else the state's error); ``recreated`` (followed only) reads the new file from 0.
 
     A position of the wrong kind for the source raises ``ValueError`` naming it.
     """
-    if file is not None and file.kind == "rotated":
-        continue_rotated = getattr(source, "continue_rotated", None)
-        if not (getattr(source, "follow", False) and callable(continue_rotated)):
+    if file is not None and file.position is not None:
+        if file.kind == "rotated" and not getattr(source, "follow", False):
             raise file.error()  # only a followed source continues in the new file
-        return continue_rotated(file.path, position)
+        if file.kind == "recreated":
+            return source
+        return source.resume(file.position)
     if position is None:
         return source
     if isinstance(source, LineParts):

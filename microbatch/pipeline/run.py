@@ -119,6 +119,7 @@ class Run(Generic[R, V]):
             self.dead,
             kind=kind,
             path=None if path is None else str(path),
+            follow=bool(getattr(source, "follow", False)),
         )
         self.folder: Folder[V] | None = None
         self._state: Any = self.agg.initial()
@@ -143,7 +144,9 @@ class Run(Generic[R, V]):
     def finished(self) -> bool:
         """The source was read to its end and every one of its batches was folded."""
         if self.folder is not None:
-            return self.folder.finished and not self._stopped
+            # A source that ended because it was quiet (stop_when_idle) has not ended its input.
+            idle = getattr(self.source, "idle_ended", False)
+            return self.folder.finished and not self._stopped and not idle
         return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -16,8 +16,6 @@ ASCII-compatible (UTF-8, Latin-1, cp1252, ...).
 
 from __future__ import annotations
 
-import errno
-import logging
 import os
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -27,14 +25,14 @@ import anyio
 
 from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
-from ..checkpoints.identity import FileIdentity, file_identity
+from ..checkpoints.identity import FilePosition, fd_position
+from ..checkpoints.prefix import PrefixHasher, Verify, check_verify
 from .follow import FileTrail, follow_parts
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, chunks_of
+from .opening import open_identified_at, wait_and_open
 from .protocol import Part
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_POLL_INTERVAL", "LineSource", "read_lines"]
-
-logger = logging.getLogger("microbatch.sources")
 
 T = TypeVar("T", str, bytes)
 
@@ -68,7 +66,9 @@ class LineSource(Generic[T]):
         max_line_length: int,
         poll_interval: float,
         wait_for_file: float | None = None,
-        rotated: str | None = None,
+        stop_when_idle: float | None = None,
+        verify: Verify = "full",
+        position: FilePosition | None = None,
     ) -> None:
         check_encoding(encoding, errors)
         if isinstance(start, bool) or not isinstance(start, int):
@@ -82,6 +82,11 @@ class LineSource(Generic[T]):
             check_seconds("wait_for_file", wait_for_file)
             if not follow:
                 raise ValueError("wait_for_file waits for a file to follow: it needs follow=True")
+        if stop_when_idle is not None:
+            check_seconds("stop_when_idle", stop_when_idle)
+            if not follow:
+                raise ValueError("stop_when_idle ends a followed file's reading: it needs follow=True")
+        check_verify(verify)
         self.path: str = os.fspath(path)
         #: Names the source in messages (its path).
         self.where: str = self.path
@@ -93,17 +98,21 @@ class LineSource(Generic[T]):
         self.max_line_length = max_line_length
         self.poll_interval = poll_interval
         self.wait_for_file = wait_for_file
-        #: The rotated file to finish from ``start`` before the file at ``path`` (see
-        #: :meth:`continue_rotated`); None: read ``path`` from ``start``.
-        self.rotated = rotated
+        self.stop_when_idle = stop_when_idle
+        self.verify: Verify = verify
+        #: The position resumed from (its file is opened by identity); None: ``path`` from ``start``.
+        self.position = position
+        #: The latest reading ended because nothing new arrived for ``stop_when_idle`` seconds.
+        self.idle_ended = False
         #: The files the latest reading of a followed source went through (for checkpoints).
         self.trail: FileTrail | None = None
+        self._hasher = PrefixHasher()
 
     def __repr__(self) -> str:
         return (
             f"read_lines({self.path!r}, encoding={self.encoding!r}, errors={self.errors!r}, "
             f"follow={self.follow}, start={self.start})"
-            + ("" if self.rotated is None else f".continue_rotated({self.rotated!r}, {self.start})")
+            + ("" if self.position is None else f".resume(<inode {self.position.file.inode}>)")
         )
 
     def describe(self) -> str:
@@ -111,9 +120,16 @@ class LineSource(Generic[T]):
         return f"file:{os.path.abspath(self.path)}"
 
     def resume(self, position: Any) -> LineSource[T]:
-        """The source continued at byte offset ``position`` (a batch's end); None or 0: itself."""
-        if position is None or position == 0:
+        """The source continued after ``position``: a :class:`FilePosition` (or its JSON), whose file
+        is opened by identity wherever it is now, or a byte offset in the file at ``path``; None:
+        itself, as 0. A rotated file is only continued by a followed source
+        (``CheckpointMismatch`` when reading otherwise)."""
+        if position is None or (type(position) is int and position == 0):
             return self
+        if isinstance(position, dict):
+            position = FilePosition.from_json(position, field="position")
+        if isinstance(position, FilePosition):
+            return self._copy(position.offset, position)
         return self.with_start(check_int("position", position))
 
     def with_start(self, offset: int) -> LineSource[T]:
@@ -123,23 +139,7 @@ class LineSource(Generic[T]):
         """
         return self._copy(offset, None)
 
-    def continue_rotated(self, rotated: str | os.PathLike[str], offset: int) -> LineSource[T]:
-        """A followed source that finishes the rotated file ``rotated`` from byte ``offset`` (the end of
-        a block read before it was rotated), then reads the file at ``path`` (and any file rotated
-        in between) from its start, and follows it.
-
-        For a run resumed after its file was rotated (``FileState`` kind ``"rotated"``). Without
-        ``follow`` a rotation is not followed: ``ValueError``. Offsets after the switch are offsets
-        in the new file.
-        """
-        if not self.follow:
-            raise ValueError(
-                f"{self.path} was rotated to {os.fspath(rotated)}: only a followed source "
-                f"(follow=True) continues in the new file"
-            )
-        return self._copy(check_int("offset", offset, minimum=0), os.fspath(rotated))
-
-    def _copy(self, start: int, rotated: str | None) -> LineSource[T]:
+    def _copy(self, start: int, position: FilePosition | None) -> LineSource[T]:
         return LineSource(
             self.path,
             encoding=self.encoding,
@@ -150,7 +150,9 @@ class LineSource(Generic[T]):
             max_line_length=self.max_line_length,
             poll_interval=self.poll_interval,
             wait_for_file=self.wait_for_file,
-            rotated=rotated,
+            stop_when_idle=self.stop_when_idle,
+            verify=self.verify,
+            position=position,
         )
 
     def splittable(self) -> bool:
@@ -164,17 +166,25 @@ class LineSource(Generic[T]):
         except OSError:  # pragma: no cover - isfile() already answers False for most errors
             return False
 
-    def identity(self, offset: int, records: int) -> FileIdentity | None:
-        """The identity of the file that the ``records``-th record of the latest reading ended in,
-        read up to ``offset``: for a checkpoint of a followed file, which may have been rotated
-        while the batches before the rotation were still being folded. ``records`` counts from the
-        start of that reading. Before any reading (or without ``follow``): the file at ``path``.
+    def position_at(self, offset: int, records: int) -> FilePosition | None:
+        """The position after the ``records``-th record of the latest reading, which ends at byte
+        ``offset`` of its file: for a checkpoint. A followed file may have been rotated since, and
+        batches of the old one may still be folded: the position names the file the record came
+        from, and the files read after it. ``records`` counts from the start of that reading.
+        Before any reading (or without ``follow``): the file at ``path``, or the one resumed from.
         Blocks; call it in a worker thread.
         """
         trail = self.trail
-        if trail is None:
-            return file_identity(self.path, offset)
-        return trail.identity(offset, records)
+        if trail is not None:
+            return trail.position(offset, records)
+        position = self.position
+        f = (open(self.path, "rb", buffering=0) if position is None
+             else open_identified_at(self.path, position, follow=self.follow))
+        try:
+            return fd_position(f.fileno(), offset, where=self.path, verify=self.verify, hasher=self._hasher,
+                               pending=() if position is None else position.pending)
+        finally:
+            f.close()
 
     def __aiter__(self) -> AsyncGenerator[T, None]:
         return self._lines()
@@ -205,54 +215,11 @@ class LineSource(Generic[T]):
         """
         return self._raw()
 
-    def _open(self) -> tuple[IO[bytes], int]:
-        """Open the file at ``start`` (in a worker thread); returns the file and its start offset."""
-        f = open(self.rotated or self.path, "rb", buffering=0)  # closed by _raw or the trail
-        name = self.rotated or self.path
-        try:
-            start = self.start
-            size = os.fstat(f.fileno()).st_size
-            if start > size:
-                if not self.follow or self.rotated is not None:
-                    raise ValueError(
-                        f"{name}: start={start} is past the end of the file ({size} bytes); "
-                        f"was the file replaced since that offset was recorded?"
-                    )
-                start = 0  # truncated since the offset was recorded: read it all, like tail -F
-            if start > 0:
-                f.seek(start - 1)
-                if f.read(1) != b"\n":
-                    raise ValueError(
-                        f"{name}: start={start} is not the beginning of a line (byte {start - 1} "
-                        f"is not a newline); pass the end offset of a block or record read before"
-                    )
-            return f, start
-        except BaseException:
-            f.close()
-            raise
-
     async def _wait_and_open(self) -> tuple[IO[bytes], int]:
-        """Open the file; a followed file that does not exist yet is waited for (``wait_for_file``)."""
-        if not self.follow or self.rotated is not None:
-            return await anyio.to_thread.run_sync(self._open)
-        waited = anyio.current_time()
-        logged = False
-        while True:
-            try:
-                return await anyio.to_thread.run_sync(self._open)
-            except FileNotFoundError:  # noqa: PERF203 - once per poll of a missing file
-                if not logged:
-                    logger.info("waiting for %s to exist", self.path)
-                    logged = True
-                limit = self.wait_for_file
-                if limit is not None and anyio.current_time() - waited >= limit:
-                    raise FileNotFoundError(
-                        errno.ENOENT,
-                        f"{self.path} did not appear within wait_for_file={limit:g} s "
-                        f"(no such file or directory)",
-                        self.path,
-                    ) from None
-                await anyio.sleep(self.poll_interval)
+        return await wait_and_open(
+            self.path, self.start, follow=self.follow, position=self.position,
+            wait_for_file=self.wait_for_file, poll_interval=self.poll_interval,
+        )
 
     def _raw(self) -> AsyncGenerator[Part, None]:
         """The reading behind every view: ``(head, data, end, start)`` tuples.
@@ -265,12 +232,13 @@ class LineSource(Generic[T]):
 
     async def _follow(self) -> AsyncGenerator[Part, None]:
         f, start = await self._wait_and_open()
-        async with aclosing(follow_parts(self, f, start)) as parts:  # the trail closes f
+        pending = () if self.position is None else self.position.pending
+        async with aclosing(follow_parts(self, f, start, pending)) as parts:  # the trail closes f
             async for part in parts:
                 yield part
 
     async def _read(self) -> AsyncGenerator[Part, None]:
-        f, start = await anyio.to_thread.run_sync(self._open)
+        f, start = await self._wait_and_open()
         try:
             reader = LineReader(
                 self.path,
@@ -304,6 +272,8 @@ def read_lines(
     max_line_length: int = ...,
     poll_interval: float = ...,
     wait_for_file: float | None = ...,
+    stop_when_idle: float | None = ...,
+    verify: Verify = ...,
 ) -> LineSource[str]: ...
 
 
@@ -319,6 +289,8 @@ def read_lines(
     max_line_length: int = ...,
     poll_interval: float = ...,
     wait_for_file: float | None = ...,
+    stop_when_idle: float | None = ...,
+    verify: Verify = ...,
 ) -> LineSource[bytes]: ...
 
 
@@ -333,6 +305,8 @@ def read_lines(
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
     wait_for_file: float | None = None,
+    stop_when_idle: float | None = None,
+    verify: Verify = "full",
 ) -> LineSource[Any]:
     """The lines of the file at ``path``, without their ``\\n``/``\\r\\n``, as an async iterable.
 
@@ -355,6 +329,14 @@ def read_lines(
     - ``wait_for_file`` (default None, with ``follow=True`` only): a followed file that does not
       exist yet is waited for, at most this many seconds (None: as long as the reading lasts);
       then ``FileNotFoundError`` naming the path and the wait.
+    - ``stop_when_idle`` (default None, with ``follow=True`` only): end the reading once nothing
+      new arrived for this many seconds (a partial last line waits for the next reading). A
+      pipeline then writes its final checkpoint; the next run continues from there.
+    - ``verify`` (default ``"full"``): how a resumed run checks that the bytes read before are
+      unchanged (:mod:`microbatch.checkpoints.prefix`): ``"full"`` re-hashes the whole prefix (about
+      0.1 to 0.4 s per GiB), ``"sampled"`` only 17 blocks of 64 KiB (about 1 MiB whatever the size;
+      an edit that touches none of them is not seen). A difference stops the run with
+      ``CheckpointMismatch`` naming the file and the first byte range that differs.
 
     A last line without a newline is a record. Without ``follow`` a missing file raises
     ``FileNotFoundError`` with the path when the iteration starts.
@@ -381,4 +363,6 @@ def read_lines(
         max_line_length=max_line_length,
         poll_interval=poll_interval,
         wait_for_file=wait_for_file,
+        stop_when_idle=stop_when_idle,
+        verify=verify,
     )

@@ -75,6 +75,7 @@ class TcpLines(Generic[T]):
         idle_timeout: float | None = None,
         evict_after: float | None = None,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        stop_when_idle: float | None = None,
     ) -> None:
         check_encoding(encoding, errors)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -88,6 +89,8 @@ class TcpLines(Generic[T]):
         if evict_after is not None:
             check_seconds("evict_after", evict_after, allow_zero=True)
         check_int("max_buffered_bytes", max_buffered_bytes, minimum=1)
+        if stop_when_idle is not None:
+            check_seconds("stop_when_idle", stop_when_idle)
         self.host = host
         self.requested_port = port
         self.encoding = encoding
@@ -99,6 +102,9 @@ class TcpLines(Generic[T]):
         self.idle_timeout = idle_timeout
         self.evict_after = evict_after
         self.max_buffered_bytes = max_buffered_bytes
+        self.stop_when_idle = stop_when_idle
+        #: The server stopped taking lines because no client sent any for ``stop_when_idle`` s.
+        self.idle_ended = False
         self._depth = 0
         self._port: int | None = None
         self._table: ConnectionTable | None = None
@@ -202,6 +208,21 @@ class TcpLines(Generic[T]):
             task_group.start_soon(clients.accept, raw, task_group)
         host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as in a URL
         logger.info("listening on tcp://%s:%d", host, self._port)
+        self.idle_ended = False
+        if self.stop_when_idle is not None:
+            task_group.start_soon(self._stop_when_idle, clients, self.stop_when_idle)
+
+    async def _stop_when_idle(self, clients: Clients[T], quiet: float) -> None:
+        """Stop intake (:meth:`stop_intake`) once no client connected or sent data for ``quiet`` s."""
+        while not clients.stopped:
+            left = clients.last_activity + quiet - anyio.current_time()
+            if left <= 0:
+                logger.info("tcp_lines on %s:%s: nothing received for stop_when_idle=%g s",
+                            self.host, self._port, quiet)
+                self.idle_ended = True
+                self.stop_intake()
+                return
+            await anyio.sleep(left)
 
     def stop_intake(self) -> None:
         """Stop taking lines, gracefully: for a pipeline stopped by ``Run.stop()`` or SIGTERM.
@@ -288,6 +309,7 @@ def tcp_lines(
     idle_timeout: float | None = ...,
     evict_after: float | None = ...,
     max_buffered_bytes: int = ...,
+    stop_when_idle: float | None = ...,
 ) -> TcpLines[str]: ...
 
 
@@ -305,6 +327,7 @@ def tcp_lines(
     idle_timeout: float | None = ...,
     evict_after: float | None = ...,
     max_buffered_bytes: int = ...,
+    stop_when_idle: float | None = ...,
 ) -> TcpLines[bytes]: ...
 
 
@@ -321,6 +344,7 @@ def tcp_lines(
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     evict_after: float | None = DEFAULT_EVICT_AFTER,
     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+    stop_when_idle: float | None = None,
 ) -> TcpLines[Any]:
     """A TCP server on ``host:port`` whose records are the lines sent by all of its clients.
 
@@ -350,6 +374,10 @@ def tcp_lines(
       for a consumer that does not read. Memory is bounded by about ``buffer_size * read_size``
       plus ``max_buffered_bytes`` plus ``max_connections * read_size``: when the consumer stops
       reading, the server stops reading its sockets and TCP flow control blocks the senders.
+    - ``stop_when_idle`` (default None: never): once no client has connected or sent data for this
+      many seconds, the server stops taking lines as :meth:`TcpLines.stop_intake` does: what it
+      has received is delivered, then the iteration ends. A pipeline writes its final checkpoint
+      (not ``finished``); the next run over a new server continues from its value.
 
     Closing a connection for one of these limits logs it on the ``microbatch.sources`` logger,
     naming the peer and the limit.
@@ -369,4 +397,5 @@ def tcp_lines(
         idle_timeout=idle_timeout,
         evict_after=evict_after,
         max_buffered_bytes=max_buffered_bytes,
+        stop_when_idle=stop_when_idle,
     )

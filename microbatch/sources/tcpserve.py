@@ -81,6 +81,8 @@ class Clients(Generic[T]):
         self.name = name
         #: Set by :meth:`stop`: no more accepts and no more waiting for data.
         self.stopped = False
+        #: When a client last sent data or connected (``anyio.current_time()``).
+        self.last_activity = anyio.current_time()
         self._scopes: set[anyio.CancelScope] = set()  # accept loops and waits for data
         self._serving = 0
         self._idle = anyio.Event()
@@ -121,6 +123,7 @@ class Clients(Generic[T]):
                 await anyio.sleep(0.1)
                 continue
             client.setblocking(False)
+            self.last_activity = anyio.current_time()
             task_group.start_soon(self.serve, client)
 
     async def _take_slot(self) -> None:
@@ -191,6 +194,7 @@ class Clients(Generic[T]):
                 )
                 return
             data = received.pop()
+            self.last_activity = anyio.current_time()
             part = reader.feed(data) if data else reader.finish()
             victim = table.held(conn, reader.pending)
             if victim is not None and victim is not conn:
