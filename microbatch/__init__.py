@@ -42,7 +42,20 @@ from ._exceptions import (
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
     from ._core.checkpoint import Checkpoint
-    from .aggregate import Aggregator, ByKey, Count, Max, Mean, Min, Reduce, Sum, TopK
+    from .aggregate import (
+        Aggregates,
+        Aggregator,
+        ByKey,
+        Count,
+        Max,
+        Mean,
+        Min,
+        Reduce,
+        Sum,
+        TopK,
+        WindowResult,
+        Windows,
+    )
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
@@ -55,7 +68,10 @@ _LAZY = {
     "._core.checkpoint": ["Checkpoint"],
     ".stores": ["CheckpointStore", "DirectoryStore", "SqliteStore"],
     ".executors.dask": ["DaskExecutor"],
-    ".aggregate": ["Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
+    ".aggregate": [
+        "Aggregates", "Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK",
+        "WindowResult", "Windows",
+    ],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
@@ -66,6 +82,7 @@ _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregates",
     "Aggregator",
     "BackendNotSupported",
     "Batcher",
@@ -118,6 +135,8 @@ __all__ = [
     "TopK",
     "UnpicklableFunction",
     "Update",
+    "WindowResult",
+    "Windows",
     "WorkerCrashed",
     "batches",
     "read_lines",

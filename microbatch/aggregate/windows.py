@@ -1,0 +1,417 @@
+"""Windows: any aggregator folded per time window, windows closed by a watermark and handed over.
+
+State (what ``dump`` writes, JSON)::
+
+    {"format": "microbatch.windows/1", "top": 1700000123.5, "emitted": 1440, "late": 3,
+     "windows": [[start, state], ...],                      # tumbling and hopping, not keyed
+     "windows": [[start, {"keys": [...], "states": [...]}], ...],   # keyed (ByKey inner)
+     "sessions": [[key, start, last, state], ...]}          # sessions; key null when not keyed
+
+``top`` is the largest timestamp folded (the watermark is ``top - grace``), ``emitted`` the number
+of windows closed so far (the emission high-water mark), ``late`` the late records counted. Only
+open windows are kept: a closed window is handed over once and evicted, so the state does not grow
+with the span of event time, and a window a checkpoint no longer holds can never come out again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, NamedTuple
+
+from .._core.keys import key_from_json, key_to_json
+from .._core.windows import Grouped, Number, Spec, group, merge_runs
+from .base import JSON, Aggregator
+from .bykey import ByKey
+from .combine import merger_for, reducer_for
+from .keyed import folder_for
+
+__all__ = ["Late", "WindowResult", "Windows", "WindowsState"]
+
+FORMAT = "microbatch.windows/1"
+Clock = Literal["event", "processing"]
+OnLate = Literal["dead_letter", "drop"]
+_MISSING: Any = object()
+
+
+class WindowResult(NamedTuple):
+    """One closed window: ``[start, end)`` in epoch seconds, the inner value, and its key (None
+    unless the inner aggregate is a ``ByKey``)."""
+
+    start: Number
+    end: Number
+    value: Any
+    key: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The window as JSON data: ISO-8601 UTC times, the key as JSON (tuples as arrays)."""
+        out: dict[str, Any] = {"start": iso(self.start), "end": iso(self.end)}
+        if self.key is not None:
+            out["key"] = key_to_json(self.key)
+        out["value"] = self.value
+        return out
+
+
+class Late(NamedTuple):
+    """Records that came for a window already closed: ``records`` of them, with timestamps from
+    ``first`` to ``last``, for the window ``[start, end)`` (and ``key``)."""
+
+    start: Number
+    end: Number
+    key: Any
+    records: int
+    first: Number
+    last: Number
+
+
+def iso(t: Number) -> str:
+    """ISO-8601 UTC text of epoch seconds, e.g. ``2024-05-01T12:00:00Z`` (fractions when any)."""
+    whole = int(t // 1)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    frac = t - whole
+    return f"{text}{f'{frac:.6f}'.rstrip('0')[1:] if frac else ''}Z"
+
+
+class WindowsState:
+    """The open windows, the watermark's base and the counts; see the module's docstring."""
+
+    __slots__ = ("open", "sessions", "heap", "top", "pending", "emitted", "late_records", "late", "tick")
+
+    def __init__(self) -> None:
+        self.open: dict[Number, Any] = {}  # window start -> inner state (keyed: dict key -> state)
+        self.sessions: dict[Any, list[list[Any]]] = {}  # key -> [[start, last, state], ...] by start
+        self.heap: list[tuple[Number, int, Any, Number]] = []  # (end, tick, key, start): closes to check
+        self.top: Number | None = None  # largest timestamp folded before the batch being folded
+        self.pending: Number | None = None  # largest timestamp of the batch being folded
+        self.emitted = 0
+        self.late_records = 0
+        self.late: list[Late] = []  # of the batch being folded, handed over by ``close_batch``
+        self.tick = 0
+
+
+def _sorted(results: list[WindowResult]) -> list[WindowResult]:
+    try:
+        return sorted(results, key=lambda w: (w.end, w.start, w.key))
+    except TypeError:  # keys of different types in one window
+        return sorted(results, key=lambda w: (w.end, w.start, json.dumps(key_to_json(w.key))))
+
+
+class Windows(Aggregator[Any, WindowsState, "list[WindowResult]"]):
+    """Folds ``inner`` per time window: tumbling (``size``), hopping (``size``, ``slide``) or
+    session (``gap``, per key when ``inner`` is a ``ByKey``); any other combination is a
+    ``ValueError`` saying which.
+
+    With ``clock="event"`` (the default) ``fn`` returns a list of ``(timestamp, partial)`` pairs,
+    the timestamp in epoch seconds (int or float) or an aware ``datetime``, the partial what
+    ``inner`` folds; with a ``ByKey`` inner also ``(timestamp, key, partial)``. The pairs are
+    grouped by window (and key) in the worker, so a batch sends one partial per window and key for
+    ``Count`` and ``Sum`` (other aggregators: the partials of one window travel together and are
+    folded one by one). With ``clock="processing"``, ``fn`` returns plain partials, stamped with
+    the wall-clock time their batch was read.
+
+    The watermark is the largest timestamp folded minus ``grace`` seconds. A batch is judged
+    against the watermark as it stood before it; a window ``[start, end)`` closes when the
+    watermark reaches ``end``, and at the end of a finite source every open window closes.
+    A partial for a closed window is late: counted (``stats.late_records``) and, with
+    ``on_late="dead_letter"`` (the default), written to the dead-letter file; ``"drop"`` only
+    counts it. For sessions, the records of one batch less than ``gap`` apart are judged together.
+
+    Session windows need an ``inner`` whose states can merge (``Count``, ``Sum``, ``Mean``,
+    ``Min``, ``Max``, ``Aggregates`` of them, or any aggregator with a ``merge(a, b)`` method).
+    ``Windows`` is used as a pipeline's own aggregate, not inside another aggregator.
+    """
+
+    def __init__(
+        self,
+        inner: Aggregator[Any, Any, Any],
+        *,
+        size: Number | None = None,
+        slide: Number | None = None,
+        gap: Number | None = None,
+        grace: Number = 0.0,
+        clock: Clock = "event",
+        on_late: OnLate = "dead_letter",
+    ) -> None:
+        if not isinstance(inner, Aggregator):
+            raise TypeError(
+                f"Windows(inner): inner must be an aggregator such as mb.Count(), got {inner!r:.100}"
+            )
+        if isinstance(inner, Windows):
+            raise ValueError("Windows(inner): inner is a Windows already; windows do not nest")
+        self._spec = Spec(size, slide, gap, grace)
+        if clock not in ("event", "processing"):
+            raise ValueError(f"Windows(clock=...) must be 'event' or 'processing', got {clock!r}")
+        if on_late not in ("dead_letter", "drop"):
+            raise ValueError(f"Windows(on_late=...) must be 'dead_letter' or 'drop', got {on_late!r}")
+        self.inner = inner
+        self.clock: Clock = clock
+        self.on_late: OnLate = on_late
+        self.keyed = isinstance(inner, ByKey)
+        unit = inner.inner if isinstance(inner, ByKey) else inner
+        self._unit: Aggregator[Any, Any, Any] = unit
+        self._folder = folder_for(unit)
+        self._reduce = reducer_for(unit)
+        self._merge = merger_for(unit)
+        if self._spec.kind == "session" and self._merge is None:
+            raise ValueError(
+                f"Windows({unit.describe()}, gap=...): session windows merge the states of two "
+                f"sessions that a record bridges, and {unit.describe()} cannot merge: give it a "
+                f"merge(a, b) method, or use size= windows"
+            )
+
+    @property
+    def kind(self) -> str:
+        """``"tumbling"``, ``"hopping"`` or ``"session"``."""
+        return self._spec.kind
+
+    @property
+    def grace(self) -> Number:
+        return self._spec.grace
+
+    def describe(self) -> str:
+        return (f"Windows({self.inner.describe()}, {self._spec.describe()}, clock={self.clock!r}, "
+                f"on_late={self.on_late!r})")
+
+    # --- in the worker ------------------------------------------------------------------------
+
+    def combine(self, result: Any) -> Grouped:
+        """``fn``'s pairs grouped by window (and key), each group's partials reduced."""
+        if isinstance(result, Grouped):
+            return result
+        return group(result, self._spec, self.keyed, self._reduce)
+
+    def stamp(self, results: Iterable[Any], read_at: float) -> list[Any]:
+        """The batch results as ``fold`` takes them: with the processing clock, each stamped with
+        ``read_at`` (epoch seconds); with the event clock, as they are."""
+        if self.clock == "event":
+            return list(results)
+        return [[(read_at, result)] for result in results]
+
+    # --- folding ------------------------------------------------------------------------------
+
+    def initial(self) -> WindowsState:
+        return WindowsState()
+
+    def watermark(self, state: WindowsState) -> Number | None:
+        """The watermark (None before anything was folded): closed windows end at or before it."""
+        return None if state.top is None else state.top - self._spec.grace
+
+    def fold(self, state: WindowsState, result: Any) -> WindowsState:
+        try:
+            grouped = self.combine(result)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{self.describe()}: {exc}") from None
+        if grouped.top is None:
+            return state
+        mark = self.watermark(state)
+        if self._spec.kind == "session":
+            self._fold_sessions(state, grouped, mark)
+        else:
+            self._fold_windows(state, grouped, mark)
+        if state.pending is None or grouped.top > state.pending:
+            state.pending = grouped.top
+        return state
+
+    def _late(self, state: WindowsState, late: Late) -> None:
+        state.late.append(late)
+        state.late_records += late.records
+
+    def _fold_unit(self, s: Any, partials: list[Any]) -> Any:
+        fold = self._unit.fold
+        for partial in partials:
+            s = fold(s, partial)
+        return s
+
+    def _fold_windows(self, state: WindowsState, grouped: Grouped, mark: Number | None) -> None:
+        size, open_ = self._spec.size, state.open
+        for start, (n, first, last, partials) in grouped.buckets.items():
+            end = start + size
+            if mark is not None and end <= mark:
+                self._late(state, Late(start, end, None, n, first, last))
+                continue
+            s = open_.get(start, _MISSING)
+            if self.keyed:
+                if s is _MISSING:
+                    s = open_[start] = {}
+                self._folder.fold(s, {key: ps[0] for key, ps in partials.items()})
+                for key, ps in partials.items():
+                    for p in ps[1:]:
+                        self._folder.fold(s, {key: p})
+            else:
+                open_[start] = self._fold_unit(self._unit.initial() if s is _MISSING else s, partials)
+
+    def _fold_sessions(self, state: WindowsState, grouped: Grouped, mark: Number | None) -> None:
+        gap, merge, unit = self._spec.gap, self._merge, self._unit
+        assert merge is not None
+        for key, runs in grouped.buckets.items():
+            sessions = state.sessions.setdefault(key, [])
+            for first, last, n, partials in runs:
+                if mark is not None and last + gap <= mark:
+                    self._late(state, Late(first, last + gap, key, n, first, last))
+                    continue
+                i, j = merge_runs(sessions, first, last, gap)
+                if j - i == 1:
+                    session = sessions[i]
+                    session[2] = self._fold_unit(session[2], partials)
+                else:
+                    s = self._fold_unit(unit.initial(), partials)
+                    if j > i:
+                        for other in sessions[i:j]:
+                            s = merge(other[2], s)
+                        session = [min(first, sessions[i][0]), max(last, sessions[j - 1][1]), s]
+                    else:
+                        session = [first, last, s]
+                    sessions[i:j] = [session]
+                session[0], session[1] = min(session[0], first), max(session[1], last)
+                state.tick += 1
+                heapq.heappush(state.heap, (session[1] + gap, state.tick, key, session[0]))
+            if not sessions:
+                del state.sessions[key]
+
+    def close_batch(self, state: WindowsState) -> tuple[list[WindowResult], list[Late]]:
+        """After a batch was folded: move the watermark, close and evict the windows that end at or
+        before it, and hand them over in close order with the batch's late records."""
+        if state.pending is not None and (state.top is None or state.pending > state.top):
+            state.top = state.pending
+        state.pending = None
+        late, state.late = state.late, []
+        mark = self.watermark(state)
+        return ([] if mark is None else self._close(state, mark)), late
+
+    def close_all(self, state: WindowsState) -> list[WindowResult]:
+        """Close every open window (the end of a finite source), in close order."""
+        return self._close(state, float("inf"))
+
+    def _close(self, state: WindowsState, mark: Number) -> list[WindowResult]:
+        closed: list[WindowResult] = []
+        if self._spec.kind == "session":
+            heap, value, gap = state.heap, self._unit.value, self._spec.gap
+            while heap and heap[0][0] <= mark:
+                end, _, key, start = heapq.heappop(heap)
+                sessions = state.sessions.get(key, [])
+                for i, session in enumerate(sessions):
+                    if session[0] == start and session[1] + gap == end:
+                        del sessions[i]
+                        closed.append(WindowResult(start, end, value(session[2]), key))
+                        break
+                if not sessions:
+                    state.sessions.pop(key, None)
+            closed = _sorted(closed)
+        else:
+            size, open_ = self._spec.size, state.open
+            for start in sorted(open_):
+                end = start + size
+                if end > mark:
+                    break
+                closed.extend(self._results(start, end, open_.pop(start)))
+        state.emitted += len(closed)
+        return closed
+
+    def _results(self, start: Number, end: Number, s: Any) -> list[WindowResult]:
+        if not self.keyed:
+            return [WindowResult(start, end, self._unit.value(s))]
+        value, new = self._folder.value, tuple.__new__
+        try:
+            keys = sorted(s)
+        except TypeError:
+            keys = sorted(s, key=lambda k: json.dumps(key_to_json(k)))
+        return [new(WindowResult, (start, end, value(s[k]), k)) for k in keys]
+
+    def value(self, state: WindowsState) -> list[WindowResult]:
+        """The open windows with their values so far (they may still change), in close order."""
+        if self._spec.kind == "session":
+            value = self._unit.value
+            gap = self._spec.gap
+            return _sorted([
+                WindowResult(s[0], s[1] + gap, value(s[2]), key)
+                for key, sessions in state.sessions.items() for s in sessions
+            ])
+        size, open_ = self._spec.size, state.open
+        return [w for start in sorted(open_) for w in self._results(start, start + size, open_[start])]
+
+    def summary(self, state: WindowsState) -> dict[str, Any]:
+        """Open windows, the watermark and the counts, for progress and ``inspect``."""
+        opened = sum(map(len, state.sessions.values())) if self._spec.kind == "session" else len(state.open)
+        return {"open_windows": opened, "watermark": self.watermark(state), "emitted": state.emitted,
+                "late_records": state.late_records}
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def dump(self, state: WindowsState) -> JSON:
+        if state.pending is not None or state.late:
+            raise ValueError(f"{self.describe()}.dump(): a batch is half folded (close_batch not called)")
+        data: dict[str, JSON] = {"format": FORMAT, "top": state.top, "emitted": state.emitted,
+                                 "late": state.late_records}
+        if self._spec.kind == "session":
+            dump = self._unit.dump
+            data["sessions"] = [
+                [key_to_json(key), s[0], s[1], dump(s[2])]
+                for key, sessions in state.sessions.items() for s in sessions
+            ]
+        elif self.keyed:
+            data["windows"] = [
+                [start, {"keys": [key_to_json(k) for k in s], "states": self._folder.dump_all(s.values())}]
+                for start, s in state.open.items()
+            ]
+        else:
+            data["windows"] = [[start, self._unit.dump(s)] for start, s in state.open.items()]
+        return data
+
+    def load(self, data: JSON) -> WindowsState:
+        where = f"{self.describe()}.load()"
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a state this aggregator dumped: {data!r:.200}")
+        state = WindowsState()
+        try:
+            state.top = data["top"]
+            state.emitted, state.late_records = int(data["emitted"]), int(data["late"])
+            load = self._folder.load if self.keyed else self._unit.load
+            if self._spec.kind == "session":
+                load = self._unit.load
+                for key_data, start, last, inner in data["sessions"]:
+                    key = None if key_data is None else key_from_json(key_data)
+                    state.sessions.setdefault(key, []).append([start, last, load(inner)])
+                for key, sessions in state.sessions.items():
+                    sessions.sort(key=lambda s: s[0])
+                    for s in sessions:
+                        state.tick += 1
+                        state.heap.append((s[1] + self._spec.gap, state.tick, key, s[0]))
+                heapq.heapify(state.heap)
+            elif self.keyed:
+                for start, inner in data["windows"]:
+                    state.open[start] = {
+                        key_from_json(k): load(v) for k, v in zip(inner["keys"], inner["states"], strict=True)
+                    }
+            else:
+                for start, inner in data["windows"]:
+                    state.open[start] = self._unit.load(inner)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: not a state this aggregator dumped ({exc}): {data!r:.200}") from None
+        return state
+
+
+def combine_in_worker(fn: Callable[[list[Any]], Any], windows: Windows) -> Callable[[list[Any]], Any]:
+    """``fn`` followed by ``windows.combine`` (the worker's half of an event-time window)."""
+    return WindowedFn(fn, windows) if windows.clock == "event" else fn
+
+
+class WindowedFn:
+    """Runs ``fn`` on a batch and groups its pairs by window in the worker (picklable)."""
+
+    __slots__ = ("fn", "windows")
+
+    def __init__(self, fn: Callable[[list[Any]], Any], windows: Windows) -> None:
+        self.fn = fn
+        self.windows = windows
+
+    def __call__(self, records: list[Any]) -> Grouped:
+        return self.windows.combine(self.fn(records))
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.fn, self.windows)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.fn, self.windows = state
+
