@@ -98,7 +98,71 @@ def _sorted(results: list[WindowResult]) -> list[WindowResult]:
         return sorted(results, key=lambda w: (w.end, w.start, json.dumps(key_to_json(w.key))))
 
 
-class Windows(Aggregator[Any, WindowsState, "list[WindowResult]"]):
+class _Checkpointed:
+    """``Windows``' state as JSON (see the module's docstring) and back."""
+
+    _spec: Spec
+    keyed: bool
+    _unit: Aggregator[Any, Any, Any]
+    _folder: Any
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def dump(self, state: WindowsState) -> JSON:
+        if state.pending is not None or state.late:
+            raise ValueError(f"{self.describe()}.dump(): a batch is half folded (close_batch not called)")
+        data: dict[str, JSON] = {"format": FORMAT, "top": state.top, "emitted": state.emitted,
+                                 "late": state.late_records}
+        if self._spec.kind == "session":
+            dump = self._unit.dump
+            data["sessions"] = [
+                [key_to_json(key), s[0], s[1], dump(s[2])]
+                for key, sessions in state.sessions.items() for s in sessions
+            ]
+        elif self.keyed:
+            data["windows"] = [
+                [start, {"keys": [key_to_json(k) for k in s], "states": self._folder.dump_all(s.values())}]
+                for start, s in state.open.items()
+            ]
+        else:
+            data["windows"] = [[start, self._unit.dump(s)] for start, s in state.open.items()]
+        return data
+
+    def load(self, data: JSON) -> WindowsState:
+        where = f"{self.describe()}.load()"
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a state this aggregator dumped: {data!r:.200}")
+        state = WindowsState()
+        try:
+            state.top = data["top"]
+            state.emitted, state.late_records = int(data["emitted"]), int(data["late"])
+            load = self._folder.load if self.keyed else self._unit.load
+            if self._spec.kind == "session":
+                load = self._unit.load
+                for key_data, start, last, inner in data["sessions"]:
+                    key = None if key_data is None else key_from_json(key_data)
+                    state.sessions.setdefault(key, []).append([start, last, load(inner)])
+                for key, sessions in state.sessions.items():
+                    sessions.sort(key=lambda s: s[0])
+                    for s in sessions:
+                        state.tick += 1
+                        state.heap.append((s[1] + self._spec.gap, state.tick, key, s[0]))
+                heapq.heapify(state.heap)
+            elif self.keyed:
+                for start, inner in data["windows"]:
+                    state.open[start] = {
+                        key_from_json(k): load(v) for k, v in zip(inner["keys"], inner["states"], strict=True)
+                    }
+            else:
+                for start, inner in data["windows"]:
+                    state.open[start] = self._unit.load(inner)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: not a state this aggregator dumped ({exc}): {data!r:.200}") from None
+        return state
+
+
+class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]):
     """Folds ``inner`` per time window: tumbling (``size``), hopping (``size``, ``slide``) or
     session (``gap``, per key when ``inner`` is a ``ByKey``); any other combination is a
     ``ValueError`` saying which.
@@ -336,60 +400,6 @@ class Windows(Aggregator[Any, WindowsState, "list[WindowResult]"]):
         opened = sum(map(len, state.sessions.values())) if self._spec.kind == "session" else len(state.open)
         return {"open_windows": opened, "watermark": self.watermark(state), "emitted": state.emitted,
                 "late_records": state.late_records}
-
-    # --- checkpoints --------------------------------------------------------------------------
-
-    def dump(self, state: WindowsState) -> JSON:
-        if state.pending is not None or state.late:
-            raise ValueError(f"{self.describe()}.dump(): a batch is half folded (close_batch not called)")
-        data: dict[str, JSON] = {"format": FORMAT, "top": state.top, "emitted": state.emitted,
-                                 "late": state.late_records}
-        if self._spec.kind == "session":
-            dump = self._unit.dump
-            data["sessions"] = [
-                [key_to_json(key), s[0], s[1], dump(s[2])]
-                for key, sessions in state.sessions.items() for s in sessions
-            ]
-        elif self.keyed:
-            data["windows"] = [
-                [start, {"keys": [key_to_json(k) for k in s], "states": self._folder.dump_all(s.values())}]
-                for start, s in state.open.items()
-            ]
-        else:
-            data["windows"] = [[start, self._unit.dump(s)] for start, s in state.open.items()]
-        return data
-
-    def load(self, data: JSON) -> WindowsState:
-        where = f"{self.describe()}.load()"
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a state this aggregator dumped: {data!r:.200}")
-        state = WindowsState()
-        try:
-            state.top = data["top"]
-            state.emitted, state.late_records = int(data["emitted"]), int(data["late"])
-            load = self._folder.load if self.keyed else self._unit.load
-            if self._spec.kind == "session":
-                load = self._unit.load
-                for key_data, start, last, inner in data["sessions"]:
-                    key = None if key_data is None else key_from_json(key_data)
-                    state.sessions.setdefault(key, []).append([start, last, load(inner)])
-                for key, sessions in state.sessions.items():
-                    sessions.sort(key=lambda s: s[0])
-                    for s in sessions:
-                        state.tick += 1
-                        state.heap.append((s[1] + self._spec.gap, state.tick, key, s[0]))
-                heapq.heapify(state.heap)
-            elif self.keyed:
-                for start, inner in data["windows"]:
-                    state.open[start] = {
-                        key_from_json(k): load(v) for k, v in zip(inner["keys"], inner["states"], strict=True)
-                    }
-            else:
-                for start, inner in data["windows"]:
-                    state.open[start] = self._unit.load(inner)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: not a state this aggregator dumped ({exc}): {data!r:.200}") from None
-        return state
 
 
 def combine_in_worker(fn: Callable[[list[Any]], Any], windows: Windows) -> Callable[[list[Any]], Any]:
