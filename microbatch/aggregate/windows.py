@@ -28,7 +28,7 @@ from .bykey import ByKey
 from .combine import merger_for, reducer_for
 from .keyed import folder_for
 
-__all__ = ["Late", "WindowResult", "Windows", "WindowsState"]
+__all__ = ["Late", "WindowResult", "WindowedFn", "Windows", "WindowsState", "combine_in_worker", "iso"]
 
 FORMAT = "microbatch.windows/1"
 Clock = Literal["event", "processing"]
@@ -403,25 +403,31 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
 
 
 def combine_in_worker(fn: Callable[[list[Any]], Any], windows: Windows) -> Callable[[list[Any]], Any]:
-    """``fn`` followed by ``windows.combine`` (the worker's half of an event-time window)."""
-    return WindowedFn(fn, windows) if windows.clock == "event" else fn
+    """``fn`` followed by ``windows.combine`` (the worker's half of event-time windows); ``fn``
+    itself for the processing clock, whose results are stamped where they are folded."""
+    if isinstance(fn, WindowedFn):
+        fn = fn.fn
+    return WindowedFn(fn, windows._spec, windows.keyed, windows._reduce) if windows.clock == "event" else fn
 
 
 class WindowedFn:
-    """Runs ``fn`` on a batch and groups its pairs by window in the worker (picklable)."""
+    """Runs ``fn`` on a batch and groups its pairs by window in the worker (picklable: it holds
+    the window settings, not the aggregator)."""
 
-    __slots__ = ("fn", "windows")
+    __slots__ = ("fn", "spec", "keyed", "reduce")
 
-    def __init__(self, fn: Callable[[list[Any]], Any], windows: Windows) -> None:
+    def __init__(self, fn: Callable[[list[Any]], Any], spec: Spec, keyed: bool,
+                 reduce: Callable[[list[Any]], list[Any]]) -> None:
         self.fn = fn
-        self.windows = windows
+        self.spec = spec
+        self.keyed = keyed
+        self.reduce = reduce
 
     def __call__(self, records: list[Any]) -> Grouped:
-        return self.windows.combine(self.fn(records))
+        return group(self.fn(records), self.spec, self.keyed, self.reduce)
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.fn, self.windows)
+        return (self.fn, self.spec, self.keyed, self.reduce)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.fn, self.windows = state
-
+        self.fn, self.spec, self.keyed, self.reduce = state
