@@ -20,7 +20,6 @@ with them the run, which stops the work still in flight.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace as replace_field
 from typing import Any, Generic, TypeVar
@@ -32,11 +31,12 @@ from .._core.schedule import CheckpointSchedule
 from .._core.sequencer import Sequencer
 from .._exceptions import BatchFailed, TooManyDeadLetters
 from ..aggregate import Aggregator
-from ..aggregate.windows import Late, WindowResult, Windows, iso
+from ..aggregate.windows import WindowResult, Windows
 from .checkpoints import Checkpoints
-from .deadletter import DeadLetter, DeadLetterFile
+from .deadletter import DeadLetterFile
 from .dispatch import Done, End, Event, Failure, SplitFailed, Started
 from .stats import Stats, Update
+from .windowfold import WindowHook
 
 __all__ = ["Folder"]
 
@@ -85,7 +85,7 @@ class Folder(Generic[V]):
         self.stopping = False
         self.halted = False
         #: Time windows: the sink receives the windows each batch closes instead of fn's results.
-        self.windows = aggregate if isinstance(aggregate, Windows) else None
+        self.windows = WindowHook(aggregate, sink, dead, stats) if isinstance(aggregate, Windows) else None
 
     @property
     def value(self) -> V:
@@ -131,8 +131,11 @@ class Folder(Generic[V]):
                     self.source_batches = event.batches
             # Results also stop coming when a dispatcher failed: finished only when all were folded.
             self.finished = self.source_batches == self.sequencer.next_seq and not self.halted
-            if self.windows is not None:
-                await self._windows_end()
+            if self.windows is not None:  # at the end of the source every open window closes
+                closed = self.windows.close_all(self.state) if self.finished else []
+                if closed:
+                    await self._deliver_windows(max(stats.batches - 1, 0), closed)
+                self.windows.end()
 
     def stop(self) -> None:
         """Fold no further batch of a split (those of whole batches in flight are still folded)."""
@@ -208,10 +211,10 @@ class Folder(Generic[V]):
                 await self.sink(seq, result)
         # No await from here to the counters: a checkpoint never sees half a batch.
         if windows is not None:
-            results = windows.stamp(results, time.time() - (anyio.current_time() - batch.cut_at))
+            results = windows.stamp(results, batch.cut_at)
         for result in results:
             self.state = self.agg.fold(self.state, result)
-        closed = None if windows is None else self._close_windows(windows, seq)
+        closed = None if windows is None else windows.close(self.state, seq)
         if done.dead:
             letters = [
                 letter if letter.batch == seq else replace_field(letter, batch=seq) for letter in done.dead
@@ -241,7 +244,7 @@ class Folder(Generic[V]):
         if window is not None:
             window.release()  # the reader may cut one more batch
         if closed:
-            await self._deliver(seq, closed)
+            await self._deliver_windows(seq, closed)
         due = self.schedule.folded(now)
         if self.send_updates:
             # A checkpoint covers only batches whose update was delivered: when the consumer leaves
@@ -264,43 +267,13 @@ class Folder(Generic[V]):
         if due:
             await self.save(finished=False)
 
-    # --- time windows --------------------------------------------------------------------------
-
-    def _close_windows(self, windows: Windows, seq: int) -> list[WindowResult]:
-        """After a batch: move the watermark, take the windows it closed, record late records."""
-        closed, late = windows.close_batch(self.state)
-        self.stats.late_records = self.state.late_records
-        if late and windows.on_late == "dead_letter":
-            self.dead.write([_late_letter(item, seq, windows.watermark(self.state)) for item in late])
-        for item in late:
-            log.info("batch %d: %d late record(s) for the closed window %s..%s", seq, item.records,
-                     iso(item.start), iso(item.end))
-        return closed
-
-    async def _deliver(self, seq: int, closed: list[WindowResult]) -> None:
-        """Hand closed windows to the sink (before any checkpoint that no longer holds them)."""
-        sink = self.sink
-        deliver = getattr(sink, "deliver", None)
+    async def _deliver_windows(self, seq: int, closed: list[WindowResult]) -> None:
         # Interrupted here, no final checkpoint may drop these windows from the state: a rerun
         # hands them over again.
-        self.undelivered = True
-        if deliver is not None:
-            await deliver(seq, closed)
-        elif sink is not None:
-            for item in closed:
-                await sink(seq, item)
-        self.undelivered = False
-
-    async def _windows_end(self) -> None:
-        """The folding is over: at the end of the source every open window closes."""
         assert self.windows is not None
-        if self.finished:
-            closed = self.windows.close_all(self.state)
-            if closed:
-                await self._deliver(max(self.stats.batches - 1, 0), closed)
-        end = getattr(self.sink, "end", None)
-        if end is not None:
-            end()
+        self.undelivered = True
+        await self.windows.deliver(seq, closed)
+        self.undelivered = False
 
     async def save(self, *, finished: bool) -> None:
         stats = self.stats
@@ -314,16 +287,3 @@ class Folder(Generic[V]):
         if self.checkpoints.store is not None:
             stats.checkpoints += 1
             self.schedule.saved(anyio.current_time())
-
-
-def _late_letter(late: Late, seq: int, watermark: object) -> DeadLetter:
-    record = {"reason": "late", "timestamp": late.first, "last_timestamp": late.last,
-              "records": late.records, "window": [late.start, late.end]}
-    if late.key is not None:
-        record["key"] = late.key
-    return DeadLetter(
-        record=record, batch=seq, position=None, error_type="late",
-        message=(f"{late.records} record(s) with timestamps {late.first}..{late.last} came for the window "
-                 f"[{iso(late.start)}, {iso(late.end)}) after it closed (watermark {watermark})"),
-        traceback="",
-    )
