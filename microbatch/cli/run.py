@@ -18,6 +18,7 @@ from .inputs import _Input, _make_source, _parse_input, _total_size, fifo_source
 from .load import load_target
 from .logs import _log_error, _stderr_handler, _use_handler, log
 from .metrics_endpoint import Displays, open_metrics
+from .windows import print_windows
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -180,6 +181,7 @@ def _command_run(args: argparse.Namespace) -> int:
         pipeline = pipeline.replace(**_overrides(args))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid setting for {args.target}: {exc}") from None
+    pipeline, windowed = print_windows(pipeline, as_json=args.json)  # printed as they close
     fifo_fd: int | None = None
     if is_fifo(spec):
         source, fifo_fd = fifo_source(spec.path, args.encoding)
@@ -214,7 +216,7 @@ def _command_run(args: argparse.Namespace) -> int:
             server.close()
         if fifo_fd is not None:
             os.close(fifo_fd)
-    return _report(args, outcome)
+    return _report(args, outcome, print_value=not windowed)
 
 
 def _preparation(
@@ -236,7 +238,7 @@ def _preparation(
     return None
 
 
-def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
+def _report(args: argparse.Namespace, outcome: _Outcome, *, print_value: bool = True) -> int:
     where = f"checkpoint in {args.checkpoint}" if args.checkpoint else "no --checkpoint: a rerun starts over"
     if outcome.error is not None:
         _log_error(outcome.error)
@@ -263,6 +265,8 @@ def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
             log.info("done: %s", _progress.stats_line(stats))
         if stats.dead_letters:
             log.warning("%d records failed and were written to the dead-letter file", stats.dead_letters)
+    if not print_value:
+        return code
     try:
         if args.json:
             text = _progress.to_json(outcome.value)
