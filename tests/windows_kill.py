@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from windows_oracle import oracle  # noqa: E402
+from windows_oracle import oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60.0  # upper bound for any wait; never reached when things work

@@ -100,3 +100,12 @@ def _close(windows: dict[tuple[int, Any], int], sessions: dict[Any, list[list[in
                 ss.remove(s)
                 done.append((s[0], s[1] + gap, key, s[2]))
     return sorted(done, key=lambda w: (w[1], w[0], w[2]))
+
+
+def same_windows(got: list[tuple[Any, ...]], want: list[tuple[Any, ...]]) -> bool:
+    """Equal windows in the same close order; the keys of one window in any order (microbatch
+    gives them in the order they first came)."""
+    def order(w: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (w[1], w[0], repr(w[2]))
+
+    return [w[:2] for w in got] == [w[:2] for w in want] and sorted(got, key=order) == sorted(want, key=order)

@@ -130,10 +130,12 @@ class Grouped:
     ``buckets`` maps a window start (tumbling, hopping) to ``[n, first, last, partials]``, or a key
     (sessions; None when the inner aggregate is not keyed) to a list of runs
     ``[first, last, n, partials]`` sorted by ``first``, runs of one key being more than ``gap``
-    apart. ``n`` counts the pairs, ``first``/``last`` are their smallest and largest timestamps.
-    For a keyed inner aggregate and windows by time, ``partials`` is a dict of key -> list of
-    partials; otherwise a list of partials. ``top`` is the largest timestamp of the batch (None
-    when it had no pairs).
+    apart. ``n`` counts the pairs, ``first``/``last`` are their smallest and largest timestamps;
+    ``partials`` is a list. For a keyed inner aggregate and windows by time, a bucket is
+    ``[n, first, last, singles, more, ints]`` instead: ``singles`` a dict of key -> partial,
+    ``more`` a dict of key -> list of further partials of that key, ``ints`` True when every single
+    is an int and ``more`` is empty (a dict the parent may keep as the window's counts). ``top`` is
+    the largest timestamp of the batch (None when it had no pairs).
     """
 
     __slots__ = ("buckets", "top", "records")
@@ -190,10 +192,18 @@ def _pairs(result: object, keyed: bool) -> Iterable[tuple[Number, Any, Any]]:
             yield t, None, item[1]
 
 
-def group(result: object, spec: Spec, keyed: bool, reduce: Reduce) -> Grouped:
+def group(result: object, spec: Spec, keyed: bool, reduce: Reduce, ints: int = 0) -> Grouped:
     """Group ``fn``'s ``(timestamp, partial)`` pairs by window (and key), reducing each group's
     partials with ``reduce`` (which may return them as they are). ``TypeError``/``ValueError``
-    names the item of the result that is wrong."""
+    names the item of the result that is wrong.
+
+    ``ints`` says that int partials of one key simply add (1: those >= 0, as ``Count``; 2: any, as
+    ``Sum``): a batch of ``(int, str, int)`` triples for tumbling windows then takes a fast path.
+    """
+    if ints and keyed and spec.kind == "tumbling" and isinstance(result, list):
+        fast = _tumbling_ints(result, spec.size, ints == 1)
+        if fast is not None:
+            return fast
     top: Number | None = None
     n = 0
     buckets: dict[Any, Any] = {}
@@ -239,10 +249,45 @@ def group(result: object, spec: Spec, keyed: bool, reduce: Reduce) -> Grouped:
                 bucket[3].append(partial)
     for bucket in buckets.values():
         if keyed:
-            bucket[3] = {key: reduce(ps) for key, ps in bucket[3].items()}
+            singles, more = {}, {}
+            for key, ps in bucket[3].items():
+                ps = reduce(ps)
+                singles[key] = ps[0]
+                if len(ps) > 1:
+                    more[key] = ps[1:]
+            bucket[3:] = [singles, more, False]
         else:
             bucket[3] = reduce(bucket[3])
     return Grouped(buckets, top, n)
+
+
+def _tumbling_ints(result: list[Any], size: Number, counts: bool) -> Grouped | None:
+    """``group`` for ``(int, str, int)`` triples into tumbling windows; None for anything else
+    (the general path then takes the whole batch, and names what is wrong)."""
+    buckets: dict[Any, Any] = {}
+    current: Number | None = None
+    bucket: list[Any] = []
+    singles: dict[str, int] = {}
+    for item in result:
+        if type(item) is not tuple or len(item) != 3:
+            return None
+        t, key, p = item
+        if type(t) is not int or type(key) is not str or type(p) is not int or (counts and p < 0):
+            return None
+        start = t - t % size
+        if start != current:
+            got = buckets.get(start)
+            if got is None:
+                got = buckets[start] = [0, t, t, {}, {}, True]
+            bucket, singles, current = got, got[3], start
+        bucket[0] += 1
+        if t > bucket[2]:
+            bucket[2] = t
+        elif t < bucket[1]:
+            bucket[1] = t
+        singles[key] = singles.get(key, 0) + p
+    top = max(b[2] for b in buckets.values()) if buckets else None
+    return Grouped(buckets, top, len(result))
 
 
 def merge_runs(sessions: list[list[Any]], first: Number, last: Number, gap: Number) -> tuple[int, int]:

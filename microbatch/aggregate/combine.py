@@ -19,7 +19,7 @@ from .exact import _ExactSum, _scaled
 from .numeric import Count, Max, Mean, Min, Sum
 from .several import Aggregates
 
-__all__ = ["merger_for", "reducer_for"]
+__all__ = ["int_partials", "merger_for", "reducer_for"]
 
 Reducer = Callable[[list[Any]], list[Any]]
 Merger = Callable[[Any, Any], Any]
@@ -49,6 +49,11 @@ def _add_any_ints(partials: list[Any]) -> list[Any]:
             total += p
         return [total]
     return partials
+
+
+def int_partials(agg: Aggregator[Any, Any, Any]) -> int:
+    """1 when int partials >= 0 of ``agg`` just add (``Count``), 2 when any do (``Sum``), else 0."""
+    return 1 if type(agg) is Count else 2 if type(agg) is Sum else 0
 
 
 def reducer_for(agg: Aggregator[Any, Any, Any]) -> Reducer:

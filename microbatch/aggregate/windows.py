@@ -15,17 +15,19 @@ with the span of event time, and a window a checkpoint no longer holds can never
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import time
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any, Literal, NamedTuple
 
 from .._core.keys import key_from_json, key_to_json
 from .._core.windows import Grouped, Number, Spec, group, merge_runs
 from .base import JSON, Aggregator
 from .bykey import ByKey
-from .combine import merger_for, reducer_for
+from .combine import int_partials, merger_for, reducer_for
 from .keyed import folder_for
 
 __all__ = ["Late", "WindowResult", "WindowedFn", "Windows", "WindowsState", "combine_in_worker", "iso"]
@@ -89,6 +91,9 @@ class WindowsState:
         self.late_records = 0
         self.late: list[Late] = []  # of the batch being folded, handed over by ``close_batch``
         self.tick = 0
+
+
+_make = functools.partial(tuple.__new__, WindowResult)
 
 
 def _sorted(results: list[WindowResult]) -> list[WindowResult]:
@@ -218,6 +223,9 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
         self._folder = folder_for(unit)
         self._reduce = reducer_for(unit)
         self._merge = merger_for(unit)
+        self._ints = int_partials(unit)
+        # a window's dict of int partials from the worker may become its state as it is
+        self._adopt = self.keyed and self._ints != 0
         if self._spec.kind == "session" and self._merge is None:
             raise ValueError(
                 f"Windows({unit.describe()}, gap=...): session windows merge the states of two "
@@ -244,7 +252,7 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
         """``fn``'s pairs grouped by window (and key), each group's partials reduced."""
         if isinstance(result, Grouped):
             return result
-        return group(result, self._spec, self.keyed, self._reduce)
+        return group(result, self._spec, self.keyed, self._reduce, self._ints)
 
     def stamp(self, results: Iterable[Any], read_at: float) -> list[Any]:
         """The batch results as ``fold`` takes them: with the processing clock, each stamped with
@@ -289,22 +297,28 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
         return s
 
     def _fold_windows(self, state: WindowsState, grouped: Grouped, mark: Number | None) -> None:
-        size, open_ = self._spec.size, state.open
-        for start, (n, first, last, partials) in grouped.buckets.items():
+        size, open_, keyed, adopt = self._spec.size, state.open, self.keyed, self._adopt
+        for start, bucket in grouped.buckets.items():
             end = start + size
             if mark is not None and end <= mark:
+                n, first, last = bucket[:3]
                 self._late(state, Late(start, end, None, n, first, last))
                 continue
             s = open_.get(start, _MISSING)
-            if self.keyed:
-                if s is _MISSING:
-                    s = open_[start] = {}
-                self._folder.fold(s, {key: ps[0] for key, ps in partials.items()})
-                for key, ps in partials.items():
-                    for p in ps[1:]:
-                        self._folder.fold(s, {key: p})
-            else:
+            if not keyed:
+                partials = bucket[3]
                 open_[start] = self._fold_unit(self._unit.initial() if s is _MISSING else s, partials)
+                continue
+            singles, more, ints = bucket[3:]
+            if s is _MISSING:
+                if adopt and ints:
+                    open_[start] = singles  # a new window's counts, as the worker added them
+                    continue
+                s = open_[start] = {}
+            self._folder.fold(s, singles)
+            for key, ps in more.items():
+                for p in ps:
+                    self._folder.fold(s, {key: p})
 
     def _fold_sessions(self, state: WindowsState, grouped: Grouped, mark: Number | None) -> None:
         gap, merge, unit = self._spec.gap, self._merge, self._unit
@@ -376,12 +390,13 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
     def _results(self, start: Number, end: Number, s: Any) -> list[WindowResult]:
         if not self.keyed:
             return [WindowResult(start, end, self._unit.value(s))]
-        value, new = self._folder.value, tuple.__new__
-        try:
-            keys = sorted(s)
-        except TypeError:
-            keys = sorted(s, key=lambda k: json.dumps(key_to_json(k)))
-        return [new(WindowResult, (start, end, value(s[k]), k)) for k in keys]
+        # Keys in the order they first came in the stream (a dict's order, kept by the checkpoint):
+        # the same whatever the batch cuts of an in-order stream, and no sort per window.
+        values: Iterable[Any] = s.values()
+        if self._ints != 1:  # Count keeps ints: the state is the value
+            values = map(self._folder.value, values)
+        # built at C speed: one window may hold many keys
+        return list(map(_make, zip(repeat(start), repeat(end), values, s)))
 
     def value(self, state: WindowsState) -> list[WindowResult]:
         """The open windows with their values so far (they may still change), in close order."""
@@ -407,27 +422,30 @@ def combine_in_worker(fn: Callable[[list[Any]], Any], windows: Windows) -> Calla
     itself for the processing clock, whose results are stamped where they are folded."""
     if isinstance(fn, WindowedFn):
         fn = fn.fn
-    return WindowedFn(fn, windows._spec, windows.keyed, windows._reduce) if windows.clock == "event" else fn
+    if windows.clock != "event":
+        return fn
+    return WindowedFn(fn, windows._spec, windows.keyed, windows._reduce, windows._ints)
 
 
 class WindowedFn:
     """Runs ``fn`` on a batch and groups its pairs by window in the worker (picklable: it holds
     the window settings, not the aggregator)."""
 
-    __slots__ = ("fn", "spec", "keyed", "reduce")
+    __slots__ = ("fn", "spec", "keyed", "reduce", "ints")
 
     def __init__(self, fn: Callable[[list[Any]], Any], spec: Spec, keyed: bool,
-                 reduce: Callable[[list[Any]], list[Any]]) -> None:
+                 reduce: Callable[[list[Any]], list[Any]], ints: int) -> None:
         self.fn = fn
         self.spec = spec
         self.keyed = keyed
         self.reduce = reduce
+        self.ints = ints
 
     def __call__(self, records: list[Any]) -> Grouped:
-        return group(self.fn(records), self.spec, self.keyed, self.reduce)
+        return group(self.fn(records), self.spec, self.keyed, self.reduce, self.ints)
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.fn, self.spec, self.keyed, self.reduce)
+        return (self.fn, self.spec, self.keyed, self.reduce, self.ints)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.fn, self.spec, self.keyed, self.reduce = state
+        self.fn, self.spec, self.keyed, self.reduce, self.ints = state

@@ -19,7 +19,7 @@ from .run import Run
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from .pipeline import Pipeline, Source, Target
 
@@ -102,8 +102,25 @@ class WindowStream:
         """Stop the run (as leaving ``async with`` does)."""
         await self._close(None, None, None)
 
-    def __aiter__(self) -> WindowStream:
+    def __aiter__(self) -> AsyncIterator[WindowResult]:
+        if self._state == "open":
+            return self._each()  # entered with ``async with``: no run to start or stop here
         return self
+
+    async def _each(self) -> AsyncIterator[WindowResult]:
+        """The windows, for a stream entered with ``async with`` (an async generator step costs
+        less than an ``__anext__`` call, and this one holds no cancel scope across its yields)."""
+        recv = self._recv
+        while self._ready:
+            yield self._ready.popleft()
+        while True:
+            try:
+                item = await recv.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            if item is not _TAKEN:
+                for window in item:
+                    yield window
 
     async def __anext__(self) -> WindowResult:
         ready = self._ready

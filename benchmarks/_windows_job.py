@@ -1,0 +1,13 @@
+"""The per-batch function of bench_windows.py, importable by worker processes."""
+
+from __future__ import annotations
+
+
+def hits(lines: list[str]) -> list[tuple[int, str, int]]:
+    """``"<epoch> <key>"`` lines as ``(timestamp, key, 1)``."""
+    out = []
+    append = out.append
+    for line in lines:
+        t, key = line.split()
+        append((int(t), key, 1))
+    return out
