@@ -75,8 +75,9 @@ def baseline(path: Path) -> int:
 
 
 async def windows(path: Path) -> int:
-    import microbatch as mb
     from _windows_job import hits
+
+    import microbatch as mb
 
     pipeline = mb.Pipeline(hits, aggregate=mb.Windows(mb.ByKey(mb.Count()), size=60), workers=2)
     emitted = 0
