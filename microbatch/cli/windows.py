@@ -64,3 +64,29 @@ def print_windows(pipeline: Pipeline[Any, Any], *, as_json: bool) -> tuple[Pipel
     if not isinstance(pipeline.aggregate, Windows):
         return pipeline, False
     return pipeline.replace(sink=_Printer(pipeline.sink, as_json, sys.stdout)), True
+
+
+def windows_summary(state: Any, description: str) -> dict[str, Any] | None:
+    """What ``inspect`` shows of a ``Windows`` state: the watermark, the open windows and the
+    counts (None for any other state). ``description`` is the aggregate's ``describe()``, which
+    holds ``grace``."""
+    import re
+
+    from ..aggregate.windows import FORMAT
+
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return None
+    found = re.search(r"grace=([0-9.e+-]+)", description)
+    top = state.get("top")
+    mark = None if top is None or found is None else top - float(found.group(1))
+    if "sessions" in state:
+        opened = [(s[1], s[2], s[0]) for s in state["sessions"]]
+        spans = [f"{iso(first)}..{iso(last)} (session of {key!r})" for first, last, key in sorted(
+            opened, key=lambda s: (s[0], json.dumps(s[2])))]
+    else:
+        size = re.search(r"size=([0-9.e+-]+)", description)
+        spans = [f"{iso(start)}" + (f" {iso(start + float(size.group(1)))}" if size else "")
+                 + (f" ({len(inner['keys'])} keys)" if isinstance(inner, dict) and "keys" in inner else "")
+                 for start, inner in sorted(state.get("windows", []), key=lambda w: w[0])]
+    return {"watermark": None if mark is None else iso(mark), "open_windows": spans,
+            "emitted": state.get("emitted"), "late_records": state.get("late")}
