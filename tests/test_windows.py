@@ -220,3 +220,15 @@ def test_a_worker_sends_one_partial_per_window_and_key() -> None:
     assert general.buckets == {
         0: [60, 0, 59, {"j": 30, "k": 30}, {}, False], 60: [60, 60, 119, {"j": 30, "k": 30}, {}, False]
     }
+
+
+def test_a_refused_partial_leaves_a_state_that_cannot_be_saved() -> None:
+    agg = Windows(mb.Sum(), size=10)
+    state = agg.fold(agg.initial(), [(1, 2)])
+    agg.close_batch(state)
+    with pytest.raises(TypeError, match="cannot fold a batch result of type str"):
+        agg.fold(state, [(3, 1), (15, "x")])
+    with pytest.raises(ValueError, match="part of a refused batch result"):
+        agg.dump(state)
+    with pytest.raises(ValueError, match="part of a refused batch result"):
+        agg.fold(state, [(4, 1)])

@@ -15,159 +15,28 @@ with the span of event time, and a window a checkpoint no longer holds can never
 
 from __future__ import annotations
 
-import functools
 import heapq
-import json
-import time
 from collections.abc import Callable, Iterable
-from itertools import repeat
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-from .._core.keys import key_from_json, key_to_json
 from .._core.windows import Grouped, Number, Spec, group, merge_runs
-from .base import JSON, Aggregator
+from .base import Aggregator
 from .bykey import ByKey
 from .combine import int_partials, merger_for, reducer_for
 from .keyed import folder_for
+from .windowstate import FORMAT, Late, OpenWindows, StateIO, WindowResult, WindowsState, _sorted, iso
 
-__all__ = ["Late", "WindowResult", "WindowedFn", "Windows", "WindowsState", "combine_in_worker", "iso"]
+__all__ = [
+    "FORMAT", "Late", "OpenWindows", "WindowResult", "WindowedFn", "Windows", "WindowsState",
+    "combine_in_worker", "iso",
+]
 
-FORMAT = "microbatch.windows/1"
 Clock = Literal["event", "processing"]
 OnLate = Literal["dead_letter", "drop"]
 _MISSING: Any = object()
 
 
-class WindowResult(NamedTuple):
-    """One closed window: ``[start, end)`` in epoch seconds, the inner value, and its key (None
-    unless the inner aggregate is a ``ByKey``)."""
-
-    start: Number
-    end: Number
-    value: Any
-    key: Any = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The window as JSON data: ISO-8601 UTC times, the key as JSON (tuples as arrays)."""
-        out: dict[str, Any] = {"start": iso(self.start), "end": iso(self.end)}
-        if self.key is not None:
-            out["key"] = key_to_json(self.key)
-        out["value"] = self.value
-        return out
-
-
-class Late(NamedTuple):
-    """Records that came for a window already closed: ``records`` of them, with timestamps from
-    ``first`` to ``last``, for the window ``[start, end)`` (and ``key``)."""
-
-    start: Number
-    end: Number
-    key: Any
-    records: int
-    first: Number
-    last: Number
-
-
-def iso(t: Number) -> str:
-    """ISO-8601 UTC text of epoch seconds, e.g. ``2024-05-01T12:00:00Z`` (fractions when any)."""
-    whole = int(t // 1)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    frac = t - whole
-    return f"{text}{f'{frac:.6f}'.rstrip('0')[1:] if frac else ''}Z"
-
-
-class WindowsState:
-    """The open windows, the watermark's base and the counts; see the module's docstring."""
-
-    __slots__ = ("open", "sessions", "heap", "top", "pending", "emitted", "late_records", "late", "tick")
-
-    def __init__(self) -> None:
-        self.open: dict[Number, Any] = {}  # window start -> inner state (keyed: dict key -> state)
-        self.sessions: dict[Any, list[list[Any]]] = {}  # key -> [[start, last, state], ...] by start
-        self.heap: list[tuple[Number, int, Any, Number]] = []  # (end, tick, key, start): closes to check
-        self.top: Number | None = None  # largest timestamp folded before the batch being folded
-        self.pending: Number | None = None  # largest timestamp of the batch being folded
-        self.emitted = 0
-        self.late_records = 0
-        self.late: list[Late] = []  # of the batch being folded, handed over by ``close_batch``
-        self.tick = 0
-
-
-_make = functools.partial(tuple.__new__, WindowResult)
-
-
-def _sorted(results: list[WindowResult]) -> list[WindowResult]:
-    try:
-        return sorted(results, key=lambda w: (w.end, w.start, w.key))
-    except TypeError:  # keys of different types in one window
-        return sorted(results, key=lambda w: (w.end, w.start, json.dumps(key_to_json(w.key))))
-
-
-class _Checkpointed:
-    """``Windows``' state as JSON (see the module's docstring) and back."""
-
-    _spec: Spec
-    keyed: bool
-    _unit: Aggregator[Any, Any, Any]
-    _folder: Any
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def dump(self, state: WindowsState) -> JSON:
-        if state.pending is not None or state.late:
-            raise ValueError(f"{self.describe()}.dump(): a batch is half folded (close_batch not called)")
-        data: dict[str, JSON] = {"format": FORMAT, "top": state.top, "emitted": state.emitted,
-                                 "late": state.late_records}
-        if self._spec.kind == "session":
-            dump = self._unit.dump
-            data["sessions"] = [
-                [key_to_json(key), s[0], s[1], dump(s[2])]
-                for key, sessions in state.sessions.items() for s in sessions
-            ]
-        elif self.keyed:
-            data["windows"] = [
-                [start, {"keys": [key_to_json(k) for k in s], "states": self._folder.dump_all(s.values())}]
-                for start, s in state.open.items()
-            ]
-        else:
-            data["windows"] = [[start, self._unit.dump(s)] for start, s in state.open.items()]
-        return data
-
-    def load(self, data: JSON) -> WindowsState:
-        where = f"{self.describe()}.load()"
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a state this aggregator dumped: {data!r:.200}")
-        state = WindowsState()
-        try:
-            state.top = data["top"]
-            state.emitted, state.late_records = int(data["emitted"]), int(data["late"])
-            load = self._folder.load if self.keyed else self._unit.load
-            if self._spec.kind == "session":
-                load = self._unit.load
-                for key_data, start, last, inner in data["sessions"]:
-                    key = None if key_data is None else key_from_json(key_data)
-                    state.sessions.setdefault(key, []).append([start, last, load(inner)])
-                for key, sessions in state.sessions.items():
-                    sessions.sort(key=lambda s: s[0])
-                    for s in sessions:
-                        state.tick += 1
-                        state.heap.append((s[1] + self._spec.gap, state.tick, key, s[0]))
-                heapq.heapify(state.heap)
-            elif self.keyed:
-                for start, inner in data["windows"]:
-                    state.open[start] = {
-                        key_from_json(k): load(v) for k, v in zip(inner["keys"], inner["states"], strict=True)
-                    }
-            else:
-                for start, inner in data["windows"]:
-                    state.open[start] = self._unit.load(inner)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: not a state this aggregator dumped ({exc}): {data!r:.200}") from None
-        return state
-
-
-class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]):
+class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
     """Folds ``inner`` per time window: tumbling (``size``), hopping (``size``, ``slide``) or
     session (``gap``, per key when ``inner`` is a ``ByKey``); any other combination is a
     ``ValueError`` saying which.
@@ -275,13 +144,22 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
             grouped = self.combine(result)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{self.describe()}: {exc}") from None
+        if state.broken is not None:
+            raise ValueError(state.broken)
         if grouped.top is None:
             return state
         mark = self.watermark(state)
-        if self._spec.kind == "session":
-            self._fold_sessions(state, grouped, mark)
-        else:
-            self._fold_windows(state, grouped, mark)
+        try:
+            if self._spec.kind == "session":
+                self._fold_sessions(state, grouped, mark)
+            else:
+                self._fold_windows(state, grouped, mark)
+        except (TypeError, ValueError) as exc:
+            state.broken = (
+                f"{self.describe()}: this state holds part of a refused batch result and cannot fold "
+                f"or be saved any more (the refusal was: {exc})"
+            )
+            raise type(exc)(f"{self.describe()}: {exc}") from None
         if state.pending is None or grouped.top > state.pending:
             state.pending = grouped.top
         return state
@@ -386,35 +264,6 @@ class Windows(_Checkpointed, Aggregator[Any, WindowsState, "list[WindowResult]"]
                 closed.extend(self._results(start, end, open_.pop(start)))
         state.emitted += len(closed)
         return closed
-
-    def _results(self, start: Number, end: Number, s: Any) -> list[WindowResult]:
-        if not self.keyed:
-            return [WindowResult(start, end, self._unit.value(s))]
-        # Keys in the order they first came in the stream (a dict's order, kept by the checkpoint):
-        # the same whatever the batch cuts of an in-order stream, and no sort per window.
-        values: Iterable[Any] = s.values()
-        if self._ints != 1:  # Count keeps ints: the state is the value
-            values = map(self._folder.value, values)
-        # built at C speed: one window may hold many keys
-        return list(map(_make, zip(repeat(start), repeat(end), values, s)))
-
-    def value(self, state: WindowsState) -> list[WindowResult]:
-        """The open windows with their values so far (they may still change), in close order."""
-        if self._spec.kind == "session":
-            value = self._unit.value
-            gap = self._spec.gap
-            return _sorted([
-                WindowResult(s[0], s[1] + gap, value(s[2]), key)
-                for key, sessions in state.sessions.items() for s in sessions
-            ])
-        size, open_ = self._spec.size, state.open
-        return [w for start in sorted(open_) for w in self._results(start, start + size, open_[start])]
-
-    def summary(self, state: WindowsState) -> dict[str, Any]:
-        """Open windows, the watermark and the counts, for progress and ``inspect``."""
-        opened = sum(map(len, state.sessions.values())) if self._spec.kind == "session" else len(state.open)
-        return {"open_windows": opened, "watermark": self.watermark(state), "emitted": state.emitted,
-                "late_records": state.late_records}
 
 
 def combine_in_worker(fn: Callable[[list[Any]], Any], windows: Windows) -> Callable[[list[Any]], Any]:
