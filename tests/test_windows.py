@@ -192,6 +192,8 @@ def test_aggregates_fold_several_in_one_pass() -> None:
     assert agg.value(again) == agg.value(state)
     with pytest.raises(TypeError, match="'totl', which is none of count, total, top"):
         agg.fold(state, {"totl": 1})
+    with pytest.raises(ValueError, match="put Aggregates inside Windows"):
+        mb.Aggregates(w=Windows(mb.Count(), size=5))
     keyed = mb.ByKey(mb.Aggregates(n=mb.Count(), s=mb.Sum()))
     ks = keyed.fold(keyed.initial(), {"u": {"n": 1, "s": 5}, "v": {"n": 2, "s": 1}})
     assert dict(keyed.value(ks)) == {"u": {"n": 1, "s": 5}, "v": {"n": 2, "s": 1}}

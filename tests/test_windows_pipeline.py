@@ -165,3 +165,22 @@ def _maybe_int(lines: list[str]) -> list[tuple[Any, int]]:
         t = line.split()[0]
         out.append((int(t) if t.isdigit() else t, 1))
     return out
+
+
+def sized_hits(lines: list[str]) -> list[tuple[int, str, dict[str, int]]]:
+    """Runs in a worker: ``"<seconds> <key>"`` lines as (timestamp, key, {"n": 1, "size": len})."""
+    out = []
+    for line in lines:
+        t, key = line.split()
+        out.append((int(t), key, {"n": 1, "size": len(line)}))
+    return out
+
+
+async def test_sessions_of_several_aggregates_per_key(tmp_path: Path) -> None:
+    path, records = _log(tmp_path, n=800, seed=5)
+    agg = mb.Windows(mb.ByKey(mb.Aggregates(n=mb.Count(), size=mb.Sum())), gap=4)
+    got = await mb.Pipeline(sized_hits, aggregate=agg, max_size=64, workers=2).run(mb.read_lines(path))
+    want, _ = oracle([records], gap=4)
+    assert same_windows([(w.start, w.end, w.key, w.value["n"]) for w in got], want)
+    size = len(f"{records[0][0]} a")
+    assert all(w.value["size"] == w.value["n"] * size for w in got)

@@ -23,6 +23,11 @@ class Aggregates(Aggregator[Mapping[str, Any], dict[str, Any], dict[str, Any]]):
         if not named:
             raise ValueError("Aggregates() needs at least one named aggregator, e.g. count=mb.Count()")
         for name, agg in named.items():
+            if hasattr(agg, "close_batch"):  # a Windows: its windows close in the pipeline only
+                raise ValueError(
+                    f"Aggregates({name}=...) is a Windows: put Aggregates inside Windows instead, "
+                    f"Windows(Aggregates(...), size=...)"
+                )
             if not isinstance(agg, Aggregator):
                 raise TypeError(
                     f"Aggregates({name}=...) must be an aggregator such as mb.Sum(), got {agg!r:.100} "
