@@ -184,3 +184,32 @@ async def test_sessions_of_several_aggregates_per_key(tmp_path: Path) -> None:
     assert same_windows([(w.start, w.end, w.key, w.value["n"]) for w in got], want)
     size = len(f"{records[0][0]} a")
     assert all(w.value["size"] == w.value["n"] * size for w in got)
+
+
+def failing(lines: list[str]) -> list[tuple[int, int]]:
+    if any(line.startswith("bad") for line in lines):
+        raise RuntimeError("a bad line")
+    return [(int(line.split()[0]), 1) for line in lines]
+
+
+async def test_an_error_of_the_run_comes_out_of_a_plain_async_for(tmp_path: Path) -> None:
+    path = tmp_path / "bad.log"
+    path.write_text("".join(f"{t} a\n" for t in range(0, 300, 7)) + "bad line\n")
+    pipeline = mb.Pipeline(failing, aggregate=mb.Windows(mb.Count(), size=60), max_size=5, workers=1,
+                           on_error="raise", retries=0)
+    got = []
+    with pytest.raises(mb.BatchFailed, match="a bad line"):
+        async for window in pipeline.windows(mb.read_lines(path)):
+            got.append(window)
+    assert [w.end for w in got] == sorted(w.end for w in got)
+
+
+async def test_a_changed_pipeline_is_refused_before_any_window(tmp_path: Path) -> None:
+    path, _ = _log(tmp_path, n=100)
+    state = tmp_path / "state"
+    await mb.Pipeline(values, aggregate=mb.Windows(mb.Count(), size=30), workers=1).run(
+        mb.read_lines(path), checkpoint=state)
+    other = mb.Pipeline(values, aggregate=mb.Windows(mb.Count(), size=60), workers=1)
+    with pytest.raises(mb.CheckpointMismatch, match="size=60"):
+        async for _ in other.windows(mb.read_lines(path), checkpoint=state):
+            pass

@@ -85,7 +85,11 @@ class WindowStream:
         if self._state != "new":
             raise RuntimeError("a window stream runs once: call pipeline.windows() again")
         self._state = "open"
-        await self.run.__aenter__()
+        try:
+            await self.run.__aenter__()
+        except BaseException:
+            self._state = "closed"  # the run did not start: nothing to stop
+            raise
         if self.run.folder is None:  # the checkpoint is of a finished run: nothing to fold
             self._send.close()
 
