@@ -5,9 +5,4 @@ from __future__ import annotations
 
 def hits(lines: list[str]) -> list[tuple[int, str, int]]:
     """``"<epoch> <key>"`` lines as ``(timestamp, key, 1)``."""
-    out = []
-    append = out.append
-    for line in lines:
-        t, key = line.split()
-        append((int(t), key, 1))
-    return out
+    return [(int(t), key, 1) for t, key in map(str.split, lines)]

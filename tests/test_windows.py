@@ -234,3 +234,11 @@ def test_a_refused_partial_leaves_a_state_that_cannot_be_saved() -> None:
         agg.dump(state)
     with pytest.raises(ValueError, match="part of a refused batch result"):
         agg.fold(state, [(4, 1)])
+
+
+def test_the_fast_path_of_counts_refuses_what_count_refuses() -> None:
+    agg = Windows(mb.ByKey(mb.Count()), size=60)
+    with pytest.raises(TypeError, match="Count\\(\\) cannot fold"):
+        agg.fold(agg.initial(), [(1, "a", 1), (2, "a", 1.0)])
+    with pytest.raises(ValueError, match="negative"):
+        agg.fold(agg.initial(), [(1, "a", 1), (2, "a", -1)])
