@@ -242,3 +242,12 @@ def test_the_fast_path_of_counts_refuses_what_count_refuses() -> None:
         agg.fold(agg.initial(), [(1, "a", 1), (2, "a", 1.0)])
     with pytest.raises(ValueError, match="negative"):
         agg.fold(agg.initial(), [(1, "a", 1), (2, "a", -1)])
+
+
+def test_iso_times_are_utc_with_fractions_only_when_there_are_some() -> None:
+    from microbatch.aggregate.windows import iso
+
+    assert iso(1714564800) == "2024-05-01T12:00:00Z"
+    assert iso(1714564800.5) == "2024-05-01T12:00:00.5Z"
+    assert iso(1714564859.9999998) == "2024-05-01T12:01:00Z"  # rounded to microseconds, carried
+    assert iso(-0.25) == "1969-12-31T23:59:59.75Z"

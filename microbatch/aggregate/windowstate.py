@@ -5,10 +5,10 @@ See :mod:`microbatch.aggregate.windows` for the JSON form of the state.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import heapq
 import json
-import time
 from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
@@ -20,6 +20,7 @@ from .base import JSON, Aggregator
 __all__ = ["FORMAT", "Late", "OpenWindows", "StateIO", "WindowResult", "WindowsState", "iso"]
 
 FORMAT = "microbatch.windows/1"
+_EPOCH = datetime.datetime(1970, 1, 1)
 
 
 class WindowResult(NamedTuple):
@@ -54,10 +55,9 @@ class Late(NamedTuple):
 
 def iso(t: Number) -> str:
     """ISO-8601 UTC text of epoch seconds, e.g. ``2024-05-01T12:00:00Z`` (fractions when any)."""
-    whole = int(t // 1)
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    frac = t - whole
-    return f"{text}{f'{frac:.6f}'.rstrip('0')[1:] if frac else ''}Z"
+    when = _EPOCH + datetime.timedelta(seconds=t)  # exact for ints, microseconds for floats
+    text = when.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{when.microsecond:06d}".rstrip("0") + "Z" if when.microsecond else f"{text}Z"
 
 
 class WindowsState:
