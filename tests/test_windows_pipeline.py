@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,14 @@ async def test_a_changed_pipeline_is_refused_before_any_window(tmp_path: Path) -
     with pytest.raises(mb.CheckpointMismatch, match="size=60"):
         async for _ in other.windows(mb.read_lines(path), checkpoint=state):
             pass
+
+
+async def test_updates_without_a_sink_warn_that_closed_windows_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = _log(tmp_path, n=200)
+    pipeline = mb.Pipeline(values, aggregate=mb.Windows(mb.Count(), size=30), max_size=50, workers=1)
+    async with pipeline.updates(mb.read_lines(path)) as updates:
+        async for update in updates:
+            assert isinstance(update.value, Sequence)  # the open windows, a view
+    assert "this run has neither, so they are dropped" in caplog.text

@@ -39,6 +39,7 @@ class WindowHook:
         self.sink = sink
         self.dead = dead
         self.stats = stats
+        self.warned = False
 
     def stamp(self, results: list[Any], cut_at: float) -> list[Any]:
         """The batch's results as the aggregate folds them; ``cut_at`` on the run's clock."""
@@ -69,6 +70,12 @@ class WindowHook:
         elif sink is not None:
             for item in closed:
                 await sink(seq, item)
+        elif not self.warned:
+            self.warned = True
+            log.warning(
+                "closed windows are handed to the pipeline's sink= or taken from pipeline.windows(); "
+                "this run has neither, so they are dropped (the first at batch %d: %s)", seq, closed[0]
+            )
 
     def end(self) -> None:
         end = getattr(self.sink, "end", None)
