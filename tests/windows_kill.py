@@ -5,7 +5,8 @@ Checked: after deduplicating by ``(start, end, key)`` the printed windows are th
 repeat has the same value, and no run prints a window that the checkpoint it resumed from had
 already closed. Kill moments come from events (lines printed, checkpoints folded), not sleeps.
 
-    python tests/windows_kill.py [KILLS] [KIND]     # KIND: tumbling (default), hopping, session
+    python tests/windows_kill.py [KILLS] [KIND] [library]
+    # KIND: tumbling (default), hopping, session; library: consume pipeline.windows() in a script
 """
 
 from __future__ import annotations
@@ -51,6 +52,31 @@ pipeline = mb.Pipeline(pairs, aggregate=mb.Windows(mb.ByKey(mb.Count()), grace={
 '''
 
 
+LIBRARY = '''
+import sys
+
+import anyio
+
+import microbatch as mb
+from microbatch.cli.windows import window_line
+
+sys.path.insert(0, sys.argv[1])
+from job import pipeline  # noqa: E402
+
+
+async def main() -> None:
+    job = pipeline.replace(checkpoint_every=0)
+    source = mb.read_lines(sys.argv[2], follow=True)
+    async with job.windows(source, checkpoint=sys.argv[3]) as windows:
+        async for window in windows:
+            sys.stdout.write(window_line(window, as_json=False) + "\\n")
+            sys.stdout.flush()
+
+
+anyio.run(main)
+'''
+
+
 def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -93,8 +119,12 @@ class _Reader(threading.Thread):
         self.enough.set()
 
 
-def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_000, seed: int = 0) -> int:
-    """Run the kill -9 trial; returns the number of kills made. AssertionError on any violation."""
+def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_000, seed: int = 0,
+               library: bool = False) -> int:
+    """Run the kill -9 trial; returns the number of kills made. AssertionError on any violation.
+
+    ``library``: the windows are taken from ``pipeline.windows()`` in a script (printed and
+    flushed one by one) instead of printed by ``microbatch run``."""
     rng = random.Random(seed)
     job, log, state = tmp / "job.py", tmp / "events.log", tmp / "state"
     job.write_text(JOB.format(grace=GRACE, kind=KINDS[kind]))
@@ -107,6 +137,10 @@ def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_00
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     args = [sys.executable, "-m", "microbatch", "run", f"{job}:pipeline", "--input", str(log), "--follow",
             "--checkpoint", str(state), "--checkpoint-every", "0", "--no-progress"]
+    if library:
+        script = tmp / "consume.py"
+        script.write_text(LIBRARY)
+        args = [sys.executable, str(script), str(tmp), str(log), str(state)]
     seen: dict[tuple[str, str, str], str] = {}
     made = 0
     global REPEATS
@@ -129,11 +163,11 @@ def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_00
                 if newest is not None and newest["records"] == lines:
                     break  # every line folded: the rest of the windows never close while following
                 assert time.monotonic() < deadline, "timed out waiting for windows"
-            if last:
+            if last and not library:
                 proc.send_signal(signal.SIGTERM)
             else:
                 proc.kill()
-                made += 1
+                made += not last
             proc.wait(timeout=WAIT)
             reader.join(timeout=WAIT)
         finally:
@@ -150,7 +184,7 @@ def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_00
             previous = seen.setdefault((start, end, key), value)
             assert previous == value, f"{start} {end} {key}: {previous} then {value}"
         if last:
-            assert proc.returncode == 143, stderr
+            assert proc.returncode == (-signal.SIGKILL if library else 143), stderr
             break
     from microbatch.aggregate.windows import iso
 
@@ -174,8 +208,10 @@ if __name__ == "__main__":
 
     kills = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     kind = sys.argv[2] if len(sys.argv) > 2 else "tumbling"
+    library = len(sys.argv) > 3 and sys.argv[3] == "library"
     with tempfile.TemporaryDirectory() as folder:
         started = time.monotonic()
-        made = run_trials(Path(folder), kills, kind, seed=int(time.time()))
-        print(f"{kind}: {made} kills, every window once after deduplication, equal to the model; "
+        made = run_trials(Path(folder), kills, kind, seed=int(time.time()), library=library)
+        how = " (pipeline.windows())" if library else ""
+        print(f"{kind}{how}: {made} kills, every window once after deduplication, equal to the model; "
               f"{REPEATS} windows printed again after a kill ({time.monotonic() - started:.1f} s)")
