@@ -85,7 +85,8 @@ class Folder(Generic[V]):
         self.stopping = False
         self.halted = False
         #: Time windows: the sink receives the windows each batch closes instead of fn's results.
-        self.windows = WindowHook(aggregate, sink, dead, stats) if isinstance(aggregate, Windows) else None
+        self.windows = None if not isinstance(aggregate, Windows) else WindowHook(
+            aggregate, state, sink, dead, stats)
 
     @property
     def value(self) -> V:

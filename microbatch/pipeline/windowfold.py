@@ -32,9 +32,10 @@ class WindowHook:
     """
 
     def __init__(
-        self, windows: Windows, sink: Callable[[int, Any], Awaitable[None]] | None, dead: DeadLetterFile,
-        stats: Stats,
+        self, windows: Windows, state: Any, sink: Callable[[int, Any], Awaitable[None]] | None,
+        dead: DeadLetterFile, stats: Stats,
     ) -> None:
+        stats.late_records = state.late_records  # a resumed run goes on counting
         self.agg = windows
         self.sink = sink
         self.dead = dead
