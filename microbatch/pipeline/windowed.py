@@ -55,7 +55,10 @@ class WindowStream:
     A plain ``async for`` starts the run at the first window and stops it when the windows end, or
     when an error or cancellation reaches the loop. ``async with pipeline.windows(src) as windows:``
     also stops it when the block is left early (``break``): prefer it for a source that does not
-    end. Leaving early writes a final checkpoint of what was folded, as ``updates()`` does.
+    end (a plain ``async for`` left by ``break`` leaves its run going until the program ends).
+    Leaving early writes a final checkpoint of what was folded, as ``updates()`` does, unless the
+    consumer left amid the windows of one batch: the checkpoint before that batch then stands, and a
+    rerun hands those windows over again.
     """
 
     def __init__(
