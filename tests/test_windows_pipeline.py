@@ -225,3 +225,13 @@ async def test_updates_without_a_sink_warn_that_closed_windows_are_dropped(
         async for update in updates:
             assert isinstance(update.value, Sequence)  # the open windows, a view
     assert "this run has neither, so they are dropped" in caplog.text
+
+
+async def test_a_stream_left_open_warns_how_to_leave_early() -> None:
+    stream = mb.Pipeline(values, aggregate=mb.Windows(mb.Count(), size=30), executor="inline").windows([])
+    stream._state = "open"  # as a plain async for left by break leaves it
+    with pytest.warns(ResourceWarning, match="async with pipeline.windows"):
+        del stream
+        import gc
+
+        gc.collect()

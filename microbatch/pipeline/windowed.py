@@ -10,6 +10,7 @@ consumer had not yet taken is still in the checkpoint, so it comes out again aft
 from __future__ import annotations
 
 import collections
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -54,8 +55,11 @@ class WindowStream:
 
     A plain ``async for`` starts the run at the first window and stops it when the windows end, or
     when an error or cancellation reaches the loop. ``async with pipeline.windows(src) as windows:``
-    also stops it when the block is left early (``break``): prefer it for a source that does not
-    end (a plain ``async for`` left by ``break`` leaves its run going until the program ends).
+    also stops it when the block is left early (``break``): use it whenever the loop may be left
+    before the windows end. A plain ``async for`` left by ``break`` cannot stop its run (nothing
+    tells an async iterator that its loop was left): the run's task group stays open in the
+    consumer's task, which trio reports as an internal error when the task ends, and a
+    ``ResourceWarning`` names the fix.
     Leaving early writes a final checkpoint of what was folded, as ``updates()`` does, unless the
     consumer left amid the windows of one batch: the checkpoint before that batch then stands, and a
     rerun hands those windows over again.
@@ -104,6 +108,14 @@ class WindowStream:
             return await self.run.__aexit__(*exc_info)  # stops the folder before it could see ...
         finally:
             self._recv.close()  # ... a closed stream: a stopped run is not a failed one
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "open":
+            warnings.warn(
+                "a window stream was left while its run was going (a plain 'async for' left by "
+                "'break'?): use 'async with pipeline.windows(...) as windows: async for w in windows' "
+                "to leave early", ResourceWarning, stacklevel=1,
+            )
 
     async def aclose(self) -> None:
         """Stop the run (as leaving ``async with`` does)."""
