@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import json
 import pickle
 from typing import Any
@@ -251,3 +252,28 @@ def test_iso_times_are_utc_with_fractions_only_when_there_are_some() -> None:
     assert iso(1714564800.5) == "2024-05-01T12:00:00.5Z"
     assert iso(1714564859.9999998) == "2024-05-01T12:01:00Z"  # rounded to microseconds, carried
     assert iso(-0.25) == "1969-12-31T23:59:59.75Z"
+
+
+@pytest.mark.parametrize("kind", [{"size": 2.5}, {"size": 3.0, "slide": 0.75}, {"gap": 1.5}],
+                         ids=["tumbling", "hopping", "session"])
+@settings(max_examples=80, deadline=None)
+@given(
+    points=st.lists(st.tuples(st.floats(0, 100, allow_nan=False), st.floats(-1e6, 1e6, allow_nan=False),
+                              st.sampled_from(["a", "b"])), max_size=40),
+    cuts=st.sets(st.integers(1, 39), max_size=8),
+    reload_at=st.sets(st.integers(0, 8), max_size=2),
+)
+def test_float_times_and_sums_do_not_depend_on_batch_cuts_or_reloads(
+    kind: dict[str, float], points: list[tuple[float, float, str]], cuts: set[int], reload_at: set[int]
+) -> None:
+    points = sorted(points)
+    bounds = [0, *sorted(c for c in cuts if c < len(points)), len(points)]
+    pairs = [(t, k, v) for t, v, k in points]
+    batches = [pairs[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    agg = Windows(mb.ByKey(mb.Sum()), grace=0.5, **kind)
+    cut, _ = run_windows(agg, batches, reload_at=reload_at)
+    whole, _ = run_windows(agg, [pairs])
+    assert cut == whole
+    for start, end, key, value in whole:  # each value is the exact sum of its window's points
+        inside = [v for t, k, v in pairs if k == key and start <= t < end]
+        assert value == math.fsum(inside) if inside else value == 0
