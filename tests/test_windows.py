@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import math
 import json
+import math
 import pickle
 from typing import Any
 
