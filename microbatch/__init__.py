@@ -41,7 +41,20 @@ from ._exceptions import (
 
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
-    from .aggregate import Aggregator, ByKey, Count, Max, Mean, Min, Reduce, Sum, TopK
+    from .aggregate import (
+        Aggregates,
+        Aggregator,
+        ByKey,
+        Count,
+        Max,
+        Mean,
+        Min,
+        Reduce,
+        Sum,
+        TopK,
+        WindowResult,
+        Windows,
+    )
     from .checkpoints.directory import DirectoryStore
     from .checkpoints.format import Checkpoint
     from .checkpoints.sqlite import SqliteStore
@@ -59,7 +72,10 @@ _LAZY = {
     ".checkpoints.directory": ["DirectoryStore"],
     ".checkpoints.sqlite": ["SqliteStore"],
     ".executors.dask": ["DaskExecutor"],
-    ".aggregate": ["Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
+    ".aggregate": [
+        "Aggregates", "Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK",
+        "WindowResult", "Windows",
+    ],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Run", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
@@ -70,6 +86,7 @@ _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregates",
     "Aggregator",
     "BackendNotSupported",
     "Batcher",
@@ -123,6 +140,8 @@ __all__ = [
     "TopK",
     "UnpicklableFunction",
     "Update",
+    "WindowResult",
+    "Windows",
     "WorkerCrashed",
     "batches",
     "read_lines",

@@ -16,6 +16,7 @@ DOCUMENTED = {
     "Pipeline", "Run", "Stats", "Update",
     # aggregators
     "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey",
+    "Aggregates", "Windows", "WindowResult",
     # executors
     "Executor", "ProcessExecutor", "ThreadExecutor", "InlineExecutor", "DaskExecutor",
     # checkpoints

@@ -31,6 +31,10 @@ aggregator     batch result                                      value
 inner)``       to a result ``inner`` accepts                     key's ``inner`` value
 ``Reduce(fn,   anything ``fn`` takes                             the state itself
 initial)``
+``Aggregates(  a dict of some of the names -> that aggregator's  a dict of name -> value
+**named)``     batch result
+``Windows(     ``[(timestamp, partial), ...]`` (see               the open windows; closed ones are handed
+inner, ...)``  ``docs/windows.md``)                              over as ``WindowResult``
 =============  ================================================  =========================================
 
 Writing one's own: subclass :class:`Aggregator` and implement ``initial``, ``fold`` and ``value``.
@@ -43,9 +47,11 @@ from .base import JSON, Aggregator
 from .bykey import ByKey, KeyedAggregator, split_to_bytes
 from .numeric import Count, Max, Mean, Min, Sum
 from .reduce import Reduce
+from .several import Aggregates
 from .topk import TopK
+from .windows import WindowResult, Windows
 
 __all__ = [
     "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey", "JSON",
-    "KeyedAggregator", "split_to_bytes",
+    "KeyedAggregator", "split_to_bytes", "Aggregates", "Windows", "WindowResult",
 ]

@@ -10,6 +10,7 @@ from . import progress as _progress
 from .codes import EXIT_ERROR, EXIT_OK, UsageError
 from .load import load_target
 from .logs import log
+from .windows import windows_summary
 
 
 def _aggregator_from(description: str) -> Any:
@@ -79,6 +80,9 @@ def _command_inspect(args: argparse.Namespace) -> int:
         "dead_letters": cp.dead_letters,
         "fingerprint": fingerprint,
     }
+    windows = windows_summary(cp.state, fingerprint.get("aggregate", ""))
+    if windows is not None:
+        info["windows"] = windows
     if has_value:
         info["value"] = value
     else:
@@ -159,6 +163,12 @@ def _inspect_text(info: dict[str, Any]) -> str:
         ("dead letters", f"{info['dead_letters']:,}"),
     ]
     rows.extend((key, str(fp[key])) for key in ("fn", "aggregate", "source") if key in fp)
+    windows = info.get("windows")
+    if windows is not None:
+        rows.append(("watermark", str(windows["watermark"])))
+        rows.append(("windows", f"{len(windows['open_windows'])} open, {windows['emitted']:,} emitted, "
+                                f"{windows['late_records']:,} late records"))
+        rows.extend(("", span) for span in windows["open_windows"][:20])
     lines = [f"{label:<14}{text}" for label, text in rows]
     if "value" in info:
         rendered = _progress.format_value(info["value"], human=True)  # people read it; --json: programs

@@ -21,6 +21,7 @@ from .load import load_target
 from .logs import _log_error, _stderr_handler, _use_handler, log
 from .metrics_endpoint import Displays, open_metrics
 from .output import Output, silence_stdout
+from .windows import print_windows
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -208,6 +209,7 @@ def _command_run(args: argparse.Namespace) -> int:
         pipeline = pipeline.replace(**_overrides(args))
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid setting for {args.target}: {exc}") from None
+    pipeline, windowed = print_windows(pipeline, as_json=args.json)  # printed as they close
     fifo_fd: int | None = None
     if is_fifo(spec):
         source, fifo_fd = fifo_source(spec.path, args.encoding)
@@ -245,7 +247,9 @@ def _command_run(args: argparse.Namespace) -> int:
             server.close()
         if fifo_fd is not None:
             os.close(fifo_fd)
-    return _report(args, outcome, output if pipeline.aggregate is not None else None, started)
+    # A map pipeline printed its results as they came, a windowed one its windows: no final value.
+    printed = pipeline.aggregate is None or windowed
+    return _report(args, outcome, None if printed else output, started)
 
 
 def _stream_name(spec: _Input, *, fifo: bool) -> str | None:

@@ -31,10 +31,12 @@ from .._core.schedule import CheckpointSchedule
 from .._core.sequencer import Sequencer
 from .._exceptions import BatchFailed, TooManyDeadLetters
 from ..aggregate import Aggregator
+from ..aggregate.windows import WindowResult, Windows
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints
 from .dispatch import Done, End, Event, Failure, SplitFailed, Started
 from .stats import Stats, Update
+from .windowfold import WindowHook
 
 __all__ = ["Folder"]
 
@@ -82,6 +84,9 @@ class Folder(Generic[V]):
         #: ``stop()`` was called: fold no further batch of a split; ``halted``: one was left out.
         self.stopping = False
         self.halted = False
+        #: Time windows: the sink receives the windows each batch closes instead of fn's results.
+        self.windows = None if not isinstance(aggregate, Windows) else WindowHook(
+            aggregate, state, sink, dead, stats)
 
     @property
     def value(self) -> V:
@@ -127,6 +132,11 @@ class Folder(Generic[V]):
                     self.source_batches = event.batches
             # Results also stop coming when a dispatcher failed: finished only when all were folded.
             self.finished = self.source_batches == self.sequencer.next_seq and not self.halted
+            if self.windows is not None:  # at the end of the source every open window closes
+                closed = self.windows.close_all(self.state) if self.finished else []
+                if closed:
+                    await self._deliver_windows(max(stats.batches - 1, 0), closed)
+                self.windows.end()
 
     def stop(self) -> None:
         """Fold no further batch of a split (those of whole batches in flight are still folded)."""
@@ -196,12 +206,16 @@ class Folder(Generic[V]):
     ) -> None:
         """Fold one batch numbered ``seq``; release ``window`` (None: a batch of a split) for it."""
         batch, stats = done.batch, self.stats
-        if self.sink is not None:
-            for result in done.results:
+        windows, results = self.windows, done.results
+        if self.sink is not None and windows is None:
+            for result in results:
                 await self.sink(seq, result)
         # No await from here to the counters: a checkpoint never sees half a batch.
-        for result in done.results:
+        if windows is not None:
+            results = windows.stamp(results, batch.cut_at)
+        for result in results:
             self.state = self.agg.fold(self.state, result)
+        closed = None if windows is None else windows.close(self.state, seq)
         if done.dead:
             letters = [
                 letter if letter.batch == seq else replace_field(letter, batch=seq) for letter in done.dead
@@ -230,6 +244,8 @@ class Folder(Generic[V]):
         log.debug("batch %d folded: %d records, position %s", seq, batch.count, batch.end)
         if window is not None:
             window.release()  # the reader may cut one more batch
+        if closed:
+            await self._deliver_windows(seq, closed)
         due = self.schedule.folded(now)
         if self.send_updates:
             # A checkpoint covers only batches whose update was delivered: when the consumer leaves
@@ -251,6 +267,14 @@ class Folder(Generic[V]):
             self.undelivered = False
         if due:
             await self.save(finished=False)
+
+    async def _deliver_windows(self, seq: int, closed: list[WindowResult]) -> None:
+        # Interrupted here, no final checkpoint may drop these windows from the state: a rerun
+        # hands them over again.
+        assert self.windows is not None
+        self.undelivered = True
+        await self.windows.deliver(seq, closed)
+        self.undelivered = False
 
     async def save(self, *, finished: bool) -> None:
         stats = self.stats

@@ -12,10 +12,12 @@ from .._core.params import callable_name, check_int, check_seconds
 from .._core.policy import check_limits
 from .._core.retry import RetryPolicy
 from ..aggregate import Aggregator
+from ..aggregate.windows import WindowedFn, Windows, combine_in_worker
 from ..checkpoints.store import CheckpointStore
 from ..executors import Executor
 from .reader import describe_source
 from .run import Discard, Run, UnsetSplitSize
+from .windowed import WindowStream
 
 __all__ = ["DEFAULT_SPLIT_SIZE", "Pipeline"]
 
@@ -72,7 +74,12 @@ class Pipeline(Generic[R, V]):
       worker crashes or times out is run again batch by batch.
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
       covers the batch: results written elsewhere at least once, deduplicated by batch number. A
-      batch split to isolate failing records calls it once per surviving part, in order.
+      batch split to isolate failing records calls it once per surviving part, in order. With a
+      ``Windows`` aggregate it is called ``sink(seq, window)`` for each window that batch ``seq``
+      closed, in close order, instead.
+
+    With ``aggregate=Windows(...)``, :meth:`windows` gives the windows as they close and
+    :meth:`run` returns the list of them (``docs/windows.md``).
     """
 
     def __init__(
@@ -119,7 +126,10 @@ class Pipeline(Generic[R, V]):
             check_int("checkpoint_every_batches", checkpoint_every_batches, minimum=1)
         if split_size is not None:
             check_int("split_size", split_size, minimum=1)
-        self.fn = fn
+        if isinstance(fn, WindowedFn):  # a copy made by replace(): wrap the user's function afresh
+            fn = fn.fn
+        # Event-time windows group fn's (timestamp, partial) pairs by window in the worker.
+        self.fn = combine_in_worker(fn, aggregate) if isinstance(aggregate, Windows) else fn
         self.aggregate = aggregate
         self.max_size = max_size
         self.max_wait = max_wait
@@ -207,8 +217,12 @@ class Pipeline(Generic[R, V]):
     ) -> V:
         """Run to the end of ``source`` and return the aggregate's final value (None without one).
 
-        ``await run.result()`` of :meth:`start`, which documents the parameters.
+        ``await run.result()`` of :meth:`start`, which documents the parameters. With a ``Windows``
+        aggregate it returns the list of the windows that closed in this run.
         """
+        if isinstance(self.aggregate, Windows):
+            stream = self.windows(source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes)
+            return [window async for window in stream]  # type: ignore[return-value]
         async with self.start(
             source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
         ) as run:
@@ -233,6 +247,30 @@ class Pipeline(Generic[R, V]):
             source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
         ) as run:
             yield run.updates()
+
+    def windows(
+        self,
+        source: Source,
+        *,
+        checkpoint: Target | None = None,
+        fresh: bool = False,
+        accept_changes: bool = False,
+    ) -> WindowStream:
+        """Run over ``source`` with a ``Windows`` aggregate, giving each window as it closes.
+
+        ``async for w in pipeline.windows(src, checkpoint="state/")`` yields ``WindowResult``s in
+        close order; use ``async with pipeline.windows(...) as ws: async for w in ws`` to be able
+        to leave early (see :class:`~microbatch.pipeline.windowed.WindowStream`). In one run each
+        window comes out once. Across a crash and resume, a window may come out again, always with
+        the same ``(start, end, key)`` and value; a window that a checkpoint records as emitted
+        never comes out again.
+        """
+        if not isinstance(self.aggregate, Windows):
+            raise TypeError(
+                f"pipeline.windows() needs aggregate=mb.Windows(...), this pipeline has "
+                f"{self.aggregate!r}: use run() or updates()"
+            )
+        return WindowStream(self, source, checkpoint, fresh, accept_changes)
 
     @asynccontextmanager
     async def map(

@@ -21,7 +21,8 @@ class Stats:
     latencies are seconds from a batch being cut to its result being folded. ``splits`` counts
     the file splits whose batches are folded (or being folded) in this run (each holds zero or
     more batches), ``split_fallbacks`` those whose call failed in a worker and whose batches were
-    run one by one.
+    run one by one. ``late_records`` counts the records that came for a time window already closed
+    (``Windows``), over the whole run including what a resumed run inherited.
     """
 
     records: int = 0
@@ -43,6 +44,7 @@ class Stats:
     run_batches: int = 0
     splits: int = 0
     split_fallbacks: int = 0
+    late_records: int = 0
 
     @property
     def good_records(self) -> int:

@@ -1,0 +1,191 @@
+"""Time windows: speed against a one-process loop, and peak memory against the span of event time.
+
+``speed``: a 1-minute tumbling ``Windows(ByKey(Count()))`` over N records (``"<epoch> <key>"``
+lines, K keys, 24 h of event time in order) with 2 worker processes, every closed window taken from
+``pipeline.windows()``, against the baseline: one process reading the same file with a plain loop
+that keeps a dict of ``Counter`` per minute and emits each minute's ``(minute, key, count)`` when
+a line past its end arrives. Each variant runs in a fresh interpreter, in interleaved rounds; the
+ratio is baseline seconds / variant seconds (higher is faster).
+
+``memory``: the same pipeline over 1 day and over 7 days of event time (1,000 keys, the same
+records per minute), peak RSS of the pipeline process (its state) and of the largest worker: the
+state holds only open windows, so the peaks should match. The file is read in batches of 10,000
+lines by the pipeline process (no splits), so that what is in flight is the same few batches in
+both runs (with splits of 2 MiB, a 1-day file of 5 MB would hold fewer splits in flight than the
+pipeline allows, and the peaks would differ by that, not by the windows).
+
+    python benchmarks/bench_windows.py speed [--records 5000000] [--keys 10000] [--repeat 3]
+    python benchmarks/bench_windows.py memory [--per-minute 200] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = 1_700_000_000 - 1_700_000_000 % 86400  # a midnight, UTC
+DAY = 86_400
+
+
+def write_log(path: Path, records: int, keys: int, seconds: int) -> None:
+    """``records`` lines ``"<epoch> <key>"`` in order over ``seconds`` of event time."""
+    rng = random.Random(2024)
+    names = [f"k{i:05d}" for i in range(keys)]
+    step = seconds / records
+    with path.open("w") as f:
+        chunk = []
+        for i in range(records):
+            chunk.append(f"{BASE + int(i * step)} {names[rng.randrange(keys)]}\n")
+            if len(chunk) == 100_000:
+                f.write("".join(chunk))
+                chunk.clear()
+        f.write("".join(chunk))
+
+
+def baseline(path: Path) -> int:
+    """One process: a dict of Counters per minute, each minute emitted when a later line arrives."""
+    emitted = 0
+    minutes: dict[int, Counter[str]] = {}
+    newest = None
+    with path.open() as f:
+        for line in f:
+            t, key = line.split()
+            minute = int(t) // 60
+            counts = minutes.get(minute)
+            if counts is None:
+                counts = minutes[minute] = Counter()
+            counts[key] += 1
+            if newest is None or minute > newest:
+                newest = minute
+                for old in [m for m in minutes if m < minute]:
+                    for _key, _n in minutes.pop(old).items():
+                        emitted += 1  # emit (old * 60, key, n)
+    for counts in minutes.values():
+        emitted += len(counts)
+    return emitted
+
+
+async def windows(path: Path, split_size: int | None = 2 << 20) -> int:
+    from _windows_job import hits
+
+    import microbatch as mb
+
+    pipeline = mb.Pipeline(hits, aggregate=mb.Windows(mb.ByKey(mb.Count()), size=60), workers=2,
+                           split_size=split_size)
+    emitted = 0
+    async with pipeline.windows(mb.read_lines(path)) as closed:
+        async for _window in closed:
+            emitted += 1
+    return emitted
+
+
+def child(variant: str, path: Path) -> None:
+    import anyio
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    if variant == "loop":
+        emitted = baseline(path)
+    elif variant == "batches":  # the parent reads the file: memory bounded by batches, not splits
+        emitted = anyio.run(windows, path, None)
+    else:
+        emitted = anyio.run(windows, path)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"wall": wall, "cpu": cpu, "emitted": emitted, "peak_mb": peak,
+                      "worker_mb": kids.ru_maxrss / 1024, "worker_cpu": kids.ru_utime + kids.ru_stime}))
+
+
+def _run_child(variant: str, path: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    done = subprocess.run([sys.executable, __file__, "child", variant, str(path)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{variant} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _compile() -> None:
+    # PYTHONDONTWRITEBYTECODE is set on these machines: compile once so no child pays for it
+    for folder in ("microbatch", "benchmarks"):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / folder)], check=True)
+
+
+def speed(args: argparse.Namespace) -> None:
+    _compile()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.log"
+        write_log(path, args.records, args.keys, DAY)
+        runs: dict[str, list[dict[str, Any]]] = {"loop": [], "windows": []}
+        for _ in range(args.repeat):
+            for variant in runs:
+                runs[variant].append(_run_child(variant, path))
+    assert runs["loop"][0]["emitted"] == runs["windows"][0]["emitted"], runs
+    print(f"{args.records:,} records, {args.keys:,} keys, 24 h of event time, 1-minute tumbling "
+          f"ByKey(Count()), {runs['loop'][0]['emitted']:,} windows emitted; medians of {args.repeat} "
+          f"interleaved rounds, a fresh interpreter per run")
+    base = [r["wall"] for r in runs["loop"]]
+    for variant, results in runs.items():
+        walls = [r["wall"] for r in results]
+        ratio = statistics.median(b / w for b, w in zip(base, walls, strict=True))
+        cpu = statistics.median(r["cpu"] for r in results)
+        workers = statistics.median(r.get("worker_cpu", 0.0) for r in results)
+        print(f"  {variant:8s} {statistics.median(walls):7.2f} s  {ratio:5.2f}x the loop  "
+              f"CPU {cpu:5.2f} s here + {workers:5.2f} s in workers  "
+              f"peak {statistics.median(r['peak_mb'] for r in results):6.0f} MB")
+
+
+def memory(args: argparse.Namespace) -> None:
+    _compile()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for days in (1, 7):
+            paths[days] = Path(tmp) / f"events-{days}d.log"
+            write_log(paths[days], args.per_minute * 1440 * days, 1000, DAY * days)
+        runs: dict[int, list[dict[str, Any]]] = {1: [], 7: []}
+        for _ in range(args.repeat):
+            for days in runs:
+                runs[days].append(_run_child("batches", paths[days]))
+    print(f"1-minute tumbling ByKey(Count()) over 1,000 keys, {args.per_minute} records a minute; "
+          f"medians of {args.repeat} interleaved rounds")
+    for days, results in runs.items():
+        print(f"  {days} day(s): {results[0]['emitted']:9,} windows, pipeline process peak "
+              f"{statistics.median(r['peak_mb'] for r in results):6.1f} MB, largest worker "
+              f"{statistics.median(r['worker_mb'] for r in results):6.1f} MB, "
+              f"{statistics.median(r['wall'] for r in results):6.1f} s")
+    one = statistics.median(r["peak_mb"] for r in runs[1])
+    seven = statistics.median(r["peak_mb"] for r in runs[7])
+    print(f"  peak 7 days / 1 day: {seven / one:.2f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child(sys.argv[2], Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--records", type=int, default=5_000_000)
+    s.add_argument("--keys", type=int, default=10_000)
+    s.add_argument("--repeat", type=int, default=3)
+    m = sub.add_parser("memory")
+    m.add_argument("--per-minute", type=int, default=200)
+    m.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    speed(args) if args.what == "speed" else memory(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The fold stage's part in time windows: stamp, close after each batch, record late records, deliver.
+
+With a ``Windows`` aggregate the folder calls :meth:`WindowHook.close` after folding a batch (the
+watermark moves, the windows it reaches are taken out of the state), writes the late records as
+dead letters with reason ``late`` (unless ``on_late="drop"``), and hands the closed windows to the
+sink before any checkpoint that no longer holds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from ..aggregate.windows import Late, WindowResult, Windows, iso
+from ..checkpoints.deadletters import DeadLetter, DeadLetterFile
+from .stats import Stats
+
+__all__ = ["WindowHook"]
+
+log = logging.getLogger("microbatch")
+
+
+class WindowHook:
+    """What the folder does for a ``Windows`` aggregate; ``sink`` gets the closed windows.
+
+    A sink with a ``deliver(seq, windows)`` method gets each batch's windows as one list (and
+    ``end()`` when folding is over); a plain ``sink(seq, window)`` gets them one by one.
+    """
+
+    def __init__(
+        self, windows: Windows, state: Any, sink: Callable[[int, Any], Awaitable[None]] | None,
+        dead: DeadLetterFile, stats: Stats,
+    ) -> None:
+        stats.late_records = state.late_records  # a resumed run goes on counting
+        self.agg = windows
+        self.sink = sink
+        self.dead = dead
+        self.stats = stats
+        self.warned = False
+
+    def stamp(self, results: list[Any], cut_at: float) -> list[Any]:
+        """The batch's results as the aggregate folds them; ``cut_at`` on the run's clock."""
+        if self.agg.clock == "event":
+            return results
+        return self.agg.stamp(results, time.time() - (anyio.current_time() - cut_at))
+
+    def close(self, state: Any, seq: int) -> list[WindowResult]:
+        """After batch ``seq``: move the watermark, take the windows it closed, record late records."""
+        agg = self.agg
+        closed, late = agg.close_batch(state)
+        self.stats.late_records = state.late_records
+        if late and agg.on_late == "dead_letter":
+            self.dead.write([_late_letter(item, seq, agg.watermark(state)) for item in late])
+        for item in late:
+            log.info("batch %d: %d late record(s) for the closed window %s..%s", seq, item.records,
+                     iso(item.start), iso(item.end))
+        return closed
+
+    def close_all(self, state: Any) -> list[WindowResult]:
+        return self.agg.close_all(state)
+
+    async def deliver(self, seq: int, closed: list[WindowResult]) -> None:
+        sink = self.sink
+        deliver = getattr(sink, "deliver", None)
+        if deliver is not None:
+            await deliver(seq, closed)
+        elif sink is not None:
+            for item in closed:
+                await sink(seq, item)
+        elif not self.warned:
+            self.warned = True
+            log.warning(
+                "closed windows are handed to the pipeline's sink= or taken from pipeline.windows(); "
+                "this run has neither, so they are dropped (the first at batch %d: %s)", seq, closed[0]
+            )
+
+    def end(self) -> None:
+        end = getattr(self.sink, "end", None)
+        if end is not None:
+            end()
+
+
+def _late_letter(late: Late, seq: int, watermark: object) -> DeadLetter:
+    record = {"reason": "late", "timestamp": late.first, "last_timestamp": late.last,
+              "records": late.records, "window": [late.start, late.end]}
+    if late.key is not None:
+        record["key"] = late.key
+    return DeadLetter(
+        record=record, batch=seq, position=None, error_type="late",
+        message=(f"{late.records} record(s) with timestamps {late.first}..{late.last} came for the window "
+                 f"[{iso(late.start)}, {iso(late.end)}) after it closed (watermark {watermark})"),
+        traceback="",
+    )
