@@ -3,6 +3,12 @@
 A worker is ``python WORKER_SCRIPT PARENT_PID NICE`` with two pipes as its stdin and stdout (see
 :mod:`microbatch.executors.worker` for its side). Nothing here decides what happens to calls: the
 call queue (:mod:`microbatch._core.calls`) does, the executor performs it.
+
+Each worker leads a session and process group of its own (``start_new_session``): a Ctrl-C in the
+terminal reaches the pipeline process, not the workers, and killing a worker kills its whole group,
+so the processes ``fn`` started die with the worker that ran it (after a timeout, a crash, a
+cancellation or the executor's shutdown). A process that ``fn`` started and that left the group on
+purpose (``setsid``, ``start_new_session=True``) is its own business.
 """
 
 from __future__ import annotations
@@ -55,8 +61,7 @@ class Worker:
         # Tokens of the functions this worker holds, least recently used first (mirrors the worker).
         self.functions: OrderedDict[int, None] = OrderedDict()
         self.queue = CallQueue()
-        # Sent SIGKILL already. A second kill is not only useless: on asyncio, Popen.send_signal()
-        # polls first and may reap the process behind the event loop's child watcher.
+        # Sent SIGKILL to the group already: a second kill is useless.
         self.killed = False
 
     def __repr__(self) -> str:
@@ -80,13 +85,21 @@ class Worker:
         return kind, await self.pipes.receive_exactly(size)
 
     def kill(self) -> None:
-        """Send SIGKILL once, unless the process has exited."""
-        if not self.killed and self.process.returncode is None:
-            self.killed = True
-            try:
-                self.process.kill()
-            except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
-                pass
+        """Send SIGKILL, once, to the worker's process group: the worker and what ``fn`` started.
+
+        Also after the worker exited by itself (a crash): the processes it left in its group die
+        too. The group's id is the worker's pid, which the system gives no other process while any
+        member of the group is alive; once the group is empty the kill finds nothing (``ESRCH``).
+        ``os.killpg`` rather than ``Popen.send_signal()``, which on asyncio polls first and may reap
+        the process behind the event loop's child watcher.
+        """
+        if self.killed:
+            return
+        self.killed = True
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group is empty (macOS: only zombies)
+            pass
 
     async def reap(self) -> None:
         """Kill the process (if still running), close its pipes and wait for it; never cancelled."""
@@ -148,12 +161,15 @@ async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tup
     to_worker, to_worker_w = os.pipe()
     from_worker_r, from_worker = os.pipe()
     try:
-        process = await anyio.open_process(
-            [sys.executable, script, str(os.getpid()), str(nice)],
-            stdin=to_worker,
-            stdout=from_worker,
-            stderr=None,
-        )
+        # Shielded: a process started by a call that was then cancelled would be nobody's to kill.
+        with anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                [sys.executable, script, str(os.getpid()), str(nice)],
+                stdin=to_worker,
+                stdout=from_worker,
+                stderr=None,
+                start_new_session=True,
+            )
     except BaseException:
         for fd in (to_worker_w, from_worker_r):
             os.close(fd)
