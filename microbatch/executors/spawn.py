@@ -80,9 +80,10 @@ class Worker:
     async def send(self, buffers: list[bytes]) -> None:
         await self.pipes.send(buffers)
 
-    async def receive(self) -> tuple[int, bytes]:
-        kind, _token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
-        return kind, await self.pipes.receive_exactly(size)
+    async def receive(self) -> tuple[int, int, bytes]:
+        """The next frame: its kind, its token (for an answer: the worker's RSS) and its body."""
+        kind, token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
+        return kind, token, await self.pipes.receive_exactly(size)
 
     def kill(self) -> None:
         """Send SIGKILL, once, to the worker's process group: the worker and what ``fn`` started.
@@ -127,8 +128,12 @@ _KILLED_FROM_OUTSIDE = frozenset(
 )
 
 
-async def start_worker(script: str, *, nice: int, start_timeout: float, live: set[Worker]) -> Worker:
+async def start_worker(
+    script: str, *, nice: int, start_timeout: float, live: set[Worker], measure_rss: bool = False
+) -> Worker:
     """Start one worker process and wait until it answered INIT; it is in ``live`` until reaped.
+
+    ``measure_rss``: the worker reports its resident memory with each answer.
 
     A worker killed by a signal while starting (SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT) is
     replaced by a new one at once, as often as it takes within ``start_timeout``.
@@ -139,7 +144,7 @@ async def start_worker(script: str, *, nice: int, start_timeout: float, live: se
     with anyio.move_on_after(start_timeout) as scope:
         while True:
             attempts += 1
-            started = await _start_once(script, nice, live)
+            started = await _start_once(script, nice, live, measure_rss)
             if isinstance(started, Worker):
                 return started
             pid, returncode = started
@@ -155,7 +160,9 @@ async def start_worker(script: str, *, nice: int, start_timeout: float, live: se
     )
 
 
-async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tuple[int, int | None]:
+async def _start_once(
+    script: str, nice: int, live: set[Worker], measure_rss: bool
+) -> Worker | tuple[int, int | None]:
     """A started worker, or the pid and exit code of one that died while starting."""
     # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
     to_worker, to_worker_w = os.pipe()
@@ -180,9 +187,9 @@ async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tup
     worker = Worker(process, _Pipes(from_worker_r, to_worker_w), live)
     ok = False
     try:
-        init = pickle.dumps(list(sys.path), protocol=5)
+        init = pickle.dumps({"path": list(sys.path), "measure_rss": measure_rss}, protocol=5)
         await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
-        kind, _ = await worker.receive()
+        kind, _, _ = await worker.receive()
         if kind != wire.READY:  # pragma: no cover - a worker of another version
             raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
         ok = True

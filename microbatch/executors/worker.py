@@ -9,7 +9,8 @@ function pickled by value arrives.
 Protocol: length-prefixed frames over the pipes the parent gave as stdin and stdout. A frame is a
 17-byte header ``<BQQ`` (kind, token, payload length) followed by the payload.
 
-    parent -> worker   INIT   pickled ``sys.path`` of the parent           -> READY
+    parent -> worker   INIT   pickled settings: the parent's ``sys.path``,  -> READY
+                              whether to report the worker's RSS
                        FN     token, a function pickled with cloudpickle    -> LOADED
                        CALL   token of a function sent before, pickled arg  -> RESULT | RAISED | REMOTE_ERROR
     worker -> parent   LOADED        the function is unpickled (its module imported), or failed to be;
@@ -18,7 +19,9 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
                                      the outcome of a call, encoded by ``remote.encode``: the
                                      pickled return value, ``(exception, formatted traceback)``, or
                                      ``(type name, message, formatted traceback)`` when the exception
-                                     itself cannot make the round trip through pickle
+                                     itself cannot make the round trip through pickle; the
+                                     token is the worker's resident memory in bytes after the
+                                     call, when INIT asked for it (0 otherwise)
 
 Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
 the same order, so the parent knows which functions a worker still holds without asking.
@@ -57,6 +60,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, BinaryIO
 
@@ -170,8 +174,26 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
     return data
 
 
-def _send(out: BinaryIO, kind: int, payload: bytes) -> None:
-    out.write(HEADER.pack(kind, 0, len(payload)))
+def _rss_meter() -> Callable[[], int]:
+    """A function that returns this process's resident memory in bytes (its peak where the
+    current figure cannot be read)."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    page = os.sysconf("SC_PAGE_SIZE")
+    return lambda: int(os.pread(fd, 64, 0).split()[1]) * page
+
+
+def _no_meter() -> int:
+    return 0
+
+
+def _send(out: BinaryIO, kind: int, payload: bytes, token: int = 0) -> None:
+    out.write(HEADER.pack(kind, token, len(payload)))
     out.write(payload)
     out.flush()
 
@@ -179,6 +201,7 @@ def _send(out: BinaryIO, kind: int, payload: bytes) -> None:
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Answer frames until the parent closes the pipe."""
     functions: OrderedDict[int, Any] = OrderedDict()
+    rss = _no_meter
     while True:
         header = _read_exactly(inp, HEADER.size)
         if header is None:
@@ -188,7 +211,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         if payload is None:
             return
         if kind == INIT:
-            sys.path[:] = pickle.loads(payload)
+            settings = pickle.loads(payload)
+            sys.path[:] = settings["path"]
+            if settings["measure_rss"]:
+                rss = _rss_meter()
             _send(out, READY, pickle.dumps(os.getpid()))
         elif kind == FN:
             try:
@@ -214,7 +240,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             del payload
             kind, body = remote.encode(outcome)
             del outcome
-            _send(out, kind, body)
+            _send(out, kind, body, rss())
         else:  # pragma: no cover - a parent of another version
             raise SystemExit(f"microbatch worker: unknown frame kind {kind}")
 
