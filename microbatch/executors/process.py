@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import anyio
 
 from .._core.calls import Call, CallState
-from .._core.params import callable_name
-from .._exceptions import BatchTimeout, ExecutorError, WorkerCrashed
+from .._core.params import callable_name, check_bytes
+from .._exceptions import BatchTimeout, ExecutorError, ResultTooLarge, WorkerCrashed
 from . import remote
 from . import worker as wire
 from .base import Executor, FunctionCache, check_picklable, check_timeout
@@ -25,6 +25,7 @@ from .pipes import PIPE_ERRORS
 from .pool import Slot, WorkerPool, check_open
 from .recycling import Recycling
 from .spawn import Worker, exit_description, start_worker
+from .streaming import STREAM_AT, receive_streamed
 from .thread import ThreadExecutor
 
 # Executor, InlineExecutor, ThreadExecutor and check_picklable are re-exported for older imports.
@@ -103,6 +104,7 @@ class ProcessExecutor(WorkerPool):
         prefetch: int = 1,
         max_tasks_per_worker: int | None = None,
         max_worker_memory: int | str | None = None,
+        max_result_bytes: int | str = 64 << 20,
     ) -> None:
         super().__init__(
             workers,
@@ -111,6 +113,7 @@ class ProcessExecutor(WorkerPool):
             prefetch=prefetch,
             recycling=Recycling(max_tasks_per_worker, max_worker_memory),
         )
+        self.max_result_bytes = check_bytes("max_result_bytes", max_result_bytes)
         self._functions = FunctionCache(wire.FN_CACHE_SIZE)
 
     def __repr__(self) -> str:
@@ -126,7 +129,10 @@ class ProcessExecutor(WorkerPool):
             nice=self.nice,
             start_timeout=self.start_timeout,
             live=self._live,
-            measure_rss=self.recycling.measures_memory,
+            settings={
+                "measure_rss": self.recycling.measures_memory,
+                "max_result_bytes": self.max_result_bytes,
+            },
         )
 
     async def run(
@@ -177,15 +183,19 @@ class ProcessExecutor(WorkerPool):
                 # Unpickling fn imports its module, which a fresh worker may have to compile: that
                 # is bounded by start_timeout, not by the call's own time limit.
                 with anyio.move_on_after(self.start_timeout):
-                    kind, _, _ = await worker.receive()
+                    kind, _ = await worker.receive()
                     if kind != wire.LOADED:  # pragma: no cover - a worker of another version
                         raise ExecutorError(f"worker process {worker.pid} sent frame kind {kind}, not LOADED")
                     loading = False
             if not loading:
                 # The time limit counts from when the worker started this call: the previous
                 # answer (or LOADED) came in.
+                arrived = False
                 with anyio.move_on_after(time_limit if time_limit is not None else float("inf")):
-                    kind, rss, body = await worker.receive()
+                    kind, rss, size = await worker.receive_header()
+                    arrived = True
+                if arrived:
+                    outcome = await self._read_outcome(worker, kind, size, fn)
                     answered = True
         except PIPE_ERRORS:
             self._perform(worker, worker.queue.died())
@@ -210,7 +220,40 @@ class ProcessExecutor(WorkerPool):
             # The worker now runs a call whose caller is gone: it was killed; wait for it. Or it
             # was retired and answered its last call: stop it.
             await worker.reap()
-        return remote.unwrap(remote.decode(kind, body, fn), fn)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return remote.unwrap(outcome, fn)
+
+    async def _read_outcome(
+        self, worker: Worker, kind: int, size: int, fn: Callable[..., Any]
+    ) -> tuple[Any, ...] | BaseException:
+        """The outcome in an answer whose header came in, or the error to raise for it; a large
+        result is unpickled as it is read (``streaming``), one over ``max_result_bytes`` not read."""
+        limit = self.max_result_bytes
+        if size > limit:  # the worker checks before it sends: this one is of another version
+            raise ResultTooLarge(
+                f"worker process {worker.pid} sent an answer of {size} bytes for {callable_name(fn)}, "
+                f"over max_result_bytes={limit}; it was killed without reading it",
+                size,
+                limit,
+            )
+        if kind == wire.TOO_LARGE:
+            refused, _ = pickle.loads(await worker.pipes.receive_exactly(size))
+            return ResultTooLarge(
+                f"{callable_name(fn)} returned a result of {refused} bytes pickled, over "
+                f"max_result_bytes={limit}; worker process {worker.pid} did not send it. Return "
+                f"less per batch (smaller batches; large outputs written to files, their names "
+                f"returned), or raise max_result_bytes",
+                refused,
+                limit,
+            )
+        if kind == remote.RESULT and size >= STREAM_AT:
+            return await receive_streamed(worker.pipes, kind, size, fn)
+        body = await worker.pipes.receive_exactly(size)
+        try:
+            return remote.decode(kind, body, fn)
+        except ExecutorError as exc:  # raised once the call queue took the answer
+            return exc
 
 
 def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> WorkerCrashed:

@@ -97,12 +97,17 @@ def _name(fn: object) -> str:
     return callable_name(fn)
 
 
-def decode(kind: int, body: bytes, fn: object) -> tuple[Any, ...]:
-    """The outcome a frame carries; errors that say it cannot be read name ``fn``."""
+def decode(
+    kind: int, body: Any, fn: object, *, loads: Callable[[Any], Any] = pickle.loads
+) -> tuple[Any, ...]:
+    """The outcome a frame carries; errors that say it cannot be read name ``fn``.
+
+    ``loads`` unpickles ``body``: ``pickle.load`` reads a frame from a file (a large answer).
+    """
     from .._exceptions import ExecutorError, RemoteError
 
     try:
-        fields = pickle.loads(body)
+        fields = loads(body)
     except Exception as exc:
         name = _name(fn)
         if kind == RESULT:

@@ -18,6 +18,7 @@ import pickle
 import signal
 import sys
 from collections import OrderedDict
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -80,10 +81,15 @@ class Worker:
     async def send(self, buffers: list[bytes]) -> None:
         await self.pipes.send(buffers)
 
-    async def receive(self) -> tuple[int, int, bytes]:
-        """The next frame: its kind, its token (for an answer: the worker's RSS) and its body."""
+    async def receive(self) -> tuple[int, bytes]:
+        """The next frame, a small one (READY, LOADED): its kind and its body."""
+        kind, _, size = await self.receive_header()
+        return kind, await self.pipes.receive_exactly(size)
+
+    async def receive_header(self) -> tuple[int, int, int]:
+        """The next frame's kind, token (for an answer: the worker's RSS) and body size."""
         kind, token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
-        return kind, token, await self.pipes.receive_exactly(size)
+        return kind, token, size
 
     def kill(self) -> None:
         """Send SIGKILL, once, to the worker's process group: the worker and what ``fn`` started.
@@ -129,11 +135,11 @@ _KILLED_FROM_OUTSIDE = frozenset(
 
 
 async def start_worker(
-    script: str, *, nice: int, start_timeout: float, live: set[Worker], measure_rss: bool = False
+    script: str, *, nice: int, start_timeout: float, live: set[Worker], settings: dict[str, Any]
 ) -> Worker:
     """Start one worker process and wait until it answered INIT; it is in ``live`` until reaped.
 
-    ``measure_rss``: the worker reports its resident memory with each answer.
+    ``settings`` go with INIT, besides the parent's ``sys.path`` (see ``worker.py``).
 
     A worker killed by a signal while starting (SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT) is
     replaced by a new one at once, as often as it takes within ``start_timeout``.
@@ -144,7 +150,7 @@ async def start_worker(
     with anyio.move_on_after(start_timeout) as scope:
         while True:
             attempts += 1
-            started = await _start_once(script, nice, live, measure_rss)
+            started = await _start_once(script, nice, live, settings)
             if isinstance(started, Worker):
                 return started
             pid, returncode = started
@@ -161,7 +167,7 @@ async def start_worker(
 
 
 async def _start_once(
-    script: str, nice: int, live: set[Worker], measure_rss: bool
+    script: str, nice: int, live: set[Worker], settings: dict[str, Any]
 ) -> Worker | tuple[int, int | None]:
     """A started worker, or the pid and exit code of one that died while starting."""
     # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
@@ -187,9 +193,9 @@ async def _start_once(
     worker = Worker(process, _Pipes(from_worker_r, to_worker_w), live)
     ok = False
     try:
-        init = pickle.dumps({"path": list(sys.path), "measure_rss": measure_rss}, protocol=5)
+        init = pickle.dumps({**settings, "path": list(sys.path)}, protocol=5)
         await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
-        kind, _, _ = await worker.receive()
+        kind, _ = await worker.receive()
         if kind != wire.READY:  # pragma: no cover - a worker of another version
             raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
         ok = True

@@ -10,7 +10,8 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
 17-byte header ``<BQQ`` (kind, token, payload length) followed by the payload.
 
     parent -> worker   INIT   pickled settings: the parent's ``sys.path``,  -> READY
-                              whether to report the worker's RSS
+                              whether to report the worker's RSS, the
+                              largest answer to send (``max_result_bytes``)
                        FN     token, a function pickled with cloudpickle    -> LOADED
                        CALL   token of a function sent before, pickled arg  -> RESULT | RAISED | REMOTE_ERROR
     worker -> parent   LOADED        the function is unpickled (its module imported), or failed to be;
@@ -22,6 +23,8 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
                                      itself cannot make the round trip through pickle; the
                                      token is the worker's resident memory in bytes after the
                                      call, when INIT asked for it (0 otherwise)
+                       TOO_LARGE     instead of an answer whose body is over ``max_result_bytes``:
+                                     ``(size, kind)`` of the answer it refused to send, pickled
 
 Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
 the same order, so the parent knows which functions a worker still holds without asking.
@@ -95,6 +98,7 @@ CALL = 3
 # worker -> parent
 READY = 10
 LOADED = 14
+TOO_LARGE = 15
 RESULT = remote.RESULT
 RAISED = remote.RAISED
 REMOTE_ERROR = remote.REMOTE_ERROR
@@ -202,6 +206,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Answer frames until the parent closes the pipe."""
     functions: OrderedDict[int, Any] = OrderedDict()
     rss = _no_meter
+    max_answer = 1 << 62
     while True:
         header = _read_exactly(inp, HEADER.size)
         if header is None:
@@ -215,6 +220,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             sys.path[:] = settings["path"]
             if settings["measure_rss"]:
                 rss = _rss_meter()
+            max_answer = settings["max_result_bytes"]
             _send(out, READY, pickle.dumps(os.getpid()))
         elif kind == FN:
             try:
@@ -240,6 +246,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             del payload
             kind, body = remote.encode(outcome)
             del outcome
+            if len(body) > max_answer:  # the parent would not read it: say how large it was
+                body = pickle.dumps((len(body), kind))
+                kind = TOO_LARGE
             _send(out, kind, body, rss())
         else:  # pragma: no cover - a parent of another version
             raise SystemExit(f"microbatch worker: unknown frame kind {kind}")
