@@ -19,17 +19,14 @@ from .._core.params import callable_name, check_bytes
 from .._exceptions import BatchTimeout, ExecutorError, ResultTooLarge, WorkerCrashed
 from . import remote
 from . import worker as wire
-from .base import Executor, FunctionCache, check_picklable, check_timeout
-from .inline import InlineExecutor
+from .base import FunctionCache, check_timeout
 from .pipes import PIPE_ERRORS
 from .pool import Slot, WorkerPool, check_open
 from .recycling import Recycling
 from .spawn import Worker, exit_description, start_worker
 from .streaming import STREAM_AT, receive_streamed
-from .thread import ThreadExecutor
 
-# Executor, InlineExecutor, ThreadExecutor and check_picklable are re-exported for older imports.
-__all__ = ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor", "check_picklable"]
+__all__ = ["ProcessExecutor"]
 
 A = TypeVar("A")
 R = TypeVar("R")
