@@ -201,6 +201,8 @@ class WorkerPool:
                 # The worker died before it read this call: send it elsewhere, no failure of its
                 # own (rule 3); the caller of a running call learns of the death from the pipe.
                 self._perform(worker, worker.queue.lost(call))
+                if slot.worker is not worker:  # retired already: no later call will reap it
+                    await worker.wait_exit()
             except BaseException:
                 # Cancelled while sending: the pipe may hold part of a frame.
                 self._cancel(worker, call)
