@@ -55,6 +55,8 @@ class ProcessExecutor(WorkerPool):
     - the worker dies (``os._exit``, a signal, a segfault, the OOM killer): ``WorkerCrashed``
       naming the pid and the exit code or signal.
     - the call runs past ``timeout`` seconds: the worker is killed, ``BatchTimeout`` is raised.
+    - the result, pickled, is over ``max_result_bytes`` (default 64 MiB; bytes or a string such as
+      ``"256MB"``): the worker does not send it and stays, ``ResultTooLarge`` names the size.
     - the caller is cancelled: the worker is killed, the cancellation goes on.
     - ``fn`` cannot be pickled: ``UnpicklableFunction`` before anything is sent.
 
@@ -86,9 +88,14 @@ class ProcessExecutor(WorkerPool):
     The executor can be entered again after it was left, with a fresh pool of workers, so a
     pipeline holding one can run more than once; it serves one ``async with`` block at a time.
 
-    Leaving the ``async with`` block, normally, on an error or on cancellation, kills every worker
-    with SIGKILL and waits for it, shielded from cancellation, also when a worker hangs: no process
-    is left behind. Workers also die when the parent process dies, even by SIGKILL (Linux: at once,
+    A result of 1 MiB or more is unpickled while it is read from the pipe (in a thread), so this
+    process holds the result and never its pickled bytes besides.
+
+    Each worker leads a process group of its own, which holds the processes ``fn`` starts; killing
+    a worker (timeout, crash, cancellation, shutdown) kills its group. Leaving the ``async with``
+    block, normally, on an error or on cancellation, kills every worker's group with SIGKILL and
+    waits for the worker, shielded from cancellation, also when a worker hangs: no process is left
+    behind. Workers also die when the parent process dies, even by SIGKILL (Linux: at once,
     through ``PR_SET_PDEATHSIG``; elsewhere within about 0.2 s, through a thread watching the parent).
     """
 
