@@ -101,7 +101,7 @@ def ignored_signals(pid: int) -> int:
 async def test_a_timeout_kills_the_processes_fn_started(tmp_path: Path) -> None:
     async with mb.ProcessExecutor(1) as executor:
         with pytest.raises(BatchTimeout):
-            await executor.run(hang_with_children, str(tmp_path), timeout=3.0)
+            await executor.run(hang_with_children, str(tmp_path), timeout=6.0)
         [children] = noted(tmp_path).values()
         assert await gone(children) == []
         assert executor.timeouts == 1
