@@ -30,9 +30,11 @@ caller's side raises are imported when first needed.
 from __future__ import annotations
 
 import pickle
-import traceback
-from collections.abc import Callable
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing and traceback cost a fresh worker about 4 ms of CPU: not imported there
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
 __all__ = ["RAISED", "REMOTE_ERROR", "RESULT", "call", "decode", "dumps", "encode", "failure", "unwrap"]
 
@@ -62,6 +64,8 @@ def call(fn: Callable[[Any], Any], arg: Any) -> tuple[Any, ...]:
 
 def failure(exc: BaseException) -> tuple[Any, ...]:
     """The outcome for ``fn`` having raised ``exc``, with the traceback formatted here."""
+    import traceback  # only when fn failed
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if isinstance(exc, Exception):
         try:
