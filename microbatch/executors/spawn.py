@@ -126,8 +126,8 @@ class Worker:
 
 
 # Signals by which something outside kills a starting worker: an operator, a fault injector, the
-# out-of-memory killer, a signal meant for the whole process group that arrived before the worker
-# could ignore it. A worker that exits on its own while starting (a broken interpreter, a missing
+# out-of-memory killer, a service manager's stop that arrived before the worker could catch it. A
+# worker that exits on its own while starting (a broken interpreter, a missing
 # module) is not retried: starting another one would fail the same way.
 _KILLED_FROM_OUTSIDE = frozenset(
     -sig for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
