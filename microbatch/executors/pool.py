@@ -87,8 +87,6 @@ def check_open(state: str) -> None:
         )
 
 
-
-
 class WorkerPool:
     """Worker processes in ``capacity`` slots; see the module docstring."""
 

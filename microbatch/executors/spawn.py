@@ -127,8 +127,8 @@ class Worker:
 
 # Signals by which something outside kills a starting worker: an operator, a fault injector, the
 # out-of-memory killer, a service manager's stop that arrived before the worker could catch it. A
-# worker that exits on its own while starting (a broken interpreter, a missing
-# module) is not retried: starting another one would fail the same way.
+# worker that exits on its own while starting (a broken interpreter, a missing module) is not
+# retried: starting another one would fail the same way.
 _KILLED_FROM_OUTSIDE = frozenset(
     -sig for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 )
