@@ -11,6 +11,7 @@ The hierarchy::
     │   │   └── ExecutorUnavailable     nothing can run: workers do not start, a scheduler is lost
     │   │       └── PathNotVisible      a file to split is not visible to some Dask workers
     │   ├── BatchTimeout                the call ran past its timeout; its worker was killed
+    │   ├── ResultTooLarge              fn's result, pickled, is over the executor's max_result_bytes
     │   └── RemoteError                 fn raised an exception that could not be sent back as itself
     ├── UnpicklableFunction             fn cannot be sent to worker processes (raised before any batch)
     ├── BatchResultMismatch             a Batcher's fn returned more or fewer results than items
@@ -44,6 +45,7 @@ __all__ = [
     "ExecutorUnavailable",
     "PathNotVisible",
     "BatchTimeout",
+    "ResultTooLarge",
     "RemoteError",
     "RemoteTraceback",
     "UnpicklableFunction",
@@ -128,6 +130,21 @@ class PathNotVisible(ExecutorUnavailable):
 
 class BatchTimeout(ExecutorError, TimeoutError):
     """Raised when a call ran longer than its timeout; the worker running it was killed."""
+
+
+class ResultTooLarge(ExecutorError):
+    """Raised by ``ProcessExecutor`` when ``fn``'s result, pickled, is larger than its
+    ``max_result_bytes``: the worker refused to send it (and stays), or sent a frame that large
+    (it was killed, unread).
+
+    ``size`` is the pickled size in bytes, ``limit`` the setting. A pipeline retries the batch as
+    for any failure; with ``on_error="raise"`` it stops with ``BatchFailed`` naming the batch.
+    """
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class RemoteError(ExecutorError):

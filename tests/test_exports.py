@@ -25,7 +25,8 @@ DOCUMENTED = {
     "Batcher", "BatcherStats", "BatchExecutor", "PendingResult",
     # errors
     "MicrobatchError", "SourceError", "LineTooLong", "SourceDecodeError", "ExecutorError",
-    "WorkerCrashed", "ExecutorUnavailable", "PathNotVisible", "BatchTimeout", "RemoteError",
+    "WorkerCrashed", "ExecutorUnavailable", "PathNotVisible", "BatchTimeout", "ResultTooLarge",
+    "RemoteError",
     "RemoteTraceback",
     "UnpicklableFunction",
     "BackendNotSupported", "BatchFailed", "TooManyDeadLetters",

@@ -38,7 +38,10 @@ A call goes through these states (``->`` marks the transitions; ``*`` the final 
      calls behind it are RESEND;
    - a call already in a final state: nothing happens.
 
-5. **Every call ends exactly once**, in one final state; a final state never changes. Only a
+5. **Retired** (``retire()``: the worker ran as many calls as it may, or grew too big): it takes no
+   new call, and the calls it holds run to their answers as before; once it holds none
+   (``drained``) the shell stops it. Retiring kills nothing and sends nothing elsewhere.
+6. **Every call ends exactly once**, in one final state; a final state never changes. Only a
    RUNNING call can be answered or fail; a RESEND call is never counted as a failure.
 
 Each event returns a :class:`Step`: which callers to wake (their call is now RUNNING, or must be
@@ -105,17 +108,30 @@ class Step:
 class CallQueue:
     """The calls of one worker process, in the order they were sent; see the module docstring."""
 
-    __slots__ = ("open", "_calls", "_sent")
+    __slots__ = ("open", "retired", "_calls", "_sent")
 
     def __init__(self) -> None:
-        # Takes new calls. False once the worker died or must be killed: it never takes one again.
+        # Takes new calls. False once the worker died, must be killed or retired: it never takes
+        # one again.
         self.open = True
+        # Closed by retire(): the calls it holds still run.
+        self.retired = False
         self._calls: deque[Call] = deque()  # not final yet (or ABANDONED, still in the pipe)
         self._sent = 0
 
     def __len__(self) -> int:
         """Calls sent and not answered, abandoned ones included (they are still in the pipe)."""
         return len(self._calls)
+
+    @property
+    def sent(self) -> int:
+        """How many calls were sent to this worker, whatever became of them."""
+        return self._sent
+
+    @property
+    def drained(self) -> bool:
+        """Retired and holding no call: the worker can be stopped (rule 5)."""
+        return self.retired and not self._calls
 
     @property
     def running(self) -> Call | None:
@@ -165,6 +181,12 @@ class CallQueue:
             raise CallQueueError(f"{call!r} was not sent to this worker")
         call.state = CallState.SENT  # never delivered, so never started
         return self._close(kill=False)
+
+    def retire(self) -> None:
+        """Take no new call; the calls held run to their answers (rule 5)."""
+        if self.open:
+            self.open = False
+            self.retired = True
 
     def stopped(self) -> Step:
         """The running call timed out, or the executor closed: kill the worker (rule 3)."""

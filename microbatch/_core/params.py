@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
-__all__ = ["callable_name", "check_int", "check_seconds"]
+__all__ = ["callable_name", "check_bytes", "check_int", "check_seconds"]
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
 def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None = None) -> int:
@@ -22,6 +30,31 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
     if value < minimum or (maximum is not None and value > maximum):
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+    return value
+
+
+def check_bytes(name: str, value: object, *, minimum: int = 1) -> int:
+    """A number of bytes: an int, or a string such as ``"512MB"``, ``"1.5GiB"``, ``"64 MiB"``.
+
+    Units (any case): ``B``, decimal ``kB MB GB TB`` (powers of 1000), binary ``KiB MiB GiB TiB``
+    (powers of 1024); a fraction is rounded down to whole bytes. The result is at least
+    ``minimum``. ``TypeError`` or ``ValueError`` naming ``name`` otherwise.
+    """
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        unit = _UNITS.get(match.group(2).lower() or "b") if match else None
+        if match is None or unit is None:
+            raise ValueError(
+                f"{name} must be a number of bytes, as an int or a string such as '512MB' or "
+                f"'1.5GiB' (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}"
+            )
+        value = int(float(match.group(1)) * unit)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be a number of bytes (an int or a string such as '512MB'), got {value!r}"
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum} byte(s), got {value!r}")
     return value
 
 

@@ -27,9 +27,13 @@ class _Pipes:
     task reads and one task writes at a time. ``close()`` wakes a waiting task with
     ``ClosedResourceError``; a descriptor is never used after it was closed, so a number the OS
     hands out again cannot be read by mistake.
+
+    The read end can be lent to a thread (``lend()``, ``give_back()``), which reads a large frame
+    as it is unpickled (:mod:`microbatch.executors.streaming`); ``close()`` meanwhile leaves the
+    read descriptor open until it is given back.
     """
 
-    __slots__ = ("read_fd", "write_fd", "_buffer", "closed")
+    __slots__ = ("read_fd", "write_fd", "_buffer", "closed", "lent")
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         os.set_blocking(read_fd, False)
@@ -38,6 +42,7 @@ class _Pipes:
         self.write_fd = write_fd
         self._buffer = bytearray()
         self.closed = False
+        self.lent = False
 
     def _check(self) -> None:
         if self.closed:
@@ -85,9 +90,29 @@ class _Pipes:
             del buffer[:size]
         return data
 
+    def take_buffered(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes read from the pipe already and not yet received."""
+        taken = bytes(self._buffer[:limit])
+        del self._buffer[:limit]
+        return taken
+
+    def lend(self) -> int:
+        """The read descriptor, for a thread to read from until ``give_back()``."""
+        self._check()
+        assert not self.lent
+        self.lent = True
+        return self.read_fd
+
+    def give_back(self) -> None:
+        self.lent = False
+        if self.closed:  # closed while lent: the read end was left open for the thread
+            os.close(self.read_fd)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            for fd in (self.read_fd, self.write_fd):
-                anyio.notify_closing(fd)
-                os.close(fd)
+            anyio.notify_closing(self.write_fd)
+            os.close(self.write_fd)
+            if not self.lent:
+                anyio.notify_closing(self.read_fd)
+                os.close(self.read_fd)

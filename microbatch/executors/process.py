@@ -8,27 +8,25 @@ does the I/O that the queue's steps ask for.
 
 from __future__ import annotations
 
-import os
 import pickle
-from collections.abc import Awaitable, Callable
-from types import TracebackType
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from .._core.calls import Call, CallState, Step
-from .._core.params import callable_name
-from .._exceptions import BatchTimeout, ExecutorError, WorkerCrashed
+from .._core.calls import Call, CallState
+from .._core.params import callable_name, check_bytes
+from .._exceptions import BatchTimeout, ExecutorError, ResultTooLarge, WorkerCrashed
 from . import remote
 from . import worker as wire
-from .base import Executor, FunctionCache, PickledFunction, check_picklable, check_timeout
-from .inline import InlineExecutor
+from .base import FunctionCache, check_timeout
 from .pipes import PIPE_ERRORS
+from .pool import Slot, WorkerPool, check_open
+from .recycling import Recycling
 from .spawn import Worker, exit_description, start_worker
-from .thread import ThreadExecutor
+from .streaming import STREAM_AT, receive_streamed
 
-# Executor, InlineExecutor, ThreadExecutor and check_picklable are re-exported for older imports.
-__all__ = ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor", "check_picklable"]
+__all__ = ["ProcessExecutor"]
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -37,58 +35,7 @@ R = TypeVar("R")
 _WORKER_SCRIPT = wire.__file__
 
 
-class _Slot:
-    """A place in the pool for one worker process, started when first needed and after a failure."""
-
-    __slots__ = ("worker", "load", "lock")
-
-    def __init__(self) -> None:
-        self.worker: Worker | None = None
-        # Calls assigned to this slot: sent, or about to be.
-        self.load = 0
-        # Held while starting the slot's worker and while sending to it, so calls reach the pipe
-        # in the order of the worker's call queue.
-        self.lock = anyio.Lock(fast_acquire=True)
-
-
-async def _start_all(slots: list[_Slot], start: Callable[[], Awaitable[Worker]]) -> None:
-    """Start every slot's worker at once; the first error once all starts ended."""
-    errors: list[Exception] = []
-
-    async def start_one(slot: _Slot) -> None:
-        try:
-            slot.worker = await start()
-        except Exception as exc:
-            errors.append(exc)
-
-    async with anyio.create_task_group() as tg:
-        for slot in slots:
-            tg.start_soon(start_one, slot)
-    if errors:
-        raise errors[0]
-
-
-def _check_settings(workers: int | None, start_timeout: float, nice: int, prefetch: int) -> int:
-    """Refuse bad settings with a ``ValueError`` naming the parameter; the number of workers."""
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer or None (one per CPU), got {workers!r}")
-    if not start_timeout > 0:
-        raise ValueError(f"start_timeout must be a positive number of seconds, got {start_timeout!r}")
-    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
-        raise ValueError(
-            f"nice must be an int from 0 to 19 (added to the workers' niceness), got {nice!r}"
-        )
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(
-            f"prefetch must be an int >= 0 (calls queued in each worker behind the one it runs), "
-            f"got {prefetch!r}"
-        )
-    return workers
-
-
-class ProcessExecutor:
+class ProcessExecutor(WorkerPool):
     """A pool of worker processes; each call runs in one worker, isolated from the others.
 
     ``workers`` processes (default ``os.cpu_count()``) are started together when the executor is
@@ -108,6 +55,8 @@ class ProcessExecutor:
     - the worker dies (``os._exit``, a signal, a segfault, the OOM killer): ``WorkerCrashed``
       naming the pid and the exit code or signal.
     - the call runs past ``timeout`` seconds: the worker is killed, ``BatchTimeout`` is raised.
+    - the result, pickled, is over ``max_result_bytes`` (default 64 MiB; bytes or a string such as
+      ``"256MB"``): the worker does not send it and stays, ``ResultTooLarge`` names the size.
     - the caller is cancelled: the worker is killed, the cancellation goes on.
     - ``fn`` cannot be pickled: ``UnpicklableFunction`` before anything is sent.
 
@@ -129,12 +78,24 @@ class ProcessExecutor:
     to another worker: they never started, so it counts as no failure of theirs. When the caller of
     a queued call is cancelled, the running call finishes; then the worker is replaced.
 
+    A worker can be replaced while alive and well, to bound what leaks in ``fn`` (or in the
+    libraries it calls) can pile up: after ``max_tasks_per_worker`` calls, or after a call that
+    left its resident memory above ``max_worker_memory`` (bytes, or a string such as ``"512MB"``
+    or ``"1.5GiB"``; measured by the worker itself). Such a worker takes no new call, runs those
+    already queued in its pipe, then is stopped (counted in ``recycled``, not in ``restarts``); the
+    next call for its place starts a new one. No call is lost, run twice or counted as failed.
+
     The executor can be entered again after it was left, with a fresh pool of workers, so a
     pipeline holding one can run more than once; it serves one ``async with`` block at a time.
 
-    Leaving the ``async with`` block, normally, on an error or on cancellation, kills every worker
-    with SIGKILL and waits for it, shielded from cancellation, also when a worker hangs: no process
-    is left behind. Workers also die when the parent process dies, even by SIGKILL (Linux: at once,
+    A result of 1 MiB or more is unpickled while it is read from the pipe (in a thread), so this
+    process holds the result and never its pickled bytes besides.
+
+    Each worker leads a process group of its own, which holds the processes ``fn`` starts; killing
+    a worker (timeout, crash, cancellation, shutdown) kills its group. Leaving the ``async with``
+    block, normally, on an error or on cancellation, kills every worker's group with SIGKILL and
+    waits for the worker, shielded from cancellation, also when a worker hangs: no process is left
+    behind. Workers also die when the parent process dies, even by SIGKILL (Linux: at once,
     through ``PR_SET_PDEATHSIG``; elsewhere within about 0.2 s, through a thread watching the parent).
     """
 
@@ -145,79 +106,38 @@ class ProcessExecutor:
         start_timeout: float = 60.0,
         nice: int = 10,
         prefetch: int = 1,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | str | None = None,
+        max_result_bytes: int | str = 64 << 20,
     ) -> None:
-        workers = _check_settings(workers, start_timeout, nice, prefetch)
-        self.capacity = workers
-        self.prefetch = prefetch
-        self.start_timeout = start_timeout
-        self.nice = nice
-        self.crashes = 0
-        self.timeouts = 0
-        self.restarts = 0
-        self._pool: list[_Slot] = []
-        self._live: set[Worker] = set()
-        # Callers waiting for their queued call's turn (or to send it again), by call.
-        self._turns: dict[Call, anyio.Event] = {}
-        self._limit = anyio.Semaphore(workers * (1 + prefetch), fast_acquire=True)
+        super().__init__(
+            workers,
+            start_timeout=start_timeout,
+            nice=nice,
+            prefetch=prefetch,
+            recycling=Recycling(max_tasks_per_worker, max_worker_memory),
+        )
+        self.max_result_bytes = check_bytes("max_result_bytes", max_result_bytes)
         self._functions = FunctionCache(wire.FN_CACHE_SIZE)
-        self._state = "new"
 
     def __repr__(self) -> str:
-        counts = f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}"
+        counts = (
+            f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts} "
+            f"recycled={self.recycled}"
+        )
         return f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} {counts}>"
-
-    @property
-    def pids(self) -> list[int]:
-        """Process ids of the worker processes alive now (for monitoring and tests)."""
-        return sorted(worker.pid for worker in self._live)
-
-    async def __aenter__(self) -> ProcessExecutor:
-        if self._state == "open":
-            raise RuntimeError(
-                "this ProcessExecutor is already running: it serves one 'async with' block at a time"
-            )
-        # Entered again after it was left (a pipeline run more than once): a fresh pool.
-        self._state = "open"
-        self._pool = [_Slot() for _ in range(self.capacity)]
-        self._limit = anyio.Semaphore(self.capacity * (1 + self.prefetch), fast_acquire=True)
-        try:
-            await _start_all(self._pool, self._start)
-        except BaseException:
-            await self._shutdown()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._shutdown()
-
-    async def _shutdown(self) -> None:
-        self._state = "closed"
-        with anyio.CancelScope(shield=True):
-            workers = list(self._live)
-            for worker in workers:
-                worker.kill()
-            for worker in workers:
-                await worker.reap()
-        self._pool = []
 
     async def _start(self) -> Worker:
         return await start_worker(
-            _WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout, live=self._live
+            _WORKER_SCRIPT,
+            nice=self.nice,
+            start_timeout=self.start_timeout,
+            live=self._live,
+            settings={
+                "measure_rss": self.recycling.measures_memory,
+                "max_result_bytes": self.max_result_bytes,
+            },
         )
-
-    def _perform(self, worker: Worker, step: Step) -> None:
-        """Wake the callers a call-queue step names; kill the worker if it says so."""
-        for call in (*step.running, *step.resend):
-            turn = self._turns.pop(call, None)
-            if turn is not None:
-                turn.set()
-        if step.kill:
-            worker.kill()
 
     async def run(
         self,
@@ -228,12 +148,12 @@ class ProcessExecutor:
     ) -> R:
         """Run ``fn(arg)`` in a worker process and return its result; see the class docstring."""
         check_timeout(timeout)
-        _check_open(self._state)
+        check_open(self._state)
         pickled = self._functions.get(fn)
         payload = pickle.dumps(arg, protocol=5)
         async with self._limit:
             while True:
-                _check_open(self._state)
+                check_open(self._state)
                 # The fewest calls first; among equals a live worker (starting one takes time).
                 # The limit leaves a slot with room: fewer than 1 + prefetch calls.
                 slot = min(self._pool, key=lambda s: (s.load, s.worker is None or not s.worker.queue.open))
@@ -241,7 +161,7 @@ class ProcessExecutor:
                 try:
                     sent = await self._send(slot, pickled, payload)
                     if sent is not None:
-                        result: R = await self._await_answer(*sent, fn, timeout)
+                        result: R = await self._await_answer(slot, *sent, fn, timeout)
                         return result
                 finally:
                     slot.load -= 1
@@ -250,52 +170,14 @@ class ProcessExecutor:
                         await slot.worker.reap()
                 # The worker was lost before it started this call: send it again (rule 3).
 
-    async def _send(
-        self, slot: _Slot, pickled: PickledFunction, payload: bytes
-    ) -> tuple[Worker, Call, bool] | None:
-        """Send a call to the slot's worker (started first if needed) and wait for its turn: the
-        worker, the call, whether fn travelled with it (then LOADED comes first); ``None``: resend."""
-        async with slot.lock:
-            worker = slot.worker
-            if worker is not None and worker.queue.open and worker.process.returncode is not None:
-                # Died while idle: do not write a call into a pipe the event loop may still hold.
-                self._perform(worker, worker.queue.died())
-            if worker is None or not worker.queue.open:
-                if worker is not None:
-                    await worker.reap()  # killed or dead already: no zombie, no stale pid
-                worker = slot.worker = await self._start()
-                self.restarts += 1
-            frames = worker.fn_frames(pickled.token, pickled.data)
-            loads_fn = bool(frames)
-            frames.append(wire.HEADER.pack(wire.CALL, pickled.token, len(payload)))
-            frames.append(payload)
-            call = worker.queue.send()
-            if call.state is CallState.SENT:
-                turn = self._turns[call] = anyio.Event()
-            try:
-                await worker.send(frames)
-            except PIPE_ERRORS:
-                # The worker died before it read this call: send it elsewhere, no failure of its
-                # own (rule 3); the caller of a running call learns of the death from the pipe.
-                self._perform(worker, worker.queue.lost(call))
-            except BaseException:
-                # Cancelled while sending: the pipe may hold part of a frame.
-                self._cancel(worker, call)
-                raise
-        if call.state is CallState.SENT:
-            try:
-                await turn.wait()
-            except BaseException:
-                self._cancel(worker, call)
-                raise
-        return None if call.state is CallState.RESEND else (worker, call, loads_fn)
-
-    def _cancel(self, worker: Worker, call: Call) -> None:
-        self._turns.pop(call, None)
-        self._perform(worker, worker.queue.cancel(call))
-
     async def _await_answer(
-        self, worker: Worker, call: Call, loads_fn: bool, fn: Callable[..., Any], time_limit: float | None
+        self,
+        slot: Slot,
+        worker: Worker,
+        call: Call,
+        loads_fn: bool,
+        fn: Callable[..., Any],
+        time_limit: float | None,
     ) -> Any:
         """Read the answer of ``call``, the one its worker runs now."""
         answered = False
@@ -312,8 +194,12 @@ class ProcessExecutor:
             if not loading:
                 # The time limit counts from when the worker started this call: the previous
                 # answer (or LOADED) came in.
+                arrived = False
                 with anyio.move_on_after(time_limit if time_limit is not None else float("inf")):
-                    kind, body = await worker.receive()
+                    kind, rss, size = await worker.receive_header()
+                    arrived = True
+                if arrived:
+                    outcome = await self._read_outcome(worker, kind, size, fn)
                     answered = True
         except PIPE_ERRORS:
             self._perform(worker, worker.queue.died())
@@ -332,17 +218,46 @@ class ProcessExecutor:
         answer, step = worker.queue.answered()
         assert answer is call
         self._perform(worker, step)
-        if step.kill:
-            # The worker now runs a call whose caller is gone: it was killed; wait for it.
+        if worker.queue.open and self.recycling.too_big(rss):
+            self._retire(slot, worker)
+        if step.kill or worker.queue.drained:
+            # The worker now runs a call whose caller is gone: it was killed; wait for it. Or it
+            # was retired and answered its last call: stop it.
             await worker.reap()
-        return remote.unwrap(remote.decode(kind, body, fn), fn)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return remote.unwrap(outcome, fn)
 
-
-def _check_open(state: str) -> None:
-    if state != "open":
-        raise RuntimeError(
-            f"ProcessExecutor is {state}: use it inside 'async with ProcessExecutor(...) as executor:'"
-        )
+    async def _read_outcome(
+        self, worker: Worker, kind: int, size: int, fn: Callable[..., Any]
+    ) -> tuple[Any, ...] | BaseException:
+        """The outcome in an answer whose header came in, or the error to raise for it; a large
+        result is unpickled as it is read (``streaming``), one over ``max_result_bytes`` not read."""
+        limit = self.max_result_bytes
+        if size > limit:  # the worker checks before it sends: this one is of another version
+            raise ResultTooLarge(
+                f"worker process {worker.pid} sent an answer of {size} bytes for {callable_name(fn)}, "
+                f"over max_result_bytes={limit}; it was killed without reading it",
+                size,
+                limit,
+            )
+        if kind == wire.TOO_LARGE:
+            refused, _ = pickle.loads(await worker.pipes.receive_exactly(size))
+            return ResultTooLarge(
+                f"{callable_name(fn)} returned a result of {refused} bytes pickled, over "
+                f"max_result_bytes={limit}; worker process {worker.pid} did not send it. Return "
+                f"less per batch (smaller batches; large outputs written to files, their names "
+                f"returned), or raise max_result_bytes",
+                refused,
+                limit,
+            )
+        if kind == remote.RESULT and size >= STREAM_AT:
+            return await receive_streamed(worker.pipes, kind, size, fn)
+        body = await worker.pipes.receive_exactly(size)
+        try:
+            return remote.decode(kind, body, fn)
+        except ExecutorError as exc:  # raised once the call queue took the answer
+            return exc
 
 
 def _crash_error(worker: Worker, fn: Callable[..., Any], *, closed: bool) -> WorkerCrashed:

@@ -30,9 +30,11 @@ caller's side raises are imported when first needed.
 from __future__ import annotations
 
 import pickle
-import traceback
-from collections.abc import Callable
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing and traceback cost a fresh worker about 4 ms of CPU: not imported there
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
 __all__ = ["RAISED", "REMOTE_ERROR", "RESULT", "call", "decode", "dumps", "encode", "failure", "unwrap"]
 
@@ -62,6 +64,8 @@ def call(fn: Callable[[Any], Any], arg: Any) -> tuple[Any, ...]:
 
 def failure(exc: BaseException) -> tuple[Any, ...]:
     """The outcome for ``fn`` having raised ``exc``, with the traceback formatted here."""
+    import traceback  # only when fn failed
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if isinstance(exc, Exception):
         try:
@@ -97,12 +101,17 @@ def _name(fn: object) -> str:
     return callable_name(fn)
 
 
-def decode(kind: int, body: bytes, fn: object) -> tuple[Any, ...]:
-    """The outcome a frame carries; errors that say it cannot be read name ``fn``."""
+def decode(
+    kind: int, body: Any, fn: object, *, loads: Callable[[Any], Any] = pickle.loads
+) -> tuple[Any, ...]:
+    """The outcome a frame carries; errors that say it cannot be read name ``fn``.
+
+    ``loads`` unpickles ``body``: ``pickle.load`` reads a frame from a file (a large answer).
+    """
     from .._exceptions import ExecutorError, RemoteError
 
     try:
-        fields = pickle.loads(body)
+        fields = loads(body)
     except Exception as exc:
         name = _name(fn)
         if kind == RESULT:

@@ -3,6 +3,12 @@
 A worker is ``python WORKER_SCRIPT PARENT_PID NICE`` with two pipes as its stdin and stdout (see
 :mod:`microbatch.executors.worker` for its side). Nothing here decides what happens to calls: the
 call queue (:mod:`microbatch._core.calls`) does, the executor performs it.
+
+Each worker leads a session and process group of its own (``start_new_session``): a Ctrl-C in the
+terminal reaches the pipeline process, not the workers, and killing a worker kills its whole group,
+so the processes ``fn`` started die with the worker that ran it (after a timeout, a crash, a
+cancellation or the executor's shutdown). A process that ``fn`` started and that left the group on
+purpose (``setsid``, ``start_new_session=True``) is its own business.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import pickle
 import signal
 import sys
 from collections import OrderedDict
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -55,8 +62,7 @@ class Worker:
         # Tokens of the functions this worker holds, least recently used first (mirrors the worker).
         self.functions: OrderedDict[int, None] = OrderedDict()
         self.queue = CallQueue()
-        # Sent SIGKILL already. A second kill is not only useless: on asyncio, Popen.send_signal()
-        # polls first and may reap the process behind the event loop's child watcher.
+        # Sent SIGKILL to the group already: a second kill is useless.
         self.killed = False
 
     def __repr__(self) -> str:
@@ -76,17 +82,31 @@ class Worker:
         await self.pipes.send(buffers)
 
     async def receive(self) -> tuple[int, bytes]:
-        kind, _token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
+        """The next frame, a small one (READY, LOADED): its kind and its body."""
+        kind, _, size = await self.receive_header()
         return kind, await self.pipes.receive_exactly(size)
 
+    async def receive_header(self) -> tuple[int, int, int]:
+        """The next frame's kind, token (for an answer: the worker's RSS) and body size."""
+        kind, token, size = wire.HEADER.unpack(await self.pipes.receive_exactly(wire.HEADER.size))
+        return kind, token, size
+
     def kill(self) -> None:
-        """Send SIGKILL once, unless the process has exited."""
-        if not self.killed and self.process.returncode is None:
-            self.killed = True
-            try:
-                self.process.kill()
-            except ProcessLookupError:  # pragma: no cover - exited between the check and the kill
-                pass
+        """Send SIGKILL, once, to the worker's process group: the worker and what ``fn`` started.
+
+        Also after the worker exited by itself (a crash): the processes it left in its group die
+        too. The group's id is the worker's pid, which the system gives no other process while any
+        member of the group is alive; once the group is empty the kill finds nothing (``ESRCH``).
+        ``os.killpg`` rather than ``Popen.send_signal()``, which on asyncio polls first and may reap
+        the process behind the event loop's child watcher.
+        """
+        if self.killed:
+            return
+        self.killed = True
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the group is empty (macOS: only zombies)
+            pass
 
     async def reap(self) -> None:
         """Kill the process (if still running), close its pipes and wait for it; never cancelled."""
@@ -106,16 +126,20 @@ class Worker:
 
 
 # Signals by which something outside kills a starting worker: an operator, a fault injector, the
-# out-of-memory killer, a signal meant for the whole process group that arrived before the worker
-# could ignore it. A worker that exits on its own while starting (a broken interpreter, a missing
-# module) is not retried: starting another one would fail the same way.
+# out-of-memory killer, a service manager's stop that arrived before the worker could catch it. A
+# worker that exits on its own while starting (a broken interpreter, a missing module) is not
+# retried: starting another one would fail the same way.
 _KILLED_FROM_OUTSIDE = frozenset(
     -sig for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 )
 
 
-async def start_worker(script: str, *, nice: int, start_timeout: float, live: set[Worker]) -> Worker:
+async def start_worker(
+    script: str, *, nice: int, start_timeout: float, live: set[Worker], settings: dict[str, Any]
+) -> Worker:
     """Start one worker process and wait until it answered INIT; it is in ``live`` until reaped.
+
+    ``settings`` go with INIT, besides the parent's ``sys.path`` (see ``worker.py``).
 
     A worker killed by a signal while starting (SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT) is
     replaced by a new one at once, as often as it takes within ``start_timeout``.
@@ -126,7 +150,7 @@ async def start_worker(script: str, *, nice: int, start_timeout: float, live: se
     with anyio.move_on_after(start_timeout) as scope:
         while True:
             attempts += 1
-            started = await _start_once(script, nice, live)
+            started = await _start_once(script, nice, live, settings)
             if isinstance(started, Worker):
                 return started
             pid, returncode = started
@@ -142,18 +166,23 @@ async def start_worker(script: str, *, nice: int, start_timeout: float, live: se
     )
 
 
-async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tuple[int, int | None]:
+async def _start_once(
+    script: str, nice: int, live: set[Worker], settings: dict[str, Any]
+) -> Worker | tuple[int, int | None]:
     """A started worker, or the pid and exit code of one that died while starting."""
     # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
     to_worker, to_worker_w = os.pipe()
     from_worker_r, from_worker = os.pipe()
     try:
-        process = await anyio.open_process(
-            [sys.executable, script, str(os.getpid()), str(nice)],
-            stdin=to_worker,
-            stdout=from_worker,
-            stderr=None,
-        )
+        # Shielded: a process started by a call that was then cancelled would be nobody's to kill.
+        with anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                [sys.executable, script, str(os.getpid()), str(nice)],
+                stdin=to_worker,
+                stdout=from_worker,
+                stderr=None,
+                start_new_session=True,
+            )
     except BaseException:
         for fd in (to_worker_w, from_worker_r):
             os.close(fd)
@@ -164,7 +193,7 @@ async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tup
     worker = Worker(process, _Pipes(from_worker_r, to_worker_w), live)
     ok = False
     try:
-        init = pickle.dumps(list(sys.path), protocol=5)
+        init = pickle.dumps({**settings, "path": list(sys.path)}, protocol=5)
         await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
         kind, _ = await worker.receive()
         if kind != wire.READY:  # pragma: no cover - a worker of another version

@@ -9,7 +9,9 @@ function pickled by value arrives.
 Protocol: length-prefixed frames over the pipes the parent gave as stdin and stdout. A frame is a
 17-byte header ``<BQQ`` (kind, token, payload length) followed by the payload.
 
-    parent -> worker   INIT   pickled ``sys.path`` of the parent           -> READY
+    parent -> worker   INIT   pickled settings: the parent's ``sys.path``,  -> READY
+                              whether to report the worker's RSS, the
+                              largest answer to send (``max_result_bytes``)
                        FN     token, a function pickled with cloudpickle    -> LOADED
                        CALL   token of a function sent before, pickled arg  -> RESULT | RAISED | REMOTE_ERROR
     worker -> parent   LOADED        the function is unpickled (its module imported), or failed to be;
@@ -18,7 +20,11 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
                                      the outcome of a call, encoded by ``remote.encode``: the
                                      pickled return value, ``(exception, formatted traceback)``, or
                                      ``(type name, message, formatted traceback)`` when the exception
-                                     itself cannot make the round trip through pickle
+                                     itself cannot make the round trip through pickle; the
+                                     token is the worker's resident memory in bytes after the
+                                     call, when INIT asked for it (0 otherwise)
+                       TOO_LARGE     instead of an answer whose body is over ``max_result_bytes``:
+                                     ``(size, kind)`` of the answer it refused to send, pickled
 
 Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
 the same order, so the parent knows which functions a worker still holds without asking.
@@ -31,10 +37,17 @@ Safety measures taken at start-up:
   thread on every platform that checks ``os.getppid()`` every ``PARENT_POLL_INTERVAL`` seconds and
   calls ``os._exit`` when the parent is gone (this also works while user code loops forever, since
   the interpreter switches threads every few milliseconds);
-- SIGINT and SIGTERM are ignored, first thing: Ctrl-C in a terminal reaches the whole process
-  group, and so does systemd's stop (``KillMode=control-group``); the parent, not the worker, decides
-  what happens to a batch in flight, and kills its workers with SIGKILL when it stops. A worker
-  killed before it got that far is replaced by the parent (see ``spawn.start_worker``).
+- SIGINT and SIGTERM are caught and dropped, first thing: the worker leads a process group of its
+  own, out of reach of a terminal's Ctrl-C, but systemd's stop (``KillMode=control-group``) still
+  reaches every process; the parent, not the worker, decides what happens to a batch in flight, and
+  kills its workers' groups with SIGKILL when it stops. A worker killed before it got that far is
+  replaced by the parent (see ``spawn.start_worker``). Caught, not ignored: an ignored signal stays
+  ignored in every program the worker starts, a caught one is back to its default after ``exec``;
+  a process forked without ``exec`` (``os.fork``, multiprocessing) gets Python's defaults back;
+- the descriptors the worker inherited beyond 0-2 are closed, the protocol's are close-on-exec,
+  and a process forked without ``exec`` gets them pointed at ``/dev/null``: a process ``fn``
+  started never holds the worker's pipes, so the parent sees the worker's death (end of file) even
+  when such a process lives on.
 
 The private environment variable ``MICROBATCH_WORKER_NO_PDEATHSIG=1`` skips ``prctl`` so that tests
 can check the watching thread on its own.
@@ -51,7 +64,11 @@ import threading
 import time
 from collections import OrderedDict
 from types import ModuleType
-from typing import Any, BinaryIO
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # importing typing costs a fresh worker about 2 ms of CPU
+    from collections.abc import Callable
+    from typing import Any, BinaryIO
 
 
 def _sibling(name: str) -> ModuleType:
@@ -84,6 +101,7 @@ CALL = 3
 # worker -> parent
 READY = 10
 LOADED = 14
+TOO_LARGE = 15
 RESULT = remote.RESULT
 RAISED = remote.RAISED
 REMOTE_ERROR = remote.REMOTE_ERROR
@@ -119,7 +137,14 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _private_fds() -> tuple[int, int]:
-    """Move the protocol off fds 0 and 1; return (read fd, write fd)."""
+    """Close what the worker inherited beyond fds 0-2, move the protocol off fds 0 and 1; return
+    (read fd, write fd).
+
+    Some event loops (uvloop) let a child inherit descriptors besides the ones it was given: copies
+    of its pipes, the loop's own. A process ``fn`` forks would hold them, and a copy of the worker's
+    pipe held elsewhere hides the worker's death from the parent.
+    """
+    os.closerange(3, _max_fd())
     read_fd = os.dup(0)  # os.dup returns non-inheritable descriptors
     write_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -129,6 +154,13 @@ def _private_fds() -> tuple[int, int]:
     for fd in (read_fd, write_fd):
         _grow_pipe(fd)
     return read_fd, write_fd
+
+
+def _max_fd() -> int:
+    try:
+        return max(os.sysconf("SC_OPEN_MAX"), 256)
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - no sysconf
+        return 1 << 16
 
 
 def _grow_pipe(fd: int) -> None:
@@ -149,8 +181,26 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
     return data
 
 
-def _send(out: BinaryIO, kind: int, payload: bytes) -> None:
-    out.write(HEADER.pack(kind, 0, len(payload)))
+def _rss_meter() -> Callable[[], int]:
+    """A function that returns this process's resident memory in bytes (its peak where the
+    current figure cannot be read)."""
+    try:
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    page = os.sysconf("SC_PAGE_SIZE")
+    return lambda: int(os.pread(fd, 64, 0).split()[1]) * page
+
+
+def _no_meter() -> int:
+    return 0
+
+
+def _send(out: BinaryIO, kind: int, payload: bytes, token: int = 0) -> None:
+    out.write(HEADER.pack(kind, token, len(payload)))
     out.write(payload)
     out.flush()
 
@@ -158,6 +208,8 @@ def _send(out: BinaryIO, kind: int, payload: bytes) -> None:
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Answer frames until the parent closes the pipe."""
     functions: OrderedDict[int, Any] = OrderedDict()
+    rss = _no_meter
+    max_answer = 1 << 62
     while True:
         header = _read_exactly(inp, HEADER.size)
         if header is None:
@@ -167,7 +219,11 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         if payload is None:
             return
         if kind == INIT:
-            sys.path[:] = pickle.loads(payload)
+            settings = pickle.loads(payload)
+            sys.path[:] = settings["path"]
+            if settings["measure_rss"]:
+                rss = _rss_meter()
+            max_answer = settings["max_result_bytes"]
             _send(out, READY, pickle.dumps(os.getpid()))
         elif kind == FN:
             try:
@@ -193,14 +249,40 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             del payload
             kind, body = remote.encode(outcome)
             del outcome
-            _send(out, kind, body)
+            if len(body) > max_answer:  # the parent would not read it: say how large it was
+                body = pickle.dumps((len(body), kind))
+                kind = TOO_LARGE
+            _send(out, kind, body, rss())
         else:  # pragma: no cover - a parent of another version
             raise SystemExit(f"microbatch worker: unknown frame kind {kind}")
 
 
+def _drop_signal(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM are for the parent: the worker goes on (see the module docstring)."""
+
+
+def _catch_group_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _drop_signal)
+        signal.siginterrupt(signum, False)  # a system call in fn restarts; no EINTR for its sake
+
+
+def _forked_child_defaults(read_fd: int, write_fd: int) -> None:
+    """In a process forked from the worker without ``exec``: Python's own signal handling back, and
+    the protocol descriptors pointed at ``/dev/null`` (it must not hold the worker's pipes)."""
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # pragma: no cover - forked from a thread that is not the main one
+        pass
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (read_fd, write_fd):
+        os.dup2(devnull, fd, inheritable=False)
+    os.close(devnull)
+
+
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _catch_group_signals()
     # Running this file put its folder first on sys.path; the parent's sys.path replaces it on INIT.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
@@ -210,6 +292,7 @@ def main() -> None:
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     read_fd, write_fd = _private_fds()
+    os.register_at_fork(after_in_child=lambda: _forked_child_defaults(read_fd, write_fd))
     with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:
         serve(inp, out)
 
