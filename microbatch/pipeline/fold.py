@@ -230,7 +230,8 @@ class Folder(Generic[V]):
         log.debug("batch %d folded: %d records, position %s", seq, batch.count, batch.end)
         if window is not None:
             window.release()  # the reader may cut one more batch
-        due = self.schedule.folded(now)
+        # Without a store no checkpoint is due: none is built (a keyed state's dump is costly).
+        due = self.checkpoints.store is not None and self.schedule.folded(now)
         if self.send_updates:
             # A checkpoint covers only batches whose update was delivered: when the consumer leaves
             # while this send waits, the final checkpoint is skipped and a rerun delivers again
@@ -254,6 +255,8 @@ class Folder(Generic[V]):
 
     async def save(self, *, finished: bool) -> None:
         stats = self.stats
+        if self.checkpoints.store is None:
+            return
         await self.checkpoints.save(
             batches=stats.batches,
             records=stats.records,
@@ -261,6 +264,5 @@ class Folder(Generic[V]):
             state=self.checkpoints.dump(self.agg, self.state),
             finished=finished,
         )
-        if self.checkpoints.store is not None:
-            stats.checkpoints += 1
-            self.schedule.saved(anyio.current_time())
+        stats.checkpoints += 1
+        self.schedule.saved(anyio.current_time())
