@@ -22,8 +22,8 @@ from microbatch.pipeline.reader import (
     read,
     read_line_blocks,
     read_records,
-    resume_source,
 )
+from microbatch.pipeline.resume import resume_source
 from microbatch.sources import Chunk
 
 pytestmark = pytest.mark.anyio

@@ -168,8 +168,14 @@ class Checkpoints:
         )
         return restored
 
-    async def save(self, *, batches: int, records: int, position: Any, state: Any, finished: bool) -> None:
-        """Write one checkpoint (off the event loop); nothing without a store."""
+    async def save(
+        self, *, batches: int, records: int, position: Any, identity: Any, state: Any, finished: bool
+    ) -> None:
+        """Write one checkpoint (off the event loop); nothing without a store.
+
+        ``identity``: the identity of the file ``position`` is in, as the reader stamped it (None:
+        not stamped).
+        """
         store = self.store
         if store is None:
             return
@@ -188,7 +194,7 @@ class Checkpoints:
                 dead_letters=self.dead.length,
                 fingerprint=self.fingerprint,
                 finished=finished,
-                identity=self._identity(position),
+                identity=identity if identity is not None else self._identity(position),
             )
             self.dead.sync()
             store.save(cp)

@@ -18,18 +18,16 @@ This is the only place that looks at what a source can do, and it asks the proto
 3. **Any iterable or async iterable**: a batch ends at a count of records.
 
 The size/time decisions are :class:`BatchPolicy`'s either way, and a checkpoint records a batch's
-end; :func:`resume_source` turns it back into what is left to read.
+end; :func:`~microbatch.pipeline.resume.resume_source` turns it back into what is left to read.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -42,6 +40,7 @@ from .._core.params import check_int
 from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
 from ..sources.protocol import Chunk, LineParts, Part, Source
+from .resume import aclose_iterator, chunk_position
 
 __all__ = [
     "Batch",
@@ -54,8 +53,6 @@ __all__ = [
     "read_records",
     "read_splits",
     "worth_splitting",
-    "resume_source",
-    "skip",
 ]
 
 
@@ -66,7 +63,9 @@ class Batch:
     ``start`` is the position of its first record when positions are numbers (a byte offset, a
     record count), else None; ``end`` is the source position just after its last record. A
     :class:`FileSplit` payload stands for all the batches of one split: ``count`` is 0 (unknown
-    until a worker read it) and ``start``/``end`` are the split's planned range.
+    until a worker read it) and ``start``/``end`` are the split's planned range. ``identity``
+    names the file ``end`` is an offset in (JSON data, see ``sources.identity``), as the reader
+    saw it; None when not stamped.
     """
 
     seq: int
@@ -75,6 +74,7 @@ class Batch:
     start: int | None
     end: Any
     cut_at: float
+    identity: Any = None
 
 
 class Emitter:
@@ -166,52 +166,6 @@ def source_identity(source: object) -> Callable[[int, int], Any] | None:
     return identity if getattr(source, "follow", False) and callable(identity) else None
 
 
-def resume_source(source: Any, position: Any, file: Any = None) -> Any:
-    """What to read after the checkpointed ``position`` (a batch's ``end``) of ``source``.
-
-    - line parts: ``source.resume(position)`` (a byte offset);
-    - chunks with positions: ``source.resume(position["chunk"])`` when a chunk was complete, then
-      the first ``position["skip"]`` records are skipped: at most the one chunk that was in
-      progress is read again;
-    - chunks without positions (a TCP server, position None): the source itself;
-    - other iterables: read again, skipping ``position`` records (right when the iterable yields
-      the same records in the same order each time).
-
-    ``file`` is what became of a file source's input since the checkpoint (a
-    ``sources.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
-    files written after it are read (``continue_rotated``) when the source follows; otherwise it is
-    refused with the state's error.
-
-    A position of the wrong kind for the source raises ``ValueError`` naming it.
-    """
-    if file is not None and file.kind == "rotated":
-        continue_rotated = getattr(source, "continue_rotated", None)
-        if not (getattr(source, "follow", False) and callable(continue_rotated)):
-            raise file.error()  # only a followed source continues in the new file
-        return continue_rotated(file.path, position)
-    if position is None:
-        return source
-    if isinstance(source, LineParts):
-        return source.resume(position)
-    if isinstance(source, Source):
-        chunk, count = _chunk_position(position)
-        resumed = source if chunk is None else source.resume(chunk)
-        return _Skipped(resumed, count) if count else resumed
-    if position == 0:
-        return source
-    return skip(source, check_int("position", position))
-
-
-def _chunk_position(position: Any) -> tuple[Any, int]:
-    if not isinstance(position, dict) or set(position) != {"chunk", "skip"}:
-        raise ValueError(
-            f"position {position!r} is not a chunk source's position "
-            f"({{'chunk': <a chunk's position or None>, 'skip': <records>}}); "
-            f"was the checkpoint written for another source?"
-        )
-    return position["chunk"], check_int("position['skip']", position["skip"])
-
-
 # -- reading ----------------------------------------------------------------------------------------
 
 
@@ -240,7 +194,7 @@ async def read(
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
-        chunk, count = (None, 0) if position is None else _chunk_position(position)
+        chunk, count = (None, 0) if position is None else chunk_position(position)
         await _read_chunks(source, max_size, max_wait, emit, chunk, count)
     else:
         start = 0 if position is None else check_int("position", position)
@@ -405,7 +359,7 @@ class _Positions:
                     self.positioned = False
                 yield records if type(records) is list else list(records)
         finally:
-            await _aclose(iterator)
+            await aclose_iterator(iterator)
 
     def end_after(self, n: int) -> Any:
         """The position after the next ``n`` records (None once a chunk had no position)."""
@@ -427,73 +381,3 @@ class _Positions:
         return {"chunk": self.chunk, "skip": self.count}
 
 
-class _Skipped:
-    """A chunk source without its first ``count`` records (the part of a chunk already folded)."""
-
-    def __init__(self, source: Source[Any], count: int) -> None:
-        self.source = source
-        self.count = count
-
-    def describe(self) -> str:
-        return self.source.describe()
-
-    def resume(self, position: Any) -> Source[Any]:
-        return self.source.resume(position)
-
-    def chunks(self) -> AsyncGenerator[Any, None]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncGenerator[Any, None]:
-        left = self.count
-        iterator = self.source.chunks()
-        try:
-            async for chunk in iterator:
-                if left:
-                    records = chunk.records if isinstance(chunk, Chunk) else chunk
-                    dropped = min(left, len(records))
-                    left -= dropped
-                    records = records[dropped:]
-                    chunk = Chunk(records, chunk.position) if isinstance(chunk, Chunk) else records
-                yield chunk
-        finally:
-            await _aclose(iterator)
-
-    async def __aenter__(self) -> _Skipped:
-        if hasattr(type(self.source), "__aenter__"):
-            await self.source.__aenter__()  # type: ignore[attr-defined]
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        if hasattr(type(self.source), "__aexit__"):
-            result: bool | None = await self.source.__aexit__(exc_type, exc, tb)  # type: ignore[attr-defined]
-            return result
-        return None
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def _skip_async(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
-    seen = 0
-    async for item in source:
-        if seen < n:
-            seen += 1
-            continue
-        yield item
-
-
-def skip(source: AsyncIterable[Any] | Iterable[Any], n: int) -> AsyncIterable[Any] | Iterable[Any]:
-    """The source without its first ``n`` records (resume of an iterable: valid if deterministic)."""
-    if isinstance(source, AsyncIterable):
-        return _skip_async(source, n)
-    if isinstance(source, Iterable):
-        return itertools.islice(source, n, None)
-    raise TypeError(
-        f"cannot resume a {type(source).__name__} source at record {n}: only files (read_lines), "
-        f"iterables and async iterables can be resumed"
-    )

@@ -28,26 +28,26 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from .._core.fold import FoldMachine
 from .._core.params import check_int
-from .._core.schedule import CheckpointSchedule
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
 from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
-from .dispatch import Dispatcher, End, Event
-from .fold import Folder
+from .dispatch import Dispatcher, Done, End, Event
+from .fold import Begin, FoldStage
 from .reader import (
     Batch,
     Emitter,
     decoding,
     position_kind,
     read,
-    resume_source,
     source_identity,
     stop_intake,
 )
+from .resume import resume_source
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class Run(Generic[R, V]):
             kind=kind,
             path=None if path is None else str(path),
         )
-        self.folder: Folder[V] | None = None
+        self.folder: FoldStage[V] | None = None
         self._state: Any = self.agg.initial()
         self._stack = AsyncExitStack()
         self._intake = anyio.CancelScope()
@@ -148,9 +148,10 @@ class Run(Generic[R, V]):
         except BaseException:
             await stack.aclose()
             raise
-        next_seq, position = 0, None
+        next_seq, position, identity = 0, None, None
         if restored is not None:
             cp, self._state, position = restored.checkpoint, restored.state, restored.position
+            identity = cp.identity
             next_seq = cp.batches
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
@@ -169,7 +170,7 @@ class Run(Generic[R, V]):
             # source knows which file the n-th record it read came from (n: records folded here).
             stats, base = self.stats, self.stats.records
             self.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
-        executor = self._make_executor()
+        executor = make_executor(p.executor, p.workers)
         if isinstance(executor, ProcessExecutor):
             check_picklable(p.fn)
         try:
@@ -179,26 +180,36 @@ class Run(Generic[R, V]):
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch | End](p.queue_size)
             # Unbounded in type only: the window holds unfolded batches to queue_size + capacity.
-            event_send, event_recv = anyio.create_memory_object_stream[Event](math.inf)
+            event_send, event_recv = anyio.create_memory_object_stream[Event | Begin](math.inf)
             update_send, self._updates = anyio.create_memory_object_stream[Update[V]](0)
-            schedule = CheckpointSchedule(p.checkpoint_every, p.checkpoint_every_batches, self.stats.started)
-            folder = self.folder = Folder(
+            machine = FoldMachine[Done](
+                first_ticket=next_seq,
+                batches=self.stats.batches,
+                records=self.stats.records,
+                position=(position, identity),
+                resumed=restored is not None,
+                saving=self.checkpoints.store is not None,
+                every=p.checkpoint_every,
+                every_batches=p.checkpoint_every_batches,
+                now=self.stats.started,
+            )
+            folder = self.folder = FoldStage(
                 self.agg,
                 self._state,
                 self.stats,
-                next_seq=next_seq,
+                machine,
                 checkpoints=self.checkpoints,
-                schedule=schedule,
                 dead=self.dead,
                 sink=p.sink,
                 send_updates=self._send_updates,
+                deliver_first=p.aggregate is None,
                 queue_depth=lambda: batch_send.statistics().current_buffer_used,
             )
             # Runs after the task group has stopped every stage: it sees the last folded state.
             stack.push_async_callback(self._final_checkpoint)
             log.info("run started: %r over %s", p, self.checkpoints.fingerprint["source"])
             tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
-            tg.start_soon(self._read, batch_send, window, next_seq, position)
+            tg.start_soon(self._read, batch_send, event_send.clone(), window, next_seq, position)
             tg.start_soon(self._work, executor, batch_recv, event_send, window)
             tg.start_soon(folder.run, event_recv, update_send, window)
         except BaseException:
@@ -246,24 +257,11 @@ class Run(Generic[R, V]):
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
 
-    def _make_executor(self) -> Executor:
-        spec, workers = self.p.executor, self.p.workers
-        if spec == "process":
-            return ProcessExecutor(workers)
-        if spec == "thread":
-            return ThreadExecutor(workers or 4)
-        if spec == "inline":
-            return InlineExecutor()
-        return spec
-
     async def _final_checkpoint(self) -> None:
         folder = self.folder
         assert folder is not None
-        if folder.undelivered:
-            log.info("the last folded batch was not delivered: no final checkpoint covers it")
-        else:
-            with anyio.CancelScope(shield=True):
-                await folder.save(finished=self.finished)
+        # Covers every folded batch, whether or not its update reached the consumer.
+        await folder.finish()
         stats = self.stats
         log.info(
             "run %s: %d batches, %d records folded, %d dead letters%s",
@@ -277,16 +275,24 @@ class Run(Generic[R, V]):
     # -- stages -------------------------------------------------------------------------------------
 
     async def _read(
-        self, send: ObjectSendStream[Batch | End], window: anyio.Semaphore, seq: int, position: Any
+        self,
+        send: ObjectSendStream[Batch | End],
+        events: ObjectSendStream[Event | Begin],
+        window: anyio.Semaphore,
+        seq: int,
+        position: Any,
     ) -> None:
-        async with send:
+        async with send, events:
+            # Before any batch: the start checkpoint of a fresh run names where reading starts.
+            await events.send(Begin(position))
             emit = Emitter(send, window, seq)
             p = self.p
             with self._intake:
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
-                # The source ended (not stopped): these many batches make the whole run.
-                await send.send(End(emit.seq))
+                if not self._stopped:
+                    # The source ended (not asked to): these many batches make the whole run.
+                    await send.send(End(emit.seq))
 
     async def _work(
         self,
@@ -315,6 +321,18 @@ class Run(Generic[R, V]):
                 window.release()
             for _ in range(capacity * (1 + getattr(executor, "prefetch", 0))):
                 tg.start_soon(dispatcher.serve, batches.clone(), events.clone())
+
+
+def make_executor(spec: str | Executor, workers: int | None) -> Executor:
+    """The executor a pipeline's ``executor`` setting names (an instance as it is)."""
+    if spec == "process":
+        return ProcessExecutor(workers)
+    if spec == "thread":
+        return ThreadExecutor(workers or 4)
+    if spec == "inline":
+        return InlineExecutor()
+    assert not isinstance(spec, str)
+    return spec
 
 
 class UnsetSplitSize(int):
