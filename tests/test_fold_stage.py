@@ -251,3 +251,46 @@ def test_kill_9_of_a_quiet_follow_run_after_the_checkpoint_deadline_resumes_exac
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == sum(range(2_000))
     assert "resuming from" in done.stderr and "1000 records folded" in done.stderr
+
+
+def test_a_follow_run_killed_before_its_first_regular_checkpoint_resumes_in_the_file_it_started_in(
+    tmp_path: Path,
+) -> None:
+    # The start checkpoint names the file reading began in (by identity, not by path). The file
+    # is rotated, the run killed with no other checkpoint written: the resumed run finishes the
+    # rotated file, then reads the new one.
+    job, log, state = tmp_path / "job.py", tmp_path / "app.log", tmp_path / "state"
+    job.write_text(JOB)
+    log.write_text("".join(f"{i}\n" for i in range(1_000)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "microbatch", "run", f"{job}:pipeline", "--input", str(log), "--follow",
+               "--checkpoint", str(state), "--json", "--no-progress"]
+    proc = subprocess.Popen([*command, "--checkpoint-every", "3600"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_reset_signals)
+    try:
+        wait_for(lambda: newest_checkpoint(state) is not None, "the start checkpoint", 60)
+        log.rename(tmp_path / "app.log.1")
+        log.write_text("".join(f"{i}\n" for i in range(1_000, 1_500)))
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    newest = newest_checkpoint(state)
+    assert newest is not None and newest[1]["batches"] == 0 and newest[1]["identity"] is not None
+
+    resumed = subprocess.Popen([*command, "--checkpoint-every", "0"], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_reset_signals)
+    try:
+        def all_folded() -> bool:
+            newest = newest_checkpoint(state)
+            return newest is not None and newest[1]["records"] >= 1_500
+
+        wait_for(all_folded, "every line folded", 60)
+        resumed.send_signal(signal.SIGTERM)
+        stdout, stderr = resumed.communicate(timeout=30)
+    finally:
+        resumed.kill()
+    assert json.loads(stdout.splitlines()[-1]) == sum(range(1_500)), stderr
+    assert newest_checkpoint(state)[1]["records"] == 1_500  # type: ignore[index]

@@ -25,6 +25,7 @@ from microbatch.pipeline.reader import (
 )
 from microbatch.pipeline.resume import resume_source
 from microbatch.sources import Chunk
+from microbatch.sources.identity import FileIdentity, classify, file_identity
 
 pytestmark = pytest.mark.anyio
 
@@ -283,3 +284,62 @@ async def _check_pages(sizes: list[int], max_size: int) -> None:
 def test_any_chunk_sizes_resume_exactly_from_every_batch_end(sizes: list[int], max_size: int) -> None:
     for backend in ("asyncio", "trio"):
         anyio.run(_check_pages, sizes, max_size, backend=backend)
+
+
+# -- which file a batch's end is in ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [7, 100, 1 << 20])
+async def test_each_batch_of_a_file_names_its_file_up_to_its_end(tmp_path: Path, block_size: int) -> None:
+    # Batch ends fall inside reads, at their edges and across them: the identity the reader
+    # stamps from the bytes it read is the one the file itself gives at that offset.
+    path = tmp_path / "n.txt"
+    path.write_text("".join(f"{i:05d}-{'x' * (i % 300)}\n" for i in range(2_000)))
+    source = mb.read_lines(path, block_size=block_size)
+    out = await collect(read_line_blocks, source, 97, None)
+    assert sum(b.count for b in out) == 2_000
+    for b in out:
+        assert b.identity == file_identity(path, b.end).to_json()
+
+
+async def test_a_resumed_file_names_it_with_the_bytes_read_since(tmp_path: Path) -> None:
+    path = tmp_path / "n.txt"
+    path.write_text("".join(f"{i}\n" for i in range(3_000)))
+    start = len("".join(f"{i}\n" for i in range(2_000)))
+    out = await collect(read_line_blocks, mb.read_lines(path, start=start), 10, None)
+    first = FileIdentity.from_json(out[0].identity)
+    # Only bytes read in this run count (fewer than TAIL_BYTES before the first batch's end).
+    assert first.tail_length == out[0].end - start and first.offset == out[0].end
+    assert classify(path, first).kind == "grown"
+    assert out[-1].identity == file_identity(path, out[-1].end).to_json()
+
+
+async def test_batches_of_a_followed_file_name_the_file_they_were_read_from(tmp_path: Path) -> None:
+    # The file is renamed away and a new one takes its path: the old file's batches name the old
+    # file (its inode), whatever the path names when they are checkpointed.
+    path = tmp_path / "app.log"
+    path.write_text("".join(f"a{i}\n" for i in range(50)))
+    old_inode = path.stat().st_ino
+    send, recv = anyio.create_memory_object_stream[Batch](1000)
+    source = mb.read_lines(path, follow=True, poll_interval=0.01)
+    batches: list[Batch] = []
+    async with anyio.create_task_group() as tg:
+
+        async def read_it() -> None:
+            async with send:
+                await read_line_blocks(source, 20, 0.01, Emitter(send, anyio.Semaphore(1000), 0))
+
+        tg.start_soon(read_it)
+        async for b in recv:
+            batches.append(b)
+            if sum(x.count for x in batches) == 50:
+                path.rename(tmp_path / "app.log.1")
+                path.write_text("".join(f"b{i}\n" for i in range(30)))
+            if sum(x.count for x in batches) == 80:
+                tg.cancel_scope.cancel()
+    inodes = [FileIdentity.from_json(b.identity).inode for b in batches]
+    counts = [b.count for b in batches]
+    cut = next(i for i in range(len(counts) + 1) if sum(counts[:i]) == 50)
+    assert set(inodes[:cut]) == {old_inode}
+    assert set(inodes[cut:]) == {path.stat().st_ino} != {old_inode}
+    assert batches[cut - 1].identity == file_identity(tmp_path / "app.log.1", batches[cut - 1].end).to_json()

@@ -65,6 +65,9 @@ class Checkpoints:
 
     ``kind`` is the kind of position the source has (checked in every checkpoint resumed from);
     ``path`` the file whose identity each checkpoint records with the offset (None: not a file).
+    The reader stamps each batch with that identity; ``by_path``: for batches it did not stamp
+    (file splits, which workers read), it is taken from the file at ``path`` when saving (not for
+    a followed file: the path may name a newer file by then).
     """
 
     def __init__(
@@ -75,16 +78,16 @@ class Checkpoints:
         *,
         kind: PositionKind,
         path: str | None,
+        by_path: bool = True,
     ) -> None:
         self.target = target
         self.fingerprint = fingerprint
         self.dead = dead
         self.kind: PositionKind = kind
         self.path = path
+        self.by_path = by_path
         self.store: CheckpointStore | None = None
         self.saved = 0
-        #: Which file an offset belongs to, for a source that can tell (a followed, rotating file).
-        self.identify: Callable[[int], Any] | None = None
         self._files: ShardFiles | None = None
         self._manifests: collections.deque[Any] = collections.deque(maxlen=_KEEP_MANIFESTS)
 
@@ -211,15 +214,12 @@ class Checkpoints:
 
     def _identity(self, position: Any) -> Any:
         """Which file the offset belongs to, so a resume can tell a grown file from another one."""
-        if self.path is None or not isinstance(position, int):
+        if self.path is None or not self.by_path or not isinstance(position, int):
             return None
         try:
-            if self.identify is not None:
-                found = self.identify(position)
-                return None if found is None else found.to_json()
             return file_identity(self.path, position).to_json()
         except (OSError, ValueError) as exc:
-            # A followed file rotated under the run: the path names a newer file now.
+            # The file was replaced under the run: the path names another file now.
             log.warning("no identity recorded for %s at offset %d: %s", self.path, position, exc)
             return None
 

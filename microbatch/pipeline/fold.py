@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from dataclasses import replace as replace_field
 from typing import Any, Generic, TypeVar
 
@@ -44,24 +43,16 @@ from ..aggregate import Aggregator
 from .checkpoints import Checkpoints
 from .deadletter import DeadLetterFile
 from .dispatch import Done, End, Event, Failure, SplitFailed, Started
+from .reader import Begin
 from .stats import Stats, Update
 
-__all__ = ["Begin", "FoldStage"]
+__all__ = ["FoldStage"]
 
 log = logging.getLogger("microbatch")
 
 V = TypeVar("V")
 
 Sink = Callable[[int, Any], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Begin:
-    """The reader starts reading at ``position`` (what a checkpoint records of a batch's end and
-    its file's ``identity``, None when not a file): the start checkpoint names it."""
-
-    position: Any
-    identity: Any = None
 
 
 class FoldStage(Generic[V]):

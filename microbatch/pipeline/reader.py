@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -39,12 +39,15 @@ from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
-from ..sources.protocol import Chunk, LineParts, Part, Source
+from ..sources.identity import TAIL_BYTES, FileStamp, fd_stamp
+from ..sources.protocol import Chunk, FilePart, LineParts, Part, Source
 from .resume import aclose_iterator, chunk_position
 
 __all__ = [
     "Batch",
+    "Begin",
     "Emitter",
+    "Stamper",
     "SplittableLines",
     "decoding",
     "describe_source",
@@ -77,24 +80,98 @@ class Batch:
     identity: Any = None
 
 
-class Emitter:
-    """Numbers batches and sends them, first waiting for the window (the reader's lead) to allow it."""
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """The reader starts reading at ``position`` (as a batch's ``end``), in the file ``identity``
+    names (None when not a file): the start checkpoint of a fresh run names them."""
 
-    def __init__(self, send: ObjectSendStream[Batch], window: anyio.Semaphore, seq: int) -> None:
+    position: Any
+    identity: Any = None
+
+
+class Emitter:
+    """Numbers batches and sends them, first waiting for the window (the reader's lead) to allow it.
+
+    ``events`` (None: nowhere) receives one :class:`Begin` before the first batch.
+    """
+
+    def __init__(
+        self,
+        send: ObjectSendStream[Batch],
+        window: anyio.Semaphore,
+        seq: int,
+        events: ObjectSendStream[Any] | None = None,
+    ) -> None:
         self.send = send
         self.window = window
         self.seq = seq
+        self.events = events
 
     async def __call__(
-        self, payload: LineBlock | list[Any] | FileSplit, count: int, start: int | None, end: Any
+        self,
+        payload: LineBlock | list[Any] | FileSplit,
+        count: int,
+        start: int | None,
+        end: Any,
+        identity: Any = None,
     ) -> None:
         await self.window.acquire()
-        batch = Batch(self.seq, payload, count, start, end, anyio.current_time())
+        batch = Batch(self.seq, payload, count, start, end, anyio.current_time(), identity)
         self.seq += 1
         await self.send.send(batch)
 
-    async def block(self, block: LineBlock) -> None:
-        await self(block, block.count, block.start, block.end)
+    async def block(self, block: LineBlock, identity: Any = None) -> None:
+        await self(block, block.count, block.start, block.end, identity)
+
+    async def begin(self, position: Any, identity: Any = None) -> None:
+        """Reading starts at ``position`` (in the file ``identity`` names); said once, the first time."""
+        events, self.events = self.events, None
+        if events is not None:
+            await events.send(Begin(position, identity))
+
+
+class Stamper:
+    """Which file a line source's parts come from, and the bytes read just before an offset:
+    what :meth:`identity` needs to name the file a batch's end is in, without reading it again.
+
+    Fed every part in order (:meth:`feed`); offsets asked for lie within the part fed last.
+    """
+
+    __slots__ = ("before", "data", "end", "head", "stamp", "start")
+
+    def __init__(self) -> None:
+        self.stamp: FileStamp | None = None
+        self.before = b""  # the last bytes (up to TAIL_BYTES) before the part fed last
+        self.head, self.data, self.end, self.start = b"", b"", 0, 0
+
+    def continues(self, part: Part) -> bool:
+        """Whether ``part`` goes on where the part fed last ended, in the same file."""
+        stamp = part.file if isinstance(part, FilePart) else None
+        return stamp is self.stamp and part[3] == self.start + len(self.head) + self.end
+
+    def feed(self, part: Part) -> None:
+        """Take the next part."""
+        self.before = self._before(part[3]) if self.continues(part) else b""
+        self.head, self.data, self.end, self.start = part
+        self.stamp = part.file if isinstance(part, FilePart) else None
+
+    def identity(self, offset: int) -> Any:
+        """The JSON identity of the file read up to ``offset``; None when it is not a file."""
+        if self.stamp is None:
+            return None
+        return self.stamp.identity(offset, self._before(offset)).to_json()
+
+    def _before(self, offset: int) -> bytes:
+        """Up to TAIL_BYTES read just before ``offset`` (within the part fed last, or at its end)."""
+        k = offset - self.start
+        head = self.head
+        if k <= len(head):
+            return (self.before + head[:k])[-TAIL_BYTES:]
+        d = k - len(head)
+        piece = self.data[max(0, d - TAIL_BYTES) : d]
+        if len(piece) < TAIL_BYTES:
+            piece = (self.before + head)[len(piece) - TAIL_BYTES :] + piece
+        return piece
 
 
 # -- what a source can do ---------------------------------------------------------------------------
@@ -159,13 +236,6 @@ def stop_intake(source: object) -> bool:
     return True
 
 
-def source_identity(source: object) -> Callable[[int, int], Any] | None:
-    """For a followed file: ``identity(offset, records)``, the identity of the file the
-    ``records``-th record read came from, up to ``offset`` (it may have been rotated since)."""
-    identity = getattr(source, "identity", None)
-    return identity if getattr(source, "follow", False) and callable(identity) else None
-
-
 # -- reading ----------------------------------------------------------------------------------------
 
 
@@ -195,9 +265,11 @@ async def read(
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
         chunk, count = (None, 0) if position is None else chunk_position(position)
+        await emit.begin(position)
         await _read_chunks(source, max_size, max_wait, emit, chunk, count)
     else:
         start = 0 if position is None else check_int("position", position)
+        await emit.begin(position)
         await read_records(source, max_size, max_wait, start, emit)
 
 
@@ -222,6 +294,7 @@ async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | N
         received.append(await part_recv.receive())
 
     pending: LineBlock | None = None
+    stamper = Stamper()
     async with anyio.create_task_group() as tg, part_recv:
         tg.start_soon(pump)
         while True:
@@ -232,16 +305,20 @@ async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | N
             if not arrived:
                 # The source was silent until the partial batch's deadline.
                 if pending is not None and policy.take_partial():
-                    await emit.block(pending)
+                    await emit.block(pending, stamper.identity(pending.end))
                     pending = None
                 continue
-            head, data, end, start = received.pop()
-            if pending is not None and pending.end != start:
+            part = received.pop()
+            head, data, end, start = part
+            if pending is not None and not stamper.continues(part):
                 # A followed file was truncated or replaced: positions restart in the new file, so
                 # the lines of the old one leave as a batch of their own.
                 policy.take_partial()
-                await emit.block(pending)
+                await emit.block(pending, stamper.identity(pending.end))
                 pending = None
+            stamper.feed(part)
+            if emit.events is not None:
+                await emit.begin(start, stamper.identity(start))
             count = data.count(b"\n", 0, end)
             if data[end - 1] != 10:
                 count += 1  # the last line of the file, without a newline
@@ -249,9 +326,9 @@ async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | N
             blocks, pending = cut_parts(pending, head, data, end, start, max_size, count)
             assert len(blocks) == full, "the reader and its policy disagree on full batches"
             for block in blocks:
-                await emit.block(block)
+                await emit.block(block, stamper.identity(block.end))
     if policy.flush() and pending is not None:
-        await emit.block(pending)
+        await emit.block(pending, stamper.identity(pending.end))
 
 
 def worth_splitting(source: SplittableLines, split_size: int) -> bool:
@@ -277,13 +354,15 @@ async def read_splits(source: SplittableLines, split_size: int, max_size: int, e
     raises ``ValueError`` naming the file, as reading it would.
     """
     path, start = source.path, source.start
-    size = await anyio.to_thread.run_sync(_size_from, path, start)
+    size, identity = await anyio.to_thread.run_sync(_size_from, path, start)
+    await emit.begin(start, identity)
     for lo, hi in plan_splits(start, size, split_size):
         await emit(FileSplit(path, lo, hi, max_size, source.max_line_length), 0, lo, hi)
 
 
-def _size_from(path: str, start: int) -> int:
-    """The file's size, after checking that ``start`` is within it and begins a line."""
+def _size_from(path: str, start: int) -> tuple[int, Any]:
+    """The file's size, after checking that ``start`` is within it and begins a line, and the JSON
+    identity of the file read up to ``start``."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if start > size:
@@ -298,7 +377,8 @@ def _size_from(path: str, start: int) -> int:
                     f"{path}: start={start} is not the beginning of a line (byte {start - 1} "
                     f"is not a newline); pass the end offset of a block or record read before"
                 )
-    return size
+        before = os.pread(f.fileno(), min(start, TAIL_BYTES), start - min(start, TAIL_BYTES))
+        return size, fd_stamp(f.fileno()).identity(start, before).to_json()
 
 
 async def read_records(

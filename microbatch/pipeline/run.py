@@ -37,14 +37,14 @@ from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecuto
 from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, Done, End, Event
-from .fold import Begin, FoldStage
+from .fold import FoldStage
 from .reader import (
     Batch,
+    Begin,
     Emitter,
     decoding,
     position_kind,
     read,
-    source_identity,
     stop_intake,
 )
 from .resume import resume_source
@@ -111,6 +111,7 @@ class Run(Generic[R, V]):
             self.dead,
             kind=kind,
             path=None if path is None else str(path),
+            by_path=not getattr(source, "follow", False),
         )
         self.folder: FoldStage[V] | None = None
         self._state: Any = self.agg.initial()
@@ -164,12 +165,6 @@ class Run(Generic[R, V]):
             except BaseException:
                 await stack.aclose()
                 raise
-        identify = source_identity(self.source)
-        if self.checkpoints.path is not None and identify is not None:
-            # A followed file may rotate while batches of the old one are still being folded: the
-            # source knows which file the n-th record it read came from (n: records folded here).
-            stats, base = self.stats, self.stats.records
-            self.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
         executor = make_executor(p.executor, p.workers)
         if isinstance(executor, ProcessExecutor):
             check_picklable(p.fn)
@@ -283,9 +278,8 @@ class Run(Generic[R, V]):
         position: Any,
     ) -> None:
         async with send, events:
-            # Before any batch: the start checkpoint of a fresh run names where reading starts.
-            await events.send(Begin(position))
-            emit = Emitter(send, window, seq)
+            # Before any batch, the reader says where it starts: a fresh run's first checkpoint.
+            emit = Emitter(send, window, seq, events)
             p = self.p
             with self._intake:
                 size = split_size_for(p.split_size, p.executor)

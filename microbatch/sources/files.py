@@ -27,10 +27,10 @@ import anyio
 
 from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
-from .follow import FileTrail, follow_parts
-from .identity import FileIdentity, file_identity
+from .follow import follow_parts
+from .identity import fd_stamp
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, chunks_of
-from .protocol import Part
+from .protocol import FilePart, Part
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_POLL_INTERVAL", "LineSource", "read_lines"]
 
@@ -96,8 +96,6 @@ class LineSource(Generic[T]):
         #: The rotated file to finish from ``start`` before the file at ``path`` (see
         #: :meth:`continue_rotated`); None: read ``path`` from ``start``.
         self.rotated = rotated
-        #: The files the latest reading of a followed source went through (for checkpoints).
-        self.trail: FileTrail | None = None
 
     def __repr__(self) -> str:
         return (
@@ -164,18 +162,6 @@ class LineSource(Generic[T]):
         except OSError:  # pragma: no cover - isfile() already answers False for most errors
             return False
 
-    def identity(self, offset: int, records: int) -> FileIdentity | None:
-        """The identity of the file that the ``records``-th record of the latest reading ended in,
-        read up to ``offset``: for a checkpoint of a followed file, which may have been rotated
-        while the batches before the rotation were still being folded. ``records`` counts from the
-        start of that reading. Before any reading (or without ``follow``): the file at ``path``.
-        Blocks; call it in a worker thread.
-        """
-        trail = self.trail
-        if trail is None:
-            return file_identity(self.path, offset)
-        return trail.identity(offset, records)
-
     def __aiter__(self) -> AsyncGenerator[T, None]:
         return self._lines()
 
@@ -207,7 +193,7 @@ class LineSource(Generic[T]):
 
     def _open(self) -> tuple[IO[bytes], int]:
         """Open the file at ``start`` (in a worker thread); returns the file and its start offset."""
-        f = open(self.rotated or self.path, "rb", buffering=0)  # closed by _raw or the trail
+        f = open(self.rotated or self.path, "rb", buffering=0)  # closed by _read or follow_parts
         name = self.rotated or self.path
         try:
             start = self.start
@@ -265,13 +251,14 @@ class LineSource(Generic[T]):
 
     async def _follow(self) -> AsyncGenerator[Part, None]:
         f, start = await self._wait_and_open()
-        async with aclosing(follow_parts(self, f, start)) as parts:  # the trail closes f
+        async with aclosing(follow_parts(self, f, start)) as parts:  # it closes f
             async for part in parts:
                 yield part
 
     async def _read(self) -> AsyncGenerator[Part, None]:
         f, start = await anyio.to_thread.run_sync(self._open)
         try:
+            stamp = await anyio.to_thread.run_sync(fd_stamp, f.fileno())
             reader = LineReader(
                 self.path,
                 start=start,
@@ -283,11 +270,11 @@ class LineSource(Generic[T]):
             while data := await anyio.to_thread.run_sync(read, block_size):
                 part = reader.feed(data)
                 if part is not None:
-                    yield part
+                    yield FilePart(part, stamp)
                 reader.raise_pending()
             part = reader.finish()
             if part is not None:
-                yield part
+                yield FilePart(part, stamp)
         finally:
             f.close()
 

@@ -15,9 +15,11 @@ notifications are unavailable. After every wake-up the open file and the path ar
   otherwise the least recently changed file not read yet, among the path and its siblings, that
   changed no earlier than the old one.
 
-A :class:`FileTrail` remembers the files read, in order, with how many records each one ended at,
-so that a checkpoint taken while the pipeline folds lines of an older file than the one read now
-records the identity of the file its offset belongs to.
+Every part says which file it was read from (a :class:`~microbatch.sources.protocol.FilePart`,
+stamped when the file was opened, and again after a truncation): the pipeline's reader records
+with each batch the identity of the file its end is in, so a checkpoint taken while the pipeline
+folds lines of an older file than the one read now names that file. Nothing asks this loop where
+it is.
 """
 
 from __future__ import annotations
@@ -25,96 +27,29 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 
-from .identity import FileIdentity, fd_identity, siblings
+from .identity import fd_stamp, siblings
 from .linereader import LineReader
-from .protocol import Part
+from .protocol import FilePart
 
 if TYPE_CHECKING:
     from .files import LineSource
 
-__all__ = ["FileTrail", "Wakeup", "follow_parts", "next_file"]
+__all__ = ["Wakeup", "follow_parts", "next_file"]
 
 logger = logging.getLogger("microbatch.sources")
 
-#: Files a trail keeps open for checkpoints at most (the oldest are closed first).
-MAX_TRAIL = 64
 #: Inodes remembered as read, so that a rotation never goes back to a file read before.
 MAX_SEEN = 10_000
 
 _TAIL = 4096  # bytes before the read position compared to find a copytruncate's copy
 
 _NUMBERED = re.compile(r"\.(\d+)$")
-
-
-class FileTrail:
-    """The files one reading of a followed source went through, oldest first.
-
-    Each entry is ``[file or None, records read when it ended or None while current]``; ``None``
-    for the file means its content is gone (truncated in place). ``records`` counts the records
-    read so far. :meth:`identity` is called from a checkpoint's worker thread, hence the lock.
-    """
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.records = 0
-        self.entries: list[list[Any]] = []
-        self.lock = threading.Lock()
-        # The files stay open after the reading ends (the final checkpoint comes after it).
-        weakref.finalize(self, FileTrail._close_all, self.entries)
-
-    @staticmethod
-    def _close_all(entries: list[list[Any]]) -> None:
-        for f in {id(e[0]): e[0] for e in entries if e[0] is not None}.values():
-            f.close()
-
-    def add(self, f: IO[bytes]) -> None:
-        """Reading goes on in ``f`` (a new file, or the same one truncated)."""
-        with self.lock:
-            if self.entries:
-                last = self.entries[-1]
-                last[1] = self.records
-                if last[0] is f:
-                    last[0] = None  # truncated in place: the old content is gone
-            self.entries.append([f, None])
-            while len(self.entries) > MAX_TRAIL:
-                self._drop(0)
-
-    def _drop(self, index: int) -> None:
-        f = self.entries.pop(index)[0]
-        if f is not None and all(e[0] is not f for e in self.entries):
-            f.close()
-
-    def identity(self, offset: int, records: int) -> FileIdentity | None:
-        """The identity of the file the ``records``-th record read ends in, up to ``offset``.
-
-        ``records`` counts from the start of this reading. Files before that one are closed:
-        checkpoints come in order. ``None`` when that file's content is gone (truncated) or it
-        was closed (more than ``MAX_TRAIL`` files behind).
-        """
-        with self.lock:
-            index = next(
-                (i for i, e in enumerate(self.entries) if e[1] is None or e[1] >= records), None
-            )
-            if index is None:
-                return None
-            for _ in range(index):
-                self._drop(0)
-            f = self.entries[0][0]
-            if f is None or f.closed:
-                logger.warning(
-                    "%s: the file holding byte offset %d was truncated since: no identity recorded",
-                    self.where, offset,
-                )
-                return None
-            return fd_identity(f.fileno(), offset, where=self.where)
 
 
 def _suffix_number(path: str, base: str) -> int | None:
@@ -154,7 +89,7 @@ def next_file(path: str, current: IO[bytes], seen: OrderedDict[tuple[int, int], 
         return None
     stat = next(st for n, st in unseen if n == choice)
     try:
-        f = open(choice, "rb", buffering=0)  # closed by the trail
+        f = open(choice, "rb", buffering=0)  # closed by follow_parts
     except OSError:
         return None
     opened = os.fstat(f.fileno())
@@ -197,12 +132,6 @@ class Wakeup:
             self.notify = None
 
 
-def _count(data: bytes, end: int) -> int:
-    """Records in a part's ``data[:end]`` (the lines the pipeline's reader counts)."""
-    count = data.count(b"\n", 0, end)
-    return count + 1 if data[end - 1] != 10 else count
-
-
 def _check(path: str, f: IO[bytes]) -> tuple[str, int]:
     """After the end of the data: ``("data" | "truncated" | "rotated" | "idle", size)`` (blocks)."""
     position = f.tell()
@@ -234,14 +163,17 @@ def _copy_of(path: str, position: int, tail: bytes) -> tuple[str | None, int]:
     return None, 0
 
 
-async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> AsyncGenerator[Part, None]:
+async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> AsyncGenerator[FilePart, None]:
     """The parts of a followed file opened as ``f`` at ``start``; never ends by itself.
 
-    Records the files read in ``source.trail``; the trail, not this loop, closes them.
+    Closes ``f``, and each file it goes on in, once read (or when the iteration is closed).
     """
+    try:
+        stamp = await anyio.to_thread.run_sync(fd_stamp, f.fileno())
+    except BaseException:
+        f.close()
+        raise
     path, where = source.path, source.path
-    trail = source.trail = FileTrail(where)
-    trail.add(f)
     st = os.fstat(f.fileno())
     seen: OrderedDict[tuple[int, int], None] = OrderedDict({(st.st_dev, st.st_ino): None})
     reader = LineReader(
@@ -257,8 +189,7 @@ async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> Asy
                 tail = (tail + data)[-_TAIL:] if len(data) < _TAIL else data[-_TAIL:]
                 part = reader.feed(data)
                 if part is not None:
-                    trail.records += _count(part[1], part[2])
-                    yield part
+                    yield FilePart(part, stamp)
                 reader.raise_pending()
                 continue
             state, now = await anyio.to_thread.run_sync(_check, path, f)
@@ -274,7 +205,8 @@ async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> Asy
                     continue
                 logger.info("%s: rotated; the old file was read to its end, reading %s from byte 0",
                             where, new.name)
-                f = new
+                f, old = new, f
+                old.close()
                 st = os.fstat(f.fileno())
                 seen[(st.st_dev, st.st_ino)] = None
                 while len(seen) > MAX_SEEN:
@@ -298,10 +230,10 @@ async def follow_parts(source: LineSource[Any], f: IO[bytes], start: int) -> Asy
             # The file this partial line belongs to has ended: it will not be completed.
             part = reader.finish()
             if part is not None:
-                trail.records += _count(part[1], part[2])
-                yield part
-            trail.add(f)
+                yield FilePart(part, stamp)
+            stamp = await anyio.to_thread.run_sync(fd_stamp, f.fileno())
             reader.reset(0)
             tail = b""
     finally:
         wakeup.close()
+        f.close()

@@ -37,9 +37,11 @@ __all__ = [
     "MAX_SIBLINGS",
     "TAIL_BYTES",
     "FileIdentity",
+    "FileStamp",
     "FileState",
     "classify",
     "fd_identity",
+    "fd_stamp",
     "file_identity",
     "siblings",
 ]
@@ -88,6 +90,37 @@ class FileIdentity:
         if values["tail_length"] > values["offset"]:
             raise InvalidCheckpoint(f"{field}.tail_length", "is larger than the offset it ends at")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """Which file a reading is in, taken when the file was opened: its device and inode and a
+    SHA-256 of its first bytes (``HEAD_BYTES``, fewer if it held fewer then).
+
+    The reader of the file holds the bytes before any offset it read up to: with them,
+    :meth:`identity` gives that offset's :class:`FileIdentity` without reading the file again.
+    """
+
+    device: int
+    inode: int
+    head_length: int
+    head: str
+
+    def identity(self, offset: int, before: bytes) -> FileIdentity:
+        """The identity of this file read up to ``offset``; ``before`` ends just before the offset
+        (its last ``TAIL_BYTES`` count; fewer when the reading began after less)."""
+        before = before[-TAIL_BYTES:]
+        return FileIdentity(
+            self.device, self.inode, offset, self.head_length, self.head, len(before),
+            hashlib.sha256(before).hexdigest(),
+        )
+
+
+def fd_stamp(fd: int, *, head_bytes: int = HEAD_BYTES) -> FileStamp:
+    """The stamp of the open file ``fd`` (blocks: an ``fstat`` and one read of ``head_bytes``)."""
+    st = os.fstat(fd)
+    head = os.pread(fd, head_bytes, 0)
+    return FileStamp(st.st_dev, st.st_ino, len(head), hashlib.sha256(head).hexdigest())
 
 
 def _sha256(fd: int, start: int, length: int) -> str | None:

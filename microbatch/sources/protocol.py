@@ -5,7 +5,8 @@ class):
 
 1. **Raw line parts** (:class:`LineParts`): files and standard input hand over the bytes of their
    reads; the pipeline cuts them into blocks of whole lines and workers decode them. Positions are
-   byte offsets; ``resume(offset)`` continues at the line that starts there.
+   byte offsets; ``resume(offset)`` continues at the line that starts there. A file's parts are
+   :class:`FilePart` objects, which say which file they were read from.
 2. **Chunks with positions** (:class:`Source`): ``chunks()`` yields :class:`Chunk` objects, each
    with a JSON ``position`` meaning "everything up to and including this chunk". The pipeline
    checkpoints the position of the last chunk whose records are all folded plus how many records of
@@ -22,9 +23,12 @@ Every source may also have ``describe()``: a stable text for the checkpoint's fi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Chunk", "LineParts", "Part", "Source"]
+if TYPE_CHECKING:
+    from .identity import FileStamp
+
+__all__ = ["Chunk", "FilePart", "LineParts", "Part", "Source"]
 
 T_co = TypeVar("T_co", covariant=True)
 JSON = Any
@@ -34,6 +38,20 @@ JSON = Any
 #: ``len(data)`` when the source ended without a final newline), and ``start`` is the byte offset of
 #: ``head``'s first byte (of ``data``'s when ``head`` is empty).
 Part = tuple[bytes, bytes, int, int]
+
+
+class FilePart(tuple[bytes, bytes, int, int]):
+    """A :data:`Part` read from a file, and ``file``: the stamp of the file it was read from (its
+    device, inode and first bytes when it was opened), from which the pipeline's reader records
+    which file each batch's end is in. A followed file's parts change stamp where it was rotated
+    or truncated."""
+
+    file: FileStamp
+
+    def __new__(cls, part: Part, file: FileStamp) -> FilePart:
+        self = super().__new__(cls, part)
+        self.file = file
+        return self
 
 
 class Chunk(Generic[T_co]):
