@@ -107,6 +107,23 @@ async def test_a_quiet_source_is_checkpointed_on_the_clock(consume: bool) -> Non
     assert store.saves[-1][1].records == folded and store.saves[-1][1].position == folded
 
 
+async def test_a_quiet_tcp_client_is_checkpointed_on_the_clock() -> None:
+    # A real server and a real client that sends 300 lines, then stays connected and silent.
+    store = RecordingStore(lambda cp: cp.records == 300)
+    pipeline = mb.Pipeline(
+        sum_lines, aggregate=mb.Sum(), max_size=100, max_wait=0.05, executor="thread", checkpoint_every=0.2
+    )
+    with anyio.fail_after(30):
+        async with mb.tcp_lines(0) as server:
+            async with await anyio.connect_tcp("127.0.0.1", server.port) as client:
+                await client.send(b"".join(f"{i}\n".encode() for i in range(300)))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(functools.partial(pipeline.run, server, checkpoint=store))
+                    await store.seen.wait()
+                    tg.cancel_scope.cancel()
+    assert max(cp.records for _, cp in store.saves) == 300
+
+
 async def test_a_checkpoint_covers_what_was_folded_while_one_batch_is_slow() -> None:
     # Batch 2 hangs in its worker thread; 0 and 1 were folded, 3 and 4 wait behind 2 in order.
     release = threading.Event()
