@@ -93,7 +93,7 @@ class Run(Generic[R, V]):
         accept_changes: bool = False,
         updates: bool = True,
     ) -> None:
-        self.p = pipeline
+        self.pipeline = pipeline
         self.source = source
         self.fresh = fresh
         self.accept_changes = accept_changes
@@ -139,7 +139,7 @@ class Run(Generic[R, V]):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Run[R, V]:
-        p, stack = self.p, self._stack
+        p, stack = self.pipeline, self._stack
         self.stats.started = anyio.current_time()
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
@@ -280,7 +280,7 @@ class Run(Generic[R, V]):
         async with send, events:
             # Before any batch, the reader says where it starts: a fresh run's first checkpoint.
             emit = Emitter(send, window, seq, events)
-            p = self.p
+            p = self.pipeline
             with self._intake:
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
@@ -296,7 +296,7 @@ class Run(Generic[R, V]):
         window: anyio.Semaphore,
     ) -> None:
         """Start the executor and run one dispatcher per call it can take; stop it after them."""
-        p = self.p
+        p = self.pipeline
         dispatcher = Dispatcher(
             executor,
             self.task,
