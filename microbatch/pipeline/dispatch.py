@@ -1,8 +1,8 @@
 """Dispatchers: run each batch on the executor, with retries, and bisect the batches that keep failing.
 
-A dispatcher decides nothing about the run's state: it reports forward, to the folder, every event
+A dispatcher decides nothing about the run's state: it reports forward, to the fold stage, every event
 the run counts — a batch started, an attempt failed (and whether it will be retried), a batch done
-with its results and dead letters. Only the folder updates stats and state.
+with its results and dead letters. Only the fold stage updates stats and state.
 
 A split of a file (:class:`~microbatch._core.splits.FileSplit`) is one call: the worker reads it and
 returns one outcome per batch, and the split's ``Done`` carries one ``Done`` per batch
@@ -11,9 +11,9 @@ process reads that batch's bytes and goes on with its retries and bisection as f
 split whose call fails as a whole (a crash, a hang, a result that does not pickle) is run again
 batch by batch: this process reads that split's lines and dispatches each batch as any other, so
 retries, bisection and dead letters are exactly those of a run without splits. Each of those
-batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so the folder can
+batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so the fold stage can
 fold it without waiting for the rest of the split. A batch that stops the run there (``BatchFailed``)
-ends the split's ``Done`` as its ``failure``: the folder raises it once every batch before it is
+ends the split's ``Done`` as its ``failure``: the fold stage raises it once every batch before it is
 folded, numbered as the run counts batches.
 """
 
@@ -107,7 +107,7 @@ class Done:
     failure: BatchFailed | None = None
 
 
-#: What dispatchers send the folder; ``End`` comes from the reader, passed on by a dispatcher.
+#: What dispatchers send the fold stage; ``End`` comes from the reader, passed on by a dispatcher.
 Event = Started | Failure | SplitFailed | Done | End
 
 
@@ -146,7 +146,7 @@ def cut(payload: LineBlock | list[Any], lo: int, hi: int) -> LineBlock | list[An
 
 
 class Dispatcher:
-    """Runs batches from the queue on ``executor`` and reports every event to the folder."""
+    """Runs batches from the queue on ``executor`` and reports every event to the fold stage."""
 
     def __init__(
         self,

@@ -2,15 +2,15 @@
 
 The stages, each a task, talk forward through bounded memory object streams::
 
-    reader ──Batch──▶ queue (queue_size) ──▶ dispatchers ──events──▶ folder ──Update──▶ you
-       ▲                                                                │
-       └──────── window: at most queue_size + capacity batches unfolded ┘
+    reader ──Batch──▶ queue (queue_size) ──▶ dispatchers ──events──▶ fold stage ──Update──▶ you
+       ▲                                                                  │
+       └───────── window: at most queue_size + capacity batches unfolded ─┘
 
 There are ``capacity * (1 + prefetch)`` dispatchers: an executor with ``prefetch`` (worker
 processes) holds batches ready in each worker, and those batches count against ``queue_size``.
 The reader (``reader.py``) cuts the source into batches; each dispatcher (``dispatch.py``) runs
-one batch at a time with retries and bisection and reports what happened; the folder (``fold.py``)
-alone updates the state and the stats and writes checkpoints (``checkpoints.py``).
+one batch at a time with retries and bisection and reports what happened; the fold stage
+(``fold.py``) alone updates the state and the stats and writes checkpoints (``checkpoints.py``).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Run(Generic[R, V]):
             path=None if path is None else str(path),
             by_path=not getattr(source, "follow", False),
         )
-        self.folder: FoldStage[V] | None = None
+        self.fold_stage: FoldStage[V] | None = None
         self._state: Any = self.agg.initial()
         self._stack = AsyncExitStack()
         self._intake = anyio.CancelScope()
@@ -125,15 +125,15 @@ class Run(Generic[R, V]):
     @property
     def value(self) -> V:
         """The aggregate's current value (the final one once the iteration ended)."""
-        if self.folder is not None:
-            return self.folder.value
+        if self.fold_stage is not None:
+            return self.fold_stage.value
         return self.agg.value(self._state)
 
     @property
     def finished(self) -> bool:
         """The source was read to its end and every one of its batches was folded."""
-        if self.folder is not None:
-            return self.folder.finished and not self._stopped
+        if self.fold_stage is not None:
+            return self.fold_stage.finished and not self._stopped
         return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class Run(Generic[R, V]):
                 every_batches=p.checkpoint_every_batches,
                 now=self.stats.started,
             )
-            folder = self.folder = FoldStage(
+            fold_stage = self.fold_stage = FoldStage(
                 self.agg,
                 self._state,
                 self.stats,
@@ -206,7 +206,7 @@ class Run(Generic[R, V]):
             tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(self._read, batch_send, event_send.clone(), window, next_seq, position)
             tg.start_soon(self._work, executor, batch_recv, event_send, window)
-            tg.start_soon(folder.run, event_recv, update_send, window)
+            tg.start_soon(fold_stage.run, event_recv, update_send, window)
         except BaseException:
             await stack.aclose()
             raise
@@ -238,8 +238,8 @@ class Run(Generic[R, V]):
             self._stopped = True  # the source ends because it was asked to, not because it ran out
             return
         self._intake.cancel()
-        if self.folder is not None:
-            self.folder.stop()
+        if self.fold_stage is not None:
+            self.fold_stage.stop()
 
     def __aiter__(self) -> Run[R, V]:
         return self
@@ -253,14 +253,14 @@ class Run(Generic[R, V]):
             raise StopAsyncIteration from None
 
     async def _final_checkpoint(self) -> None:
-        folder = self.folder
-        assert folder is not None
+        fold_stage = self.fold_stage
+        assert fold_stage is not None
         # Covers every folded batch, whether or not its update reached the consumer.
-        await folder.finish()
+        await fold_stage.finish()
         stats = self.stats
         log.info(
             "run %s: %d batches, %d records folded, %d dead letters%s",
-            "finished" if folder.finished else "stopped",
+            "finished" if fold_stage.finished else "stopped",
             stats.batches,
             stats.records,
             stats.dead_letters,
