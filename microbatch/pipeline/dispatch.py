@@ -54,24 +54,24 @@ FailureKind = Literal["crash", "timeout", "error"]
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """The source ended (it was not stopped): ``batches`` batches make the whole run."""
+    """The source ended (it was not stopped): ``tickets`` tickets make the whole run."""
 
-    batches: int
+    tickets: int
 
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """A dispatcher took batch ``seq`` and sent it to the executor."""
+    """A dispatcher took ticket ``ticket`` (a batch or a split) and sent it to the executor."""
 
-    seq: int
+    ticket: int
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One attempt at batch ``seq`` failed; ``retrying``: another attempt follows; ``whole``: the
-    attempt ran the whole batch (not a part being isolated)."""
+    """One attempt at ticket ``ticket``'s batch failed; ``retrying``: another attempt follows;
+    ``whole``: the attempt ran the whole batch (not a part being isolated)."""
 
-    seq: int
+    ticket: int
     kind: FailureKind
     retrying: bool
     error: BaseException
@@ -80,9 +80,10 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class SplitFailed:
-    """The call running file split ``seq`` failed: its batches are run one by one instead."""
+    """The call running the file split of ticket ``ticket`` failed: its batches are run one by one
+    instead."""
 
-    seq: int
+    ticket: int
     split: FileSplit
     kind: FailureKind
     error: BaseException
@@ -179,7 +180,7 @@ class Dispatcher:
                 if isinstance(batch, End):
                     await events.send(batch)
                     continue
-                await events.send(Started(batch.seq))
+                await events.send(Started(batch.ticket))
                 await events.send(await self.process(batch, events))
 
     async def process(
@@ -190,11 +191,11 @@ class Dispatcher:
         if isinstance(payload, FileSplit):
             return await self.process_split(batch, payload, events)
         try:
-            return Done(batch, [await self.attempt(batch.seq, payload, events, failed_with=failed_with)])
+            return Done(batch, [await self.attempt(batch.ticket, payload, events, failed_with=failed_with)])
         except Exception as exc:
             if self.raise_on_error or isinstance(exc, ExecutorUnavailable):
                 # An unavailable executor says nothing about the records: stop, dead-letter none.
-                raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
+                raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
             if batch.count == 1:
                 return Done(batch, dead=[self.dead_letter(batch, Part(0, 1), payload, exc)])
             return await self.isolate(batch, payload, events)
@@ -205,18 +206,18 @@ class Dispatcher:
             outcomes = await self.executor.run(self.split_task, split, timeout=self.split_timeout(split))
         except Exception as exc:
             if isinstance(exc, ExecutorUnavailable):
-                raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
-            await events.send(SplitFailed(batch.seq, split, _kind(exc), exc))
+                raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
+            await events.send(SplitFailed(batch.ticket, split, _kind(exc), exc))
             return await self.split_by_batches(batch, split, events)
         if outcomes:
             self._split_bytes += outcomes[-1][2] - outcomes[0][1]
             self._split_batches += len(outcomes)
-        seq, cut_at = batch.seq, batch.cut_at
+        ticket, cut_at = batch.ticket, batch.cut_at
         parts: list[Done] = []
         for count, start, end, result in outcomes:
             if not isinstance(result, BatchError):
                 self._dead_in_a_row, self._first_dead = 0, None
-                parts.append(Done(Batch(seq, [], count, start, end, cut_at), [result]))
+                parts.append(Done(Batch(ticket, [], count, start, end, cut_at), [result]))
                 continue
             # fn raised on this batch in the worker: that was its first attempt. The rest of its
             # attempts and its bisection go as without splits, on its bytes read here.
@@ -224,7 +225,8 @@ class Dispatcher:
             error.__cause__ = RemoteTraceback(result.traceback)
             block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
             try:
-                parts.append(await self.process(Batch(seq, block, count, start, end, cut_at), events, error))
+                redo = Batch(ticket, block, count, start, end, cut_at)
+                parts.append(await self.process(redo, events, error))
             except BatchFailed as exc:
                 return Done(batch, parts=parts, failure=exc)
         return Done(batch, parts=parts)
@@ -240,7 +242,7 @@ class Dispatcher:
         """Read the split's lines here and run each of its batches as a batch of its own."""
         blocks = await anyio.to_thread.run_sync(read_owned_lines, split, self.task.where)
         for block in blocks:
-            sub = Batch(batch.seq, block, block.count, block.start, block.end, batch.cut_at)
+            sub = Batch(batch.ticket, block, block.count, block.start, block.end, batch.cut_at)
             try:
                 part = await self.process(sub, events)
             except BatchFailed as exc:
@@ -250,7 +252,7 @@ class Dispatcher:
 
     async def attempt(
         self,
-        seq: int,
+        ticket: int,
         payload: LineBlock | list[Any],
         events: ObjectSendStream[Event],
         *,
@@ -266,7 +268,7 @@ class Dispatcher:
         if failed_with is not None:
             failed = 1
             retrying = retry and self.retry.should_retry(failed)
-            await events.send(Failure(seq, _kind(failed_with), retrying, failed_with, whole))
+            await events.send(Failure(ticket, _kind(failed_with), retrying, failed_with, whole))
             if not retrying:
                 raise failed_with
             await anyio.sleep(self.retry.delay(failed, random.random()))
@@ -276,7 +278,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
                 failed += 1
                 retrying = retry and self.retry.should_retry(failed)
-                await events.send(Failure(seq, _kind(exc), retrying, exc, whole))
+                await events.send(Failure(ticket, _kind(exc), retrying, exc, whole))
                 if not retrying:
                     raise
                 await anyio.sleep(self.retry.delay(failed, random.random()))
@@ -295,11 +297,11 @@ class Dispatcher:
             payload = cut(whole, part.lo, part.hi)
             try:
                 # A single record gets the full retries before it is declared dead.
-                result = await self.attempt(batch.seq, payload, events, retry=part.retry, whole=False)
+                result = await self.attempt(batch.ticket, payload, events, retry=part.retry, whole=False)
                 done.results.append(result)
             except Exception as exc:
                 if isinstance(exc, ExecutorUnavailable):
-                    raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
+                    raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
                 plan.failed(part)
                 if part.size == 1:
                     done.dead.append(self.dead_letter(batch, part, payload, exc))
@@ -315,7 +317,7 @@ class Dispatcher:
         first = self._first_dead = self._first_dead or exc
         limit = self.max_dead_in_a_row
         if limit is not None and self._dead_in_a_row >= limit:
-            raise TooManyDeadLetters(batch.seq, first, self._dead_in_a_row) from first
+            raise TooManyDeadLetters(batch.ticket, first, self._dead_in_a_row) from first
         position: int | None
         if isinstance(payload, LineBlock):
             position = payload.start
@@ -332,4 +334,4 @@ class Dispatcher:
             position = None if batch.start is None else batch.start + part.lo
             record = payload[0]
         type_name, message, tb = describe_error(exc)
-        return DeadLetter(record, batch.seq, position, type_name, message, tb)
+        return DeadLetter(record, batch.ticket, position, type_name, message, tb)

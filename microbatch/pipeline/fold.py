@@ -113,7 +113,7 @@ class FoldStage(Generic[V]):
                 elif isinstance(event, Done):
                     if not event.partial:
                         stats.in_flight -= 1
-                    for done in machine.arrive(event.batch.seq, event, last=not event.partial):
+                    for done in machine.arrive(event.batch.ticket, event, last=not event.partial):
                         await self._fold(done, updates, window)
                 elif isinstance(event, Started):
                     stats.in_flight += 1
@@ -121,16 +121,16 @@ class FoldStage(Generic[V]):
                     self._count_failure(event)
                 elif isinstance(event, SplitFailed):
                     # Counted as a failed attempt that is retried (batch by batch).
-                    self._count_failure(Failure(event.seq, event.kind, True, event.error), log_it=False)
+                    self._count_failure(Failure(event.ticket, event.kind, True, event.error), log_it=False)
                     stats.split_fallbacks += 1
                     log.info(
                         "split %d (bytes %d-%d of %s) failed in its worker (%s: %s); running its "
                         "batches one by one",
-                        event.seq, event.split.start, event.split.end, event.split.path,
+                        event.ticket, event.split.start, event.split.end, event.split.path,
                         type(event.error).__name__, event.error,
                     )
                 elif isinstance(event, End):
-                    machine.end(event.batches)
+                    machine.end(event.tickets)
                 else:
                     await self._save(machine.begin((event.position, event.identity)))
 
@@ -162,14 +162,14 @@ class FoldStage(Generic[V]):
         else:
             then = "; isolating its failing records" if failure.whole else ""
         level = logging.INFO if failure.whole and not failure.retrying else logging.DEBUG
-        log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.seq, type(failure.error).__name__,
+        log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.ticket, type(failure.error).__name__,
                 failure.error, then)
 
     async def _fold(self, done: Done, updates: ObjectSendStream[Update[V]], window: anyio.Semaphore) -> None:
         """Fold a released ``done``: a whole batch, a piece of a split, or a split's last piece."""
         if done.parts is None:
             if not self.machine.halted:
-                await self._fold_batch(done, done.batch.seq, updates, window)
+                await self._fold_batch(done, done.batch.ticket, updates, window)
             return
         if not done.partial:
             window.release()  # the reader may emit one more split

@@ -61,7 +61,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One batch on its way to a worker: its number, its records (or block of lines), positions.
+    """One batch on its way to a worker: its ticket, its records (or block of lines), positions.
+
+    ``ticket`` numbers what the reader sends, in order: the fold stage folds by it. It is the
+    batch's number, except after a file split, which takes one ticket for all its batches.
 
     ``start`` is the position of its first record when positions are numbers (a byte offset, a
     record count), else None; ``end`` is the source position just after its last record. A
@@ -71,7 +74,7 @@ class Batch:
     saw it; None when not stamped.
     """
 
-    seq: int
+    ticket: int
     payload: LineBlock | list[Any] | FileSplit
     count: int
     start: int | None
@@ -90,7 +93,8 @@ class Begin:
 
 
 class Emitter:
-    """Numbers batches and sends them, first waiting for the window (the reader's lead) to allow it.
+    """Gives batches their tickets and sends them, first waiting for the window (the reader's lead)
+    to allow it; ``ticket`` is the next one.
 
     ``events`` (None: nowhere) receives one :class:`Begin` before the first batch.
     """
@@ -99,12 +103,12 @@ class Emitter:
         self,
         send: ObjectSendStream[Batch],
         window: anyio.Semaphore,
-        seq: int,
+        ticket: int,
         events: ObjectSendStream[Any] | None = None,
     ) -> None:
         self.send = send
         self.window = window
-        self.seq = seq
+        self.ticket = ticket
         self.events = events
 
     async def __call__(
@@ -116,8 +120,8 @@ class Emitter:
         identity: Any = None,
     ) -> None:
         await self.window.acquire()
-        batch = Batch(self.seq, payload, count, start, end, anyio.current_time(), identity)
-        self.seq += 1
+        batch = Batch(self.ticket, payload, count, start, end, anyio.current_time(), identity)
+        self.ticket += 1
         await self.send.send(batch)
 
     async def block(self, block: LineBlock, identity: Any = None) -> None:

@@ -149,11 +149,11 @@ class Run(Generic[R, V]):
         except BaseException:
             await stack.aclose()
             raise
-        next_seq, position, identity = 0, None, None
+        first_ticket, position, identity = 0, None, None
         if restored is not None:
             cp, self._state, position = restored.checkpoint, restored.state, restored.position
             identity = cp.identity
-            next_seq = cp.batches
+            first_ticket = cp.batches  # a resumed run's tickets start at its batch count
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
             if cp.finished and not grown:
@@ -178,7 +178,7 @@ class Run(Generic[R, V]):
             event_send, event_recv = anyio.create_memory_object_stream[Event | Begin](math.inf)
             update_send, self._updates = anyio.create_memory_object_stream[Update[V]](0)
             machine = FoldMachine[Done](
-                first_ticket=next_seq,
+                first_ticket=first_ticket,
                 batches=self.stats.batches,
                 records=self.stats.records,
                 position=(position, identity),
@@ -204,7 +204,7 @@ class Run(Generic[R, V]):
             stack.push_async_callback(self._final_checkpoint)
             log.info("run started: %r over %s", p, self.checkpoints.fingerprint["source"])
             tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
-            tg.start_soon(self._read, batch_send, event_send.clone(), window, next_seq, position)
+            tg.start_soon(self._read, batch_send, event_send.clone(), window, first_ticket, position)
             tg.start_soon(self._work, executor, batch_recv, event_send, window)
             tg.start_soon(fold_stage.run, event_recv, update_send, window)
         except BaseException:
@@ -274,19 +274,19 @@ class Run(Generic[R, V]):
         send: ObjectSendStream[Batch | End],
         events: ObjectSendStream[Event | Begin],
         window: anyio.Semaphore,
-        seq: int,
+        ticket: int,
         position: Any,
     ) -> None:
         async with send, events:
             # Before any batch, the reader says where it starts: a fresh run's first checkpoint.
-            emit = Emitter(send, window, seq, events)
+            emit = Emitter(send, window, ticket, events)
             p = self.pipeline
             with self._intake:
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
                 if not self._stopped:
                     # The source ended (not asked to): these many batches make the whole run.
-                    await send.send(End(emit.seq))
+                    await send.send(End(emit.ticket))
 
     async def _work(
         self,
