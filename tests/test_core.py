@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microbatch._core.bisect import BisectionPlan, Part
+from microbatch._core.bisect import BisectionPlan, RecordRange
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "microbatch"
 
 
-def _bisect(count: int, bad: set[int]) -> tuple[list[Part], list[Part], int]:
+def _bisect(count: int, bad: set[int]) -> tuple[list[RecordRange], list[RecordRange], int]:
     plan = BisectionPlan(count)
     runs = 0
     while (part := plan.next()) is not None:
@@ -24,7 +24,7 @@ def _bisect(count: int, bad: set[int]) -> tuple[list[Part], list[Part], int]:
             plan.failed(part)
         else:
             plan.succeeded(part)
-    return plan.succeeded_parts, plan.dead, runs
+    return plan.succeeded_ranges, plan.dead, runs
 
 
 @given(st.integers(2, 300).flatmap(lambda n: st.tuples(st.just(n), st.sets(st.integers(0, n - 1)))))
@@ -43,9 +43,9 @@ def test_bisection_isolates_exactly_the_bad_records_and_keeps_order(case: tuple[
 def test_bisection_only_single_records_get_retries() -> None:
     plan = BisectionPlan(5)
     part = plan.next()
-    assert part == Part(0, 2) and not part.retry
-    with pytest.raises(ValueError, match="not the part the plan is running"):
-        plan.succeeded(Part(2, 5))
+    assert part == RecordRange(0, 2) and not part.retry
+    with pytest.raises(ValueError, match="not the span the plan is running"):
+        plan.succeeded(RecordRange(2, 5))
 
 
 def test_the_core_imports_without_anyio() -> None:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from .._core.bisect import BisectionPlan, Part
+from .._core.bisect import BisectionPlan, RecordRange
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
 from .._core.splits import FileSplit
@@ -197,7 +197,7 @@ class Dispatcher:
                 # An unavailable executor says nothing about the records: stop, dead-letter none.
                 raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
             if batch.count == 1:
-                return Done(batch, dead=[self.dead_letter(batch, Part(0, 1), payload, exc)])
+                return Done(batch, dead=[self.dead_letter(batch, RecordRange(0, 1), payload, exc)])
             return await self.isolate(batch, payload, events)
 
     async def process_split(self, batch: Batch, split: FileSplit, events: ObjectSendStream[Event]) -> Done:
@@ -293,24 +293,24 @@ class Dispatcher:
         failing records are dead."""
         done = Done(batch, split=True)
         plan = BisectionPlan(batch.count)
-        while (part := plan.next()) is not None:
-            payload = cut(whole, part.lo, part.hi)
+        while (span := plan.next()) is not None:
+            payload = cut(whole, span.lo, span.hi)
             try:
                 # A single record gets the full retries before it is declared dead.
-                result = await self.attempt(batch.ticket, payload, events, retry=part.retry, whole=False)
+                result = await self.attempt(batch.ticket, payload, events, retry=span.retry, whole=False)
                 done.results.append(result)
             except Exception as exc:
                 if isinstance(exc, ExecutorUnavailable):
                     raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
-                plan.failed(part)
-                if part.size == 1:
-                    done.dead.append(self.dead_letter(batch, part, payload, exc))
+                plan.failed(span)
+                if span.size == 1:
+                    done.dead.append(self.dead_letter(batch, span, payload, exc))
             else:
-                plan.succeeded(part)
+                plan.succeeded(span)
         return done
 
     def dead_letter(
-        self, batch: Batch, part: Part, payload: LineBlock | list[Any], exc: BaseException
+        self, batch: Batch, span: RecordRange, payload: LineBlock | list[Any], exc: BaseException
     ) -> DeadLetter:
         """The dead letter of one record; stops the run when too many failed in a row."""
         self._dead_in_a_row += 1
@@ -331,7 +331,7 @@ class Dispatcher:
                 raw = decode_lines(payload.data, encoding=None, errors="strict", where=task.where, start=0)
                 record = raw[0]
         else:
-            position = None if batch.start is None else batch.start + part.lo
+            position = None if batch.start is None else batch.start + span.lo
             record = payload[0]
         type_name, message, tb = describe_error(exc)
         return DeadLetter(record, batch.ticket, position, type_name, message, tb)
