@@ -148,12 +148,15 @@ async def _start_once(script: str, nice: int, live: set[Worker]) -> Worker | tup
     to_worker, to_worker_w = os.pipe()
     from_worker_r, from_worker = os.pipe()
     try:
-        process = await anyio.open_process(
-            [sys.executable, script, str(os.getpid()), str(nice)],
-            stdin=to_worker,
-            stdout=from_worker,
-            stderr=None,
-        )
+        # Shielded: a process spawned by a start that is cancelled meanwhile would be nobody's to
+        # reap (it becomes a Worker, in ``live``, only once open_process returns).
+        with anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                [sys.executable, script, str(os.getpid()), str(nice)],
+                stdin=to_worker,
+                stdout=from_worker,
+                stderr=None,
+            )
     except BaseException:
         for fd in (to_worker_w, from_worker_r):
             os.close(fd)
