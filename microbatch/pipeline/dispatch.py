@@ -47,7 +47,7 @@ from ..executors import Executor
 from .deadletter import DeadLetter, describe_error
 from .reader import Batch
 
-__all__ = ["Dispatcher", "Done", "End", "Event", "Failure", "SplitFailed", "Started"]
+__all__ = ["BatchDispatcher", "Done", "End", "Event", "Failure", "SplitFailed", "Started"]
 
 FailureKind = Literal["crash", "timeout", "error"]
 
@@ -146,7 +146,7 @@ def cut(payload: LineBlock | list[Any], lo: int, hi: int) -> LineBlock | list[An
     return payload
 
 
-class Dispatcher:
+class BatchDispatcher:
     """Runs batches from the queue on ``executor`` and reports every event to the fold stage."""
 
     def __init__(

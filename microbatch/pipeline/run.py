@@ -36,7 +36,7 @@ from ..aggregate import Aggregator
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
 from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
-from .dispatch import Dispatcher, Done, End, Event
+from .dispatch import BatchDispatcher, Done, End, Event
 from .fold import FoldStage
 from .reader import (
     Batch,
@@ -297,7 +297,7 @@ class Run(Generic[R, V]):
     ) -> None:
         """Start the executor and run one dispatcher per call it can take; stop it after them."""
         p = self.pipeline
-        dispatcher = Dispatcher(
+        dispatcher = BatchDispatcher(
             executor,
             self.task,
             p.retry,
