@@ -91,7 +91,9 @@ class SplitFailed:
 
 @dataclass(slots=True)
 class Done:
-    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters.
+    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters;
+    ``bisected``: it was cut into record ranges to isolate failing records (results: one per range
+    that succeeded).
 
     For a file split, ``parts`` holds one ``Done`` per batch of the split, in order (empty when the
     split owns no line); the split's own ``results`` and ``dead`` stay empty. ``partial``: more of
@@ -102,7 +104,7 @@ class Done:
     batch: Batch
     results: list[Any] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
-    split: bool = False
+    bisected: bool = False
     parts: list[Done] | None = None
     partial: bool = False
     failure: BatchFailed | None = None
@@ -291,7 +293,7 @@ class BatchDispatcher:
     ) -> Done:
         """Bisect a failing batch (``whole`` is its payload): good parts' results count, single
         failing records are dead."""
-        done = Done(batch, split=True)
+        done = Done(batch, bisected=True)
         plan = BisectionPlan(batch.count)
         while (span := plan.next()) is not None:
             payload = cut(whole, span.lo, span.hi)

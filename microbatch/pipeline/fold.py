@@ -239,7 +239,7 @@ class FoldStage(Generic[V]):
             position=done.batch.end,
             stats=stats,
             results=done.results,
-            split=done.split,
+            split=done.bisected,
         )
 
     def _write_dead(self, done: Done, seq: int) -> None:
