@@ -34,7 +34,7 @@ from dataclasses import replace as replace_field
 from typing import Any, Generic, TypeVar
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._core.deadline import wait_deadline
 from .._core.fold import FoldMachine, Save
@@ -97,8 +97,8 @@ class FoldStage(Generic[V]):
 
     async def run(
         self,
-        events: ObjectReceiveStream[Event | Begin],
-        updates: ObjectSendStream[Update[V]],
+        events: MemoryObjectReceiveStream[Event | Begin],
+        updates: MemoryObjectSendStream[Update[V]],
         window: anyio.Semaphore,
     ) -> None:
         stats, machine = self.stats, self.machine
@@ -134,10 +134,10 @@ class FoldStage(Generic[V]):
                 else:
                     await self._save(machine.begin((event.position, event.identity)))
 
-    async def _next(self, events: ObjectReceiveStream[Event | Begin]) -> Event | Begin | None:
+    async def _next(self, events: MemoryObjectReceiveStream[Event | Begin]) -> Event | Begin | None:
         """The next event; None when a checkpoint falls due on the clock first."""
         try:
-            return events.receive_nowait()  # type: ignore[attr-defined,no-any-return]
+            return events.receive_nowait()
         except anyio.WouldBlock:
             pass
         with anyio.CancelScope(deadline=wait_deadline(self.machine.deadline)):
@@ -165,7 +165,9 @@ class FoldStage(Generic[V]):
         log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.ticket, type(failure.error).__name__,
                 failure.error, then)
 
-    async def _fold(self, done: Done, updates: ObjectSendStream[Update[V]], window: anyio.Semaphore) -> None:
+    async def _fold(
+        self, done: Done, updates: MemoryObjectSendStream[Update[V]], window: anyio.Semaphore
+    ) -> None:
         """Fold a released ``done``: a whole batch, a piece of a split, or a split's last piece."""
         if done.parts is None:
             if not self.machine.halted:
@@ -194,7 +196,7 @@ class FoldStage(Generic[V]):
             raise BatchFailed(seq, cause, failure.attempts) from cause
 
     async def _fold_batch(
-        self, done: Done, seq: int, updates: ObjectSendStream[Update[V]], window: anyio.Semaphore | None
+        self, done: Done, seq: int, updates: MemoryObjectSendStream[Update[V]], window: anyio.Semaphore | None
     ) -> None:
         """Fold one batch numbered ``seq``; release ``window`` (None: a batch of a split) for it."""
         batch = done.batch
@@ -257,10 +259,10 @@ class FoldStage(Generic[V]):
                 self.dead.path,
             )
 
-    async def _deliver(self, updates: ObjectSendStream[Update[V]], update: Update[V]) -> None:
+    async def _deliver(self, updates: MemoryObjectSendStream[Update[V]], update: Update[V]) -> None:
         """Send ``update``; while the consumer keeps it waiting, write the checkpoints that fall due."""
         try:
-            updates.send_nowait(update)  # type: ignore[attr-defined]
+            updates.send_nowait(update)
             return
         except anyio.WouldBlock:
             pass
