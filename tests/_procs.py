@@ -3,8 +3,12 @@ earlier test's Dask cluster, are not the current test's business)."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -71,3 +75,22 @@ def workers_stop_starting_after(marker: Path, folder: Path, monkeypatch: pytest.
         f"runpy.run_path({process._WORKER_SCRIPT!r}, run_name='__main__')\n"
     )
     monkeypatch.setattr(process, "_WORKER_SCRIPT", str(wrapper))
+
+
+def newest_checkpoint(state: Path) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint file of a checkpoint folder and its body, read from outside the run."""
+    names = sorted(p.name for p in state.glob("checkpoint-*.json")) if state.is_dir() else []
+    for name in reversed(names):
+        try:
+            return name, json.loads((state / name).read_text())["body"]
+        except (OSError, ValueError):  # removed by a newer save meanwhile
+            continue
+    return None
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait until ``condition()`` holds (an upper bound, never reached when things work)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from _procs import newest_checkpoint, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # upper bound for any wait; never reached when things work
@@ -39,23 +40,6 @@ pipeline = mb.Pipeline(total, aggregate=mb.Sum(), max_size=2000, max_wait=0.05, 
 def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _newest(state: Path) -> tuple[str, dict[str, object]] | None:
-    names = sorted(p.name for p in state.glob("checkpoint-*.json")) if state.is_dir() else []
-    for name in reversed(names):
-        try:
-            return name, json.loads((state / name).read_text())["body"]
-        except (OSError, ValueError):  # removed by a newer save meanwhile
-            continue
-    return None
-
-
-def _wait_for(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _write(path: Path) -> None:
@@ -90,9 +74,9 @@ def test_kill_9_during_rotations_loses_and_repeats_nothing(tmp_path: Path) -> No
     proc = start()
     try:
         for _ in range(KILLS):
-            before = _newest(state)
-            _wait_for(lambda: (now := _newest(state)) is not None and now != before,  # noqa: B023
-                      "a new checkpoint")
+            before = newest_checkpoint(state)
+            wait_for(lambda: (now := newest_checkpoint(state)) is not None and now != before,  # noqa: B023
+                     "a new checkpoint", WAIT)
             proc.kill()
             proc.wait(timeout=WAIT)
             proc = start()
@@ -101,15 +85,15 @@ def test_kill_9_during_rotations_loses_and_repeats_nothing(tmp_path: Path) -> No
         assert rotated >= 5, "the log must have rotated several times"
 
         def all_folded() -> bool:
-            newest = _newest(state)
+            newest = newest_checkpoint(state)
             return newest is not None and newest[1].get("records") == LINES
 
         try:
-            _wait_for(all_folded, "every line folded")
+            wait_for(all_folded, "every line folded", WAIT)
         except AssertionError:
             proc.kill()
             _, stderr = proc.communicate(timeout=WAIT)
-            newest = _newest(state)
+            newest = newest_checkpoint(state)
             records = None if newest is None else newest[1].get("records")
             raise AssertionError(f"folded {records} of {LINES} lines; the last run said:\n{stderr}") from None
         proc.send_signal(signal.SIGTERM)

@@ -22,8 +22,8 @@ from microbatch.pipeline.reader import (
     read,
     read_line_blocks,
     read_records,
-    resume_source,
 )
+from microbatch.pipeline.resume import resume_source
 from microbatch.sources import Chunk
 
 pytestmark = pytest.mark.anyio
@@ -62,7 +62,7 @@ async def test_blocks_are_cut_into_exact_batches_across_block_edges() -> None:
     second = block(lines[10:], first.end)
     out = await collect(read_line_blocks, Blocks(first, second), 4, None)
     assert [b.count for b in out] == [4, 4, 4, 4, 4, 3]
-    assert [b.seq for b in out] == list(range(6))
+    assert [b.ticket for b in out] == list(range(6))
     assert b"".join(b.payload.data for b in out) == first.data + second.data  # type: ignore[union-attr]
     assert [b.start for b in out[1:]] == [b.end for b in out[:-1]]
     assert out[-1].end == second.end

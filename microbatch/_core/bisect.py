@@ -1,4 +1,4 @@
-"""The bisection plan: which parts of a failing batch to run, to isolate its failing records.
+"""The bisection plan: which record ranges of a failing batch to run, to isolate its failing records.
 
 A batch that failed all its attempts is split in halves; each half runs once, in order. A half that
 succeeds counts; a half that fails is split again, depth first, so results stay in record order. A
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from .retry import halves
 
-__all__ = ["BisectionPlan", "Part"]
+__all__ = ["BisectionPlan", "RecordRange"]
 
 
 @dataclass(frozen=True, slots=True)
-class Part:
+class RecordRange:
     """Records ``lo`` to ``hi`` (exclusive) of the batch; ``retry``: give it the full retries."""
 
     lo: int
@@ -35,35 +35,35 @@ class Part:
 class BisectionPlan:
     """Depth-first halving of records ``0..count`` that failed together.
 
-    Loop: ``part = plan.next()``; run it; ``plan.failed(part)`` or ``plan.succeeded(part)``; until
+    Loop: ``span = plan.next()``; run it; ``plan.failed(span)`` or ``plan.succeeded(span)``; until
     ``next()`` returns None. ``dead`` lists the single records that failed, in order.
     """
 
-    __slots__ = ("_todo", "dead", "succeeded_parts")
+    __slots__ = ("_todo", "dead", "succeeded_ranges")
 
     def __init__(self, count: int) -> None:
         head, _ = halves(count)
-        self._todo = [Part(head, count), Part(0, head)]  # a stack: the last is run first
-        self.dead: list[Part] = []
-        self.succeeded_parts: list[Part] = []
+        self._todo = [RecordRange(head, count), RecordRange(0, head)]  # a stack: the last is run first
+        self.dead: list[RecordRange] = []
+        self.succeeded_ranges: list[RecordRange] = []
 
-    def next(self) -> Part | None:
+    def next(self) -> RecordRange | None:
         return self._todo[-1] if self._todo else None
 
-    def succeeded(self, part: Part) -> None:
-        self._pop(part)
-        self.succeeded_parts.append(part)
+    def succeeded(self, span: RecordRange) -> None:
+        self._pop(span)
+        self.succeeded_ranges.append(span)
 
-    def failed(self, part: Part) -> None:
-        self._pop(part)
-        if part.size == 1:
-            self.dead.append(part)
+    def failed(self, span: RecordRange) -> None:
+        self._pop(span)
+        if span.size == 1:
+            self.dead.append(span)
         else:
-            head, _ = halves(part.size)
-            mid = part.lo + head
-            self._todo += [Part(mid, part.hi), Part(part.lo, mid)]
+            head, _ = halves(span.size)
+            mid = span.lo + head
+            self._todo += [RecordRange(mid, span.hi), RecordRange(span.lo, mid)]
 
-    def _pop(self, part: Part) -> None:
-        if not self._todo or self._todo[-1] != part:
-            raise ValueError(f"{part} is not the part the plan is running")
+    def _pop(self, span: RecordRange) -> None:
+        if not self._todo or self._todo[-1] != span:
+            raise ValueError(f"{span} is not the span the plan is running")
         self._todo.pop()

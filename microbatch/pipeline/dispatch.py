@@ -1,8 +1,8 @@
 """Dispatchers: run each batch on the executor, with retries, and bisect the batches that keep failing.
 
-A dispatcher decides nothing about the run's state: it reports forward, to the folder, every event
+A dispatcher decides nothing about the run's state: it reports forward, to the fold stage, every event
 the run counts — a batch started, an attempt failed (and whether it will be retried), a batch done
-with its results and dead letters. Only the folder updates stats and state.
+with its results and dead letters. Only the fold stage updates stats and state.
 
 A split of a file (:class:`~microbatch._core.splits.FileSplit`) is one call: the worker reads it and
 returns one outcome per batch, and the split's ``Done`` carries one ``Done`` per batch
@@ -11,9 +11,9 @@ process reads that batch's bytes and goes on with its retries and bisection as f
 split whose call fails as a whole (a crash, a hang, a result that does not pickle) is run again
 batch by batch: this process reads that split's lines and dispatches each batch as any other, so
 retries, bisection and dead letters are exactly those of a run without splits. Each of those
-batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so the folder can
+batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so the fold stage can
 fold it without waiting for the rest of the split. A batch that stops the run there (``BatchFailed``)
-ends the split's ``Done`` as its ``failure``: the folder raises it once every batch before it is
+ends the split's ``Done`` as its ``failure``: the fold stage raises it once every batch before it is
 folded, numbered as the run counts batches.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from .._core.bisect import BisectionPlan, Part
+from .._core.bisect import BisectionPlan, RecordRange
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
 from .._core.splits import FileSplit
@@ -47,31 +47,31 @@ from ..checkpoints.deadletters import DeadLetter, describe_error
 from ..executors import Executor
 from .reader import Batch
 
-__all__ = ["Dispatcher", "Done", "End", "Event", "Failure", "SplitFailed", "Started"]
+__all__ = ["BatchDispatcher", "Done", "End", "Event", "Failure", "SplitFailed", "Started"]
 
 FailureKind = Literal["crash", "timeout", "error"]
 
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """The source ended (it was not stopped): ``batches`` batches make the whole run."""
+    """The source ended (it was not stopped): ``tickets`` tickets make the whole run."""
 
-    batches: int
+    tickets: int
 
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """A dispatcher took batch ``seq`` and sent it to the executor."""
+    """A dispatcher took ticket ``ticket`` (a batch or a split) and sent it to the executor."""
 
-    seq: int
+    ticket: int
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One attempt at batch ``seq`` failed; ``retrying``: another attempt follows; ``whole``: the
-    attempt ran the whole batch (not a part being isolated)."""
+    """One attempt at ticket ``ticket``'s batch failed; ``retrying``: another attempt follows;
+    ``whole``: the attempt ran the whole batch (not a part being isolated)."""
 
-    seq: int
+    ticket: int
     kind: FailureKind
     retrying: bool
     error: BaseException
@@ -80,9 +80,10 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class SplitFailed:
-    """The call running file split ``seq`` failed: its batches are run one by one instead."""
+    """The call running the file split of ticket ``ticket`` failed: its batches are run one by one
+    instead."""
 
-    seq: int
+    ticket: int
     split: FileSplit
     kind: FailureKind
     error: BaseException
@@ -90,7 +91,9 @@ class SplitFailed:
 
 @dataclass(slots=True)
 class Done:
-    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters.
+    """Batch ``batch`` is finished: the results of what succeeded, in order, and its dead letters;
+    ``bisected``: it was cut into record ranges to isolate failing records (results: one per range
+    that succeeded).
 
     For a file split, ``parts`` holds one ``Done`` per batch of the split, in order (empty when the
     split owns no line); the split's own ``results`` and ``dead`` stay empty. ``partial``: more of
@@ -101,13 +104,13 @@ class Done:
     batch: Batch
     results: list[Any] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
-    split: bool = False
+    bisected: bool = False
     parts: list[Done] | None = None
     partial: bool = False
     failure: BatchFailed | None = None
 
 
-#: What dispatchers send the folder; ``End`` comes from the reader, passed on by a dispatcher.
+#: What dispatchers send the fold stage; ``End`` comes from the reader, passed on by a dispatcher.
 Event = Started | Failure | SplitFailed | Done | End
 
 
@@ -145,8 +148,8 @@ def cut(payload: LineBlock | list[Any], lo: int, hi: int) -> LineBlock | list[An
     return payload
 
 
-class Dispatcher:
-    """Runs batches from the queue on ``executor`` and reports every event to the folder."""
+class BatchDispatcher:
+    """Runs batches from the queue on ``executor`` and reports every event to the fold stage."""
 
     def __init__(
         self,
@@ -179,7 +182,7 @@ class Dispatcher:
                 if isinstance(batch, End):
                     await events.send(batch)
                     continue
-                await events.send(Started(batch.seq))
+                await events.send(Started(batch.ticket))
                 await events.send(await self.process(batch, events))
 
     async def process(
@@ -190,13 +193,13 @@ class Dispatcher:
         if isinstance(payload, FileSplit):
             return await self.process_split(batch, payload, events)
         try:
-            return Done(batch, [await self.attempt(batch.seq, payload, events, failed_with=failed_with)])
+            return Done(batch, [await self.attempt(batch.ticket, payload, events, failed_with=failed_with)])
         except Exception as exc:
             if self.raise_on_error or isinstance(exc, ExecutorUnavailable):
                 # An unavailable executor says nothing about the records: stop, dead-letter none.
-                raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
+                raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
             if batch.count == 1:
-                return Done(batch, dead=[self.dead_letter(batch, Part(0, 1), payload, exc)])
+                return Done(batch, dead=[self.dead_letter(batch, RecordRange(0, 1), payload, exc)])
             return await self.isolate(batch, payload, events)
 
     async def process_split(self, batch: Batch, split: FileSplit, events: ObjectSendStream[Event]) -> Done:
@@ -205,18 +208,18 @@ class Dispatcher:
             outcomes = await self.executor.run(self.split_task, split, timeout=self.split_timeout(split))
         except Exception as exc:
             if isinstance(exc, ExecutorUnavailable):
-                raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
-            await events.send(SplitFailed(batch.seq, split, _kind(exc), exc))
+                raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
+            await events.send(SplitFailed(batch.ticket, split, _kind(exc), exc))
             return await self.split_by_batches(batch, split, events)
         if outcomes:
             self._split_bytes += outcomes[-1][2] - outcomes[0][1]
             self._split_batches += len(outcomes)
-        seq, cut_at = batch.seq, batch.cut_at
+        ticket, cut_at = batch.ticket, batch.cut_at
         parts: list[Done] = []
         for count, start, end, result in outcomes:
             if not isinstance(result, BatchError):
                 self._dead_in_a_row, self._first_dead = 0, None
-                parts.append(Done(Batch(seq, [], count, start, end, cut_at), [result]))
+                parts.append(Done(Batch(ticket, [], count, start, end, cut_at), [result]))
                 continue
             # fn raised on this batch in the worker: that was its first attempt. The rest of its
             # attempts and its bisection go as without splits, on its bytes read here.
@@ -224,7 +227,8 @@ class Dispatcher:
             error.__cause__ = RemoteTraceback(result.traceback)
             block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
             try:
-                parts.append(await self.process(Batch(seq, block, count, start, end, cut_at), events, error))
+                redo = Batch(ticket, block, count, start, end, cut_at)
+                parts.append(await self.process(redo, events, error))
             except BatchFailed as exc:
                 return Done(batch, parts=parts, failure=exc)
         return Done(batch, parts=parts)
@@ -240,7 +244,7 @@ class Dispatcher:
         """Read the split's lines here and run each of its batches as a batch of its own."""
         blocks = await anyio.to_thread.run_sync(read_owned_lines, split, self.task.where)
         for block in blocks:
-            sub = Batch(batch.seq, block, block.count, block.start, block.end, batch.cut_at)
+            sub = Batch(batch.ticket, block, block.count, block.start, block.end, batch.cut_at)
             try:
                 part = await self.process(sub, events)
             except BatchFailed as exc:
@@ -250,7 +254,7 @@ class Dispatcher:
 
     async def attempt(
         self,
-        seq: int,
+        ticket: int,
         payload: LineBlock | list[Any],
         events: ObjectSendStream[Event],
         *,
@@ -266,7 +270,7 @@ class Dispatcher:
         if failed_with is not None:
             failed = 1
             retrying = retry and self.retry.should_retry(failed)
-            await events.send(Failure(seq, _kind(failed_with), retrying, failed_with, whole))
+            await events.send(Failure(ticket, _kind(failed_with), retrying, failed_with, whole))
             if not retrying:
                 raise failed_with
             await anyio.sleep(self.retry.delay(failed, random.random()))
@@ -276,7 +280,7 @@ class Dispatcher:
             except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
                 failed += 1
                 retrying = retry and self.retry.should_retry(failed)
-                await events.send(Failure(seq, _kind(exc), retrying, exc, whole))
+                await events.send(Failure(ticket, _kind(exc), retrying, exc, whole))
                 if not retrying:
                     raise
                 await anyio.sleep(self.retry.delay(failed, random.random()))
@@ -289,33 +293,33 @@ class Dispatcher:
     ) -> Done:
         """Bisect a failing batch (``whole`` is its payload): good parts' results count, single
         failing records are dead."""
-        done = Done(batch, split=True)
+        done = Done(batch, bisected=True)
         plan = BisectionPlan(batch.count)
-        while (part := plan.next()) is not None:
-            payload = cut(whole, part.lo, part.hi)
+        while (span := plan.next()) is not None:
+            payload = cut(whole, span.lo, span.hi)
             try:
                 # A single record gets the full retries before it is declared dead.
-                result = await self.attempt(batch.seq, payload, events, retry=part.retry, whole=False)
+                result = await self.attempt(batch.ticket, payload, events, retry=span.retry, whole=False)
                 done.results.append(result)
             except Exception as exc:
                 if isinstance(exc, ExecutorUnavailable):
-                    raise BatchFailed(batch.seq, exc, self.retry.attempts) from exc
-                plan.failed(part)
-                if part.size == 1:
-                    done.dead.append(self.dead_letter(batch, part, payload, exc))
+                    raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
+                plan.failed(span)
+                if span.size == 1:
+                    done.dead.append(self.dead_letter(batch, span, payload, exc))
             else:
-                plan.succeeded(part)
+                plan.succeeded(span)
         return done
 
     def dead_letter(
-        self, batch: Batch, part: Part, payload: LineBlock | list[Any], exc: BaseException
+        self, batch: Batch, span: RecordRange, payload: LineBlock | list[Any], exc: BaseException
     ) -> DeadLetter:
         """The dead letter of one record; stops the run when too many failed in a row."""
         self._dead_in_a_row += 1
         first = self._first_dead = self._first_dead or exc
         limit = self.max_dead_in_a_row
         if limit is not None and self._dead_in_a_row >= limit:
-            raise TooManyDeadLetters(batch.seq, first, self._dead_in_a_row) from first
+            raise TooManyDeadLetters(batch.ticket, first, self._dead_in_a_row) from first
         position: int | None
         if isinstance(payload, LineBlock):
             position = payload.start
@@ -329,7 +333,7 @@ class Dispatcher:
                 raw = decode_lines(payload.data, encoding=None, errors="strict", where=task.where, start=0)
                 record = raw[0]
         else:
-            position = None if batch.start is None else batch.start + part.lo
+            position = None if batch.start is None else batch.start + span.lo
             record = payload[0]
         type_name, message, tb = describe_error(exc)
-        return DeadLetter(record, batch.seq, position, type_name, message, tb)
+        return DeadLetter(record, batch.ticket, position, type_name, message, tb)

@@ -1,18 +1,27 @@
-"""The folder: the one stage that owns a run's state, its stats and its checkpoints.
+"""The fold stage: the one stage that owns a run's state, its stats and its checkpoints.
 
-It receives every event the dispatchers report, puts finished batches back in batch order (the
-sequencer), calls the sink, folds the results into the aggregator's state, writes dead letters,
-counts, checkpoints when the schedule says so, and sends one ``Update`` per folded batch.
+A thin shell around :class:`~microbatch._core.fold.FoldMachine`, which decides the order of
+folding and when a checkpoint is due with which position; this stage carries that out: it
+receives every event the dispatchers report, calls the sink, folds the results into the
+aggregator's state, writes dead letters, counts, writes the checkpoints it is told to, and sends
+one ``Update`` per folded batch. While it waits (for a result that is late, for the consumer of
+the updates), it still writes the checkpoints that fall due on the clock.
 
-A file split arrives as one ``Done`` holding its batches (``parts``): the sequencer orders splits,
-and each of the split's batches is folded and reported in turn, numbered by a running batch counter
+When a batch counts as folded, and so which checkpoints cover it: with an aggregator the state
+is the output, and a batch counts once folded into it, whether or not its update reached the
+consumer (a consumer that leaves early finds every folded batch in the final checkpoint).
+Without one (``map()``), the results are the output: a batch counts once its update was taken,
+so a consumer that leaves early gets the results it did not take again from a resumed run.
+
+A file split arrives as one ``Done`` holding its batches (``parts``), under one ticket; each of
+its batches is folded and reported in turn, numbered by a running batch counter
 (``stats.batches``). A split run batch by batch (it failed in its worker) sends its batches as
-they are done (``partial`` events): those of the split due next are folded at once, the others are
-held until it is their split's turn. A checkpoint may fall after any batch, also inside a split:
-its position is that batch's end, a line start from which a resumed run plans the rest of the split
-and then the same splits (:mod:`microbatch._core.splits`), cutting the same batches.
+they are done (``partial`` events), pieces of its ticket. A checkpoint may fall after any batch,
+also inside a split: its position is that batch's end, a line start from which a resumed run
+plans the rest of the split and then the same splits (:mod:`microbatch._core.splits`), cutting
+the same batches.
 
-:meth:`Folder.stop` (the run's ``stop()``) stops folding a split's batches at the next batch: a
+:meth:`FoldStage.stop` (the run's ``stop()``) stops folding a split's batches at the next batch: a
 split holds many, so finishing the splits in flight could take long. The updates then end, and
 with them the run, which stops the work still in flight.
 """
@@ -25,20 +34,21 @@ from dataclasses import replace as replace_field
 from typing import Any, Generic, TypeVar
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._core.schedule import CheckpointSchedule
-from .._core.sequencer import Sequencer
+from .._core.deadline import wait_deadline
+from .._core.fold import FoldMachine, Save
 from .._exceptions import BatchFailed, TooManyDeadLetters
 from ..aggregate import Aggregator
 from ..aggregate.windows import WindowResult, Windows
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints
 from .dispatch import Done, End, Event, Failure, SplitFailed, Started
+from .reader import Begin
 from .stats import Stats, Update
 from .windowfold import WindowHook
 
-__all__ = ["Folder"]
+__all__ = ["FoldStage"]
 
 log = logging.getLogger("microbatch")
 
@@ -47,7 +57,7 @@ V = TypeVar("V")
 Sink = Callable[[int, Any], Awaitable[None]]
 
 
-class Folder(Generic[V]):
+class FoldStage(Generic[V]):
     """Folds outcomes strictly in batch order; the reorder buffer is bounded by the window."""
 
     def __init__(
@@ -55,104 +65,125 @@ class Folder(Generic[V]):
         aggregate: Aggregator[Any, Any, V],
         state: Any,
         stats: Stats,
+        machine: FoldMachine[Done],
         *,
-        next_seq: int,
         checkpoints: Checkpoints,
-        schedule: CheckpointSchedule,
         dead: DeadLetterFile,
         sink: Sink | None,
         send_updates: bool,
+        deliver_first: bool = False,
         queue_depth: Callable[[], int],
     ) -> None:
         self.agg = aggregate
         self.state = state
         self.stats = stats
-        self.sequencer: Sequencer[Done] = Sequencer(next_seq)
+        self.machine = machine
         self.checkpoints = checkpoints
-        self.schedule = schedule
         self.dead = dead
         self.sink = sink
         self.send_updates = send_updates
+        #: A batch counts once its update was taken (the results are the output: no aggregate).
+        self.deliver_first = send_updates and deliver_first
         self.queue_depth = queue_depth
-        self.source_batches: int | None = None
-        #: The source was read to its end (not stopped) and every one of its batches was folded.
-        self.finished = False
-        #: A batch was folded but its update not received: no checkpoint may cover it.
-        self.undelivered = False
-        #: Batches of splits that arrived before their split was due, by split number.
-        self.pieces: dict[int, list[Done]] = {}
-        #: ``stop()`` was called: fold no further batch of a split; ``halted``: one was left out.
+        #: ``stop()`` was called: fold no further batch of a split.
         self.stopping = False
-        self.halted = False
         #: Time windows: the sink receives the windows each batch closes instead of fn's results.
         self.windows = None if not isinstance(aggregate, Windows) else WindowHook(
             aggregate, state, sink, dead, stats)
+        #: Closed windows are being handed over: the state no longer holds them, so no final
+        #: checkpoint may be written until they are out (a rerun hands them over again).
+        self.undelivered = False
 
     @property
     def value(self) -> V:
         return self.agg.value(self.state)
 
+    @property
+    def finished(self) -> bool:
+        """The source was read to its end (not stopped) and every one of its batches was folded."""
+        return self.machine.finished
+
     async def run(
         self,
-        events: ObjectReceiveStream[Event],
-        updates: ObjectSendStream[Update[V]],
+        events: MemoryObjectReceiveStream[Event | Begin],
+        updates: MemoryObjectSendStream[Update[V]],
         window: anyio.Semaphore,
     ) -> None:
-        stats = self.stats
+        stats, machine = self.stats, self.machine
         async with events, updates:
-            async for event in events:
-                if isinstance(event, Done) and event.partial:
-                    seq = event.batch.seq
-                    if seq == self.sequencer.next_seq:
-                        await self._fold_parts(event, updates)
-                    else:
-                        self.pieces.setdefault(seq, []).append(event)
+            while True:
+                try:
+                    event = await self._next(events)
+                except anyio.EndOfStream:
+                    await self._end_windows()
+                    return
+                if event is None:  # a checkpoint's deadline came while waiting
+                    await self._save(machine.tick(anyio.current_time()))
                 elif isinstance(event, Done):
-                    stats.in_flight -= 1
-                    for done in self.sequencer.add(event.batch.seq, event):
+                    if not event.partial:
+                        stats.in_flight -= 1
+                    for done in machine.arrive(event.batch.ticket, event, last=not event.partial):
                         await self._fold(done, updates, window)
-                    # The split due next may have sent batches already.
-                    for piece in self.pieces.pop(self.sequencer.next_seq, ()):
-                        await self._fold_parts(piece, updates)
                 elif isinstance(event, Started):
                     stats.in_flight += 1
                 elif isinstance(event, Failure):
-                    self._count(event)
+                    self._count_failure(event)
                 elif isinstance(event, SplitFailed):
                     # Counted as a failed attempt that is retried (batch by batch).
-                    self._count(Failure(event.seq, event.kind, True, event.error), log_it=False)
+                    self._count_failure(Failure(event.ticket, event.kind, True, event.error), log_it=False)
                     stats.split_fallbacks += 1
                     log.info(
                         "split %d (bytes %d-%d of %s) failed in its worker (%s: %s); running its "
                         "batches one by one",
-                        event.seq, event.split.start, event.split.end, event.split.path,
+                        event.ticket, event.split.start, event.split.end, event.split.path,
                         type(event.error).__name__, event.error,
                     )
                 elif isinstance(event, End):
-                    self.source_batches = event.batches
-            # Results also stop coming when a dispatcher failed: finished only when all were folded.
-            self.finished = self.source_batches == self.sequencer.next_seq and not self.halted
-            if self.windows is not None:  # at the end of the source every open window closes
-                closed = self.windows.close_all(self.state) if self.finished else []
-                if closed:
-                    await self._deliver_windows(max(stats.batches - 1, 0), closed)
-                self.windows.end()
+                    machine.end(event.tickets)
+                else:
+                    await self._save(machine.begin(event.position))
+
+    async def _next(self, events: MemoryObjectReceiveStream[Event | Begin]) -> Event | Begin | None:
+        """The next event; None when a checkpoint falls due on the clock first."""
+        try:
+            return events.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        with anyio.CancelScope(deadline=wait_deadline(self.machine.deadline)):
+            return await events.receive()
+        return None
+
+    async def _end_windows(self) -> None:
+        """At the end of the source every open window closes (nothing when stopped early)."""
+        windows = self.windows
+        if windows is None:
+            return
+        closed = windows.close_all(self.state) if self.machine.finished else []
+        if closed:
+            await self._deliver_windows(max(self.stats.batches - 1, 0), closed)
+        windows.end()
+
+    async def _deliver_windows(self, seq: int, closed: list[WindowResult]) -> None:
+        assert self.windows is not None
+        self.undelivered = True
+        await self.windows.deliver(seq, closed)
+        self.undelivered = False
 
     def stop(self) -> None:
         """Fold no further batch of a split (those of whole batches in flight are still folded)."""
         self.stopping = True
 
-    def _count(self, failure: Failure, *, log_it: bool = True) -> None:
+    async def finish(self) -> None:
+        """Write the run's final checkpoint: every batch folded (none without a store), unless
+        closed windows were being handed over (the checkpoint before them stands)."""
+        if self.undelivered:
+            log.info("closed windows were not all delivered: no final checkpoint covers them")
+            return
+        await self._save(self.machine.final())
+
+    def _count_failure(self, failure: Failure, *, log_it: bool = True) -> None:
         """Count a failed attempt; the dead letters it leads to are logged when they are folded."""
-        stats = self.stats
-        if failure.kind == "crash":
-            stats.crashes += 1
-        elif failure.kind == "timeout":
-            stats.timeouts += 1
-        else:
-            stats.errors += 1
-        if failure.retrying:
-            stats.retries += 1
+        self.stats.count_attempt(failure.kind, failure.retrying)
         if not log_it:
             return
         if failure.retrying:
@@ -160,26 +191,30 @@ class Folder(Generic[V]):
         else:
             then = "; isolating its failing records" if failure.whole else ""
         level = logging.INFO if failure.whole and not failure.retrying else logging.DEBUG
-        log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.seq, type(failure.error).__name__,
+        log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.ticket, type(failure.error).__name__,
                 failure.error, then)
 
     async def _fold(
-        self, done: Done, updates: ObjectSendStream[Update[V]], window: anyio.Semaphore
+        self, done: Done, updates: MemoryObjectSendStream[Update[V]], window: anyio.Semaphore
     ) -> None:
+        """Fold a released ``done``: a whole batch, a piece of a split, or a split's last piece."""
         if done.parts is None:
-            if not self.halted:
-                await self._fold_batch(done, done.batch.seq, updates, window)
+            if not self.machine.halted:
+                await self._fold_batch(done, done.batch.ticket, updates, window)
             return
-        # A file split: the batches it sent before, then its last ones.
-        window.release()  # the reader may emit one more split
-        if self.halted:
-            return
-        self.stats.splits += 1
-        for piece in self.pieces.pop(done.batch.seq, ()):
-            await self._fold_parts(piece, updates)
-        await self._fold_parts(done, updates)
-        if self.halted:
-            return
+        if not done.partial:
+            window.release()  # the reader may emit one more split
+            if not self.machine.halted:
+                self.stats.splits += 1
+        for part in done.parts:
+            if self.stopping and not self.machine.halted:
+                self.machine.halt()
+                # The updates end here, and with them the run: the splits still queued or running
+                # would be computed only to be thrown away. Events are still drained meanwhile.
+                await updates.aclose()
+            if self.machine.halted:
+                return
+            await self._fold_batch(part, self.stats.batches, updates, None)
         failure = done.failure
         if failure is not None:
             # Raised in order, numbered as this run counts batches.
@@ -189,102 +224,108 @@ class Folder(Generic[V]):
                 raise TooManyDeadLetters(seq, cause, failure.attempts) from cause
             raise BatchFailed(seq, cause, failure.attempts) from cause
 
-    async def _fold_parts(self, done: Done, updates: ObjectSendStream[Update[V]]) -> None:
-        """Fold the batches of a split that ``done`` holds, in order, unless the run is stopping."""
-        for part in done.parts or ():
-            if self.stopping and not self.halted:
-                self.halted = True
-                # The updates end here, and with them the run: the splits still queued or running
-                # would be computed only to be thrown away. Events are still drained meanwhile.
-                await updates.aclose()
-            if self.halted:
-                return
-            await self._fold_batch(part, self.stats.batches, updates, None)
-
     async def _fold_batch(
-        self, done: Done, seq: int, updates: ObjectSendStream[Update[V]], window: anyio.Semaphore | None
+        self, done: Done, seq: int, updates: MemoryObjectSendStream[Update[V]], window: anyio.Semaphore | None
     ) -> None:
         """Fold one batch numbered ``seq``; release ``window`` (None: a batch of a split) for it."""
-        batch, stats = done.batch, self.stats
-        windows, results = self.windows, done.results
+        batch, windows, results = done.batch, self.windows, done.results
         if self.sink is not None and windows is None:
             for result in results:
                 await self.sink(seq, result)
-        # No await from here to the counters: a checkpoint never sees half a batch.
+        if self.deliver_first:
+            # The results are the output: the batch counts once its update was taken, so a
+            # consumer that leaves meanwhile gets them again from a resumed run (at least once).
+            preview = replace_field(self.stats)
+            self._count(preview, done, anyio.current_time())
+            await self._deliver(updates, self._update(done, seq, preview))
+        # No await from here to the machine's count: a checkpoint never sees half a batch.
         if windows is not None:
             results = windows.stamp(results, batch.cut_at)
         for result in results:
             self.state = self.agg.fold(self.state, result)
         closed = None if windows is None else windows.close(self.state, seq)
         if done.dead:
-            letters = [
-                letter if letter.batch == seq else replace_field(letter, batch=seq) for letter in done.dead
-            ]
-            self.dead.write(letters)
-            for letter in letters:
-                log.warning(
-                    "batch %d: record at position %s failed every attempt (%s: %s); written to %s",
-                    seq,
-                    letter.position,
-                    letter.error_type,
-                    letter.message,
-                    self.dead.path,
-                )
-        stats.dead_letters += len(done.dead)
-        stats.records += batch.count
-        stats.run_records += batch.count
-        stats.batches += 1
-        stats.run_batches += 1
-        stats.position = batch.end
+            self._write_dead(done, seq)
         now = anyio.current_time()
-        stats.last_latency = now - batch.cut_at
-        stats.total_latency += stats.last_latency
-        stats.elapsed = now - stats.started
-        stats.queue_depth = self.queue_depth()
+        self._count(self.stats, done, now)
+        save = self.machine.folded(batch.end, batch.count, now)
         log.debug("batch %d folded: %d records, position %s", seq, batch.count, batch.end)
         if window is not None:
             window.release()  # the reader may cut one more batch
         if closed:
             await self._deliver_windows(seq, closed)
-        due = self.schedule.folded(now)
-        if self.send_updates:
-            # A checkpoint covers only batches whose update was delivered: when the consumer leaves
-            # while this send waits, the final checkpoint is skipped and a rerun delivers again
-            # from the last checkpoint (at least once).
-            self.undelivered = True
-            await updates.send(
-                Update(
-                    value=self.agg.value(self.state),
-                    seq=seq,
-                    records=stats.records,
-                    batch_records=batch.count,
-                    position=batch.end,
-                    stats=replace_field(stats),
-                    results=done.results,
-                    split=done.split,
-                )
-            )
-            self.undelivered = False
-        if due:
-            await self.save(finished=False)
+        await self._save(save)
+        if self.send_updates and not self.deliver_first:
+            # The state is the output: the batch counts once folded, whether or not its update
+            # reaches the consumer.
+            await self._deliver(updates, self._update(done, seq, replace_field(self.stats)))
 
-    async def _deliver_windows(self, seq: int, closed: list[WindowResult]) -> None:
-        # Interrupted here, no final checkpoint may drop these windows from the state: a rerun
-        # hands them over again.
-        assert self.windows is not None
-        self.undelivered = True
-        await self.windows.deliver(seq, closed)
-        self.undelivered = False
+    def _count(self, stats: Stats, done: Done, now: float) -> None:
+        """Count the batch ``done``, folded at ``now``, in ``stats``."""
+        batch = done.batch
+        stats.count_batch(batch.count, len(done.dead), batch.end, batch.cut_at, now)
+        stats.queue_depth = self.queue_depth()
 
-    async def save(self, *, finished: bool) -> None:
-        stats = self.stats
-        await self.checkpoints.save(
-            batches=stats.batches,
+    def _update(self, done: Done, seq: int, stats: Stats) -> Update[V]:
+        return Update(
+            value=self.agg.value(self.state),
+            seq=seq,
             records=stats.records,
-            position=stats.position,
-            state=self.checkpoints.dump(self.agg, self.state),
-            finished=finished,
+            batch_records=done.batch.count,
+            position=done.batch.end,
+            stats=stats,
+            results=done.results,
+            split=done.bisected,
         )
-        if self.checkpoints.store is not None:
-            stats.checkpoints += 1
-            self.schedule.saved(anyio.current_time())
+
+    def _write_dead(self, done: Done, seq: int) -> None:
+        letters = [
+            letter if letter.batch == seq else replace_field(letter, batch=seq) for letter in done.dead
+        ]
+        self.dead.write(letters)
+        for letter in letters:
+            log.warning(
+                "batch %d: record at position %s failed every attempt (%s: %s); written to %s",
+                seq,
+                letter.position,
+                letter.error_type,
+                letter.message,
+                self.dead.path,
+            )
+
+    async def _deliver(self, updates: MemoryObjectSendStream[Update[V]], update: Update[V]) -> None:
+        """Send ``update``; while the consumer keeps it waiting, write the checkpoints that fall due."""
+        try:
+            updates.send_nowait(update)
+            return
+        except anyio.WouldBlock:
+            pass
+        if self.machine.deadline is None:
+            await updates.send(update)  # nothing folds meanwhile: no checkpoint can fall due
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._save_when_due)
+            await updates.send(update)
+            tg.cancel_scope.cancel()
+
+    async def _save_when_due(self) -> None:
+        machine = self.machine
+        while (deadline := machine.deadline) is not None:
+            await anyio.sleep_until(deadline)
+            await self._save(machine.tick(anyio.current_time()))
+
+    async def _save(self, save: Save | None) -> None:
+        """Write the checkpoint ``save`` asks for (nothing for None), even if cancelled meanwhile."""
+        if save is None:
+            return
+        # Once begun a save is finished: the changes it takes from a keyed state are in no other.
+        with anyio.CancelScope(shield=True):
+            await self.checkpoints.save(
+                batches=save.batches,
+                records=save.records,
+                position=save.position,
+                state=self.checkpoints.dump(self.agg, self.state),
+                finished=save.finished,
+            )
+            self.stats.checkpoints += 1
+            self.machine.saved(save, anyio.current_time())

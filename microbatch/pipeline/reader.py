@@ -18,18 +18,16 @@ This is the only place that looks at what a source can do, and it asks the proto
 3. **Any iterable or async iterable**: a batch ends at a count of records.
 
 The size/time decisions are :class:`BatchPolicy`'s either way, and a checkpoint records a batch's
-end; :func:`resume_source` turns it back into what is left to read.
+end; :func:`~microbatch.pipeline.resume.resume_source` turns it back into what is left to read.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -42,10 +40,12 @@ from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
 from .._waits import wait_until
 from ..checkpoints.format import PositionKind
-from ..sources.protocol import Chunk, LineParts, Part, Source
+from ..sources.protocol import Chunk, LineParts, Part, Source, describe_source
+from .resume import aclose_iterator, chunk_position
 
 __all__ = [
     "Batch",
+    "Begin",
     "Emitter",
     "SplittableLines",
     "decoding",
@@ -54,15 +54,17 @@ __all__ = [
     "read_line_blocks",
     "read_records",
     "read_splits",
+    "source_identity",
     "worth_splitting",
-    "resume_source",
-    "skip",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """One batch on its way to a worker: its number, its records (or block of lines), positions.
+    """One batch on its way to a worker: its ticket, its records (or block of lines), positions.
+
+    ``ticket`` numbers what the reader sends, in order: the fold stage folds by it. It is the
+    batch's number, except after a file split, which takes one ticket for all its batches.
 
     ``start`` is the position of its first record when positions are numbers (a byte offset, a
     record count), else None; ``end`` is the source position just after its last record. A
@@ -70,7 +72,7 @@ class Batch:
     until a worker read it) and ``start``/``end`` are the split's planned range.
     """
 
-    seq: int
+    ticket: int
     payload: LineBlock | list[Any] | FileSplit
     count: int
     start: int | None
@@ -78,24 +80,53 @@ class Batch:
     cut_at: float
 
 
-class Emitter:
-    """Numbers batches and sends them, first waiting for the window (the reader's lead) to allow it."""
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """The reader starts reading at ``position`` (as a batch's ``end``): the start checkpoint of
+    a fresh run names it."""
 
-    def __init__(self, send: ObjectSendStream[Batch], window: anyio.Semaphore, seq: int) -> None:
+    position: Any
+
+
+class Emitter:
+    """Gives batches their tickets and sends them, first waiting for the window (the reader's lead)
+    to allow it; ``ticket`` is the next one.
+
+    ``events`` (None: nowhere) receives one :class:`Begin` before the first batch.
+    """
+
+    def __init__(
+        self,
+        send: ObjectSendStream[Batch],
+        window: anyio.Semaphore,
+        ticket: int,
+        events: ObjectSendStream[Any] | None = None,
+    ) -> None:
         self.send = send
         self.window = window
-        self.seq = seq
+        self.ticket = ticket
+        self.events = events
 
     async def __call__(
-        self, payload: LineBlock | list[Any] | FileSplit, count: int, start: int | None, end: Any
+        self,
+        payload: LineBlock | list[Any] | FileSplit,
+        count: int,
+        start: int | None,
+        end: Any,
     ) -> None:
         await self.window.acquire()
-        batch = Batch(self.seq, payload, count, start, end, anyio.current_time())
-        self.seq += 1
+        batch = Batch(self.ticket, payload, count, start, end, anyio.current_time())
+        self.ticket += 1
         await self.send.send(batch)
 
     async def block(self, block: LineBlock) -> None:
         await self(block, block.count, block.start, block.end)
+
+    async def begin(self, position: Any) -> None:
+        """Reading starts at ``position``; said once, the first time."""
+        events, self.events = self.events, None
+        if events is not None:
+            await events.send(Begin(position))
 
 
 # -- what a source can do ---------------------------------------------------------------------------
@@ -116,16 +147,6 @@ class SplittableLines(LineParts, Protocol):
 
     def splittable(self) -> bool: ...
 
-
-def describe_source(source: object) -> str:
-    """The source's text for the pipeline's fingerprint: ``describe()``, else its type's name."""
-    describe = getattr(source, "describe", None)
-    if callable(describe):
-        text = describe()
-        if not isinstance(text, str):
-            raise TypeError(f"{type(source).__qualname__}.describe() must return a str, got {text!r}")
-        return text
-    return f"{'source' if isinstance(source, Source) else 'iterable'}:{type(source).__qualname__}"
 
 
 def decoding(source: object) -> tuple[str, str | None, str]:
@@ -167,52 +188,6 @@ def source_identity(source: object) -> Callable[[int, int], Any] | None:
     return position_at if isinstance(source, LineParts) and callable(position_at) else None
 
 
-def resume_source(source: Any, position: Any, file: Any = None) -> Any:
-    """What to read after the checkpointed ``position`` (a batch's end) of ``source``.
-
-    - line parts: ``source.resume(position)`` (a byte offset);
-    - chunks with positions: ``source.resume(position["chunk"])`` when a chunk was complete, then
-      the first ``position["skip"]`` records are skipped: at most the one chunk that was in
-      progress is read again;
-    - chunks without positions (a TCP server, position None): the source itself;
-    - other iterables: read again, skipping ``position`` records (right when the iterable yields
-      the same records in the same order each time).
-
-    ``file`` (a ``checkpoints.identity.FileState``, or None): a file source resumes from its saved
-    position, whose file it opens by identity (never by a path looked up again); ``rotated`` needs
-    ``follow`` (else the state's error); ``recreated`` (followed only) reads the new file from 0.
-
-    A position of the wrong kind for the source raises ``ValueError`` naming it.
-    """
-    if file is not None and file.position is not None:
-        if file.kind == "rotated" and not getattr(source, "follow", False):
-            raise file.error()  # only a followed source continues in the new file
-        if file.kind == "recreated":
-            return source
-        return source.resume(file.position)
-    if position is None:
-        return source
-    if isinstance(source, LineParts):
-        return source.resume(position)
-    if isinstance(source, Source):
-        chunk, count = _chunk_position(position)
-        resumed = source if chunk is None else source.resume(chunk)
-        return _Skipped(resumed, count) if count else resumed
-    if position == 0:
-        return source
-    return skip(source, check_int("position", position))
-
-
-def _chunk_position(position: Any) -> tuple[Any, int]:
-    if not isinstance(position, dict) or set(position) != {"chunk", "skip"}:
-        raise ValueError(
-            f"position {position!r} is not a chunk source's position "
-            f"({{'chunk': <a chunk's position or None>, 'skip': <records>}}); "
-            f"was the checkpoint written for another source?"
-        )
-    return position["chunk"], check_int("position['skip']", position["skip"])
-
-
 # -- reading ----------------------------------------------------------------------------------------
 
 
@@ -241,10 +216,12 @@ async def read(
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
-        chunk, count = (None, 0) if position is None else _chunk_position(position)
+        chunk, count = (None, 0) if position is None else chunk_position(position)
+        await emit.begin(position)
         await _read_chunks(source, max_size, max_wait, emit, chunk, count)
     else:
         start = 0 if position is None else check_int("position", position)
+        await emit.begin(position)
         await read_records(source, max_size, max_wait, start, emit)
 
 
@@ -289,6 +266,8 @@ async def read_line_blocks(source: LineParts, max_size: int, max_wait: float | N
                 policy.take_partial()
                 await emit.block(pending)
                 pending = None
+            if emit.events is not None:
+                await emit.begin(start)
             count = data.count(b"\n", 0, end)
             if data[end - 1] != 10:
                 count += 1  # the last line of the file, without a newline
@@ -325,6 +304,7 @@ async def read_splits(source: SplittableLines, split_size: int, max_size: int, e
     """
     path, start = source.path, source.start
     size = await anyio.to_thread.run_sync(_size_from, path, start)
+    await emit.begin(start)
     for lo, hi in plan_splits(start, size, split_size):
         await emit(FileSplit(path, lo, hi, max_size, source.max_line_length), 0, lo, hi)
 
@@ -345,7 +325,7 @@ def _size_from(path: str, start: int) -> int:
                     f"{path}: start={start} is not the beginning of a line (byte {start - 1} "
                     f"is not a newline); pass the end offset of a block or record read before"
                 )
-    return size
+        return size
 
 
 async def read_records(
@@ -406,7 +386,7 @@ class _Positions:
                     self.positioned = False
                 yield records if type(records) is list else list(records)
         finally:
-            await _aclose(iterator)
+            await aclose_iterator(iterator)
 
     def end_after(self, n: int) -> Any:
         """The position after the next ``n`` records (None once a chunk had no position)."""
@@ -428,73 +408,3 @@ class _Positions:
         return {"chunk": self.chunk, "skip": self.count}
 
 
-class _Skipped:
-    """A chunk source without its first ``count`` records (the part of a chunk already folded)."""
-
-    def __init__(self, source: Source[Any], count: int) -> None:
-        self.source = source
-        self.count = count
-
-    def describe(self) -> str:
-        return describe_source(self.source)
-
-    def resume(self, position: Any) -> Source[Any]:
-        return self.source.resume(position)
-
-    def chunks(self) -> AsyncGenerator[Any, None]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncGenerator[Any, None]:
-        left = self.count
-        iterator = self.source.chunks()
-        try:
-            async for chunk in iterator:
-                if left:
-                    records = chunk.records if isinstance(chunk, Chunk) else chunk
-                    dropped = min(left, len(records))
-                    left -= dropped
-                    records = records[dropped:]
-                    chunk = Chunk(records, chunk.position) if isinstance(chunk, Chunk) else records
-                yield chunk
-        finally:
-            await _aclose(iterator)
-
-    async def __aenter__(self) -> _Skipped:
-        if hasattr(type(self.source), "__aenter__"):
-            await self.source.__aenter__()  # type: ignore[attr-defined]
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        if hasattr(type(self.source), "__aexit__"):
-            result: bool | None = await self.source.__aexit__(exc_type, exc, tb)  # type: ignore[attr-defined]
-            return result
-        return None
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def _skip_async(source: AsyncIterable[Any], n: int) -> AsyncIterator[Any]:
-    seen = 0
-    async for item in source:
-        if seen < n:
-            seen += 1
-            continue
-        yield item
-
-
-def skip(source: AsyncIterable[Any] | Iterable[Any], n: int) -> AsyncIterable[Any] | Iterable[Any]:
-    """The source without its first ``n`` records (resume of an iterable: valid if deterministic)."""
-    if isinstance(source, AsyncIterable):
-        return _skip_async(source, n)
-    if isinstance(source, Iterable):
-        return itertools.islice(source, n, None)
-    raise TypeError(
-        f"cannot resume a {type(source).__name__} source at record {n}: only files (read_lines), "
-        f"iterables and async iterables can be resumed"
-    )

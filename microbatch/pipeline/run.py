@@ -2,15 +2,15 @@
 
 The stages, each a task, talk forward through bounded memory object streams::
 
-    reader ──Batch──▶ queue (queue_size) ──▶ dispatchers ──events──▶ folder ──Update──▶ you
-       ▲                                                                │
-       └──────── window: at most queue_size + capacity batches unfolded ┘
+    reader ──Batch──▶ queue (queue_size) ──▶ dispatchers ──events──▶ fold stage ──Update──▶ you
+       ▲                                                                  │
+       └───────── window: at most queue_size + capacity batches unfolded ─┘
 
 There are ``capacity * (1 + prefetch)`` dispatchers: an executor with ``prefetch`` (worker
 processes) holds batches ready in each worker, and those batches count against ``queue_size``.
 The reader (``reader.py``) cuts the source into batches; each dispatcher (``dispatch.py``) runs
-one batch at a time with retries and bisection and reports what happened; the folder (``fold.py``)
-alone updates the state and the stats and writes checkpoints (``checkpoints.py``).
+one batch at a time with retries and bisection and reports what happened; the fold stage
+(``fold.py``) alone updates the state and the stats and writes checkpoints (``checkpoints.py``).
 """
 
 from __future__ import annotations
@@ -30,26 +30,27 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from .._core.fold import FoldMachine
 from .._core.params import check_int
-from .._core.schedule import CheckpointSchedule
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints, dead_letter_path
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
-from .dispatch import Dispatcher, End, Event
-from .fold import Folder
+from .dispatch import BatchDispatcher, Done, End, Event
+from .fold import FoldStage
 from .reader import (
     Batch,
+    Begin,
     Emitter,
     decoding,
     position_kind,
     read,
-    resume_source,
     source_identity,
     stop_intake,
 )
+from .resume import resume_source
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
@@ -101,11 +102,11 @@ class Run(Generic[R, V]):
         *,
         accept_changes: bool = False,
     ) -> None:
-        self.p = pipeline
+        self.pipeline = pipeline
         self.source = source
         self.fresh = fresh
         self.accept_changes = accept_changes
-        self._send_updates = False  # updates() was called: the folder sends updates
+        self._send_updates = False  # updates() was called: the fold stage sends updates
         self.agg: Aggregator[Any, Any, V] = pipeline.aggregate or Discard()  # type: ignore[assignment]
         self.stats = Stats()
         where, encoding, errors = decoding(source)
@@ -121,13 +122,13 @@ class Run(Generic[R, V]):
             path=None if path is None else str(path),
             follow=bool(getattr(source, "follow", False)),
         )
-        self.folder: Folder[V] | None = None
+        self.fold_stage: FoldStage[V] | None = None
         self._state: Any = self.agg.initial()
         self._stack = AsyncExitStack()
         self._intake: anyio.CancelScope | None = None  # the reader's scope, cancelled to stop intake
         self._updates: _Updates[V] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._folded: anyio.Event | None = None  # the folder's task returned
+        self._folded: anyio.Event | None = None  # the fold stage's task returned
         self._saved: anyio.Event | None = None  # the final checkpoint is (being) written
         self._save_error: Exception | None = None
         self._finished_before = False  # the checkpoint resumed from is of a finished run
@@ -136,23 +137,23 @@ class Run(Generic[R, V]):
     @property
     def value(self) -> V:
         """The aggregate's current value (the final one once the iteration ended)."""
-        if self.folder is not None:
-            return self.folder.value
+        if self.fold_stage is not None:
+            return self.fold_stage.value
         return self.agg.value(self._state)
 
     @property
     def finished(self) -> bool:
         """The source was read to its end and every one of its batches was folded."""
-        if self.folder is not None:
+        if self.fold_stage is not None:
             # A source that ended because it was quiet (stop_when_idle) has not ended its input.
             idle = getattr(self.source, "idle_ended", False)
-            return self.folder.finished and not self._stopped and not idle
+            return self.fold_stage.finished and not self._stopped and not idle
         return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Run[R, V]:
-        p, stack = self.p, self._stack
+        p, stack = self.pipeline, self._stack
         self.stats.started = anyio.current_time()
         self._intake = anyio.CancelScope()
         try:
@@ -163,10 +164,10 @@ class Run(Generic[R, V]):
         except BaseException:
             await stack.aclose()
             raise
-        next_seq, position = 0, None
+        first_ticket, position = 0, None
         if restored is not None:
             cp, self._state, position = restored.checkpoint, restored.state, restored.position
-            next_seq = cp.batches
+            first_ticket = cp.batches  # a resumed run's tickets start at its batch count
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
             if cp.finished and not grown:
@@ -194,31 +195,41 @@ class Run(Generic[R, V]):
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch | End](p.queue_size)
             # Unbounded in type only: the window holds unfolded batches to queue_size + capacity.
-            event_send, event_recv = anyio.create_memory_object_stream[Event](math.inf)
+            event_send, event_recv = anyio.create_memory_object_stream[Event | Begin](math.inf)
             update_send, update_recv = anyio.create_memory_object_stream[Update[V]](0)
             self._updates = _Updates(update_recv)
             stack.callback(update_recv.close)
             self._folded = anyio.Event()
-            schedule = CheckpointSchedule(p.checkpoint_every, p.checkpoint_every_batches, self.stats.started)
-            self.folder = Folder(
+            machine = FoldMachine[Done](
+                first_ticket=first_ticket,
+                batches=self.stats.batches,
+                records=self.stats.records,
+                position=position,
+                resumed=restored is not None,
+                saving=self.checkpoints.store is not None,
+                every=p.checkpoint_every,
+                every_batches=p.checkpoint_every_batches,
+                now=self.stats.started,
+            )
+            self.fold_stage = FoldStage(
                 self.agg,
                 self._state,
                 self.stats,
-                next_seq=next_seq,
+                machine,
                 checkpoints=self.checkpoints,
-                schedule=schedule,
                 dead=self.dead,
                 sink=p.sink,
                 send_updates=self._send_updates,
+                deliver_first=p.aggregate is None,
                 queue_depth=lambda: batch_send.statistics().current_buffer_used,
             )
             # Runs after the task group has stopped every stage: it sees the last folded state.
             stack.push_async_callback(self._save_final)
             log.info("run started: %r over %s", p, self.checkpoints.fingerprint["source"])
             tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
-            tg.start_soon(self._read, batch_send, window, next_seq, position)
+            tg.start_soon(self._read, batch_send, event_send.clone(), window, first_ticket, position)
             tg.start_soon(_work, p, self.task, executor, batch_recv, event_send, window)
-            tg.start_soon(_then_set, self._folded, self.folder.run, event_recv, update_send, window)
+            tg.start_soon(_then_set, self._folded, self.fold_stage.run, event_recv, update_send, window)
         except BaseException:
             await stack.aclose()
             raise
@@ -243,8 +254,8 @@ class Run(Generic[R, V]):
         order. The updates end with the run. Iterate from one task at a time.
         """
         self._send_updates = True
-        if self.folder is not None:
-            self.folder.send_updates = True
+        if self.fold_stage is not None:
+            self.fold_stage.send_updates = True
         return self
 
     def __aiter__(self) -> Run[R, V]:
@@ -286,23 +297,24 @@ class Run(Generic[R, V]):
             return
         if self._intake is not None:
             self._intake.cancel()
-        if self.folder is not None:
-            self.folder.stop()
+        if self.fold_stage is not None:
+            self.fold_stage.stop()
 
     async def _until_folded(self) -> None:
-        """Take the updates nobody takes until they end, wait for the folder, write the final checkpoint."""
-        folder, updates, folded = self.folder, self._updates, self._folded
-        if folder is None or updates is None or folded is None:
+        """Take the updates nobody takes until they end, wait for the fold stage, write the final
+        checkpoint."""
+        fold_stage, updates, folded = self.fold_stage, self._updates, self._folded
+        if fold_stage is None or updates is None or folded is None:
             return  # not entered, or the checkpoint was of a finished run
         await updates.drain(hold=self._send_updates)
-        if not folder.halted:  # a halted folder folds nothing more: its updates ended
+        if not fold_stage.machine.halted:  # a halted fold stage folds nothing more: its updates ended
             await folded.wait()
         await self._save_final()
 
     async def _save_final(self) -> None:
         """Write the final checkpoint once: ``stop()``/``result()`` or leaving the block, the first."""
-        folder = self.folder
-        assert folder is not None
+        fold_stage = self.fold_stage
+        assert fold_stage is not None
         if self._saved is not None:
             await self._saved.wait()
             if self._save_error is not None:
@@ -310,31 +322,35 @@ class Run(Generic[R, V]):
             return
         saved = self._saved = anyio.Event()
         try:
-            if folder.undelivered:
-                log.info("the last folded batch was not delivered: no final checkpoint covers it")
-            else:
-                with anyio.CancelScope(shield=True):
-                    await folder.save(finished=self.finished)
+            # Covers every folded batch, whether or not its update reached the consumer.
+            await fold_stage.finish()
         except Exception as exc:
             self._save_error = exc  # for every other caller too: the block's end raises it
             raise
         finally:
             saved.set()
-        _log_end(folder.finished, self.stats, self.dead.path)
+        _log_end(fold_stage.finished, self.stats, self.dead.path)
 
     # -- stages -------------------------------------------------------------------------------------
 
     async def _read(
-        self, send: ObjectSendStream[Batch | End], window: anyio.Semaphore, seq: int, position: Any
+        self,
+        send: ObjectSendStream[Batch | End],
+        events: ObjectSendStream[Event | Begin],
+        window: anyio.Semaphore,
+        ticket: int,
+        position: Any,
     ) -> None:
-        async with send:
-            emit = Emitter(send, window, seq)
-            p = self.p
+        async with send, events:
+            # Before any batch, the reader says where it starts: a fresh run's first checkpoint.
+            emit = Emitter(send, window, ticket, events)
+            p = self.pipeline
             with self._intake or anyio.CancelScope():
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
-                # The source ended (not stopped): these many batches make the whole run.
-                await send.send(End(emit.seq))
+                if not self._stopped:
+                    # The source ended (not asked to): these many batches make the whole run.
+                    await send.send(End(emit.ticket))
 
 
 
@@ -370,7 +386,7 @@ async def _work(
     window: anyio.Semaphore,
 ) -> None:
     """Start the executor and run one dispatcher per call it can take; stop it after them."""
-    dispatcher = Dispatcher(
+    dispatcher = BatchDispatcher(
         executor,
         task,
         p.retry,

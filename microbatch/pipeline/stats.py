@@ -51,6 +51,30 @@ class Stats:
         """Records of this run whose results count: ``run_records`` less the dead letters."""
         return self.run_records - self.dead_letters
 
+    def count_attempt(self, kind: str, retrying: bool) -> None:
+        """Count one failed attempt: ``kind`` is ``"crash"``, ``"timeout"`` or ``"error"``."""
+        if kind == "crash":
+            self.crashes += 1
+        elif kind == "timeout":
+            self.timeouts += 1
+        else:
+            self.errors += 1
+        if retrying:
+            self.retries += 1
+
+    def count_batch(self, records: int, dead: int, end: Any, cut_at: float, now: float) -> None:
+        """Count one batch folded at ``now``: ``records`` records, ``dead`` of them dead letters,
+        ending at position ``end``, cut at ``cut_at``."""
+        self.dead_letters += dead
+        self.records += records
+        self.run_records += records
+        self.batches += 1
+        self.run_batches += 1
+        self.position = end
+        self.last_latency = now - cut_at
+        self.total_latency += self.last_latency
+        self.elapsed = now - self.started
+
     @property
     def mean_latency(self) -> float:
         """Mean seconds from cutting a batch to folding it, over this run."""

@@ -1,6 +1,6 @@
 """``pipeline.windows(source)``: the closed time windows of a run, as they close.
 
-The folder hands each batch's closed windows to :class:`WindowStream` as one list, then waits
+The fold stage hands each batch's closed windows to :class:`WindowStream` as one list, then waits
 until the consumer asks for the window after the list's last one (a marker sent after the list
 is received only then). The checkpoint that evicts those windows from the state is written after
 that wait: a window a checkpoint records as emitted was taken by the consumer, and a window the
@@ -97,7 +97,7 @@ class WindowStream:
         except BaseException:
             self._state = "closed"  # the run did not start: nothing to stop
             raise
-        if self.run.folder is None:  # the checkpoint is of a finished run: nothing to fold
+        if self.run.fold_stage is None:  # the checkpoint is of a finished run: nothing to fold
             self._send.close()
 
     async def _close(self, *exc_info: Any) -> bool | None:
@@ -105,7 +105,7 @@ class WindowStream:
             return None
         self._state = "closed"
         try:
-            return await self.run.__aexit__(*exc_info)  # stops the folder before it could see ...
+            return await self.run.__aexit__(*exc_info)  # stops the fold stage before it could see ...
         finally:
             self._recv.close()  # ... a closed stream: a stopped run is not a failed one
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Chunk", "LineParts", "Part", "Source"]
+__all__ = ["Chunk", "LineParts", "Part", "Source", "describe_source"]
 
 T_co = TypeVar("T_co", covariant=True)
 JSON = Any
@@ -95,3 +95,14 @@ class LineParts(Protocol):
     def parts(self) -> AsyncIterator[Part]: ...
 
     def resume(self, position: JSON) -> LineParts: ...
+
+
+def describe_source(source: object) -> str:
+    """The source's text for the pipeline's fingerprint: ``describe()``, else its type's name."""
+    describe = getattr(source, "describe", None)
+    if callable(describe):
+        text = describe()
+        if not isinstance(text, str):
+            raise TypeError(f"{type(source).__qualname__}.describe() must return a str, got {text!r}")
+        return text
+    return f"{'source' if isinstance(source, Source) else 'iterable'}:{type(source).__qualname__}"
