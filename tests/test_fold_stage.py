@@ -17,11 +17,11 @@ import anyio
 import anyio.from_thread
 import pytest
 from _procs import newest_checkpoint, wait_for
-from microbatch._core.checkpoint import Checkpoint
-from microbatch.stores import DirectoryStore
 from trio.testing import MockClock
 
 import microbatch as mb
+from microbatch.checkpoints.directory import DirectoryStore
+from microbatch.checkpoints.format import Checkpoint
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +64,12 @@ class RecordingStore:
         self.watch = watch
         self.seen = anyio.Event()
 
-    def load(self) -> Checkpoint | None:
+    def lock(self) -> None:
+        pass  # held in memory: nobody else can write it
+
+    def load(self, validate: Callable[[Checkpoint], object] | None = None) -> Checkpoint | None:
+        if self.saves and validate is not None:
+            validate(self.saves[-1][1])
         return self.saves[-1][1] if self.saves else None
 
     def save(self, checkpoint: Checkpoint) -> None:  # called in a worker thread

@@ -82,8 +82,8 @@ class FoldStage(Generic[V]):
         self.dead = dead
         self.sink = sink
         self.send_updates = send_updates
-        #: A batch counts once its update was taken (the results are the output: no aggregate).
-        self.deliver_first = send_updates and deliver_first
+        #: The results are the output (no aggregate): a batch counts once its update was taken.
+        self.results_are_output = deliver_first
         self.queue_depth = queue_depth
         #: ``stop()`` was called: fold no further batch of a split.
         self.stopping = False
@@ -93,6 +93,12 @@ class FoldStage(Generic[V]):
         #: Closed windows are being handed over: the state no longer holds them, so no final
         #: checkpoint may be written until they are out (a rerun hands them over again).
         self.undelivered = False
+
+    @property
+    def deliver_first(self) -> bool:
+        """A batch counts once its update was taken: the results are the output, and someone takes
+        the updates (``send_updates`` may be switched on after the stage was made)."""
+        return self.send_updates and self.results_are_output
 
     @property
     def value(self) -> V:

@@ -348,8 +348,8 @@ class Run(Generic[R, V]):
             with self._intake or anyio.CancelScope():
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
-                if not self._stopped:
-                    # The source ended (not asked to): these many batches make the whole run.
+                if not self._stopped and not getattr(self.source, "idle_ended", False):
+                    # The source ended (not asked to, nor quiet): these many batches make the whole run.
                     await send.send(End(emit.ticket))
 
 
