@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -150,11 +151,14 @@ async def wait_gone(pid: int) -> None:
 
 
 @pytest.mark.anyio
-async def test_results_exact_and_capacity_is_worker_threads(cluster: DaskCluster) -> None:
+async def test_results_exact_and_capacity_follows_worker_threads(cluster: DaskCluster) -> None:
+    # Two tasks in flight per worker thread; with bundles, 16 batches per task.
+    async with DaskExecutor(cluster, max_bytes=None) as executor:
+        assert executor.capacity == 4
     chunks = [list(range(i * 1000, (i + 1) * 1000)) for i in range(20)]
     results: dict[int, int] = {}
     async with DaskExecutor(cluster) as executor:
-        assert executor.capacity == 2
+        assert executor.capacity == 64
         assert executor.address == cluster.scheduler_address
 
         async def one(i: int) -> None:
@@ -288,7 +292,6 @@ async def test_timeout_cancels_the_task_and_restarts_its_worker(
         async with anyio.create_task_group() as tg:
             for n in (1, 2):
                 tg.start_soon(executor.run, total, [n])
-        assert executor.capacity == 2
 
 
 @pytest.mark.anyio
@@ -461,7 +464,8 @@ async def test_pipeline_retries_a_batch_dask_gave_up_on(
         fn,
         aggregate=mb.Sum(),
         max_size=1_000,
-        executor=DaskExecutor(cluster),
+        # One task per batch and per worker: the killed worker held only the blocked batch.
+        executor=DaskExecutor(cluster, max_bytes=None, max_in_flight=2),
         backoff=0.01,
         dead_letter=tmp_path / "dead.jsonl",
     )
@@ -661,3 +665,179 @@ async def test_a_file_only_this_process_sees_stops_the_run_naming_it_and_the_wor
     assert all(worker in str(cause) for worker in _cluster[1].scheduler_info()["workers"])
     # It stopped instead of reading the file here batch by batch.
     assert not (tmp_path / "dead.jsonl").exists() or (tmp_path / "dead.jsonl").read_text() == ""
+
+
+# -- bundles: batches waiting for a task slot leave together -----------------------------------------
+
+
+def sum_after_gate(gate: Path, numbers: list[int]) -> int:
+    """Sums once ``gate`` exists: holds the executor's only task slot while other calls queue."""
+    deadline = time.monotonic() + 60
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sum(numbers)
+
+
+def total_unless_13(numbers: list[int]) -> int:
+    if 13 in numbers:
+        raise ValueError(f"unlucky batch {numbers}")
+    return sum(numbers)
+
+
+def total_blocking_once_on(marker: Path, trigger: int, numbers: list[int]) -> int:
+    """``total``, except that the first batch holding ``trigger`` blocks after writing ``marker``."""
+    if trigger in numbers and not marker.exists():
+        _write_marker(marker)
+        time.sleep(600)
+    return sum(numbers)
+
+
+async def until(condition: Any) -> None:
+    """Wait until ``condition()`` holds (polls; no ordering depends on the polling's pace)."""
+    with anyio.fail_after(30):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+async def queued_behind_a_gate(
+    executor: DaskExecutor, gate: Path, fn: Any, args: list[list[int]]
+) -> tuple[dict[int, int], dict[int, Exception]]:
+    """Run ``fn`` on each of ``args`` while a first call holds the executor's only task slot, so that
+    they all wait for it; then open the gate. Returns the results and the errors by index."""
+    results: dict[int, int] = {}
+    errors: dict[int, Exception] = {}
+
+    async def one(i: int, fn: Any, arg: list[int]) -> None:
+        try:
+            results[i] = await executor.run(fn, arg)
+        except Exception as exc:
+            errors[i] = exc
+
+    sent = executor.bundles
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, -1, functools.partial(sum_after_gate, gate), [1, 2])
+        await until(lambda: executor.bundles == sent + 1)  # the first call left alone
+        for i, arg in enumerate(args):
+            tg.start_soon(one, i, fn, arg)
+        await until(lambda: executor.waiting == len(args))
+        gate.touch()
+    assert results.pop(-1) == 3
+    return results, errors
+
+
+@pytest.mark.anyio
+async def test_calls_waiting_for_a_slot_leave_as_one_bundle_with_their_own_outcomes(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    args = [[i, 13] if i == 4 else [i, 100] for i in range(10)]
+    async with DaskExecutor(cluster, max_tasks=1) as executor:
+        assert executor.capacity == 16
+        results, errors = await queued_behind_a_gate(executor, tmp_path / "gate", total_unless_13, args)
+        # The ten calls left as one task; fn raising on one batch failed that call alone.
+        assert executor.bundles == 2
+        assert results == {i: i + 100 for i in range(10) if i != 4}
+        assert list(errors) == [4]
+        assert isinstance(errors[4], ValueError) and "unlucky batch [4, 13]" in str(errors[4])
+        assert "in total_unless_13" in errors[4].__cause__.tb  # type: ignore[union-attr]
+    assert executor.fallbacks == executor.crashes == 0
+
+
+@pytest.mark.anyio
+async def test_a_bundle_holds_at_most_max_bytes_of_arguments(cluster: DaskCluster, tmp_path: Path) -> None:
+    from microbatch.executors import remote
+
+    args = [[i, 100] for i in range(10)]
+    size = len(remote.dumps(args[0]))
+    assert all(len(remote.dumps(arg)) == size for arg in args)
+    async with DaskExecutor(cluster, max_tasks=1, max_bytes=3 * size) as executor:
+        results, errors = await queued_behind_a_gate(executor, tmp_path / "gate", total, args)
+        assert results == {i: i + 100 for i in range(10)} and not errors
+        assert executor.bundles == 1 + 4  # the first call, then 3 + 3 + 3 + 1
+
+
+@pytest.mark.anyio
+async def test_a_bundle_lost_with_its_worker_runs_its_batches_one_by_one(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    marker = tmp_path / "started"
+    fn = functools.partial(total_blocking_once_on, marker, 999)
+    args = [[i, 999 if i == 5 else i] for i in range(8)]
+    async with DaskExecutor(cluster, max_tasks=1) as executor:
+        async with anyio.create_task_group() as tg:
+
+            async def kill_when_blocked() -> None:
+                pid = await wait_for_pid(marker)
+                os.kill(pid, signal.SIGKILL)
+
+            tg.start_soon(kill_when_blocked)
+            results, errors = await queued_behind_a_gate(executor, tmp_path / "gate", fn, args)
+        # The bundle's data died with its worker: each batch ran again alone (batch 5 no longer
+        # blocks), and every result is exact.
+        assert not errors
+        assert results == {i: sum(arg) for i, arg in enumerate(args)}
+        assert executor.bundles == 2 and executor.fallbacks == 1
+    await wait_gone(int(marker.read_text()))
+
+
+def sum_ints_unless_x(lines: list[str]) -> int:
+    bad = [line for line in lines if line.startswith("x")]
+    if bad:
+        raise ValueError(f"not a number: {bad[0]}")
+    return sum(int(line) for line in lines)
+
+
+@pytest.mark.anyio
+async def test_bundled_and_unbundled_runs_fold_the_same_value_and_dead_letters(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "numbers.txt"
+    lines = [f"x{i}" if i % 997 == 5 else str(i) for i in range(20_000)]
+    path.write_text("".join(f"{line}\n" for line in lines))
+    expected = sum(int(line) for line in lines if not line.startswith("x"))
+    dead: dict[str, list[dict[str, Any]]] = {}
+    for name, settings in (("bundles", {}), ("one task per batch", {"max_bytes": None})):
+        executor = DaskExecutor(cluster, **settings)
+        pipeline = mb.Pipeline(
+            sum_ints_unless_x,
+            aggregate=mb.Sum(),
+            max_size=100,
+            executor=executor,
+            split_size=None,  # batches sent from here, as from a source that cannot be split
+            backoff=0.01,
+            dead_letter=tmp_path / f"{name}.jsonl",
+        )
+        assert await pipeline.run(mb.read_lines(path)) == expected
+        dead[name] = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert (executor.bundles > 0) == (name == "bundles")
+    assert [d["record"] for d in dead["bundles"]] == [line for line in lines if line.startswith("x")]
+    assert dead["bundles"] == dead["one task per batch"]
+
+
+def same_batch(records: list[int]) -> list[int]:
+    return records
+
+
+@pytest.mark.anyio
+async def test_bundled_map_results_come_in_batch_order(cluster: DaskCluster) -> None:
+    records = list(range(30_000))
+    pipeline = mb.Pipeline(same_batch, max_size=250, executor=DaskExecutor(cluster))
+    out: list[int] = []
+    async with pipeline.map(records) as results:
+        async for batch in results:
+            out.extend(batch)
+    assert out == records
+
+
+def test_a_worker_loads_a_bundles_function_once() -> None:
+    import pickle
+
+    from microbatch.executors import remote
+
+    function = (b"digest-of-total", pickle.dumps(total))
+    args = [[1, 2], [3], []]
+    blob = b"".join(pickle.dumps(arg) for arg in args)
+    sizes = [len(pickle.dumps(arg)) for arg in args]
+    outcomes = remote.call_bundle(function, blob, sizes)
+    assert outcomes == [(remote.RESULT, 3), (remote.RESULT, 3), (remote.RESULT, 0)]
+    # Known by its digest from then on: the pickle sent along is not read again.
+    assert remote.call_bundle((b"digest-of-total", b"not a pickle"), blob, sizes)[0] == (remote.RESULT, 3)
