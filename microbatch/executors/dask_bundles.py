@@ -40,7 +40,7 @@ class BundleCounters(TaskCounters, Protocol):
     bundles: int
     fallbacks: int
 
-__all__ = ["CLOSED", "FALLBACK", "Bundler", "Failed"]
+__all__ = ["CLOSED", "FALLBACK", "TARGET_SECONDS", "Bundler", "Failed"]
 
 
 class _Fallback:
@@ -86,6 +86,11 @@ class _Bundle:
         self.scope = anyio.CancelScope()
 
 
+#: Worker time a bundle carries at most, as measured on the bundles before it: well above Dask's
+#: milliseconds per task, and short enough that the last bundles of a run leave no worker idle long.
+TARGET_SECONDS = 0.2
+
+
 class Bundler:
     """Collects calls into bundles and runs each as one Dask task; see the module docstring.
 
@@ -110,6 +115,8 @@ class Bundler:
         self.max_bytes = max_bytes
         self.restart_on_timeout = restart_on_timeout
         self.counters = counters
+        # Seconds of worker time per byte of arguments, measured on the bundles so far.
+        self._cost: float | None = None
         self._pending: deque[_Call] = deque()
         self._running: set[_Bundle] = set()
         self._arrived = anyio.Event()
@@ -170,13 +177,17 @@ class Bundler:
                 call.done.set()
 
     def _cut(self) -> list[_Call]:
-        """The pending calls of one function, oldest first, up to ``max_bytes`` (at least one)."""
+        """The pending calls of one function, oldest first, up to ``max_bytes`` and to about
+        :data:`TARGET_SECONDS` of work as measured so far (at least one call)."""
         calls: list[_Call] = []
         size = 0
+        limit = self.max_bytes
+        if self._cost:
+            limit = min(limit, int(TARGET_SECONDS / self._cost))
         pending = self._pending
         while pending:
             call = pending[0]
-            if calls and (call.shipped is not calls[0].shipped or size + len(call.data) > self.max_bytes):
+            if calls and (call.shipped is not calls[0].shipped or size + len(call.data) > limit):
                 break
             pending.popleft()
             calls.append(call)
@@ -221,7 +232,7 @@ class Bundler:
         self.counters.bundles += 1
         limits = [call.timeout for call in calls]
         time_limit = None if None in limits else sum(limits)  # type: ignore[arg-type]
-        outcomes: list[Any] = await wait_task(
+        seconds, outcomes = await wait_task(
             self.distributed,
             client,
             future,
@@ -232,7 +243,9 @@ class Bundler:
             counters=_BundleCounters(self.counters, timeouts=alone),
             also_release=(data,),
         )
-        return outcomes
+        cost = seconds / max(len(blob), 1)
+        self._cost = cost if self._cost is None else (self._cost + cost) / 2
+        return outcomes  # type: ignore[no-any-return]
 
 
 class _BundleCounters:

@@ -30,6 +30,7 @@ caller's side raises are imported when first needed.
 from __future__ import annotations
 
 import pickle
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -77,13 +78,17 @@ _LOADED: dict[bytes, Callable[[Any], Any]] = {}
 _LOADED_SIZE = 32
 
 
-def call_bundle(function: tuple[bytes, bytes], blob: bytes, sizes: list[int]) -> list[tuple[Any, ...]]:
-    """Runs on a Dask worker: the outcome of ``fn(arg)`` for each argument of a bundle, in order.
+def call_bundle(
+    function: tuple[bytes, bytes], blob: bytes, sizes: list[int]
+) -> tuple[float, list[tuple[Any, ...]]]:
+    """Runs on a Dask worker: the outcome of ``fn(arg)`` for each argument of a bundle, in order,
+    after the seconds the bundle took here.
 
     ``function`` is ``(digest, pickled fn)``; ``blob`` holds the pickled arguments end to end, the
     ``i``-th ``sizes[i]`` bytes long. Never raises for ``fn``'s sake: each call's failure is its own
     outcome, as with :func:`call`.
     """
+    started = time.perf_counter()
     digest, data = function
     fn = _LOADED.pop(digest, None)
     if fn is None:
@@ -98,7 +103,7 @@ def call_bundle(function: tuple[bytes, bytes], blob: bytes, sizes: list[int]) ->
         arg = pickle.loads(view[at : at + size])
         at += size
         outcomes.append(call(fn, arg))
-    return outcomes
+    return time.perf_counter() - started, outcomes
 
 
 def failure(exc: BaseException) -> tuple[Any, ...]:
