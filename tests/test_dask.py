@@ -152,13 +152,13 @@ async def wait_gone(pid: int) -> None:
 
 @pytest.mark.anyio
 async def test_results_exact_and_capacity_follows_worker_threads(cluster: DaskCluster) -> None:
-    # Two tasks in flight per worker thread; with bundles, 16 batches per task.
+    # Four tasks in flight per worker thread; with bundles, 16 batches per task.
     async with DaskExecutor(cluster, max_bytes=None) as executor:
-        assert executor.capacity == 4
+        assert executor.capacity == 8
     chunks = [list(range(i * 1000, (i + 1) * 1000)) for i in range(20)]
     results: dict[int, int] = {}
     async with DaskExecutor(cluster) as executor:
-        assert executor.capacity == 64
+        assert executor.capacity == 128
         assert executor.address == cluster.scheduler_address
 
         async def one(i: int) -> None:

@@ -115,8 +115,8 @@ class Bundler:
         self.max_bytes = max_bytes
         self.restart_on_timeout = restart_on_timeout
         self.counters = counters
-        # Seconds of worker time per byte of arguments, measured on the bundles so far.
-        self._cost: float | None = None
+        # Seconds of worker time per byte of arguments of each function, measured on its bundles.
+        self._cost: dict[PickledFunction, float] = {}
         self._pending: deque[_Call] = deque()
         self._running: set[_Bundle] = set()
         self._arrived = anyio.Event()
@@ -178,13 +178,14 @@ class Bundler:
 
     def _cut(self) -> list[_Call]:
         """The pending calls of one function, oldest first, up to ``max_bytes`` and to about
-        :data:`TARGET_SECONDS` of work as measured so far (at least one call)."""
+        :data:`TARGET_SECONDS` of work as measured on that function's bundles (at least one call)."""
         calls: list[_Call] = []
         size = 0
         limit = self.max_bytes
-        if self._cost:
-            limit = min(limit, int(TARGET_SECONDS / self._cost))
         pending = self._pending
+        cost = self._cost.get(pending[0].shipped) if pending else None
+        if cost:
+            limit = min(limit, int(TARGET_SECONDS / cost))
         while pending:
             call = pending[0]
             if calls and (call.shipped is not calls[0].shipped or size + len(call.data) > limit):
@@ -244,7 +245,10 @@ class Bundler:
             also_release=(data,),
         )
         cost = seconds / max(len(blob), 1)
-        self._cost = cost if self._cost is None else (self._cost + cost) / 2
+        known = self._cost.get(shipped)
+        if known is None and len(self._cost) >= 32:
+            self._cost.clear()  # functions of runs long gone
+        self._cost[shipped] = cost if known is None else (known + cost) / 2
         return outcomes  # type: ignore[no-any-return]
 
 
