@@ -843,3 +843,31 @@ def test_a_worker_loads_a_bundles_function_once() -> None:
     # Known by its digest from then on: the pickle sent along is not read again.
     _, outcomes = remote.call_bundle((b"digest-of-total", b"not a pickle"), blob, sizes)
     assert outcomes[0] == (remote.RESULT, 3)
+
+
+def slow_sum(lines: list[str]) -> int:
+    time.sleep(0.05)
+    return sum(int(line) for line in lines)
+
+
+def _scheduler_tasks(dask_scheduler: Any = None) -> int:
+    return len(dask_scheduler.tasks)
+
+
+@pytest.mark.anyio
+async def test_leaving_a_bundled_run_early_leaves_no_task_on_the_cluster(
+    cluster: DaskCluster, tmp_path: Path, _cluster: tuple[DaskCluster, Client]
+) -> None:
+    path = tmp_path / "numbers.txt"
+    write_numbers(path, 50_000)
+    executor = DaskExecutor(cluster)
+    pipeline = mb.Pipeline(slow_sum, aggregate=mb.Sum(), max_size=100, executor=executor, split_size=None)
+    async with pipeline.updates(mb.read_lines(path)) as updates:
+        async for update in updates:
+            if update.seq == 3:
+                break  # leaving the block cancels the run: calls waiting and bundles in flight
+    assert executor.bundles > 0 and executor.client is None
+    # The scheduler forgets every task and every scattered bundle of the run.
+    with anyio.fail_after(30):
+        while _cluster[1].run_on_scheduler(_scheduler_tasks):
+            await anyio.sleep(0.05)

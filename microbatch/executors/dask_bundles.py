@@ -20,6 +20,7 @@ would hang as long.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import deque
 from typing import Any, Protocol
@@ -142,7 +143,8 @@ class Bundler:
             call.gone = True
             bundle = call.bundle
             if bundle is None:
-                self._pending.remove(call)
+                with contextlib.suppress(ValueError):  # close() may have emptied the queue
+                    self._pending.remove(call)
             elif all(c.gone for c in bundle.calls):
                 bundle.scope.cancel()  # nobody waits for it any more: stop it on the cluster
             raise
