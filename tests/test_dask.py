@@ -354,6 +354,10 @@ def test_invalid_arguments_name_the_parameter(cluster: DaskCluster) -> None:
         DaskExecutor(cluster, max_in_flight=0)
     with pytest.raises(ValueError, match="connect_timeout"):
         DaskExecutor(cluster, connect_timeout=0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        DaskExecutor(cluster, max_bytes=0)
+    with pytest.raises(ValueError, match="max_tasks"):
+        DaskExecutor(cluster, max_tasks=0)
 
 
 def test_missing_distributed_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
