@@ -1,24 +1,33 @@
-"""The same pipeline on the local process executor and on a Dask cluster on this machine.
+"""Dask for a source that cannot be split: batches read by the pipeline and sent to the cluster.
 
-A scheduler and two single-threaded workers are started with the ``dask`` command, as they would be
-on a real cluster (``dask scheduler``, ``dask worker ADDRESS --nworkers 2 --nthreads 1``), and the
-pipeline connects to the scheduler's address. Start-up of the cluster is not timed; start-up of the
-process executor's two workers is (it is part of every local run).
+A scheduler and two single-threaded workers are started with the ``dask`` command on 127.0.0.1, as
+on a real cluster (``tests/_dask_cluster.py``); starting them is not timed. The file is read by the
+pipeline's process and sent batch by batch (``split_size=None``), the path of every source that
+cannot be split (TCP, standard input, iterables, user sources); ``bench_dask_splits.py`` measures
+files read by the workers in splits.
 
-(a) Sum of N integers, one per line, from a file: ``ProcessExecutor(2)`` against ``DaskExecutor``
-    with its default capacity (the cluster's 2 worker threads) and with ``max_in_flight=4``.
-(b) A CPU-heavy fn (~20 us of Python per record): the same three, where per-batch overhead matters less.
+Jobs, batches of 10,000 records:
 
-The file is read by the pipeline and sent batch by batch (``split_size=None``), the path of a
-source that cannot be split; ``bench_dask_splits.py`` measures files read by the workers in splits.
-Ratios are medians of ``--repeat`` runs made by this script in one go.
+(a) sum of N integers, one per line (``--n``): cheap per record, so per-task costs show;
+(b) a CPU-heavy fn, ~20 us of Python per record (``--heavy`` records): per-task costs hardly matter.
 
-    python benchmarks/bench_dask.py [--n 3000000] [--heavy 200000] [--repeat 3]
+Variants, each run in a fresh interpreter (byte-compiled first), timed from calling ``run()`` to the
+result (the local pool's worker start and the Dask client's connection are counted):
+
+- ``ProcessExecutor(2)``: the local pool, the baseline;
+- ``DaskExecutor``: its defaults, batches bundled into tasks of up to ``max_bytes``;
+- ``DaskExecutor, one task per batch``: ``max_bytes=None``.
+
+Rounds are interleaved (each round runs every variant of every job once); figures are medians of
+``--repeat`` rounds, ratios medians of the per-round ratios against ``ProcessExecutor(2)``.
+
+    python benchmarks/bench_dask.py [--n 3000000] [--heavy 100000] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -26,69 +35,45 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
 
-import microbatch as mb
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _jobs import heavy, parse_sum
-
-
-@contextmanager
-def dask_cluster(tmp: str) -> Iterator[str]:
-    """A scheduler and 2 worker processes (1 thread each) on 127.0.0.1; yields the scheduler address."""
-    scheduler_file = os.path.join(tmp, "scheduler.json")
-    dask = os.path.join(os.path.dirname(sys.executable), "dask")
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-         "--scheduler-file", scheduler_file],
-        env=env, **quiet,
-    )  # fmt: skip
-    workers = None
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(scheduler_file):
-            if time.monotonic() > deadline or scheduler.poll() is not None:
-                raise RuntimeError("the Dask scheduler did not start")
-            time.sleep(0.05)
-        time.sleep(0.2)  # the file is written in one go, but give the scheduler a moment to listen
-        with open(scheduler_file) as f:
-            address: str = json.load(f)["address"]
-        workers = subprocess.Popen(
-            [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
-             "--host", "127.0.0.1"],
-            env=env, **quiet,
-        )  # fmt: skip
-        yield address
-    finally:
-        for proc in (workers, scheduler):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+#: The executor settings of each Dask variant (the local pool is ``ProcessExecutor(2)``).
+DASK_VARIANTS: dict[str, dict[str, Any]] = {
+    "DaskExecutor": {},
+    "DaskExecutor, one task per batch": {"max_bytes": None},
+}
+LOCAL = "ProcessExecutor(2)"
+VARIANTS = [LOCAL, *DASK_VARIANTS]
 
 
-def run_once(fn: Callable[[list[str]], int], path: str, executor: mb.Executor) -> tuple[float, int]:
-    # split_size=None: one task per batch, read here (bench_dask_splits.py measures file splits).
+def child(variant: str, job: str, path: str, address: str) -> None:
+    """Run one variant in this fresh interpreter; print its seconds and its total as JSON."""
+    import anyio
+    from _jobs import heavy, parse_sum
+
+    import microbatch as mb
+
+    fn = {"sum": parse_sum, "heavy": heavy}[job]
+    executor: mb.Executor
+    if variant == LOCAL:
+        executor = mb.ProcessExecutor(2)
+    else:
+        executor = mb.DaskExecutor(address, **DASK_VARIANTS[variant])
     pipeline = mb.Pipeline(
         fn, aggregate=mb.Sum(), max_size=10_000, max_wait=None, executor=executor, split_size=None
     )
     start = time.perf_counter()
-    total = anyio.run(pipeline.run, mb.read_lines(path))
-    return time.perf_counter() - start, total
+    total = anyio.run(pipeline.run, mb.read_lines(path), backend="asyncio")
+    print(json.dumps({"seconds": time.perf_counter() - start, "total": int(total)}))
 
 
 async def wait_for_workers(address: str) -> int:
+    """The cluster's worker threads, once both workers are connected."""
     from distributed import Client
 
     async with Client(address, asynchronous=True) as client:
@@ -100,49 +85,62 @@ async def wait_for_workers(address: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=3_000_000)
-    parser.add_argument("--heavy", type=int, default=200_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--heavy", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--child", nargs=4, metavar=("VARIANT", "JOB", "PATH", "ADDRESS"))
     args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
 
+    import anyio
+    from _dask_cluster import dask_cluster
+
+    import microbatch
+
+    # Fresh interpreters would otherwise compile every module they import (PYTHONDONTWRITEBYTECODE).
+    compileall.compile_dir(Path(microbatch.__file__).parent, quiet=1)
+    compileall.compile_file(str(HERE / "_jobs.py"), quiet=1)
+
+    jobs = {
+        "sum": ("(a) sum of integers", args.n),
+        "heavy": ("(b) CPU-heavy fn (~20 us a record)", args.heavy),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        numbers = os.path.join(tmp, "numbers.txt")
-        with open(numbers, "w") as f:
-            f.writelines(f"{i}\n" for i in range(args.n))
-        small = os.path.join(tmp, "heavy.txt")
-        with open(small, "w") as f:
-            f.writelines(f"{i}\n" for i in range(args.heavy))
-
-        with dask_cluster(tmp) as address:
+        paths = {}
+        for job, (_, n) in jobs.items():
+            paths[job] = os.path.join(tmp, f"{job}.txt")
+            with open(paths[job], "w") as f:
+                f.writelines(f"{i}\n" for i in range(n))
+        with dask_cluster(Path(tmp) / "cluster", workers=2, pythonpath=[str(HERE)]) as cluster:
+            address = cluster.scheduler_address
             threads = anyio.run(wait_for_workers, address)
-            variants: dict[str, Callable[[], Any]] = {
-                "ProcessExecutor(2)": lambda: mb.ProcessExecutor(2),
-                f"DaskExecutor ({threads} in flight)": lambda: mb.DaskExecutor(address),
-                "DaskExecutor (4 in flight)": lambda: mb.DaskExecutor(address, max_in_flight=4),
-            }
-
-            def measure(fn: Callable[[list[str]], int], path: str) -> dict[str, float]:
-                seconds: dict[str, list[float]] = {name: [] for name in variants}
-                totals = set()
-                for _ in range(args.repeat):  # interleaved, so that drift hits every variant alike
-                    for name, make in variants.items():
-                        secs, total = run_once(fn, path, make())
-                        seconds[name].append(secs)
-                        totals.add(total)
-                assert len(totals) == 1, f"variants disagree: {totals}"
-                return {name: statistics.median(s) for name, s in seconds.items()}
-
-            for title, fn, path, n in (
-                ("(a) sum of integers", parse_sum, numbers, args.n),
-                ("(b) CPU-heavy fn (~20 us a record)", heavy, small, args.heavy),
-            ):
-                print(f"{title}: {n:,} records, batches of 10,000, medians of {args.repeat}")
-                results = measure(fn, path)
-                base = results["ProcessExecutor(2)"]
-                for name, secs in results.items():
-                    print(
-                        f"  {name:28s} {secs:7.3f} s  {n / secs / 1e6:6.2f} M records/s  "
-                        f"{base / secs:5.2f}x ProcessExecutor(2)"
-                    )
+            seconds: dict[str, dict[str, list[float]]] = {job: {v: [] for v in VARIANTS} for job in jobs}
+            totals: dict[str, set[int]] = {job: set() for job in jobs}
+            for _ in range(args.repeat):
+                for job in jobs:
+                    for variant in VARIANTS:
+                        out = subprocess.run(
+                            [sys.executable, __file__, "--child", variant, job, paths[job], address],
+                            check=True, capture_output=True, text=True,
+                        )  # fmt: skip
+                        result = json.loads(out.stdout.strip().splitlines()[-1])
+                        totals[job].add(result["total"])
+                        seconds[job][variant].append(result["seconds"])
+    assert totals["sum"] == {args.n * (args.n - 1) // 2}, f"wrong sums: {totals['sum']}"
+    assert len(totals["heavy"]) == 1, f"variants disagree: {totals['heavy']}"
+    print(f"2 Dask workers ({threads} threads), batches of 10,000, medians of {args.repeat} rounds")
+    for job, (title, n) in jobs.items():
+        print(f"{title}: {n:,} records")
+        local = seconds[job][LOCAL]
+        for variant in VARIANTS:
+            secs = seconds[job][variant]
+            ratios = [a / b for a, b in zip(local, secs, strict=True)]
+            median = statistics.median(secs)
+            print(
+                f"  {variant:34s} {median:7.3f} s  {n / median / 1e6:5.2f} M records/s  "
+                f"{statistics.median(ratios):5.2f}x {LOCAL}  (rounds: {' '.join(f'{r:.2f}' for r in ratios)})"
+            )
 
 
 if __name__ == "__main__":

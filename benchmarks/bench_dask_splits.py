@@ -1,9 +1,10 @@
 """File splits on Dask: the workers read the file themselves, against the local pool and dask.bag.
 
 Sum of N integers (one per line) from a file. A scheduler and 2 single-threaded workers are started
-with the ``dask`` command on 127.0.0.1 (as on a cluster); starting them is timed once and reported
-apart. Variants, each in a fresh interpreter, timed from calling ``run()`` (or ``compute()``) to
-the result (so the local pool's worker start is counted, and the Dask client's connection):
+with the ``dask`` command on 127.0.0.1 (as on a cluster: ``tests/_dask_cluster.py``); starting them
+is timed once and reported apart. Variants, each in a fresh interpreter, timed from calling
+``run()`` (or ``compute()``) to the result (so the local pool's worker start is counted, and the
+Dask client's connection):
 
 - ``ProcessExecutor(2)``: splits of the pipeline's default size, read by 2 local worker processes;
 - ``DaskExecutor``: splits of the executor's default size (``DaskExecutor.split_size``) and of
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 
 def child(variant: str, path: str, address: str, small: int, bag_block: int) -> None:
@@ -76,7 +78,8 @@ def main() -> None:
         return
 
     import anyio
-    from bench_dask import dask_cluster, wait_for_workers
+    from _dask_cluster import dask_cluster
+    from bench_dask import wait_for_workers
 
     variants = ["ProcessExecutor(2)", "DaskExecutor", f"DaskExecutor {args.small} MiB splits", "dask.bag"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +88,9 @@ def main() -> None:
             f.writelines(f"{i}\n" for i in range(args.n))
         size = os.path.getsize(path)
         started = time.perf_counter()
-        with dask_cluster(tmp) as address:
+        here = str(Path(__file__).parent)
+        with dask_cluster(Path(tmp) / "cluster", workers=2, pythonpath=[here]) as cluster:
+            address = cluster.scheduler_address
             anyio.run(wait_for_workers, address)
             cluster_start = time.perf_counter() - started
             seconds: dict[str, list[float]] = {v: [] for v in variants}

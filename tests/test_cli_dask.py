@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _dask_cluster import START_TIMEOUT, dask_cluster
 
 distributed = pytest.importorskip("distributed")
 
@@ -20,14 +21,11 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def scheduler() -> Iterator[str]:
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tests = str(Path(__file__).parent)  # the workers import this module's functions by name
+    with dask_cluster(tmp_path_factory.mktemp("dask"), workers=2, pythonpath=[tests]) as cluster:
+        with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=START_TIMEOUT)
         yield cluster.scheduler_address
 
 

@@ -1,44 +1,66 @@
 """``DaskExecutor``: run a pipeline's batches on a Dask distributed cluster.
 
-The executor submits one Dask task per call, ``remote.call(fn, arg)``: the task carries the callable and
-the batch as one payload (a line source's batch is a single ``LineBlock`` of raw bytes, split and
-decoded on the worker), so a batch travels once and no per-record objects are created on the machine
-running the pipeline. The task, ``remote.call``, returns the call's outcome instead of raising
-(the encoding the process workers use too, see :mod:`microbatch.executors.remote`), so that the
-exception of ``fn`` comes back as itself with the worker's formatted traceback, and so that any
-*raised* task error is known to come from Dask rather than from ``fn``.
+Batches waiting for the cluster leave together: the calls that arrive while every Dask task slot
+is busy become one task when a slot frees, up to ``max_bytes`` of arguments (see
+:mod:`microbatch.executors.dask_bundles`), their bytes scattered straight to a worker. A file split
+is one task of its own, carrying only the path and the byte range. Every task returns each call's
+outcome instead of raising (the encoding the process workers use too, see
+:mod:`microbatch.executors.remote`), so that the exception of ``fn`` comes back as itself with the
+worker's formatted traceback, and so that any *raised* task error is known to come from Dask
+rather than from ``fn`` (:mod:`microbatch.executors.dask_tasks`).
 
 ``distributed`` is imported only when a ``DaskExecutor`` is created: ``import microbatch`` works
 without it. Dask's client runs on asyncio only.
+
+Failures of a call:
+
+- ``fn`` raises: the same exception is raised here with the worker's traceback as a
+  ``RemoteTraceback`` in ``__cause__``; an exception that cannot be pickled back (or
+  ``SystemExit``) becomes ``RemoteError`` with the same cause.
+- the worker running the call dies: Dask's scheduler itself re-runs the task on another worker,
+  up to its ``distributed.scheduler.allowed-failures`` setting (default 3); past that, Dask
+  gives up (``KilledWorker``) and ``WorkerCrashed`` is raised, and the pipeline's own retries
+  apply. Set ``allowed-failures`` to 0 on the scheduler to leave every retry to the pipeline.
+  A bundle's data lives on the worker it was scattered to, and is lost with it: each of the
+  bundle's batches then runs again as a task of its own, which Dask re-runs as above.
+- the call runs past ``timeout`` seconds (a bundle: the sum of its calls' timeouts, then each
+  call runs alone with its own): the task is cancelled and ``BatchTimeout`` raised. A
+  Python thread cannot be stopped, so with ``restart_on_timeout`` (the default) the worker
+  process that ran the task is also killed through its nanny, which starts a new one (other
+  tasks on that worker are re-run elsewhere by Dask). A worker without a nanny
+  (``dask worker --no-nanny``), or ``restart_on_timeout=False``, keeps the hung thread busy
+  until ``fn`` returns. The time counts from submission: with ``max_in_flight`` above the
+  worker threads, time a task waits in Dask's queue counts too.
+- the connection to the scheduler is lost: ``ExecutorUnavailable`` (a ``WorkerCrashed``); a
+  pipeline retries the batch but never dead-letters records for it, and stops after the retries.
+- the task is cancelled or lost by Dask (a worker restarted from outside): ``WorkerCrashed``
+  naming the reason.
+- a Dask error outside ``fn`` (the worker cannot import microbatch or ``fn``'s module, a result
+  that cannot be unpickled here): ``ExecutorError`` naming it.
+- the caller is cancelled: the task is cancelled on the cluster, the cancellation goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
-import signal
-import uuid
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
 
 from .._core.params import callable_name, check_int
 from .._core.splits import FileSplit
-from .._exceptions import (
-    BackendNotSupported,
-    BatchTimeout,
-    ExecutorError,
-    ExecutorUnavailable,
-    PathNotVisible,
-    WorkerCrashed,
-)
+from .._exceptions import BackendNotSupported, ExecutorError, PathNotVisible
 from . import remote
 from .base import FunctionCache, PickledFunction, check_timeout
+from .dask_bundles import CLOSED, FALLBACK, Bundler, Failed
+from .dask_tasks import task_key, wait_task
 
-__all__ = ["DEFAULT_SPLIT_SIZE", "DaskExecutor", "PathNotVisible", "check_path_visible"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SPLIT_SIZE", "DaskExecutor", "PathNotVisible", "check_path_visible"]
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -46,26 +68,24 @@ R = TypeVar("R")
 # How many distinct functions ``run`` remembers as already checked for picklability.
 _CHECKED_CACHE_SIZE = 32
 
-# After a timeout, how long to wait for the scheduler to release the task before killing its worker.
-_RELEASE_WAIT = 5.0
-
 _INSTALL_HINT = "pip install 'microbatch[dask]'"
 
 #: Bytes of a file per split on Dask, used by a pipeline whose ``split_size`` was not given: a task
 #: costs milliseconds on a cluster (against about 0.1 ms in a local pool), so splits are larger.
 DEFAULT_SPLIT_SIZE = 16 << 20
 
+#: Bytes of pickled batches per Dask task at most, by default: a task then carries some tens of
+#: milliseconds of work or more, against a few milliseconds of Dask's own cost per task.
+DEFAULT_MAX_BYTES = 4 << 20
 
-def _kill_worker_process(dask_worker: Any) -> int | None:
-    """Runs in a worker's nanny: SIGKILL the worker process, which the nanny then starts anew.
+#: Dask tasks in flight per worker thread, by default: one running, the others on their way or
+#: waiting on their worker, so that a worker starts its next task without waiting for the round trips
+#: of a bundle (scatter its bytes, submit, fetch the result: 0.1-0.3 s each on a loaded machine).
+TASKS_PER_THREAD = 4
 
-    A graceful restart waits for the worker's threads, and a hung ``fn`` never ends: only a kill
-    frees the thread. Returns the killed pid (None when the process was already gone).
-    """
-    pid: int | None = dask_worker.pid
-    if pid is not None:
-        os.kill(pid, signal.SIGKILL)
-    return pid
+#: Batches a pipeline keeps on the cluster per task in flight, by default (with ``max_bytes``): the
+#: batches that arrive while every task slot is busy make the next bundle.
+BATCHES_PER_TASK = 16
 
 
 def _import_distributed() -> Any:
@@ -96,12 +116,6 @@ def _current_library() -> str:
         return "no async library"
 
 
-def _key_prefix(fn: object) -> str:
-    # Dask groups tasks by the key's leading words: the dashboard then shows the user's function name.
-    name = callable_name(fn).rsplit(".", 1)[-1]
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "batch"
-
-
 class DaskExecutor:
     """Runs each call as one task on a Dask distributed cluster; asyncio only.
 
@@ -116,51 +130,46 @@ class DaskExecutor:
     - a cluster object with a ``scheduler_address`` (``LocalCluster``, ``dask_jobqueue`` and
       ``dask_kubernetes`` clusters): a client is connected to it, and closed on exit.
 
-    ``capacity`` (how many calls run at once; a pipeline keeps that many batches on the cluster) is
-    ``max_in_flight`` when given, otherwise the total number of worker threads when the executor is
-    entered; then entering waits up to ``worker_timeout`` (default 60 s) for at least one worker
-    and fails with ``ExecutorError`` if none arrives. Workers joining later are used by Dask, but do
-    not raise ``capacity``: pass ``max_in_flight`` for a cluster that grows.
+    Tasks in flight: ``max_tasks`` Dask tasks at most, by default 4 per worker thread of the
+    cluster when the executor is entered (one running, the others on their way, which hides the
+    round trips of the scheduler and the scatter). Counting the threads waits up to
+    ``worker_timeout`` (default 60 s) for a first worker, then fails with ``ExecutorError``.
+    Workers joining later are used by Dask but do not raise these numbers: pass them for a
+    cluster that grows.
 
-    Each call is one task with ``pure=False`` whose payload is ``fn`` and ``arg`` together;
+    Bundles: batch calls waiting for a task slot leave together as one task when a slot frees, up
+    to ``max_bytes`` (default 4 MiB) of pickled arguments; a call never waits for others to
+    arrive. The bundle's bytes are scattered straight to a worker, not sent through the
+    scheduler's task graph; the task runs ``fn`` on each batch in turn and returns each batch's
+    outcome, so ``fn`` raising on one batch fails only that call. A bundle that fails as a whole
+    (its worker lost past Dask's re-runs, a timeout, a result that cannot be pickled) runs each of
+    its batches again as a task of its own: failures, retries and dead letters are then exactly
+    those of batches sent one by one. ``max_bytes=None`` sends every batch as a task of its own.
+
+    ``capacity`` (how many calls run at once: a pipeline keeps that many batches on the cluster,
+    read ahead of the fold) is ``max_in_flight`` when given; otherwise ``max_tasks`` times 16
+    with bundles, ``max_tasks`` without. With bundles, a pipeline thus holds up to
+    ``(queue_size + capacity) * max_size`` records in memory: lower ``max_in_flight`` for batches
+    of megabytes.
+
     ``fn`` travels pickled with cloudpickle (functions of importable modules by reference, so
     every worker needs microbatch and the modules ``fn`` lives in installed; functions from
-    ``__main__`` by value). ``fn`` that cannot be pickled raises ``UnpicklableFunction`` before its
-    first task is sent. The task runs in one of the worker's threads: a function holding the GIL
-    needs workers with one thread each (``dask worker --nthreads 1 --nworkers N``) to use N cores.
+    ``__main__`` by value), and each worker process unpickles it once for all bundles of all runs.
+    ``fn`` that cannot be pickled raises ``UnpicklableFunction`` before its first task is sent.
+    Tasks run in the worker's threads: a function holding the GIL needs workers with one thread
+    each (``dask worker --nthreads 1 --nworkers N``) to use N cores.
 
     A file split (a pipeline over a regular file) is one task that reads the file on its worker:
     the path must be the same file on every worker (a shared filesystem). The first split of each
     path checks that once (:func:`check_path_visible`), else ``PathNotVisible`` names the workers.
     ``split_size`` (16 MiB) is the split size a ``Pipeline`` given no ``split_size`` uses.
 
-    Failures:
-
-    - ``fn`` raises: the same exception is raised here with the worker's traceback as a
-      ``RemoteTraceback`` in ``__cause__``; an exception that cannot be pickled back (or
-      ``SystemExit``) becomes ``RemoteError`` with the same cause.
-    - the worker running the call dies: Dask's scheduler itself re-runs the task on another worker,
-      up to its ``distributed.scheduler.allowed-failures`` setting (default 3); past that, Dask
-      gives up (``KilledWorker``) and ``WorkerCrashed`` is raised, and the pipeline's own retries
-      apply. Set ``allowed-failures`` to 0 on the scheduler to leave every retry to the pipeline.
-    - the call runs past ``timeout`` seconds: the task is cancelled and ``BatchTimeout`` raised. A
-      Python thread cannot be stopped, so with ``restart_on_timeout`` (the default) the worker
-      process that ran the task is also killed through its nanny, which starts a new one (other
-      tasks on that worker are re-run elsewhere by Dask). A worker without a nanny
-      (``dask worker --no-nanny``), or ``restart_on_timeout=False``, keeps the hung thread busy
-      until ``fn`` returns. The time counts from submission: with ``max_in_flight`` above the
-      worker threads, time a task waits in Dask's queue counts too.
-    - the connection to the scheduler is lost: ``ExecutorUnavailable`` (a ``WorkerCrashed``); a
-      pipeline retries the batch but never dead-letters records for it, and stops after the retries.
-    - the task is cancelled or lost by Dask (a worker restarted from outside): ``WorkerCrashed``
-      naming the reason.
-    - a Dask error outside ``fn`` (the worker cannot import microbatch or ``fn``'s module, a result
-      that cannot be unpickled here): ``ExecutorError`` naming it.
-    - the caller is cancelled: the task is cancelled on the cluster, the cancellation goes on.
+    Failures (``fn`` raising, lost workers, timeouts, a lost scheduler): see the module docstring.
 
     On trio, entering raises ``BackendNotSupported``: Dask's client runs on asyncio (uvloop works).
     An executor can be entered again after it was left (a new client is then connected), but not
-    twice at once. Counters ``crashes``, ``timeouts`` and ``restarts`` only grow.
+    twice at once. Counters ``crashes``, ``timeouts``, ``restarts``, ``bundles`` (bundle tasks
+    sent) and ``fallbacks`` (bundles that failed as a whole) only grow.
     """
 
     def __init__(
@@ -172,9 +181,11 @@ class DaskExecutor:
         worker_timeout: float = 60.0,
         restart_on_timeout: bool = True,
         split_size: int | None = DEFAULT_SPLIT_SIZE,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        max_tasks: int | None = None,
     ) -> None:
         distributed = _import_distributed()
-        _check_arguments(max_in_flight, connect_timeout, worker_timeout, split_size)
+        _check_arguments(max_in_flight, connect_timeout, worker_timeout, split_size, max_bytes, max_tasks)
         self._given_client: Any = None
         self._address: str | None = None
         if isinstance(address_or_client, str):
@@ -195,14 +206,22 @@ class DaskExecutor:
         self.worker_timeout = worker_timeout
         self.restart_on_timeout = restart_on_timeout
         self.split_size = split_size
+        self.max_bytes = max_bytes
+        self.max_tasks = max_tasks
         self._paths = _VisiblePaths()
         self.capacity = max_in_flight or 0
         self.crashes = 0
         self.timeouts = 0
         self.restarts = 0
+        self.bundles = 0  # bundle tasks sent
+        self.fallbacks = 0  # bundles that failed as a whole: their batches ran one task each
         self.client: Any = None
         self._owns_client = False
         self._slots: anyio.Semaphore | None = None
+        self._tasks: anyio.Semaphore | None = None  # Dask tasks in flight (bundles and splits)
+        self._bundler: Bundler | None = None
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
         # Functions checked for picklability and pickled, once per function.
         self._functions = FunctionCache(_CHECKED_CACHE_SIZE)
         self._distributed = distributed
@@ -213,6 +232,11 @@ class DaskExecutor:
             f"<DaskExecutor {self.address or 'client'} capacity={self.capacity} {self._state} "
             f"crashes={self.crashes} timeouts={self.timeouts} restarts={self.restarts}>"
         )
+
+    @property
+    def waiting(self) -> int:
+        """Batches waiting for a Dask task slot (they leave in the next bundle)."""
+        return self._bundler.waiting if self._bundler else 0
 
     @property
     def address(self) -> str | None:
@@ -240,9 +264,28 @@ class DaskExecutor:
             )
         self._state = "open"
         try:
-            await self._connect()
-            if self.max_in_flight is None:
-                self.capacity = await _count_threads(self.client, self.address, self.worker_timeout)
+            self.client, self._owns_client = await _connect(
+                self._distributed, self._given_client, self._address, self.connect_timeout
+            )
+            tasks = self.max_tasks
+            if tasks is None or self.max_in_flight is None:
+                threads = await _count_threads(self.client, self.address, self.worker_timeout)
+                tasks = tasks or TASKS_PER_THREAD * threads
+            per_task = 1 if self.max_bytes is None else BATCHES_PER_TASK
+            self.capacity = self.max_in_flight or tasks * per_task
+            self._tasks = anyio.Semaphore(tasks)
+            if self.max_bytes is not None:
+                self._stack = AsyncExitStack()
+                tg = self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+                self._bundler = Bundler(
+                    self._distributed,
+                    self.client,
+                    self._tasks,
+                    max_bytes=self.max_bytes,
+                    restart_on_timeout=self.restart_on_timeout,
+                    counters=self,
+                )
+                self._bundler.start(tg)
         except BaseException:
             await self._shutdown()
             raise
@@ -257,38 +300,18 @@ class DaskExecutor:
     ) -> None:
         await self._shutdown()
 
-    async def _connect(self) -> None:
-        given = self._given_client
-        if given is not None and given.asynchronous:
-            if given.status != "running":
-                raise ValueError(
-                    f"the distributed.Client given to DaskExecutor is {given.status!r}, not running: "
-                    f"create it with 'async with Client(address, asynchronous=True) as client:'"
-                )
-            self.client = given
-            return
-        address = self._address if given is None else str(given.scheduler.address)
-        client = self._distributed.Client(
-            address, asynchronous=True, timeout=self.connect_timeout, set_as_default=False
-        )
-        try:
-            await client
-        except (OSError, asyncio.TimeoutError) as exc:  # asyncio's differs from OSError's on 3.10
-            await _close_client(client)
-            raise ConnectionError(
-                f"cannot connect to the Dask scheduler at {address} within "
-                f"connect_timeout={self.connect_timeout} s: {exc}; start one there with "
-                f"'dask scheduler' and workers with 'dask worker {address}'"
-            ) from exc
-        except BaseException:
-            await _close_client(client)
-            raise
-        self.client = client
-        self._owns_client = True
-
     async def _shutdown(self) -> None:
         self._state = "closed"
-        self._slots = None
+        self._slots = self._tasks = None
+        bundler, self._bundler = self._bundler, None
+        stack, self._stack = self._stack, None
+        if bundler is not None:
+            bundler.close()
+        if stack is not None:
+            assert self._tg is not None
+            self._tg.cancel_scope.cancel()  # the sender waits for calls forever
+            self._tg = None
+            await stack.aclose()
         self._paths = _VisiblePaths()  # workers may differ the next time
         client, self.client = self.client, None
         if client is not None and self._owns_client:
@@ -303,121 +326,73 @@ class DaskExecutor:
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - per call, part of the Executor protocol
     ) -> R:
-        """Run ``fn(arg)`` as one Dask task and return its result; see the class docstring."""
+        """Run ``fn(arg)`` on the cluster and return its result; see the class docstring."""
         check_timeout(timeout)
-        if self._state != "open" or self._slots is None:
+        if self._state != "open" or self._slots is None or self._tasks is None:
             raise RuntimeError(
                 f"DaskExecutor is {self._state}: use it inside 'async with DaskExecutor(...) as executor:'"
             )
         shipped = self._functions.get(fn)
-        if isinstance(arg, FileSplit):
-            arg = await self._paths.check(self.client, arg)  # type: ignore[assignment]
         async with self._slots:
+            if isinstance(arg, FileSplit):
+                arg = await self._paths.check(self.client, arg)  # type: ignore[assignment]
+                async with self._tasks:
+                    return await self._submit(shipped, arg, timeout)  # type: ignore[no-any-return]
+            if self._bundler is not None:
+                outcome = await self._bundler.call(shipped, arg, timeout)
+                if outcome is CLOSED:
+                    raise RuntimeError("the DaskExecutor was left while this call waited for its result")
+                if isinstance(outcome, Failed):
+                    raise outcome.error
+                if outcome is not FALLBACK:
+                    return remote.unwrap(outcome, fn)  # type: ignore[no-any-return]
             return await self._submit(shipped, arg, timeout)  # type: ignore[no-any-return]
 
     async def _submit(self, shipped: PickledFunction, arg: Any, time_limit: float | None) -> Any:
-        client = self.client
+        """Run one call as a Dask task of its own; its value, or its exception raised."""
         fn = shipped.fn
-        name = callable_name(fn)
-        key = f"{_key_prefix(fn)}-{uuid.uuid4().hex}"
-        future = client.submit(remote.call, shipped, arg, key=key, pure=False)
-        finished = restarted = False
-        try:
-            with anyio.move_on_after(math.inf if time_limit is None else time_limit) as scope:
-                try:
-                    outcome = await future
-                except Exception as exc:
-                    finished = True
-                    error = _task_error(self._distributed, exc, key, name, self.address)
-                    if isinstance(error, WorkerCrashed):
-                        self.crashes += 1
-                    raise error from exc
-                finished = True
-        finally:
-            if not finished:
-                # Timed out or the caller was cancelled: stop the task on the cluster.
-                restart = scope.cancelled_caught and self.restart_on_timeout
-                if await _abandon(self.client, future, key, restart=restart):
-                    self.restarts += 1
-                    restarted = True
-            else:
-                future.release()
-        if scope.cancelled_caught:
-            self.timeouts += 1
-            killed = " and its worker process killed (its nanny starts a new one)" if restarted else ""
-            raise BatchTimeout(
-                f"{name} ran longer than timeout={time_limit} s as Dask task {key}; the task was "
-                f"cancelled{killed} (raise the timeout or make the batches smaller)"
-            )
+        key = task_key(fn)
+        future = self.client.submit(remote.call, shipped, arg, key=key, pure=False)
+        outcome = await wait_task(
+            self._distributed,
+            self.client,
+            future,
+            key=key,
+            name=callable_name(fn),
+            time_limit=time_limit,
+            restart_on_timeout=self.restart_on_timeout,
+            counters=self,
+        )
         return remote.unwrap(outcome, fn)
 
 
-def _task_error(distributed: Any, exc: Exception, key: str, name: str, address: str | None) -> ExecutorError:
-    """The executor's error for Dask task ``key`` (running ``name``) that failed outside ``fn``."""
-    if isinstance(exc, distributed.CancelledError):
-        # distributed's CancelledError is concurrent.futures', not a cancellation of ours.
-        return WorkerCrashed(
-            f"Dask cancelled the task {key} running {name} on {address}: {exc} "
-            f"(the scheduler connection was lost or the task was cancelled from outside)"
-        )
-    if isinstance(exc, distributed.scheduler.KilledWorker):
-        return WorkerCrashed(
-            f"the Dask workers running task {key} ({name}) died every time it ran: {exc}. "
-            f"A signal such as SIGSEGV points at a C extension, SIGKILL often at the "
-            f"out-of-memory killer; the scheduler's distributed.scheduler.allowed-failures "
-            f"sets how often Dask re-runs such a task"
-        )
-    if isinstance(exc, (distributed.comm.CommClosedError, OSError)):
-        return ExecutorUnavailable(
-            f"lost the connection to the Dask scheduler at {address} while task "
-            f"{key} ({name}) ran: {type(exc).__name__}: {exc}"
-        )
-    return ExecutorError(
-        f"Dask task {key} failed outside {name}: {type(exc).__name__}: {exc}. "
-        f"Every worker needs microbatch and the module defining {name} installed, "
-        f"and the result must unpickle here"
-    )
-
-
-async def _abandon(client: Any, future: Any, key: str, *, restart: bool) -> bool:
-    """Cancel ``future`` on the cluster; with ``restart`` also kill its worker; never cancelled.
-
-    Returns whether a worker process was killed.
-    """
-    with anyio.CancelScope(shield=True):
-        worker = None
-        if restart:
-            try:
-                processing: dict[str, list[Any]] = await client.processing()
-            except Exception:  # pragma: no cover - scheduler gone; cancelling below fails too
-                processing = {}
-            worker = next((w for w, keys in processing.items() if key in keys), None)
-        try:
-            await client.cancel([future], reason="microbatch: timeout or caller cancelled")
-        except Exception:  # pragma: no cover - scheduler gone: the task dies with it
-            pass
-        if worker is not None:
-            # The cancel message travels on the client's batched stream: wait until the scheduler
-            # has released the task, or killing the worker would make Dask re-run it elsewhere.
-            await _wait_released(client, key, worker)
-            try:
-                killed = await client.run(_kill_worker_process, workers=[worker], nanny=True)
-            except Exception:  # pragma: no cover - the nanny is gone too
-                killed = {}
-            return bool(killed)
-    return False
-
-
-async def _wait_released(client: Any, key: str, worker: str) -> None:
-    with anyio.move_on_after(_RELEASE_WAIT):
-        while True:
-            try:
-                processing: dict[str, list[Any]] = await client.processing([worker])
-            except Exception:  # the worker left the cluster: nothing runs there any more
-                return
-            if key not in processing.get(worker, ()):
-                return
-            await anyio.sleep(0.01)
+async def _connect(
+    distributed: Any, given: Any, address: str | None, connect_timeout: float
+) -> tuple[Any, bool]:
+    """The asynchronous client to use, and whether it is ours to close."""
+    if given is not None and given.asynchronous:
+        if given.status != "running":
+            raise ValueError(
+                f"the distributed.Client given to DaskExecutor is {given.status!r}, not running: "
+                f"create it with 'async with Client(address, asynchronous=True) as client:'"
+            )
+        return given, False
+    if given is not None:
+        address = str(given.scheduler.address)
+    client = distributed.Client(address, asynchronous=True, timeout=connect_timeout, set_as_default=False)
+    try:
+        await client
+    except (OSError, asyncio.TimeoutError) as exc:  # asyncio's differs from OSError's on 3.10
+        await _close_client(client)
+        raise ConnectionError(
+            f"cannot connect to the Dask scheduler at {address} within "
+            f"connect_timeout={connect_timeout} s: {exc}; start one there with "
+            f"'dask scheduler' and workers with 'dask worker {address}'"
+        ) from exc
+    except BaseException:
+        await _close_client(client)
+        raise
+    return client, True
 
 
 async def _count_threads(client: Any, address: str | None, worker_timeout: float) -> int:
@@ -443,7 +418,12 @@ async def _close_client(client: Any) -> None:
 
 
 def _check_arguments(
-    max_in_flight: int | None, connect_timeout: float, worker_timeout: float, split_size: int | None
+    max_in_flight: int | None,
+    connect_timeout: float,
+    worker_timeout: float,
+    split_size: int | None,
+    max_bytes: int | None,
+    max_tasks: int | None,
 ) -> None:
     if max_in_flight is not None and (
         isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1
@@ -456,8 +436,9 @@ def _check_arguments(
         raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
     if not worker_timeout > 0:
         raise ValueError(f"worker_timeout must be a positive number of seconds, got {worker_timeout!r}")
-    if split_size is not None:
-        check_int("split_size", split_size, minimum=1)
+    for name, value in (("split_size", split_size), ("max_bytes", max_bytes), ("max_tasks", max_tasks)):
+        if value is not None:
+            check_int(name, value, minimum=1)
 
 
 def _file_size(path: str) -> int | None:
