@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
-    from .sources import Chunk, LineSource, Source, TcpLines, read_lines, tcp_lines
+    from .sources import Chunk, LineSource, NatsStream, Source, TcpLines, nats_stream, read_lines, tcp_lines
     from .stores import CheckpointStore, DirectoryStore, SqliteStore
 
 _LAZY = {
@@ -59,7 +59,16 @@ _LAZY = {
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
-    ".sources": ["Chunk", "LineSource", "Source", "TcpLines", "read_lines", "tcp_lines"],
+    ".sources": [
+        "Chunk",
+        "LineSource",
+        "NatsStream",
+        "Source",
+        "TcpLines",
+        "nats_stream",
+        "read_lines",
+        "tcp_lines",
+    ],
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -99,6 +108,7 @@ __all__ = [
     "Mean",
     "MicrobatchError",
     "Min",
+    "NatsStream",
     "PathNotVisible",
     "PendingResult",
     "Pipeline",
@@ -120,6 +130,7 @@ __all__ = [
     "Update",
     "WorkerCrashed",
     "batches",
+    "nats_stream",
     "read_lines",
     "tcp_lines",
 ]

@@ -41,7 +41,7 @@ from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
-from ..sources.protocol import Chunk, LineParts, Part, Source
+from ..sources.protocol import Chunk, LineParts, Part, Source, ended_idle
 
 __all__ = [
     "Batch",
@@ -114,7 +114,6 @@ class SplittableLines(LineParts, Protocol):
     max_line_length: int
 
     def splittable(self) -> bool: ...
-
 
 
 def describe_source(source: object) -> str:
@@ -433,6 +432,8 @@ class _Skipped:
     def __init__(self, source: Source[Any], count: int) -> None:
         self.source = source
         self.count = count
+
+    ended_idle = property(lambda self: ended_idle(self.source))
 
     def describe(self) -> str:
         return self.source.describe()

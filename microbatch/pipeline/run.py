@@ -34,6 +34,7 @@ from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
+from ..sources.protocol import ended_idle
 from .checkpoints import Checkpoints, dead_letter_path
 from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, End, Event
@@ -130,9 +131,13 @@ class Run(Generic[R, V]):
 
     @property
     def finished(self) -> bool:
-        """The source was read to its end and every one of its batches was folded."""
+        """The source was read to its end and every one of its batches was folded.
+
+        A source that ended because it was quiet (``stop_when_idle``) was not read to its end: the
+        next run resumes from the last checkpoint and reads what arrived since.
+        """
         if self.folder is not None:
-            return self.folder.finished and not self._stopped
+            return self.folder.finished and not self._stopped and not ended_idle(self.source)
         return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ class):
    the iterable again and skips what was folded (correct when the iterable yields the same records
    in the same order each time).
 
-Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint.
+Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint, and
+``ended_idle``: true when its latest reading ended because no record came for its
+``stop_when_idle`` seconds (:func:`ended_idle`), not because its input ended.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Chunk", "LineParts", "Part", "Source"]
+__all__ = ["Chunk", "LineParts", "Part", "Source", "ended_idle"]
 
 T_co = TypeVar("T_co", covariant=True)
 JSON = Any
@@ -94,3 +96,9 @@ class LineParts(Protocol):
     def parts(self) -> AsyncIterator[Part]: ...
 
     def resume(self, position: JSON) -> LineParts: ...
+
+
+def ended_idle(source: object) -> bool:
+    """Whether the source's latest reading ended because it was quiet for its ``stop_when_idle``
+    seconds: its input goes on, so a run that read it to that end has not finished it."""
+    return bool(getattr(source, "ended_idle", False))
