@@ -47,7 +47,18 @@ if TYPE_CHECKING:
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
-    from .sources import Chunk, LineSource, NatsStream, Source, TcpLines, nats_stream, read_lines, tcp_lines
+    from .sources import (
+        Chunk,
+        LineSource,
+        ManyFiles,
+        NatsStream,
+        Source,
+        TcpLines,
+        nats_stream,
+        read_files,
+        read_lines,
+        tcp_lines,
+    )
     from .stores import CheckpointStore, DirectoryStore, SqliteStore
 
 _LAZY = {
@@ -62,10 +73,12 @@ _LAZY = {
     ".sources": [
         "Chunk",
         "LineSource",
+        "ManyFiles",
         "NatsStream",
         "Source",
         "TcpLines",
         "nats_stream",
+        "read_files",
         "read_lines",
         "tcp_lines",
     ],
@@ -104,6 +117,7 @@ __all__ = [
     "InlineExecutor",
     "LineSource",
     "LineTooLong",
+    "ManyFiles",
     "Max",
     "Mean",
     "MicrobatchError",
@@ -131,6 +145,7 @@ __all__ = [
     "WorkerCrashed",
     "batches",
     "nats_stream",
+    "read_files",
     "read_lines",
     "tcp_lines",
 ]

@@ -2,6 +2,7 @@
 NATS JetStream streams, any iterable)."""
 
 from .files import LineSource, read_lines
+from .many import ManyFiles, read_files
 from .nats import NatsStream, nats_stream
 from .protocol import Chunk, LineParts, Source
 from .stdin import StdinLines, stdin_lines
@@ -11,11 +12,13 @@ __all__ = [
     "Chunk",
     "LineParts",
     "LineSource",
+    "ManyFiles",
     "NatsStream",
     "Source",
     "StdinLines",
     "TcpLines",
     "nats_stream",
+    "read_files",
     "read_lines",
     "stdin_lines",
     "tcp_lines",
