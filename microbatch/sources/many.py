@@ -347,7 +347,7 @@ class _Reading:
         """The matching files not done yet (nor being read), in the source's order."""
         found: dict[str, float] = {}
         for pattern in self.source.patterns:
-            names = glob.glob(pattern) if glob.has_magic(pattern) else [pattern]
+            names = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
             for name in names:
                 try:
                     st = os.stat(name)
@@ -439,8 +439,8 @@ def read_files(
 ) -> ManyFiles:
     """The lines of many files, one file after the other, as one source.
 
-    - ``pattern_or_paths``: a glob pattern (``"logs/*.log*"``, ``"data/**/*.csv"`` with ``**``
-      matching folders only as ``glob`` does) or a list of paths and patterns. A path without
+    - ``pattern_or_paths``: a glob pattern (``"logs/*.log*"``; ``"data/**/*.csv"``: ``**`` matches
+      any depth of folders) or a list of paths and patterns. A path without
       wildcards that does not exist raises ``FileNotFoundError`` (unless ``follow``).
     - ``order`` (default ``"name"``): files are read in the order of their names, or with
       ``"mtime"`` of their modification times (oldest first: the order of a rotated log's files).
