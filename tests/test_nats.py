@@ -217,6 +217,6 @@ def test_kill_9_at_random_moments_then_resume_is_exact(
         proc.wait()
         if finished:
             break
-    assert kills >= 1
+    assert kills >= min(KILLS, 3), kills
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"done {sum(range(20_000))}"
