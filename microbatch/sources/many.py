@@ -21,6 +21,7 @@ import gzip
 import logging
 import os
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import IO, Any, Literal
 
 import anyio
@@ -124,6 +125,16 @@ class ManyFiles:
             poll_interval=self.poll_interval,
             position=position,
         )
+
+    def __aiter__(self) -> AsyncGenerator[Any, None]:
+        """The records one by one (``chunks()`` is faster: one list per read)."""
+        return self._records()
+
+    async def _records(self) -> AsyncGenerator[Any, None]:
+        async with aclosing(self.chunks()) as chunks:
+            async for chunk in chunks:
+                for record in chunk.records:
+                    yield record
 
     def chunks(self) -> AsyncGenerator[Chunk[Any], None]:
         """The records, one chunk per block read, each with the position after it."""

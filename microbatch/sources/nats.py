@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Any, Literal
 
 import anyio
@@ -125,6 +126,16 @@ class NatsStream:
             stop_when_idle=self.stop_when_idle,
             start=seq + 1,
         )
+
+    def __aiter__(self) -> AsyncGenerator[Any, None]:
+        """The records one by one (``chunks()`` is faster: one list per read)."""
+        return self._records()
+
+    async def _records(self) -> AsyncGenerator[Any, None]:
+        async with aclosing(self.chunks()) as chunks:
+            async for chunk in chunks:
+                for record in chunk.records:
+                    yield record
 
     def chunks(self) -> AsyncGenerator[Chunk[Any], None]:
         """The messages' payloads, one chunk per fetch, each with the sequence of its last message."""
