@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,39 @@ async def test_the_server_killed_and_restarted_mid_run(nats_server: NatsServer, 
                 restarted_at = update.records
     assert 0 < restarted_at < 20_000
     assert run.value == sum(range(20_000)) and run.finished
+
+
+@pytest.mark.anyio
+async def test_a_server_down_at_the_start_is_waited_for(nats_server: NatsServer, tmp_path: Path) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "LATE", numbers(0, 2000), create=True)
+    await in_thread(nats_server.kill)
+    retrying = threading.Event()
+
+    class Retrying(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "reconnecting" in record.getMessage():
+                retrying.set()
+
+    handler = Retrying()
+    logger = logging.getLogger("microbatch.sources")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with anyio.create_task_group() as tg:
+            result: list[int] = []
+
+            async def run() -> None:
+                source = mb.nats_stream(url, "LATE", until="end", timeout=30)
+                result.append(await pipeline().run(source, checkpoint=tmp_path / "state"))
+
+            tg.start_soon(run)
+            assert await in_thread(retrying.wait, 30)  # the source tried, failed, and tries again
+            await in_thread(nats_server.start)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert result == [sum(range(2000))]
 
 
 @pytest.mark.anyio

@@ -136,22 +136,34 @@ class Puller:
 
     async def open(self) -> StreamState:
         """Connect, read the stream's state and start a consumer at ``next`` (or the first message)."""
-        import nats
+        from nats.aio.client import Client
 
         self.arrived = asyncio.Event()
 
         async def quiet(exc: Exception) -> None:
-            logger.debug("nats %s: %s", self.servers, exc)
+            logger.debug("nats %s: %s (reconnecting)", ",".join(self.servers), exc)
 
         async def connect() -> Any:
-            return await nats.connect(
-                self.servers,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.2,
-                connect_timeout=min(2.0, self.timeout),
-                error_cb=quiet,
-            )
+            # The client retries a first connection forever by itself (max_reconnect_attempts=-1
+            # keeps reconnecting later on): bound it by what is left of ``timeout``.
+            nc = Client()
+            try:
+                await asyncio.wait_for(
+                    nc.connect(
+                        self.servers,
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        # Seconds as floats work (they go to asyncio); the stubs say int.
+                        reconnect_time_wait=0.2,  # type: ignore[arg-type]
+                        connect_timeout=min(2.0, self.timeout),  # type: ignore[arg-type]
+                        error_cb=quiet,
+                    ),
+                    max(self.timeout - self._unanswered(), 0.1),
+                )
+            except BaseException:
+                await nc.close()
+                raise
+            return nc
 
         self.nc = await self._retry("connect", connect)
         self.js = self.nc.jetstream(timeout=min(5.0, self.timeout))
