@@ -52,7 +52,7 @@ def make_batches(records: int, keys: int) -> list[list[str]]:
 def run_variant(variant: str, batches: list[list[str]]) -> tuple[float, float, Any]:
     """Run one variant; return wall seconds, CPU seconds and a check value."""
     from microbatch.aggregate import ByKey, Count, TopK, split_to_bytes
-    from microbatch.keyed import ShardFiles
+    from microbatch.checkpoints.shards import ShardFiles
 
     agg = ByKey(Count(), shards=16)
     parts: list[dict[int, bytes]] = []

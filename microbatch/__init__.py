@@ -41,11 +41,14 @@ from ._exceptions import (
 
 if TYPE_CHECKING:
     from ._batching import ChunkedSource, batches
-    from ._core.checkpoint import Checkpoint
     from .aggregate import Aggregator, ByKey, Count, Max, Mean, Min, Reduce, Sum, TopK
+    from .checkpoints.directory import DirectoryStore
+    from .checkpoints.format import Checkpoint
+    from .checkpoints.sqlite import SqliteStore
+    from .checkpoints.store import CheckpointStore
     from .executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
     from .executors.dask import DaskExecutor
-    from .pipeline import Pipeline, Stats, Update
+    from .pipeline import Pipeline, Run, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
     from .sources import (
         Chunk,
@@ -59,16 +62,17 @@ if TYPE_CHECKING:
         read_lines,
         tcp_lines,
     )
-    from .stores import CheckpointStore, DirectoryStore, SqliteStore
 
 _LAZY = {
     "._batching": ["ChunkedSource", "batches"],
-    "._core.checkpoint": ["Checkpoint"],
-    ".stores": ["CheckpointStore", "DirectoryStore", "SqliteStore"],
+    ".checkpoints.format": ["Checkpoint"],
+    ".checkpoints.store": ["CheckpointStore"],
+    ".checkpoints.directory": ["DirectoryStore"],
+    ".checkpoints.sqlite": ["SqliteStore"],
     ".executors.dask": ["DaskExecutor"],
     ".aggregate": ["Aggregator", "ByKey", "Count", "Max", "Mean", "Min", "Reduce", "Sum", "TopK"],
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
-    ".pipeline": ["Pipeline", "Stats", "Update"],
+    ".pipeline": ["Pipeline", "Run", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
     ".sources": [
         "Chunk",
@@ -130,6 +134,7 @@ __all__ = [
     "Reduce",
     "RemoteError",
     "RemoteTraceback",
+    "Run",
     "SourceDecodeError",
     "Source",
     "SourceError",

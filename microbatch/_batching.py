@@ -43,7 +43,7 @@ from typing import (
 import anyio
 import anyio.lowlevel
 
-from ._batchstream import BatchStream, wait_until
+from ._batchstream import BatchStream
 from ._core.policy import check_limits
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["ChunkedSource", "batches", "wait_until"]
+__all__ = ["ChunkedSource", "batches"]
 
 T = TypeVar("T")
 

@@ -18,29 +18,15 @@ from typing import Any, Final, Generic, TypeVar
 import anyio
 import anyio.lowlevel
 
-from ._core.deadline import wait_deadline
 from ._core.policy import BatchPolicy
+from ._waits import wait_until
 
-__all__ = ["BatchStream", "wait_until"]
+__all__ = ["BatchStream"]
 
 T = TypeVar("T")
 
 #: Marks the free slots of the reader's pre-sized buffer; never a record.
 _EMPTY: Final[Any] = object()
-
-
-async def wait_until(deadline: float | None, wait: Callable[[], Awaitable[object]]) -> bool:
-    """Await ``wait()`` until the absolute ``deadline`` (``anyio.current_time()``; None: no limit).
-
-    Returns True when ``wait()`` returned, False when the deadline came first (``wait()`` is then
-    cancelled, so it must be safe to cancel: an event's ``wait()``, a memory stream's
-    ``receive()``). Exceptions of ``wait()`` propagate. The one way microbatch waits for a
-    partial batch's deadline.
-    """
-    with anyio.CancelScope(deadline=wait_deadline(deadline)):
-        await wait()
-        return True
-    return False
 
 
 def _bare_checkpoint() -> Callable[[], Awaitable[None]]:

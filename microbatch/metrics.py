@@ -44,7 +44,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 # (stats field, metric name, help) of the pipeline's counters; the names get a ``_total`` suffix.
 _PIPELINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("run_records", "records", "Records folded by this run."),
+    ("good_records", "records", "Records folded by this run whose results count (not dead letters)."),
     ("run_batches", "batches", "Batches folded by this run."),
     ("retries", "retries", "Batch attempts retried after a failure, crash or timeout."),
     ("crashes", "worker_crashes", "Worker processes that died while running a batch."),
@@ -72,8 +72,9 @@ class PipelineMetrics:
 
     :meth:`observe` takes the cumulative counters of a ``Stats`` snapshot and adds what grew since
     the last call, so calling it once per update, or less often, gives the same totals. Records and
-    batches count this run's work (``run_records``, ``run_batches``), not what a resumed run
-    inherited from its checkpoint. ``registry`` defaults to a new ``CollectorRegistry``.
+    batches count this run's work (``good_records``, ``run_batches``), not what a resumed run
+    inherited from its checkpoint; records that failed count in ``_dead_letters_total`` only.
+    ``registry`` defaults to a new ``CollectorRegistry``.
     """
 
     def __init__(

@@ -100,12 +100,9 @@ def test_topk_value_unchanged_and_equal_to_a_counter() -> None:
     assert TopK(25, shards=3).describe() == "TopK(k=25)"
 
 
-def test_topk_loads_the_old_checkpoint_format() -> None:
-    agg = TopK(2)
-    state = agg.load({"counts": {"a": 3, "b": 5, "c": 1}, "monotone": True})
-    assert agg.value(agg.fold(state, {"c": 10})) == [("c", 11), ("b", 5)]
-    assert agg.dump_changes(state)  # the old single document must be written whole next time
-    assert all(doc["kind"] == "base" for doc in agg.dump_changes(agg.load({"counts": {"a": 1}})))
+def test_topk_refuses_a_state_that_is_not_keyed_documents() -> None:
+    with pytest.raises(ValueError, match="not a state this aggregator dumped"):
+        TopK(2).load({"counts": {"a": 3, "b": 5, "c": 1}, "monotone": True})
 
 
 @pytest.mark.parametrize("before, after", [(4, 5), (5, 3), (1, 16), (16, 1)])

@@ -19,8 +19,12 @@ from typing import Any
 import pytest
 
 from microbatch import CheckpointCorrupt, CheckpointError, CheckpointMismatch, CheckpointWriteError
-from microbatch._core.checkpoint import Checkpoint, check_fingerprint, decode, encode
-from microbatch.stores import CheckpointStore, DirectoryStore, SqliteStore, open_store
+from microbatch._core.fingerprint import check_fingerprint
+from microbatch.checkpoints.directory import DirectoryStore
+from microbatch.checkpoints.format import Checkpoint, decode, encode
+from microbatch.checkpoints.sqlite import SqliteStore
+from microbatch.checkpoints.store import CheckpointStore
+from microbatch.checkpoints.targets import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -313,8 +317,9 @@ def test_encode_refuses_non_json_state() -> None:
 CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys
-    from microbatch._core.checkpoint import Checkpoint
-    from microbatch.stores import DirectoryStore, SqliteStore
+    from microbatch.checkpoints.directory import DirectoryStore
+    from microbatch.checkpoints.format import Checkpoint
+    from microbatch.checkpoints.sqlite import SqliteStore
 
     kind, path, step = sys.argv[1:4]
     store = DirectoryStore(path) if kind == "dir" else SqliteStore(path)
@@ -408,8 +413,9 @@ def test_crash_at_each_step_of_a_save(
 LOOP_SCRIPT = textwrap.dedent(
     """
     import sys
-    from microbatch._core.checkpoint import Checkpoint
-    from microbatch.stores import DirectoryStore, SqliteStore
+    from microbatch.checkpoints.directory import DirectoryStore
+    from microbatch.checkpoints.format import Checkpoint
+    from microbatch.checkpoints.sqlite import SqliteStore
 
     kind, path = sys.argv[1:3]
     store = DirectoryStore(path, keep=2) if kind == "dir" else SqliteStore(path, keep=2)
@@ -445,12 +451,3 @@ def test_sigkill_during_repeated_saves_always_leaves_a_valid_checkpoint(kind: st
         assert store.skipped == []
         store.close()
 
-
-def test_the_stores_are_still_importable_from_the_format_module() -> None:
-    import microbatch._core.checkpoint as fmt
-    import microbatch.stores as stores
-
-    for name in ("CheckpointStore", "DirectoryStore", "SqliteStore", "open_store", "is_sqlite_target"):
-        assert getattr(fmt, name) is getattr(stores, name)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        fmt.no_such_name  # type: ignore[attr-defined]  # noqa: B018

@@ -13,17 +13,20 @@ from typing import Any
 import pytest
 
 from microbatch import CheckpointCorrupt, CheckpointMismatch
-from microbatch._core.checkpoint import (
+from microbatch._exceptions import InvalidCheckpoint
+from microbatch.aggregate import Sum
+from microbatch.checkpoints.directory import DirectoryStore
+from microbatch.checkpoints.format import (
     MAX_DEPTH,
     Checkpoint,
-    InvalidCheckpoint,
     check_position,
     checked,
     decode,
     encode,
 )
-from microbatch.aggregate import Sum
-from microbatch.stores import CheckpointStore, DirectoryStore, SqliteStore, load_valid
+from microbatch.checkpoints.sqlite import SqliteStore
+from microbatch.checkpoints.store import CheckpointStore
+from microbatch.checkpoints.targets import open_store
 
 
 def cp(batches: int, **kw: Any) -> Checkpoint:
@@ -131,8 +134,21 @@ def test_an_offset_must_be_an_int_at_least_zero(value: Any) -> None:
         check_position(cp(3, position=value), "offset")
 
 
+@pytest.mark.parametrize(
+    ("position", "field"),
+    [({"offset": 5}, "position"), ({"chunk": 1, "skip": "3"}, "position.skip"),
+     ({"chunk": 1, "skip": True}, "position.skip"), ({"chunk": 1, "skip": -1}, "position.skip"),
+     ({"chunk": 1, "skip": 1.0}, "position.skip"), (7, "position")],
+)
+def test_a_chunk_position_of_the_wrong_shape_is_refused_naming_the_field(position: Any, field: str) -> None:
+    with pytest.raises(InvalidCheckpoint, match=f"field '{field}'"):
+        check_position(cp(3, position=position), "chunk")
+
+
 def test_chunk_and_none_positions() -> None:
-    assert check_position(cp(3, position={"offset": 5, "file": "a"}), "chunk") == {"offset": 5, "file": "a"}
+    position = {"chunk": {"offset": 5, "file": "a"}, "skip": 2}
+    assert check_position(cp(3, position=position), "chunk") == position
+    assert check_position(cp(3, position={"chunk": None, "skip": 0}), "chunk") == {"chunk": None, "skip": 0}
     # A chunk source whose chunks carry no position (a TCP server) continues with what comes next.
     assert check_position(cp(3, position=None), "chunk") is None
     assert check_position(cp(3, position=None), "none") is None
@@ -148,7 +164,7 @@ def test_a_null_file_position_falls_back_to_the_previous_checkpoint(
     store.save(cp(1))
     store.save(cp(2, position=None))
     with caplog.at_level(logging.WARNING, logger="microbatch.checkpoint"):
-        loaded = load_valid(store, lambda c: check_position(c, "offset"))
+        loaded = store.load(lambda c: check_position(c, "offset"))
     assert loaded is not None and loaded.batches == 1 and loaded.position == 100
     [(where, why)] = store.skipped
     assert "2" in where and "field 'position' is null after 2 batches" in why
@@ -169,7 +185,7 @@ def test_a_sum_state_sum_cannot_load_falls_back(store: CheckpointStore, bad_stat
     def validate(c: Checkpoint) -> None:
         loaded_states.append(checked("state", agg.load, c.state))
 
-    loaded = load_valid(store, validate)
+    loaded = store.load(validate)
     assert loaded is not None and loaded.batches == 1
     assert agg.value(loaded_states[-1]) == 41  # the last successful validation is the one returned
     [(_, why)] = store.skipped
@@ -185,7 +201,7 @@ def test_every_checkpoint_refused_is_corrupt_naming_each_field(store: Checkpoint
         checked("state", Sum().load, c.state)
 
     with pytest.raises(CheckpointCorrupt) as info:
-        load_valid(store, validate)
+        store.load(validate)
     message = str(info.value)
     assert "field 'position' is null" in message and "field 'state' was refused" in message
     assert "--fresh" in message
@@ -199,25 +215,26 @@ def test_a_mismatch_raised_by_validate_stops_instead_of_falling_back(store: Chec
         raise CheckpointMismatch("another pipeline")
 
     with pytest.raises(CheckpointMismatch):
-        load_valid(store, validate)
+        store.load(validate)
 
 
-def test_a_store_without_validate_is_validated_without_fallback(tmp_path: Path) -> None:
-    class OldStore:
+def test_a_store_must_lock_and_validate_to_be_used() -> None:
+    class StoreWithoutLock:
         location = "old-store"
+
         def __init__(self) -> None:
             self.skipped: list[tuple[str, str]] = []
 
-        def load(self) -> Checkpoint | None:
-            return cp(4, position=None)
+        def load(self, validate: object = None) -> Checkpoint | None:
+            return None
 
         def save(self, checkpoint: Checkpoint) -> None: ...
         def clear(self) -> None: ...
         def close(self) -> None: ...
 
-    with pytest.raises(CheckpointCorrupt, match="old-store cannot be resumed: field 'position' is null"):
-        load_valid(OldStore(), lambda c: check_position(c, "offset"))
-    assert load_valid(OldStore(), lambda c: None) == cp(4, position=None)
+    assert not isinstance(StoreWithoutLock(), CheckpointStore)
+    with pytest.raises(TypeError, match="checkpoint store"):
+        open_store(StoreWithoutLock())  # type: ignore[arg-type]
 
 
 # --- nesting depth ---------------------------------------------------------------------------------

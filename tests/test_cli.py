@@ -415,7 +415,7 @@ def test_progress_updates_in_a_terminal(paused_numbers: Path, tmp_path: Path) ->
 def test_tcp_input_until_interrupted(tmp_path: Path) -> None:
     import socket
 
-    from microbatch._core.checkpoint import open_store
+    from microbatch.checkpoints.targets import open_store
 
     state = tmp_path / "state"
     args = [

@@ -117,7 +117,7 @@ def test_follow_waits_for_a_missing_file_then_reads_it(tmp_path: Path) -> None:
         while f"waiting for {log} to appear" not in (line := proc.stderr.readline()):
             assert line, "the command exited before waiting for the file"
         log.write_text("".join(f"{i}\n" for i in range(100)))
-        from microbatch._core.checkpoint import open_store
+        from microbatch.checkpoints.targets import open_store
 
         def folded() -> int:
             store = open_store(tmp_path / "state")

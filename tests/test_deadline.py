@@ -7,8 +7,8 @@ import math
 import anyio
 import pytest
 
-from microbatch._batching import wait_until
 from microbatch._core.deadline import wait_deadline
+from microbatch._waits import wait_until
 
 
 def test_no_deadline_never_ends_a_wait_and_a_deadline_is_kept_as_it_is() -> None:

@@ -14,7 +14,7 @@ DOCUMENTED = {
     # the source protocol: a source that resumes from its own positions
     "Source", "Chunk",
     # pipelines
-    "Pipeline", "Stats", "Update",
+    "Pipeline", "Run", "Stats", "Update",
     # aggregators
     "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey",
     # executors

@@ -36,7 +36,7 @@ async def _run_until(pipeline: mb.Pipeline[int, int], source: object, state: Pat
         async with pipeline.updates(source, checkpoint=state) as updates:
             async for update in updates:
                 if update.records >= records:
-                    updates.stop()
+                    await updates.stop()
     return updates.value
 
 

@@ -1,6 +1,6 @@
 """Each layer that the sources and the deadline wait touch imports on its own, first, in a fresh
-interpreter: the TCP server imports the deadline wait from the batching module, and batching must
-not import the sources back at import time."""
+interpreter: the TCP server, the service and the batching module share the deadline wait
+(``_waits``), which imports none of them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import sys
 import pytest
 
 MODULES = [
+    "microbatch._waits",
     "microbatch._batching",
+    "microbatch.checkpoints.session",
     "microbatch.service",
     "microbatch.sources",
     "microbatch.sources.tcpserve",

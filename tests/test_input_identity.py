@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from microbatch import CheckpointMismatch
-from microbatch._core.checkpoint import Checkpoint, InvalidCheckpoint, decode, encode
-from microbatch.sources.identity import FileIdentity, classify, fd_identity, file_identity, siblings
+from microbatch._exceptions import InvalidCheckpoint
+from microbatch.checkpoints.format import Checkpoint, decode, encode
+from microbatch.checkpoints.identity import FileIdentity, classify, fd_identity, file_identity, siblings
 
 
 def lines(start: int, stop: int) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from microbatch import CheckpointCorrupt, CheckpointWriteError
 from microbatch.aggregate import ByKey, Count, Mean, Sum, TopK
-from microbatch.keyed import ShardFiles
+from microbatch.checkpoints.shards import ShardFiles
 
 
 def written(path: Path, manifest: Any, before: Any = None) -> int:

@@ -108,7 +108,7 @@ async def test_stop_then_map_again_ends_with_every_result(tmp_path: Path) -> Non
     async with pipeline.updates(mb.read_lines(src), checkpoint=state) as run:
         async for update in run:
             if update.seq == 2:
-                run.stop()
+                await run.stop()
                 seen.set()
     assert seen.is_set()
     async with pipeline.map(mb.read_lines(src), checkpoint=state) as results:

@@ -89,6 +89,11 @@ def test_counters_only_grow_and_registries_do_not_collide() -> None:
         run_batches: int = 0
         retries: int = 0
         last_latency: float = 0.0
+        dead_letters: int = 0
+
+        @property
+        def good_records(self) -> int:
+            return self.run_records - self.dead_letters
 
     metrics = PipelineMetrics()
     metrics.observe(Snapshot(run_records=10, run_batches=1, last_latency=0.2))

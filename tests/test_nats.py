@@ -103,7 +103,7 @@ async def test_follow_reads_while_a_publisher_publishes(nats_server: NatsServer,
                 continue
             if update.records == 10 + rounds * 200:
                 folded = update.records
-                run.stop()
+                await run.stop()
                 continue
             # Each round is published once everything before it was folded: follow mode goes on.
             await in_thread(publish, url, "LIVE", numbers(published, published + 200))

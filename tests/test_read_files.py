@@ -76,7 +76,7 @@ async def test_stopped_then_resumed_after_files_were_renamed(tmp_path: Path) -> 
     async with pipeline(checkpoint_every_batches=1).updates(source, checkpoint=state) as run:
         async for update in run:
             if update.records >= 5500:
-                run.stop()
+                await run.stop()
     assert not run.finished
     position = run.stats.position["chunk"]
     reading = Path(next(p for p in logs.iterdir() if p.stat().st_ino == position["file"]["id"]["inode"]))
@@ -95,7 +95,7 @@ async def test_the_file_being_read_gone_is_a_clear_error(tmp_path: Path) -> None
     async with pipeline(checkpoint_every_batches=1).updates(source, checkpoint=state) as run:
         async for update in run:
             if update.records >= 1500:
-                run.stop()
+                await run.stop()
     inode = run.stats.position["chunk"]["file"]["id"]["inode"]
     next(p for p in logs.iterdir() if p.stat().st_ino == inode).unlink()
     with pytest.raises(mb.SourceError, match=r"the file being read at the checkpoint .* fresh=True"):
@@ -113,7 +113,7 @@ async def test_following_a_rotated_log(tmp_path: Path) -> None:
             if update.records < written:
                 continue
             if rotations == 4:
-                run.stop()
+                await run.stop()
                 continue
             # Everything written so far is folded: rotate (app.log -> app.log.N), add lines to the
             # renamed file as a writer still holding it would, then start the new file.

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from microbatch import CheckpointCorrupt, CheckpointMismatch
-from microbatch._core.checkpoint import Checkpoint
 from microbatch._core.fingerprint import pipeline_fingerprint
 from microbatch.aggregate import Mean, Sum
-from microbatch.sources.identity import file_identity
-from microbatch.stores import CheckpointStore, DirectoryStore, SqliteStore
-from microbatch.stores.resume import restore
+from microbatch.checkpoints.directory import DirectoryStore
+from microbatch.checkpoints.format import Checkpoint
+from microbatch.checkpoints.identity import file_identity
+from microbatch.checkpoints.session import restore
+from microbatch.checkpoints.sqlite import SqliteStore
+from microbatch.checkpoints.store import CheckpointStore
 
 
 def parse(lines: list[str]) -> int:

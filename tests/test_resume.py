@@ -237,4 +237,5 @@ async def test_dead_letters_of_a_sqlite_checkpoint_go_beside_it_whatever_the_suf
     pipeline = mb.Pipeline(fussy, aggregate=mb.Sum(), max_size=5, executor="inline", retries=0)
     assert await pipeline.run(range(20), checkpoint=tmp_path / "STATE.DB") == sum(range(20)) - 7
     assert (tmp_path / "STATE.DB").is_file()
-    assert json.loads((tmp_path / "dead-letters.jsonl").read_text())["record"] == 7
+    assert json.loads((tmp_path / "STATE.DB.dead-letters.jsonl").read_text())["record"] == 7
+    assert not (tmp_path / "dead-letters.jsonl").exists()

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from microbatch import CheckpointError, CheckpointWriteError
-from microbatch._core.checkpoint import Checkpoint
-from microbatch.pipeline.deadletter import DeadLetter, DeadLetterFile
-from microbatch.stores import DirectoryStore, SqliteStore
+from microbatch.checkpoints.deadletters import DeadLetter, DeadLetterFile
+from microbatch.checkpoints.directory import DirectoryStore
+from microbatch.checkpoints.format import Checkpoint
+from microbatch.checkpoints.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,7 +118,8 @@ def test_folder_deleted_between_saves_recreates_the_lock(
 SECOND_WRITER = textwrap.dedent(
     """
     import sys
-    from microbatch.stores import DirectoryStore, SqliteStore
+    from microbatch.checkpoints.directory import DirectoryStore
+    from microbatch.checkpoints.sqlite import SqliteStore
     kind, path = sys.argv[1:3]
     store = DirectoryStore(path) if kind == "dir" else SqliteStore(path)
     store.lock()

@@ -154,7 +154,7 @@ def test_one_more_shard_moves_only_the_keys_it_takes_and_at_most_1_5_over_n_plus
 def test_keyed_state_imports_neither_anyio_nor_the_pipeline() -> None:
     """Workers and shard owners split and fold keyed state without loading the async shell."""
     code = (
-        "import sys, microbatch._core.ring, microbatch.aggregate, microbatch.keyed;"
+        "import sys, microbatch._core.ring, microbatch.aggregate, microbatch.checkpoints.shards;"
         "print(sorted(m for m in ('anyio', 'aiofiles', 'microbatch.pipeline') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -12,6 +12,9 @@ from typing import Any
 
 import anyio
 import pytest
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 from _procs import new_children, workers_stop_starting_after
 
 import microbatch as mb
@@ -207,7 +210,7 @@ async def test_stopped_inside_a_split_then_resumed_gives_the_exact_value(tmp_pat
     async with pipeline.updates(mb.read_lines(path), checkpoint=state) as run:
         async for update in run:
             if update.seq == 11:  # inside the second split, not on a checkpoint
-                run.stop()
+                await run.stop()
     # Folding stops at the next batch of the split (one more may be on its way to the consumer).
     assert not run.finished and update.seq in (11, 12, 13)
     assert update.position % 5_000 != 0
@@ -318,7 +321,7 @@ async def test_stop_ends_the_run_without_waiting_for_the_splits_in_flight(tmp_pa
         async with pipeline.updates(mb.read_lines(path)) as run:
             async for update in run:
                 records = update.records
-                run.stop()
+                await run.stop()
     assert not run.finished
     assert records <= 100 and run.value == sum(range(records))
     assert new_children() == []
@@ -346,3 +349,20 @@ async def test_an_undecodable_line_is_dead_lettered_as_without_splits(tmp_path: 
     offset = len(b"".join(lines[:1_500]))
     assert found["split"] == found["plain"] == [("//4=", offset, "microbatch._exceptions.SourceDecodeError")]
     assert found["split stats"] == found["plain stats"]
+
+
+@pytest.mark.anyio
+async def test_a_stage_sending_to_a_stage_stopped_by_an_error_does_not_hide_the_error() -> None:
+    """The fold stage stops with BatchFailed; a dispatcher's send then fails with a broken stream.
+
+    Which of the two a run's task group sees first depends on scheduling; the run raises the
+    BatchFailed either way.
+    """
+    from microbatch.pipeline.run import _unwrap
+
+    failed = mb.BatchFailed(27, ValueError("cannot parse 'bad'"), 1)
+    for leaves in ([failed, anyio.BrokenResourceError()], [anyio.ClosedResourceError(), failed]):
+        group = BaseExceptionGroup("stages", [BaseExceptionGroup("dispatchers", leaves)])
+        assert _unwrap(group) is failed
+    alone = anyio.BrokenResourceError()
+    assert _unwrap(BaseExceptionGroup("stages", [alone])) is alone

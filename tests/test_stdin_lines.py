@@ -128,3 +128,43 @@ def test_invalid_options_name_the_parameter() -> None:
         stdin_lines(errors="bogus")
     with pytest.raises(TypeError, match="position"):
         stdin_lines().resume("3")
+
+
+async def test_dev_null_and_other_devices_are_read_in_a_thread_not_polled() -> None:
+    # epoll refuses /dev/null (EPERM): reading it as a pipe failed with PermissionError.
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert [line async for line in stdin_lines(fd=fd)] == []
+    finally:
+        os.close(fd)
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        with pytest.raises(mb.LineTooLong):  # zeros without a newline: the limit, not a hang
+            async for _ in stdin_lines(fd=fd, max_line_length=100_000):
+                pass
+    finally:
+        os.close(fd)
+
+
+async def test_a_closed_standard_input_is_a_source_error_not_an_attribute_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets when started with '<&-'
+    with pytest.raises(mb.SourceError, match="standard input is closed"):
+        await mb.Pipeline(len, aggregate=mb.Sum(), executor="inline").run(stdin_lines())
+
+
+def test_a_child_started_with_stdin_closed_gets_the_source_error() -> None:
+    code = (
+        "import anyio, microbatch as mb\n"
+        "from microbatch.sources import stdin_lines\n"
+        "try:\n"
+        "    anyio.run(mb.Pipeline(len, aggregate=mb.Sum(), executor='inline').run, stdin_lines())\n"
+        "except mb.SourceError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        ["bash", "-c", 'exec "$0" -c "$1" <&-', sys.executable, code],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert "standard input is closed" in out.stdout, out.stderr

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import microbatch as mb
-from microbatch._core.checkpoint import open_store
+from microbatch.checkpoints.targets import open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +32,7 @@ async def test_stop_folds_every_line_the_server_received(tmp_path: Path) -> None
             async with await anyio.connect_tcp("127.0.0.1", server.port) as client:
                 await client.send(b"".join(f"{i}\n".encode() for i in range(n)))
                 async with pipeline.updates(server, checkpoint=state) as run:
-                    run.stop()
+                    await run.stop()
                     updates = [update async for update in run]
                 assert run.value == sum(range(n))
                 assert sum(u.batch_records for u in updates) == n

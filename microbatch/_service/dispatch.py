@@ -7,10 +7,10 @@ from typing import Generic, TypeVar
 import anyio
 import anyio.abc
 
-from .._batching import wait_until
 from .._core.intake import RUNNING, Intake, Slot
 from .._core.results import check_results
 from .._exceptions import BatcherClosed
+from .._waits import wait_until
 from .call import BatchCall
 
 __all__ = ["Dispatcher"]

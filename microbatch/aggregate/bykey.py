@@ -239,6 +239,9 @@ def _parse(doc: JSON, where: str) -> tuple[int, list[Any], list[Any]]:
         or type(doc.get("shards")) is not int
         or type(doc.get("shard")) is not int
         or not 0 <= doc["shard"] < doc["shards"]
+        or doc.get("kind") not in ("base", "delta")
+        or type(doc.get("count")) is not int
+        or doc["count"] < 0
     ):
         raise ValueError(f"{where}: not a shard document of keyed state: {doc!r:.200}")
     return doc["shard"], doc["keys"], doc["states"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .base import JSON
 
@@ -114,17 +115,45 @@ class _ExactSum:
 
     @classmethod
     def load(cls, data: JSON, owner: str) -> _ExactSum:
-        try:
-            s = cls()
-            s.integer = int(data["int"])
-            s.partials = [float(p) for p in data["partials"]]
-            s.special = float(data["special"])
-            s.floats = bool(data["floats"])
-            if "wide" in data:
-                s.wide = int(data["wide"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise ValueError(f"{owner}.load(): not a state this aggregator dumped: {data!r:.200}") from exc
+        """The sum ``dump`` wrote, checked strictly: ``ValueError`` naming the first field that is
+        missing, of another type (no ``int()`` of a str, no bool for an int, no 1.5 for an int) or
+        out of range, and the keys that do not belong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{owner}.load(): not a state this aggregator dumped: {data!r:.200}")
+        unknown = set(data) - {"int", "partials", "special", "floats", "wide"}
+        if unknown:
+            raise ValueError(
+                f"{owner}.load(): not a state this aggregator dumped: unknown fields {sorted(unknown)!r:.100}"
+            )
+        s = cls()
+        s.integer = _field(data, "int", owner, _is_int, "an int")
+        partials = _field(data, "partials", owner, lambda v: isinstance(v, list), "a list of floats")
+        if not all(type(p) is float and math.isfinite(p) for p in partials):
+            raise ValueError(
+                f"{owner}.load(): field 'partials' is {partials!r:.100}, not a list of finite floats"
+            )
+        s.partials = list(partials)
+        s.special = _field(data, "special", owner, lambda v: type(v) is float, "a float")
+        s.floats = _field(data, "floats", owner, lambda v: isinstance(v, bool), "a bool")
+        if "wide" in data:
+            s.wide = _field(data, "wide", owner, _is_int, "an int")
+        if not s.floats and (s.partials or s.special != 0.0 or s.wide is not None):
+            raise ValueError(f"{owner}.load(): field 'floats' is false, but the sum holds float parts")
         return s
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _field(data: dict[str, JSON], name: str, owner: str, ok: Callable[[object], bool], what: str) -> Any:
+    if name not in data:
+        raise ValueError(f"{owner}.load(): field {name!r} is missing")
+    value = data[name]
+    if not ok(value):
+        kind = type(value).__name__
+        raise ValueError(f"{owner}.load(): field {name!r} is {value!r:.60} ({kind}), not {what}")
+    return value
 
 
 

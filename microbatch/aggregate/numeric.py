@@ -78,8 +78,8 @@ class Count(Aggregator[Any, int, int]):
         return state
 
     def load(self, data: JSON) -> int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            raise ValueError(f"{self.describe()}.load(): expected an int, got {data!r:.200}")
+        if type(data) is not int or data < 0:
+            raise ValueError(f"{self.describe()}.load(): expected an int >= 0, got {data!r:.200}")
         return data
 
 
@@ -130,9 +130,12 @@ class Mean(Aggregator[Any, tuple[_ExactSum, int], "float | None"]):
         return {"sum": state[0].dump(), "count": state[1]}
 
     def load(self, data: JSON) -> tuple[_ExactSum, int]:
-        if not isinstance(data, dict) or not isinstance(data.get("count"), int):
+        if not isinstance(data, dict) or set(data) != {"sum", "count"}:
             raise ValueError(f"{self.describe()}.load(): not a state this aggregator dumped: {data!r:.200}")
-        return (_ExactSum.load(data.get("sum"), self.describe()), data["count"])
+        count = data["count"]
+        if type(count) is not int or count < 0:
+            raise ValueError(f"{self.describe()}.load(): field 'count' is {count!r:.60}, not an int >= 0")
+        return (_ExactSum.load(data["sum"], self.describe()), count)
 
 
 _Scalar = Any  # int | float | str, compared with < and >
@@ -183,7 +186,9 @@ class _Extreme(Aggregator[Any, _Scalar, _Scalar]):
         return state
 
     def load(self, data: JSON) -> _Scalar:
-        if data is not None and not isinstance(data, (int, float, str)):
+        if data is not None and (
+            type(data) not in (int, float, str) or (type(data) is float and math.isnan(data))
+        ):
             raise ValueError(f"{self.describe()}.load(): expected a number, a str or null, got {data!r:.200}")
         return data
 

@@ -127,18 +127,7 @@ class TopK(KeyedAggregator[list[tuple[str, int]]]):
         return heapq.nsmallest(self.k, chain.from_iterable(tops), key=_rank)
 
     def load(self, data: JSON) -> KeyedState:
-        if isinstance(data, dict) and "counts" in data:  # the format of checkpoints before keyed state
-            counts = data["counts"]
-            if not isinstance(counts, dict) or not all(type(n) is int for n in counts.values()):
-                raise ValueError(
-                    f"{self.describe()}.load(): not a state this aggregator dumped: {data!r:.200}"
-                )
-            state = self.initial()
-            for shard, part in enumerate(self._ring.split(counts)):
-                state.shards[shard] = part
-            state.whole = [True] * self.shards
-        else:
-            state = super().load(data)
+        state = super().load(data)
         state.monotone = [False] * self.shards  # each shard's top k is computed from its keys when needed
         return state
 

@@ -9,6 +9,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+EXIT_PIPE = 128 + signal.SIGPIPE  # 141: stdout's reader went away (``| head``)
 
 PROG = "microbatch"
 

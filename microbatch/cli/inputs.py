@@ -32,6 +32,16 @@ def _parse_input(text: str, follow: bool) -> _Input:
     if text == "-":
         if follow:
             raise UsageError("--follow needs a file: standard input ('-') is read until it ends")
+        from .._exceptions import SourceError
+        from ..sources.stdin import stdin_fd
+
+        try:
+            stdin_fd()
+        except SourceError:
+            raise UsageError(
+                "--input -: standard input is closed; give the input on it ('< file' or a pipe) "
+                "or name a file"
+            ) from None
         return _Input("stdin")
     if text.startswith("tcp://"):
         if follow:

@@ -37,7 +37,7 @@ def _aggregator_from(description: str) -> Any:
 
 
 def _command_inspect(args: argparse.Namespace) -> int:
-    from ..stores import open_store
+    from ..checkpoints.targets import open_store
 
     path = Path(args.directory)
     if not path.exists():
@@ -92,8 +92,8 @@ def _command_inspect(args: argparse.Namespace) -> int:
 
 def _keyed_files(directory: str, state: Any) -> Any:
     """The shard files of a keyed checkpoint (its state a manifest), else None."""
-    from ..keyed import MANIFEST_FORMAT, ShardFiles
-    from ..stores import is_sqlite_target
+    from ..checkpoints.shards import MANIFEST_FORMAT, ShardFiles
+    from ..checkpoints.targets import is_sqlite_target
 
     if not (isinstance(state, dict) and state.get("format") == MANIFEST_FORMAT):
         return None
@@ -102,6 +102,7 @@ def _keyed_files(directory: str, state: Any) -> Any:
 
 
 def _parse_key(text: str) -> Any:
+    """The key ``text`` reads as: a Python literal (``42``, ``('a', 1)``, ``'x'``), else the text."""
     import ast
 
     try:
@@ -116,8 +117,11 @@ def _inspect_keyed(args: argparse.Namespace, files: Any, manifest: Any, aggregat
     counts: list[int] = files.counts(manifest)
     info: dict[str, Any] = {"shards": len(counts), "keys": sum(counts), "keys_per_shard": counts}
     if args.key is not None:
-        key = _parse_key(args.key)
-        found, state = files.lookup(manifest, key)
+        # 200 is the int key 200 when the state holds it, else the str key "200".
+        for key in dict.fromkeys([_parse_key(args.key), args.key]):
+            found, state = files.lookup(manifest, key)
+            if found:
+                break
         inner = getattr(aggregator, "inner", None)
         if found and inner is not None:
             state = inner.value(inner.load(state))

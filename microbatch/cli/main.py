@@ -6,7 +6,7 @@
 ``TARGET`` is ``path/to/file.py:NAME`` or ``package.module:NAME``, ``NAME`` a :class:`Pipeline`
 (dotted attributes such as ``jobs:pipelines.daily`` work too). Options override the pipeline's
 settings. Exit codes: 0 done, 1 the pipeline failed, 2 a usage error (bad option, bad target, missing input),
-130 interrupted by SIGINT, 143 by SIGTERM.
+130 interrupted by SIGINT, 143 by SIGTERM, 141 stdout closed by its reader (``| head``), quietly.
 
 Signals: the first SIGINT or SIGTERM stops reading the input, lets the batches already read finish
 (for at most the batch ``timeout``), writes the final checkpoint and exits 130 or 143; a second one
@@ -14,9 +14,10 @@ stops at once: in-flight batches are abandoned, their workers killed, and the ch
 holds what was folded. A signal that the parent left ignored (as a non-interactive shell does for
 SIGINT of background jobs) stays ignored.
 
-stdout carries only results: the final value, readable or (``--json``) as one JSON line. An
-interrupted run prints the value of what was folded (the value its final checkpoint holds) and exits
-130 or 143. Progress, logs and the summary go to stderr.
+stdout carries only results: the final value, readable or (``--json``) as one JSON line, or a map
+pipeline's results, one line each as they come. An interrupted run prints the value of what was
+folded (the value its final checkpoint holds) and exits 130 or 143. Progress, logs and the summary
+(with the command's wall time) go to stderr.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .codes import EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, PROG, UsageError
+from .codes import EXIT_ERROR, EXIT_OK, EXIT_PIPE, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, PROG, UsageError
 from .inspect import _command_inspect
 from .load import load_target
 from .logs import _log_error, _setup_logging
+from .output import silence_stdout
 from .run import _UNSET, _command_run
 
 __all__ = [
@@ -73,6 +75,15 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
+
+
+def _positive_int_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'none', got {text!r}") from None
 
 
 def _seconds(*, allow_zero: bool, allow_none: bool = True) -> Callable[[str], float | None]:
@@ -131,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Run microbatch pipelines from the shell and inspect their checkpoints.",
-        epilog="exit codes: 0 done, 1 pipeline error, 2 usage error, 130 SIGINT, 143 SIGTERM",
+        epilog="exit codes: 0 done, 1 pipeline error, 2 usage error, 130 SIGINT, 143 SIGTERM, "
+        "141 stdout closed",
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -141,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a pipeline over an input",
         description="Run a pipeline over a file, standard input or a TCP port. Options override the "
         "pipeline's own settings.",
-        epilog="exit codes: 0 done, 1 pipeline error, 2 usage error, 130 SIGINT, 143 SIGTERM. "
+        epilog="exit codes: 0 done, 1 pipeline error, 2 usage error, 130 SIGINT, 143 SIGTERM, "
+        "141 stdout closed. "
         "The first SIGINT/SIGTERM stops reading and finishes the batches in flight; "
         "a second one stops at once.",
     )
@@ -211,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument(
         "--dead-letter",
         metavar="PATH",
-        help="file of records that kept failing (default: DIR/dead-letters.jsonl)",
+        help="file of records that kept failing (default: DIR/dead-letters.jsonl, FILE.dead-letters.jsonl "
+        "beside a SQLite checkpoint FILE)",
     )
     tuning = run.add_argument_group("pipeline settings (default: the pipeline's own)")
     tuning.add_argument("-w", "--workers", type=_positive_int, metavar="N", help="worker processes")
@@ -227,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size", type=_positive_int, metavar="N", help="batches waiting for a worker at most"
     )
     tuning.add_argument("--retries", type=_non_negative_int, metavar="N", help="retries of a failed batch")
+    tuning.add_argument(
+        "--on-error",
+        type=lambda text: text.replace("_", "-"),
+        choices=("dead-letter", "raise"),
+        help="a batch still failing after its retries: 'dead-letter' isolates the failing records and "
+        "writes them to the dead-letter file, 'raise' stops the run (exit 1)",
+    )
+    tuning.add_argument(
+        "--max-dead-letters-in-a-row",
+        type=_positive_int_or_none,
+        default=_UNSET,
+        metavar="N",
+        help="stop the run when N records in a row fail with none succeeding in between ('none': "
+        "never stop for this)",
+    )
     tuning.add_argument(
         "--split-size",
         type=_non_negative_int,
@@ -249,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output = run.add_argument_group("output")
     output.add_argument(
-        "--json", action="store_true", help="print the final value as one line of JSON on stdout"
+        "--json",
+        action="store_true",
+        help="print the final value as one line of JSON on stdout (mappings with non-str keys as "
+        "[key, value] pairs); a map pipeline's results as one JSON value a line",
     )
     output.add_argument(
         "--human",
@@ -297,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--key",
         metavar="KEY",
         help="keyed state (ByKey, TopK): look one key up, reading only its shard's files "
-        "(a Python literal such as 42 or ('a', 1) is that key; other text is a str key)",
+        "(42 is the int key 42 if the state holds it, else the str key '42'; ('a', 1) a tuple "
+        "key; \"'42'\" only the str key; other text a str key)",
     )
     _add_logging_options(inspect)
     return parser
@@ -326,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except BrokenPipeError:
+        silence_stdout()  # the reader of stdout went away (``| head``): end quietly, as Unix tools do
+        return EXIT_PIPE
     except KeyboardInterrupt:
         return EXIT_SIGINT
     except Exception as exc:

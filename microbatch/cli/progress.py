@@ -69,21 +69,34 @@ def _counted(n: float, one: str, many: str) -> str:
     return f"{format_count(n)} {one if n == 1 else many}"
 
 
-def stats_line(stats: Any) -> str:
-    """One line about a run's counters, e.g. ``1,000 records in 10 batches, 0.4 s (2,500 records/s)``."""
+def stats_line(stats: Any, *, wall: float | None = None) -> str:
+    """One line about this run's counters: ``1,000 records in 10 batches, 0.40 s (2,500 records/s)``,
+    or with ``wall``: ``1,000 records in 10 batches, 0.65 s wall time (1,538/s)``.
+
+    Records are those whose results count; dead letters are counted apart, and the batches a
+    resumed run inherited are named apart too. ``wall``: the command's wall time in seconds, which
+    the line then gives (and the rate is over) instead of the time to the last folded batch.
+    """
+    good = stats.run_records - stats.dead_letters
+    seconds = stats.elapsed if wall is None else wall
+    rate = good / seconds if seconds > 0 else 0.0
     parts = [
-        f"{_counted(stats.records, 'record', 'records')} in {_counted(stats.batches, 'batch', 'batches')}",
-        f"{stats.elapsed:.2f} s ({format_count(stats.records_per_second)} records/s)",
+        f"{_counted(good, 'record', 'records')} in {_counted(stats.run_batches, 'batch', 'batches')}",
+        f"{seconds:.2f} s wall time ({format_count(rate)}/s)"
+        if wall is not None
+        else f"{seconds:.2f} s ({format_count(rate)} records/s)",
     ]
     extra = []
+    if stats.dead_letters:
+        extra.append(_counted(stats.dead_letters, "dead letter", "dead letters"))
     if stats.retries:
         extra.append(f"{stats.retries} retries")
     if stats.crashes:
         extra.append(f"{stats.crashes} worker crashes")
     if stats.timeouts:
         extra.append(f"{stats.timeouts} timeouts")
-    if stats.dead_letters:
-        extra.append(f"{stats.dead_letters} dead letters")
+    if stats.batches > stats.run_batches:
+        extra.append(f"resumed after {_counted(stats.batches - stats.run_batches, 'batch', 'batches')}")
     line = ", ".join(parts)
     if extra:
         line += "; " + ", ".join(extra)
@@ -264,37 +277,38 @@ def make_display(
 # --- values ------------------------------------------------------------------------------------------
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
-    if hasattr(obj, "_asdict"):
-        return obj._asdict()
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise TypeError(
-        f"the final value holds a {type(obj).__qualname__}, which JSON cannot represent; "
-        "return numbers, str, lists or dicts from the aggregator's value()"
-    )
-
-
 def to_json(value: Any) -> str:
-    """``value`` as one line of JSON (sets as sorted lists, dataclasses as objects).
+    """``value`` as one line of JSON, whatever the types of its keys.
 
-    Raises ``TypeError`` naming the type JSON cannot hold; NaN and infinities become ``null``.
+    A mapping whose keys are all ``str`` is a JSON object; any other mapping (``int`` or tuple
+    keys, as ``ByKey`` holds) is an array of ``[key, value]`` pairs, so no key changes type;
+    tuples are arrays, sets sorted arrays, dataclasses and named tuples objects; NaN and the
+    infinities are ``null``. Raises ``TypeError`` naming a type JSON cannot hold.
     """
-    return json.dumps(_finite(value), default=_json_default, ensure_ascii=False, allow_nan=False)
+    return json.dumps(_jsonable(value), ensure_ascii=False, allow_nan=False)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int)):  # bool is an int
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        if all(isinstance(key, str) for key in value):
+            return {key: _jsonable(item) for key, item in value.items()}
+        return [[_jsonable(key), _jsonable(item)] for key, item in value.items()]
+    if hasattr(value, "_asdict"):  # a named tuple
+        return _jsonable(value._asdict())
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return [_jsonable(item) for item in sorted(value, key=repr)]
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    raise TypeError(
+        f"the value holds a {type(value).__qualname__}, which JSON cannot represent; "
+        "return numbers, str, lists, tuples or dicts"
+    )
 
 
 def _is_number(x: Any) -> bool:

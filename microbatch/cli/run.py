@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -13,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import progress as _progress
-from .codes import EXIT_ERROR, EXIT_OK, UsageError
+from .codes import EXIT_ERROR, EXIT_OK, EXIT_PIPE, UsageError
 from .inputs import _Input, _make_source, _parse_input, _total_size, fifo_source, is_fifo, wait_for_file
 from .load import load_target
 from .logs import _log_error, _stderr_handler, _use_handler, log
 from .metrics_endpoint import Displays, open_metrics
+from .output import Output, silence_stdout
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -33,6 +36,7 @@ class _Outcome:
     stats: Any = None
     value: Any = None
     finished: bool = False
+    stdout_closed: bool = False
     runs: list[Any] = field(default_factory=list)
 
 
@@ -51,8 +55,14 @@ async def _execute(
     display: _progress.Display,
     total: int | None,
     prepare: Callable[[], Awaitable[None]] | None = None,
+    results: Output | None = None,
+    stream: str | None = None,
 ) -> _Outcome:
-    """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised."""
+    """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised.
+
+    ``results``: where a map pipeline's results go as they come. ``stream``: the input is a stream
+    (named so), which a finished checkpoint cannot be compared with: refused (a ``UsageError``).
+    """
     import anyio
 
     from ..sources import TcpLines
@@ -70,8 +80,7 @@ async def _execute(
                     run_scope.cancel()
                     continue
                 outcome.signal = signum
-                stop = getattr(outcome.runs[0], "stop", None) if outcome.runs else None
-                if stop is None:
+                if not outcome.runs:
                     log.warning("%s: stopping", name)
                     run_scope.cancel()
                     continue
@@ -81,9 +90,15 @@ async def _execute(
                     name,
                     f" for at most {grace:g} s" if grace is not None else "",
                 )
-                stop()
+                tg.start_soon(stop_run, outcome.runs[0])
                 if grace is not None:
                     run_scope.deadline = min(run_scope.deadline, anyio.current_time() + grace)
+
+    async def stop_run(run: Any) -> None:
+        # The updates of the batches in flight still reach the display. An error of the final
+        # checkpoint is raised again where the run's block ends, and recorded there.
+        with contextlib.suppress(Exception):
+            await run.stop()
 
     async with anyio.create_task_group() as tg:
         await tg.start(watch_signals)
@@ -96,21 +111,31 @@ async def _execute(
                         await stack.enter_async_context(source)
                     if prepare is not None:  # waits for the input, stopped by a signal like the run
                         await prepare()
-                    async with pipeline.updates(
+                    async with pipeline.start(
                         source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
-                    ) as updates:
-                        outcome.runs.append(updates)
-                        start = updates.stats.position if isinstance(updates.stats.position, int) else 0
+                    ) as run:
+                        outcome.runs.append(run)
+                        if run.finished and stream is not None:
+                            raise UsageError(
+                                f"the checkpoint in {checkpoint} is of a finished run, and {stream} is "
+                                "a stream that cannot be checked against what that run read; add "
+                                "--fresh to start over on this input (or give another --checkpoint)"
+                            )
+                        start = run.stats.position if isinstance(run.stats.position, int) else 0
                         display.start(total, start)
-                        async for update in updates:
+                        async for update in run.updates():
                             display.update(update.stats)
-                        outcome.finished = updates.finished
-                        outcome.stats = updates.stats
+                            if results is not None:
+                                results.results(update.results)
+                        outcome.finished = run.finished
+                        outcome.stats = run.stats
             if outcome.runs:
                 run = outcome.runs[0]
                 outcome.value = run.value
                 outcome.stats = run.stats
                 outcome.finished = run.finished
+        except BrokenPipeError:
+            outcome.stdout_closed = True  # the reader of the results went away: stop quietly
         except Exception as exc:
             outcome.error = exc
         finally:
@@ -125,7 +150,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, option)
         if value is not None:
             changes[option] = value
-    for option in ("max_wait", "timeout", "checkpoint_every"):
+    if args.on_error is not None:
+        changes["on_error"] = args.on_error.replace("-", "_")
+    for option in ("max_wait", "timeout", "checkpoint_every", "max_dead_letters_in_a_row"):
         if getattr(args, option) is not _UNSET:
             changes[option] = getattr(args, option)
     if args.split_size is not None:
@@ -161,7 +188,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError("--accept-changes resumes a changed pipeline: it needs --checkpoint DIR")
     if args.checkpoint is not None:
         cp = Path(args.checkpoint)
-        from ..stores import is_sqlite_target
+        from ..checkpoints.targets import is_sqlite_target
 
         if cp.exists() and not cp.is_dir() and not is_sqlite_target(cp):
             raise UsageError(
@@ -180,6 +207,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 def _command_run(args: argparse.Namespace) -> int:
     import anyio
 
+    started = time.perf_counter()
     spec = _parse_input(args.input, args.follow)
     _check_paths(args)
     pipeline = load_target(args.target)
@@ -203,6 +231,7 @@ def _command_run(args: argparse.Namespace) -> int:
     feed, server = (
         open_metrics(args.metrics_port, args.metrics_host) if args.metrics_port is not None else (None, None)
     )
+    output = Output(as_json=args.json, human=args.human)
     if handler is not None:
         _use_handler(handler)
     try:
@@ -216,6 +245,8 @@ def _command_run(args: argparse.Namespace) -> int:
                 display=display if feed is None else Displays(display, feed),
                 total=_total_size(spec, args.follow),
                 prepare=_preparation(spec, args, fifo=fifo_fd is not None),
+                results=output if pipeline.aggregate is None else None,
+                stream=_stream_name(spec, fifo=fifo_fd is not None),
             )
         )
         if feed is not None and outcome.stats is not None:
@@ -227,7 +258,16 @@ def _command_run(args: argparse.Namespace) -> int:
             server.close()
         if fifo_fd is not None:
             os.close(fifo_fd)
-    return _report(args, outcome)
+    return _report(args, outcome, output if pipeline.aggregate is not None else None, started)
+
+
+def _stream_name(spec: _Input, *, fifo: bool) -> str | None:
+    """How to name the input when it is a stream (nothing to compare a finished run with)."""
+    if spec.kind == "stdin":
+        return "standard input (--input -)"
+    if spec.kind == "tcp":
+        return f"a TCP input (--input tcp://{spec.host}:{spec.port})"
+    return f"the named pipe {spec.path}" if fifo else None
 
 
 def _preparation(
@@ -249,19 +289,28 @@ def _preparation(
     return None
 
 
-def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
+def _report(args: argparse.Namespace, outcome: _Outcome, value: Output | None, started: float) -> int:
+    """Log the summary on stderr and print the final value (``value``: None for a map pipeline,
+    whose results went out as they came); the exit status."""
     where = f"checkpoint in {args.checkpoint}" if args.checkpoint else "no --checkpoint: a rerun starts over"
+    wall = time.perf_counter() - started
+    if outcome.stdout_closed:
+        log.debug("stdout was closed by its reader: stopped after %s", _stats(outcome.stats, wall))
+        silence_stdout()
+        return EXIT_PIPE
+    if isinstance(outcome.error, UsageError):
+        raise outcome.error  # the command line cannot work as it is (exit 2)
     if outcome.error is not None:
         _log_error(outcome.error)
         if args.checkpoint and outcome.stats is not None:
-            log.info("stopped after %s; %s", _progress.stats_line(outcome.stats), where)
+            log.info("stopped after %s; %s", _progress.stats_line(outcome.stats, wall=wall), where)
         return EXIT_ERROR
     stats = outcome.stats
     code = EXIT_OK
     if outcome.signal is not None:
         code = 128 + outcome.signal
         name = signal.Signals(outcome.signal).name
-        done = _progress.stats_line(stats) if stats is not None else "nothing folded"
+        done = _stats(stats, wall)
         if outcome.finished:
             log.info("%s: the input ended anyway: %s; %s", name, done, where)
         else:
@@ -271,18 +320,26 @@ def _report(args: argparse.Namespace, outcome: _Outcome) -> int:
             return code
     elif stats is not None:
         if stats.run_batches == 0 and stats.batches and outcome.finished:
-            log.info("already finished: %s (%s; --fresh starts over)", _progress.stats_line(stats), where)
+            log.info(
+                "already finished: %s records in %s batches (%s; --fresh starts over)",
+                f"{stats.records:,}", f"{stats.batches:,}", where,
+            )
         else:
-            log.info("done: %s", _progress.stats_line(stats))
+            log.info("done: %s", _progress.stats_line(stats, wall=wall))
         if stats.dead_letters:
             log.warning("%d records failed and were written to the dead-letter file", stats.dead_letters)
+    if value is None:
+        return code
     try:
-        if args.json:
-            text = _progress.to_json(outcome.value)
-        else:
-            text = _progress.format_value(outcome.value, human=args.human)
+        value.value(outcome.value)
     except (TypeError, ValueError) as exc:
         _log_error(exc)
         return EXIT_ERROR
-    print(text, flush=True)
+    except BrokenPipeError:
+        silence_stdout()
+        return EXIT_PIPE
     return code
+
+
+def _stats(stats: Any, wall: float) -> str:
+    return _progress.stats_line(stats, wall=wall) if stats is not None else "nothing folded"

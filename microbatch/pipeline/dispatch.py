@@ -43,8 +43,8 @@ from .._exceptions import (
     TooManyDeadLetters,
     WorkerCrashed,
 )
+from ..checkpoints.deadletters import DeadLetter, describe_error
 from ..executors import Executor
-from .deadletter import DeadLetter, describe_error
 from .reader import Batch
 
 __all__ = ["Dispatcher", "Done", "End", "Event", "Failure", "SplitFailed", "Started"]

@@ -31,8 +31,8 @@ from .._core.schedule import CheckpointSchedule
 from .._core.sequencer import Sequencer
 from .._exceptions import BatchFailed, TooManyDeadLetters
 from ..aggregate import Aggregator
-from .checkpoints import Checkpoints
-from .deadletter import DeadLetterFile
+from ..checkpoints.deadletters import DeadLetterFile
+from ..checkpoints.session import Checkpoints
 from .dispatch import Done, End, Event, Failure, SplitFailed, Started
 from .stats import Stats, Update
 

@@ -12,8 +12,8 @@ from .._core.params import callable_name, check_int, check_seconds
 from .._core.policy import check_limits
 from .._core.retry import RetryPolicy
 from ..aggregate import Aggregator
+from ..checkpoints.store import CheckpointStore
 from ..executors import Executor
-from ..stores import CheckpointStore
 from .reader import describe_source
 from .run import Discard, Run, UnsetSplitSize
 
@@ -51,8 +51,9 @@ class Pipeline(Generic[R, V]):
       exponential backoff and full jitter.
     - ``timeout`` (60 s, None for none): seconds one batch may run; the worker is then killed.
     - ``on_error``: ``"dead_letter"`` (default) isolates failing records by bisection and writes them
-      to ``dead_letter`` (default: ``dead-letters.jsonl`` in the checkpoint folder, or in the
-      current directory without one), the rest counts; ``"raise"`` stops with ``BatchFailed``.
+      to ``dead_letter`` (default: ``dead-letters.jsonl`` in the checkpoint folder,
+      ``NAME.dead-letters.jsonl`` beside a SQLite checkpoint ``NAME``, ``dead-letters.jsonl`` in the
+      current directory without a checkpoint), the rest counts; ``"raise"`` stops with ``BatchFailed``.
       Either way, an executor that cannot run anything (``ExecutorUnavailable``: workers that do
       not start, a lost Dask scheduler) stops the run with ``BatchFailed`` after the retries, and
       no record is dead-lettered for it.
@@ -175,6 +176,27 @@ class Pipeline(Generic[R, V]):
         code), the source and the Python version. See ``microbatch._core.fingerprint``."""
         return pipeline_fingerprint(self.fn, self.aggregate or Discard(), describe_source(source))
 
+    def start(
+        self,
+        source: Source,
+        *,
+        checkpoint: Target | None = None,
+        fresh: bool = False,
+        accept_changes: bool = False,
+    ) -> Run[R, V]:
+        """One run over ``source``, held: ``async with pipeline.start(source) as run:``.
+
+        The :class:`Run` gives ``run.updates()``, ``await run.result()``, ``await run.stop()`` and
+        ``run.stats``; leaving the block early stops every stage and every worker. With
+        ``checkpoint`` (a folder, a ``*.sqlite`` file or a store), a run resumes from the newest
+        valid checkpoint there; ``fresh=True`` discards it first. A checkpoint of a pipeline whose
+        function, aggregator or input changed is refused with ``CheckpointMismatch`` naming the
+        change; ``accept_changes=True`` resumes anyway (for a change known to be compatible). A
+        finished run over a file that has grown since reads only the appended lines; over any
+        other source it reads nothing and its value is the checkpoint's.
+        """
+        return Run(self, source, checkpoint, fresh, accept_changes=accept_changes)
+
     async def run(
         self,
         source: Source,
@@ -185,17 +207,12 @@ class Pipeline(Generic[R, V]):
     ) -> V:
         """Run to the end of ``source`` and return the aggregate's final value (None without one).
 
-        With ``checkpoint`` (a folder, a ``*.sqlite`` file or a store), a run resumes from the
-        newest valid checkpoint there; ``fresh=True`` discards it first. A checkpoint of a pipeline
-        whose function, aggregator or input changed is refused with ``CheckpointMismatch`` naming
-        the change; ``accept_changes=True`` resumes anyway (for a change known to be compatible).
-        A finished run over a file that has grown since reads only the appended lines.
+        ``await run.result()`` of :meth:`start`, which documents the parameters.
         """
-        run = Run(self, source, checkpoint, fresh, accept_changes=accept_changes, updates=False)
-        async with run:
-            async for _ in run:
-                pass  # nothing comes: the run ends when the folder is done
-            return run.value
+        async with self.start(
+            source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
+        ) as run:
+            return await run.result()
 
     @asynccontextmanager
     async def updates(
@@ -206,14 +223,16 @@ class Pipeline(Generic[R, V]):
         fresh: bool = False,
         accept_changes: bool = False,
     ) -> AsyncIterator[Run[R, V]]:
-        """Run over ``source``, yielding an async iterator of :class:`Update`, one per folded batch.
+        """Run over ``source``, yielding the run, an async iterator of :class:`Update`, one per
+        folded batch: ``run.updates()`` of :meth:`start`, which documents the parameters.
 
         Leaving the block early (``break``, an error, cancellation) stops every stage, writes a final
         checkpoint of what was folded and stops every worker.
         """
-        run = Run(self, source, checkpoint, fresh, accept_changes=accept_changes)
-        async with run:
-            yield run
+        async with self.start(
+            source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
+        ) as run:
+            yield run.updates()
 
     @asynccontextmanager
     async def map(

@@ -35,12 +35,13 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from anyio.abc import ObjectSendStream
 
-from .._batching import batches, wait_until
-from .._core.checkpoint import PositionKind
+from .._batching import batches
 from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
 from .._core.splits import FileSplit, plan_splits
+from .._waits import wait_until
+from ..checkpoints.format import PositionKind
 from ..sources.protocol import Chunk, LineParts, Part, Source, ended_idle
 
 __all__ = [
@@ -124,7 +125,7 @@ def describe_source(source: object) -> str:
         if not isinstance(text, str):
             raise TypeError(f"{type(source).__qualname__}.describe() must return a str, got {text!r}")
         return text
-    return f"iterable:{type(source).__qualname__}"
+    return f"{'source' if isinstance(source, Source) else 'iterable'}:{type(source).__qualname__}"
 
 
 def decoding(source: object) -> tuple[str, str | None, str]:
@@ -177,7 +178,7 @@ def resume_source(source: Any, position: Any, file: Any = None) -> Any:
       the same records in the same order each time).
 
     ``file`` is what became of a file source's input since the checkpoint (a
-    ``sources.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
+    ``checkpoints.identity.FileState``, or None): a ``rotated`` file is finished from the offset and the
     files written after it are read (``continue_rotated``) when the source follows; otherwise it is
     refused with the state's error.
 
@@ -434,9 +435,8 @@ class _Skipped:
         self.count = count
 
     ended_idle = property(lambda self: ended_idle(self.source))
-
     def describe(self) -> str:
-        return self.source.describe()
+        return describe_source(self.source)
 
     def resume(self, position: Any) -> Source[Any]:
         return self.source.resume(position)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -33,10 +35,10 @@ from .._core.schedule import CheckpointSchedule
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
+from ..checkpoints.deadletters import DeadLetterFile
+from ..checkpoints.session import Checkpoints, dead_letter_path
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
 from ..sources.protocol import ended_idle
-from .checkpoints import Checkpoints, dead_letter_path
-from .deadletter import DeadLetterFile
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
 from .reader import (
@@ -54,7 +56,7 @@ from .stats import Stats, Update
 if TYPE_CHECKING:
     import os
 
-    from ..stores import CheckpointStore
+    from ..checkpoints.store import CheckpointStore
     from .pipeline import Pipeline, Source
 
 __all__ = ["Discard", "Run"]
@@ -82,7 +84,14 @@ class Discard(Aggregator[Any, None, None]):
 
 
 class Run(Generic[R, V]):
-    """One run of a pipeline: owns its tasks, executor, dead-letter file and checkpoint store."""
+    """One run of a pipeline, held: ``async with pipeline.start(source) as run`` (docs/pipeline.md).
+
+    Entering it resumes from the checkpoint (if any) and starts the stages. Inside the block:
+    :meth:`updates`, :meth:`result`, :meth:`stop`, ``stats`` (the live :class:`Stats`), ``value``
+    and ``finished``. Leaving the block before the run ended (``break``, an error, cancellation)
+    stops every stage and every worker at once; the final checkpoint holds what was folded. A
+    stage's error (``BatchFailed``, ``CheckpointMismatch``, ...) is raised when the block is left.
+    """
 
     def __init__(
         self,
@@ -92,13 +101,12 @@ class Run(Generic[R, V]):
         fresh: bool,
         *,
         accept_changes: bool = False,
-        updates: bool = True,
     ) -> None:
         self.p = pipeline
         self.source = source
         self.fresh = fresh
         self.accept_changes = accept_changes
-        self._send_updates = updates
+        self._send_updates = False  # updates() was called: the folder sends updates
         self.agg: Aggregator[Any, Any, V] = pipeline.aggregate or Discard()  # type: ignore[assignment]
         self.stats = Stats()
         where, encoding, errors = decoding(source)
@@ -116,9 +124,12 @@ class Run(Generic[R, V]):
         self.folder: Folder[V] | None = None
         self._state: Any = self.agg.initial()
         self._stack = AsyncExitStack()
-        self._intake = anyio.CancelScope()
-        self._updates: ObjectReceiveStream[Update[V]] | None = None
+        self._intake: anyio.CancelScope | None = None  # the reader's scope, cancelled to stop intake
+        self._updates: _Updates[V] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._folded: anyio.Event | None = None  # the folder's task returned
+        self._saved: anyio.Event | None = None  # the final checkpoint is (being) written
+        self._save_error: Exception | None = None
         self._finished_before = False  # the checkpoint resumed from is of a finished run
         self._stopped = False  # stop() asked the source to end (its end is then not the input's)
 
@@ -131,11 +142,7 @@ class Run(Generic[R, V]):
 
     @property
     def finished(self) -> bool:
-        """The source was read to its end and every one of its batches was folded.
-
-        A source that ended because it was quiet (``stop_when_idle``) was not read to its end: the
-        next run resumes from the last checkpoint and reads what arrived since.
-        """
+        """The source was read to its end (not stopped, nor quiet: ``ended_idle``), all of it folded."""
         if self.folder is not None:
             return self.folder.finished and not self._stopped and not ended_idle(self.source)
         return self._finished_before
@@ -145,6 +152,7 @@ class Run(Generic[R, V]):
     async def __aenter__(self) -> Run[R, V]:
         p, stack = self.p, self._stack
         self.stats.started = anyio.current_time()
+        self._intake = anyio.CancelScope()
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
             restored = await self.checkpoints.open(
@@ -174,7 +182,7 @@ class Run(Generic[R, V]):
             # source knows which file the n-th record it read came from (n: records folded here).
             stats, base = self.stats, self.stats.records
             self.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
-        executor = self._make_executor()
+        executor = make_executor(p.executor, p.workers)
         if isinstance(executor, ProcessExecutor):
             check_picklable(p.fn)
         try:
@@ -185,9 +193,12 @@ class Run(Generic[R, V]):
             batch_send, batch_recv = anyio.create_memory_object_stream[Batch | End](p.queue_size)
             # Unbounded in type only: the window holds unfolded batches to queue_size + capacity.
             event_send, event_recv = anyio.create_memory_object_stream[Event](math.inf)
-            update_send, self._updates = anyio.create_memory_object_stream[Update[V]](0)
+            update_send, update_recv = anyio.create_memory_object_stream[Update[V]](0)
+            self._updates = _Updates(update_recv)
+            stack.callback(update_recv.close)
+            self._folded = anyio.Event()
             schedule = CheckpointSchedule(p.checkpoint_every, p.checkpoint_every_batches, self.stats.started)
-            folder = self.folder = Folder(
+            self.folder = Folder(
                 self.agg,
                 self._state,
                 self.stats,
@@ -200,12 +211,12 @@ class Run(Generic[R, V]):
                 queue_depth=lambda: batch_send.statistics().current_buffer_used,
             )
             # Runs after the task group has stopped every stage: it sees the last folded state.
-            stack.push_async_callback(self._final_checkpoint)
+            stack.push_async_callback(self._save_final)
             log.info("run started: %r over %s", p, self.checkpoints.fingerprint["source"])
             tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(self._read, batch_send, window, next_seq, position)
-            tg.start_soon(self._work, executor, batch_recv, event_send, window)
-            tg.start_soon(folder.run, event_recv, update_send, window)
+            tg.start_soon(_work, p, self.task, executor, batch_recv, event_send, window)
+            tg.start_soon(_then_set, self._folded, self.folder.run, event_recv, update_send, window)
         except BaseException:
             await stack.aclose()
             raise
@@ -222,62 +233,92 @@ class Run(Generic[R, V]):
             # Hide the group (the context), keep the error's own cause (BatchFailed's original error).
             raise error from error.__cause__
 
-    def stop(self) -> None:
-        """Stop intake: read no more of the source, finish and fold the batches already read.
+    def updates(self) -> Run[R, V]:
+        """``async for update in run.updates()``: one :class:`Update` per batch folded from now on.
 
-        The iteration then ends normally with a final checkpoint that is not ``finished`` (unless
-        the source had already ended), so a rerun with the same checkpoint resumes after the last
-        folded batch; records read but not yet cut into a batch are read again then. Batches in
-        flight still obey ``timeout``; to abandon them, leave the ``async with`` block instead.
-        Calling it again does nothing. The batches of file splits in flight are folded only up to
-        the batch being folded when it is called (a split holds many batches). A TCP server stops
-        accepting and reading, and the complete lines it had received are batched and folded.
+        Before the call the run sends none. Each update waits until it is taken (backpressure).
+        Those a :meth:`stop` or :meth:`result` call took meanwhile are held for this iteration, in
+        order. The updates end with the run. Iterate from one task at a time.
         """
+        self._send_updates = True
+        if self.folder is not None:
+            self.folder.send_updates = True
+        return self
+
+    def __aiter__(self) -> Run[R, V]:
+        return self.updates()
+
+    async def __anext__(self) -> Update[V]:
+        update = None if self._updates is None else await self._updates.next()
+        if update is None:
+            raise StopAsyncIteration
+        return update
+
+    async def result(self) -> V:
+        """Wait for the source's end and the last batch; write the final checkpoint; the value.
+
+        An endless source (a followed file, a TCP server) never ends by itself: see :meth:`stop`.
+        Updates folded meanwhile are held for :meth:`updates` when it was called.
+        """
+        await self._until_folded()
+        return self.value
+
+    async def stop(self) -> V:
+        """Stop intake, fold the batches already read, write the final checkpoint, return the value.
+
+        The checkpoint is not ``finished`` (unless the source had ended), so a rerun resumes after
+        the last folded batch. A TCP server stops accepting, and the lines it received are folded.
+        Batches in flight still obey ``timeout`` (to abandon them, leave the block); of a file
+        split, batches are folded up to the one being folded (the block's end stops the rest).
+        Callable from any task, inside a loop over :meth:`updates` too (the remaining updates are
+        then held for that loop), and again.
+        """
+        self._request_stop()
+        await self._until_folded()
+        return self.value
+
+    def _request_stop(self) -> None:
+        """Stop intake (what :meth:`stop` does before it waits)."""
         if stop_intake(self.source):
             self._stopped = True  # the source ends because it was asked to, not because it ran out
             return
-        self._intake.cancel()
+        if self._intake is not None:
+            self._intake.cancel()
         if self.folder is not None:
             self.folder.stop()
 
-    def __aiter__(self) -> Run[R, V]:
-        return self
+    async def _until_folded(self) -> None:
+        """Take the updates nobody takes until they end, wait for the folder, write the final checkpoint."""
+        folder, updates, folded = self.folder, self._updates, self._folded
+        if folder is None or updates is None or folded is None:
+            return  # not entered, or the checkpoint was of a finished run
+        await updates.drain(hold=self._send_updates)
+        if not folder.halted:  # a halted folder folds nothing more: its updates ended
+            await folded.wait()
+        await self._save_final()
 
-    async def __anext__(self) -> Update[V]:
-        if self._updates is None:
-            raise StopAsyncIteration
-        try:
-            return await self._updates.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    def _make_executor(self) -> Executor:
-        spec, workers = self.p.executor, self.p.workers
-        if spec == "process":
-            return ProcessExecutor(workers)
-        if spec == "thread":
-            return ThreadExecutor(workers or 4)
-        if spec == "inline":
-            return InlineExecutor()
-        return spec
-
-    async def _final_checkpoint(self) -> None:
+    async def _save_final(self) -> None:
+        """Write the final checkpoint once: ``stop()``/``result()`` or leaving the block, the first."""
         folder = self.folder
         assert folder is not None
-        if folder.undelivered:
-            log.info("the last folded batch was not delivered: no final checkpoint covers it")
-        else:
-            with anyio.CancelScope(shield=True):
-                await folder.save(finished=self.finished)
-        stats = self.stats
-        log.info(
-            "run %s: %d batches, %d records folded, %d dead letters%s",
-            "finished" if folder.finished else "stopped",
-            stats.batches,
-            stats.records,
-            stats.dead_letters,
-            f" (in {self.dead.path})" if stats.dead_letters else "",
-        )
+        if self._saved is not None:
+            await self._saved.wait()
+            if self._save_error is not None:
+                raise self._save_error
+            return
+        saved = self._saved = anyio.Event()
+        try:
+            if folder.undelivered:
+                log.info("the last folded batch was not delivered: no final checkpoint covers it")
+            else:
+                with anyio.CancelScope(shield=True):
+                    await folder.save(finished=self.finished)
+        except Exception as exc:
+            self._save_error = exc  # for every other caller too: the block's end raises it
+            raise
+        finally:
+            saved.set()
+        _log_end(folder.finished, self.stats, self.dead.path)
 
     # -- stages -------------------------------------------------------------------------------------
 
@@ -287,39 +328,109 @@ class Run(Generic[R, V]):
         async with send:
             emit = Emitter(send, window, seq)
             p = self.p
-            with self._intake:
+            with self._intake or anyio.CancelScope():
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
                 # The source ended (not stopped): these many batches make the whole run.
                 await send.send(End(emit.seq))
 
-    async def _work(
-        self,
-        executor: Executor,
-        batches: MemoryObjectReceiveStream[Batch | End],
-        events: MemoryObjectSendStream[Event],
-        window: anyio.Semaphore,
-    ) -> None:
-        """Start the executor and run one dispatcher per call it can take; stop it after them."""
-        p = self.p
-        dispatcher = Dispatcher(
-            executor,
-            self.task,
-            p.retry,
-            p.timeout,
-            raise_on_error=p.on_error == "raise",
-            max_dead_in_a_row=p.max_dead_letters_in_a_row,
-        )
-        async with batches, events, executor, anyio.create_task_group() as tg:
-            # Known once entered (a Dask cluster counts its threads). An executor with ``prefetch``
-            # takes that many more calls per unit of capacity and queues them where they run (a
-            # worker starts its next batch without waiting for this loop). The window is not
-            # widened: those batches come out of the queue_size share.
-            capacity = executor.capacity
-            for _ in range(capacity):
-                window.release()
-            for _ in range(capacity * (1 + getattr(executor, "prefetch", 0))):
-                tg.start_soon(dispatcher.serve, batches.clone(), events.clone())
+
+
+def _log_end(finished: bool, stats: Stats, dead_path: str) -> None:
+    log.info(
+        "run %s: %d batches, %d records folded, %d dead letters%s",
+        "finished" if finished else "stopped",
+        stats.batches,
+        stats.records,
+        stats.dead_letters,
+        f" (in {dead_path})" if stats.dead_letters else "",
+    )
+
+
+def make_executor(spec: Executor | str, workers: int | None) -> Executor:
+    """The executor a pipeline's ``executor`` setting names (an instance is used as it is)."""
+    if spec == "process":
+        return ProcessExecutor(workers)
+    if spec == "thread":
+        return ThreadExecutor(workers or 4)
+    if spec == "inline":
+        return InlineExecutor()
+    assert not isinstance(spec, str)
+    return spec
+
+
+async def _work(
+    p: Pipeline[Any, Any],
+    task: BatchTask[Any],
+    executor: Executor,
+    batches: MemoryObjectReceiveStream[Batch | End],
+    events: MemoryObjectSendStream[Event],
+    window: anyio.Semaphore,
+) -> None:
+    """Start the executor and run one dispatcher per call it can take; stop it after them."""
+    dispatcher = Dispatcher(
+        executor,
+        task,
+        p.retry,
+        p.timeout,
+        raise_on_error=p.on_error == "raise",
+        max_dead_in_a_row=p.max_dead_letters_in_a_row,
+    )
+    async with batches, events, executor, anyio.create_task_group() as tg:
+        # Known once entered (a Dask cluster counts its threads). An executor with ``prefetch``
+        # takes that many more calls per unit of capacity and queues them where they run (a
+        # worker starts its next batch without waiting for this loop). The window is not
+        # widened: those batches come out of the queue_size share.
+        capacity = executor.capacity
+        for _ in range(capacity):
+            window.release()
+        for _ in range(capacity * (1 + getattr(executor, "prefetch", 0))):
+            tg.start_soon(dispatcher.serve, batches.clone(), events.clone())
+
+
+async def _then_set(done: anyio.Event, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """``await fn(*args)``, then set ``done`` (also when it failed or was cancelled)."""
+    try:
+        await fn(*args)
+    finally:
+        done.set()
+
+
+class _Updates(Generic[V]):
+    """A run's updates, taken by the one iterating them or held for it by ``stop()``/``result()``.
+
+    Receiving and holding happen under one lock, so that the held updates and those received
+    later stay in batch order whichever task took them.
+    """
+
+    def __init__(self, stream: ObjectReceiveStream[Update[V]]) -> None:
+        self.stream = stream
+        self.held: deque[Update[V]] = deque()
+        self.lock = anyio.Lock(fast_acquire=True)
+        self.ended = False
+
+    async def next(self) -> Update[V] | None:
+        """The next update (None at the end)."""
+        if not self.held:
+            await self._pull(waiting=True)
+        return self.held.popleft() if self.held else None
+
+    async def drain(self, *, hold: bool) -> None:
+        """Take every update until they end; keep them for ``next()`` when ``hold``."""
+        while not self.ended:
+            await self._pull(hold=hold)
+
+    async def _pull(self, *, hold: bool = True, waiting: bool = False) -> None:
+        async with self.lock:
+            if self.ended or (waiting and self.held):
+                return  # they ended, or another task took one for ``next()`` meanwhile
+            try:
+                update = await self.stream.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self.ended = True
+                return
+            if hold:
+                self.held.append(update)
 
 
 class UnsetSplitSize(int):
@@ -348,6 +459,11 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     collect(group)
+    # A stage that sent to a stage already stopped by an error fails with a broken stream: that is
+    # a consequence of the error, not a second one.
+    consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError)
+    causes = [leaf for leaf in leaves if not isinstance(leaf, consequences)]
+    leaves = causes or leaves
     failed = [leaf for leaf in leaves if isinstance(leaf, BatchFailed)]
     if failed and len(failed) == len(leaves):
         # Dispatchers failing together (an executor gone for every batch in flight): the first.

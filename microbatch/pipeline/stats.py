@@ -14,7 +14,9 @@ V = TypeVar("V")
 class Stats:
     """Counters of one run; every ``Update`` carries a snapshot.
 
-    ``records`` and ``batches`` count what was folded (including what a resumed run inherited);
+    ``records`` and ``batches`` count what was folded (including what a resumed run inherited),
+    ``run_records`` and ``run_batches`` this run's part; these record counts include the records
+    of ``dead_letters`` (this run's), which ``good_records`` leaves out;
     ``queue_depth`` is the number of batches waiting for a worker, ``in_flight`` those running;
     latencies are seconds from a batch being cut to its result being folded. ``splits`` counts
     the file splits whose batches are folded (or being folded) in this run (each holds zero or
@@ -41,6 +43,11 @@ class Stats:
     run_batches: int = 0
     splits: int = 0
     split_fallbacks: int = 0
+
+    @property
+    def good_records(self) -> int:
+        """Records of this run whose results count: ``run_records`` less the dead letters."""
+        return self.run_records - self.dead_letters
 
     @property
     def mean_latency(self) -> float:

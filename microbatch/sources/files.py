@@ -27,8 +27,8 @@ import anyio
 
 from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
+from ..checkpoints.identity import FileIdentity, file_identity
 from .follow import FileTrail, follow_parts
-from .identity import FileIdentity, file_identity
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, chunks_of
 from .protocol import Part
 

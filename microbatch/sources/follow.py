@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 
-from .identity import FileIdentity, fd_identity, siblings
+from ..checkpoints.identity import FileIdentity, fd_identity, siblings
 from .linereader import LineReader
 from .protocol import Part
 

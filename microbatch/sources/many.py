@@ -2,7 +2,7 @@
 
 The files are read one after the other, each in large blocks split into lines by the shared line
 reader. ``.gz`` files (and ``.zst`` files, with ``zstandard`` installed) are decompressed as they are
-read. A position names files by identity, not by name (:mod:`microbatch.sources.identity`: device,
+read. A position names files by identity, not by name (:mod:`microbatch.checkpoints.identity`: device,
 inode, and SHA-256 of the first bytes and of the bytes before an offset), so a file renamed by a
 rotation is still the file that was being read, and a new file that took its name is another one::
 
@@ -26,11 +26,10 @@ from typing import IO, Any, Literal
 
 import anyio
 
-from .._core.checkpoint import InvalidCheckpoint
 from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
-from .._exceptions import SourceError
-from .identity import FileIdentity, fd_identity, file_identity
+from .._exceptions import InvalidCheckpoint, SourceError
+from ..checkpoints.identity import FileIdentity, fd_identity, file_identity
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, decode_part
 from .protocol import Chunk
 

@@ -16,9 +16,10 @@ class):
    the iterable again and skips what was folded (correct when the iterable yields the same records
    in the same order each time).
 
-Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint, and
-``ended_idle``: true when its latest reading ended because no record came for its
-``stop_when_idle`` seconds (:func:`ended_idle`), not because its input ended.
+Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint (without
+one, the fingerprint names the source's class), and ``ended_idle``: true when its latest reading
+ended because no record came for its ``stop_when_idle`` seconds (:func:`ended_idle`), not because
+its input ended.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ class Chunk(Generic[T_co]):
 
 @runtime_checkable
 class Source(Protocol[T_co]):
-    """A source that resumes from its own positions (an offset in a log, a page token, ...)."""
+    """A source that resumes from its own positions (an offset in a log, a page token, ...).
 
-    def describe(self) -> str:
-        """A stable text that names what is read (not when): part of the pipeline's fingerprint."""
-        ...
+    It may also have ``describe()``, a stable text that names what is read (not when), for the
+    pipeline's fingerprint; without one, the fingerprint names the source's class.
+    """
 
     def chunks(self) -> AsyncIterator[Chunk[T_co]]:
         """The records, in chunks, each with the position after it."""

@@ -19,10 +19,11 @@ import anyio
 
 from .._core.lines import check_encoding
 from .._core.params import check_int
+from .._exceptions import SourceError
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, chunks_of
 from .protocol import Part
 
-__all__ = ["DEFAULT_STDIN_READ_SIZE", "StdinLines", "stdin_lines"]
+__all__ = ["DEFAULT_STDIN_READ_SIZE", "StdinLines", "stdin_fd", "stdin_lines"]
 
 T = TypeVar("T", str, bytes)
 
@@ -36,9 +37,10 @@ STDIN_DESCRIPTION = "stdin"
 class StdinLines(Generic[T]):
     """The lines of a readable file descriptor, standard input by default.
 
-    Made by :func:`stdin_lines`, which documents the parameters. Pipes and terminals are awaited
-    with ``anyio.wait_readable`` (the event loop never blocks); a regular file (``< file``) is
-    read in a worker thread. Standard input cannot be read twice: iterate it once.
+    Made by :func:`stdin_lines`, which documents the parameters. Pipes, sockets and terminals are
+    awaited with ``anyio.wait_readable`` (the event loop never blocks); a regular file (``< file``),
+    ``/dev/null`` and other devices are read in a worker thread. Standard input cannot be read
+    twice: iterate it once.
     """
 
     where = "<stdin>"
@@ -111,12 +113,12 @@ class StdinLines(Generic[T]):
                     yield line
 
     async def _parts(self) -> AsyncGenerator[Part, None]:
-        fd = sys.stdin.fileno() if self.fd is None else self.fd
+        fd = stdin_fd() if self.fd is None else self.fd
         size, start = self.read_size, self.start
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        pollable = _pollable(fd, self.where)
 
         async def read() -> bytes:
-            if regular:
+            if not pollable:
                 return await anyio.to_thread.run_sync(os.read, fd, size)
             await anyio.wait_readable(fd)
             return os.read(fd, size)
@@ -165,6 +167,41 @@ class StdinLines(Generic[T]):
         if data and not rest:
             rest = await read()  # the skipped bytes ended with this read; b"" only at the end
         return rest
+
+
+def stdin_fd() -> int:
+    """The descriptor of standard input; ``SourceError`` when the process was started without one.
+
+    A process started with its standard input closed (``<&-``) has no ``sys.stdin``, and the
+    descriptor 0 it would have read may since name a file the process opened for itself.
+    """
+    stdin = sys.stdin
+    fd = None
+    if stdin is not None:
+        try:
+            fd = stdin.fileno()
+            os.fstat(fd)
+        except (OSError, ValueError):  # closed since, or not a real descriptor (replaced sys.stdin)
+            fd = None
+    if fd is None:
+        raise SourceError(
+            "<stdin>: standard input is closed (started with '<&-' or without one); give the input "
+            "on it ('< file' or a pipe) or read a file instead"
+        )
+    return fd
+
+
+def _pollable(fd: int, where: str) -> bool:
+    """Whether ``fd`` can be awaited with ``wait_readable``: a pipe, a socket or a terminal.
+
+    Anything else (a regular file, ``/dev/null`` and other devices) is read in a worker thread:
+    the event loop's poller refuses them (``epoll`` says EPERM) and they never block for long.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot read descriptor {fd} ({exc.strerror})") from exc
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
 
 
 @overload

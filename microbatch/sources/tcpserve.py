@@ -18,8 +18,8 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .._batching import wait_until
 from .._exceptions import LineTooLong, SourceDecodeError
+from .._waits import wait_until
 from .connections import Connection, ConnectionTable
 from .linereader import LineReader
 from .protocol import Part

@@ -29,8 +29,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .._core.checkpoint import InvalidCheckpoint
-from .._exceptions import CheckpointMismatch
+from .._exceptions import CheckpointMismatch, InvalidCheckpoint
 
 __all__ = [
     "HEAD_BYTES",

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from .._core.checkpoint import Checkpoint, encode
 from .._exceptions import CheckpointWriteError
-from ._common import Validate, WriterLock, accept, check_keep, logger, none_valid, report_skipped
+from .atomic import TEMP_SUFFIX, fsync_dir, write_atomic
+from .format import Checkpoint, encode
+from .lock import WriterLock
+from .store import Validate, accept, check_keep, logger, none_valid, report_skipped
 
 _NAME = re.compile(r"^checkpoint-(\d{12,})\.json$")
 _TEMP_PREFIX = ".checkpoint-"
-_TEMP_SUFFIX = ".tmp"
 
 
 class DirectoryStore:
@@ -54,7 +53,7 @@ class DirectoryStore:
         self._writer.acquire()
         if self.path.is_dir():
             for entry in self.path.iterdir():
-                if entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(_TEMP_SUFFIX):
+                if entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX):
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
                         self.removed_temporaries.append(entry.name)
@@ -114,31 +113,10 @@ class DirectoryStore:
         """
         data = encode(checkpoint)
         self._writer.verify()
-        final = self.path / f"checkpoint-{checkpoint.batches:012d}.json"
-        tmp: str | None = None
-        fd: int | None = None
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.path)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                if written <= 0:  # pragma: no cover - os.write raises rather than return 0
-                    raise OSError(errno.EIO, "write returned 0")
-                view = view[written:]
-            os.fsync(fd)
-            os.close(fd)
-            fd = None
-            os.replace(tmp, final)
-            tmp = None
+            write_atomic(self.path, f"checkpoint-{checkpoint.batches:012d}.json", data, prefix=_TEMP_PREFIX)
             fsync_dir(self.path)
         except OSError as exc:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             raise CheckpointWriteError(
                 f"cannot write a checkpoint in {self.location}: {exc.strerror or exc} "
                 f"({type(exc).__name__}, errno {exc.errno}); the previous checkpoint is intact. "
@@ -170,7 +148,7 @@ class DirectoryStore:
                 file.unlink()
         if self.path.is_dir():
             for entry in self.path.iterdir():
-                if entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(_TEMP_SUFFIX):
+                if entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX):
                     with contextlib.suppress(FileNotFoundError):
                         entry.unlink()
         self.skipped = []
@@ -184,15 +162,4 @@ class DirectoryStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    if os.name != "posix":  # pragma: no cover
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

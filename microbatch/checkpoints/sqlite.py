@@ -8,9 +8,11 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from .._core.checkpoint import Checkpoint, encode
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from ._common import Validate, WriterLock, accept, check_keep, none_valid, report_skipped
+from .atomic import make_folder
+from .format import Checkpoint, encode
+from .lock import WriterLock
+from .store import Validate, accept, check_keep, none_valid, report_skipped
 
 
 class SqliteStore:
@@ -37,7 +39,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._writer = WriterLock(self.path.with_name(self.path.name + ".lock"), self.location)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)

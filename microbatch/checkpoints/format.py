@@ -1,14 +1,10 @@
-"""Checkpoints: the format (fields, checksum, validation) and fingerprint checks; no file I/O.
+"""The checkpoint format: fields, encoding, checksum, versions and validation; no file I/O.
 
 A checkpoint is one record — format version, pipeline fingerprint, batches folded, records folded,
 source position, aggregator state, dead-letter file length, whether the run finished — serialized
 as JSON with a SHA-256 checksum of its canonical JSON body. It is data only: loading a checkpoint
 parses JSON and never runs code (no pickle). The checksum detects corruption (a torn write, a
 flipped bit, a truncated file); it is not a signature against deliberate tampering.
-
-The stores that keep checkpoints (a folder, a SQLite file) live in ``microbatch.stores``; the
-names ``CheckpointStore``, ``DirectoryStore``, ``SqliteStore``, ``open_store`` and
-``is_sqlite_target`` are still importable from here for older imports.
 """
 
 from __future__ import annotations
@@ -20,28 +16,18 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .._exceptions import InvalidCheckpoint
-from .fingerprint import check_fingerprint
-
-if TYPE_CHECKING:
-    from ..stores import CheckpointStore, DirectoryStore, SqliteStore, is_sqlite_target, open_store
 
 __all__ = [
     "FORMAT_VERSION",
+    "JSON",
     "MAX_DEPTH",
     "Checkpoint",
-    "InvalidCheckpoint",
     "PositionKind",
     "check_position",
     "checked",
-    "CheckpointStore",
-    "DirectoryStore",
-    "SqliteStore",
-    "open_store",
-    "is_sqlite_target",
-    "check_fingerprint",
     "encode",
     "decode",
 ]
@@ -65,7 +51,7 @@ class Checkpoint:
     (cut back to it on resume); ``fingerprint`` what identifies the pipeline (fn, aggregator,
     source...); ``finished`` whether the source was read to its end; ``created`` the
     ``time.time()`` of the save; ``version`` the format version; ``identity`` which input the
-    position belongs to (for a file, ``sources.identity.FileIdentity.to_json()``; ``None`` when
+    position belongs to (for a file, ``checkpoints.identity.FileIdentity.to_json()``; ``None`` when
     unknown, as in checkpoints of earlier versions).
     """
 
@@ -252,7 +238,7 @@ def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Checkpoint:
 
 
 def _check_identity(value: object) -> JSON:
-    # Checked in full by the source that wrote it (sources.identity.FileIdentity.from_json).
+    # Checked in full by the source that wrote it (checkpoints.identity.FileIdentity.from_json).
     if value is not None and not isinstance(value, dict):
         raise InvalidCheckpoint("identity", f"is {value!r:.60}, not null or an object")
     return value
@@ -299,8 +285,9 @@ def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
     - ``"offset"`` and ``"count"``: an int >= 0 (a bool is refused). ``null`` is accepted, as 0,
       only when no batch was folded; after that it would silently read the input again from its
       start and count it twice. The int is returned.
-    - ``"chunk"``: any JSON value; ``null`` for a chunk source whose chunks carry no position (a
-      TCP server), which continues with what arrives next.
+    - ``"chunk"``: ``{"chunk": <the position of the last whole chunk folded, any JSON>, "skip":
+      <records of the next chunk folded, an int >= 0>}``; ``null`` for a chunk source whose chunks
+      carry no position (a TCP server), which continues with what arrives next.
     - ``"none"``: the source cannot resume; the position must be ``null``.
     """
     position = checkpoint.position
@@ -317,6 +304,16 @@ def check_position(checkpoint: Checkpoint, kind: PositionKind) -> JSON:
             raise InvalidCheckpoint("position", f"is {position!r:.60}, not {what} (an int >= 0)")
         return position
     if kind == "chunk":
+        if position is None:
+            return None
+        if not isinstance(position, dict) or set(position) != {"chunk", "skip"}:
+            raise InvalidCheckpoint(
+                "position", f"is {position!r:.60}, not a chunk source's position "
+                f"({{'chunk': <a chunk's position or null>, 'skip': <records>}})"
+            )
+        skip = position["skip"]
+        if type(skip) is not int or skip < 0:
+            raise InvalidCheckpoint("position.skip", f"is {skip!r:.60}, not an int >= 0")
         return position
     if kind == "none":
         if position is not None:
@@ -347,15 +344,3 @@ def checked(field: str, load: Callable[[JSON], T], value: JSON) -> T:
         who = f"{describe()}.load" if callable(describe) else getattr(load, "__qualname__", "load")
         raise InvalidCheckpoint(field, f"was refused by {who}: {type(exc).__name__}: {exc}") from exc
 
-
-_MOVED = frozenset({"CheckpointStore", "DirectoryStore", "SqliteStore", "is_sqlite_target", "open_store"})
-
-
-def __getattr__(name: str) -> Any:
-    # The stores do file I/O and moved to microbatch.stores; they are imported from there on first
-    # use, which also keeps this module free of an import cycle (the stores import the format).
-    if name in _MOVED:
-        from .. import stores
-
-        return getattr(stores, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

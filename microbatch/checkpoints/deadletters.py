@@ -14,9 +14,11 @@ import logging
 import os
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from .._exceptions import BatchTimeout, RemoteError, RemoteTraceback, WorkerCrashed
+from .atomic import make_folder
 
 __all__ = ["DeadLetter", "DeadLetterFile", "describe_error"]
 
@@ -127,25 +129,40 @@ class DeadLetterFile:
                 f.truncate(length)
 
     def _open(self) -> IO[bytes]:
-        """Open the file to append, creating it (and its folder) with mode 0600: it holds raw records."""
+        """Open the file to append, creating it with mode 0600 (its folder 0700): it holds raw records."""
         directory = os.path.dirname(self.path)
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            make_folder(Path(directory))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return os.fdopen(fd, "ab")
+        # Unbuffered: a failed write leaves nothing behind that closing the file would retry.
+        return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, letters: list[DeadLetter]) -> None:
-        """Append ``letters`` and flush them to the operating system."""
+        """Append ``letters``, handing them to the operating system before returning.
+
+        A failed write (a full disk, a quota, an I/O error) raises ``OSError`` with its ``errno``,
+        naming the file and the batch; the run stops, and its last checkpoint, which records the
+        file's length, has a resumed run cut off whatever part of a line was written.
+        """
         if not letters:
             return
-        if self._file is None:
-            self._file = self._open()
         payload = b"".join(
             json.dumps(letter.to_json(), ensure_ascii=False).encode("utf-8") + b"\n"
             for letter in letters
         )
-        self._file.write(payload)
-        self._file.flush()
+        try:
+            if self._file is None:
+                self._file = self._open()
+            view = memoryview(payload)
+            while view:
+                view = view[self._file.write(view) or 0 :]
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"dead-letter file {self.path}: cannot write the dead letters of batch "
+                f"{letters[0].batch} ({exc.strerror or exc}); free space there or choose another "
+                "file (dead_letter=, --dead-letter), then run again to resume",
+            ) from exc
         self.count += len(letters)
 
     def sync(self) -> None:

@@ -1,37 +1,17 @@
-"""What both checkpoint stores share: the writer lock, the ``keep`` check, reporting skipped checkpoints."""
+"""The writer lock of a checkpoint store: one run at a time writes a store."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-from .._core.checkpoint import Checkpoint, InvalidCheckpoint, decode
-from .._exceptions import CheckpointCorrupt, CheckpointError, CheckpointWriteError
+from .._exceptions import CheckpointError, CheckpointWriteError
+from .atomic import make_folder
+
+__all__ = ["WriterLock"]
 
 logger = logging.getLogger("microbatch.checkpoint")
-
-def check_keep(keep: int) -> int:
-    if isinstance(keep, bool) or not isinstance(keep, int):
-        raise TypeError(f"keep must be an int, got {type(keep).__qualname__}")
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1 (checkpoints kept), got {keep}")
-    return keep
-
-
-def report_skipped(location: str, skipped: list[tuple[str, str]], where: str, why: str) -> None:
-    skipped.append((where, why))
-    logger.warning("skipping invalid checkpoint %s: %s", where, why)
-
-
-def none_valid(location: str, skipped: list[tuple[str, str]]) -> CheckpointCorrupt:
-    reasons = "; ".join(f"{where}: {why}" for where, why in skipped)
-    return CheckpointCorrupt(
-        f"no valid checkpoint in {location} ({len(skipped)} invalid: {reasons}). Move the store aside "
-        f"to keep it for inspection, or pass fresh=True to Pipeline.run (--fresh on the command line) "
-        f"to discard it and start over"
-    )
 
 
 class WriterLock:
@@ -66,7 +46,7 @@ class WriterLock:
         except ImportError:  # pragma: no cover - Windows
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise CheckpointWriteError(f"cannot create the lock file {self.path}: {exc}") from exc
@@ -80,7 +60,7 @@ class WriterLock:
                 f"checkpoint store would overwrite each other's checkpoints. Wait for it to end, or "
                 f"give this run its own checkpoint location"
             ) from None
-        os.fchmod(fd, 0o600)  # also a lock file an older version created 0644
+        os.fchmod(fd, 0o600)  # also a lock file that was created with another mode
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode("ascii"))
         st = os.fstat(fd)
@@ -124,30 +104,3 @@ class WriterLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = self._identity = None
-
-
-#: ``validate`` callback of a store's ``load``: raises (ideally ``InvalidCheckpoint`` naming the
-#: field) when the pipeline cannot resume from a checkpoint, so that the store falls back.
-Validate = Callable[[Checkpoint], object]
-
-
-def accept(data: bytes, number: int, validate: Validate | None) -> Checkpoint:
-    """Decode the checkpoint stored as number ``number`` and run ``validate`` on it.
-
-    Raises ``InvalidCheckpoint`` (a ``ValueError``) saying why it cannot be used. Any ``Exception``
-    from ``validate`` counts as invalid, except the ``CheckpointError``s that are not about this one
-    checkpoint (a ``CheckpointMismatch`` must stop the resume, not fall back to an older one).
-    """
-    checkpoint = decode(data)
-    if checkpoint.batches != number:
-        raise InvalidCheckpoint("batches", f"is {checkpoint.batches}, not the {number} it is stored as")
-    if validate is not None:
-        try:
-            validate(checkpoint)
-        except InvalidCheckpoint:
-            raise
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise InvalidCheckpoint(None, f"refused by the pipeline: {type(exc).__name__}: {exc}") from exc
-    return checkpoint

@@ -27,20 +27,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import xxhash
 
 from .._core.keys import key_bytes, key_from_json, key_to_json
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from ..aggregate.base import JSON
-from ..stores.directory import fsync_dir
+from .atomic import TEMP_SUFFIX, fsync_dir, write_atomic
+from .format import JSON
 
-__all__ = ["MANIFEST_FORMAT", "ShardFiles", "merge_documents"]
+__all__ = ["MANIFEST_FORMAT", "ShardFiles", "ShardFilesLost", "merge_documents"]
 
 MANIFEST_FORMAT = "microbatch.keyed-manifest/1"
 _TEMP_PREFIX = ".shard-"
@@ -71,6 +71,10 @@ def merge_documents(documents: list[JSON]) -> JSON:
     }
 
 
+class ShardFilesLost(CheckpointWriteError):
+    """Files a manifest would name are gone: the checkpoint is not written (see ``ShardFiles.lost``)."""
+
+
 class ShardFiles:
     """Writes keyed state's shard documents into ``directory`` and names them in manifests.
 
@@ -92,6 +96,10 @@ class ShardFiles:
         self.fsync = fsync
         self._manifest: JSON | None = None
         self._pending: list[JSON] = []  # documents of a write that failed, merged into the next one
+        self._folder: tuple[int, int] | None = None  # (device, inode) of the folder last written
+        #: Whether files the last manifest names are gone (the folder was deleted, or files in it):
+        #: the next write must hold a base of every shard (see :meth:`needs_base`).
+        self.lost = False
 
     def adopt(self, manifest: JSON | None) -> None:
         """Continue from ``manifest`` (the one a resumed state was loaded from), or from nothing."""
@@ -99,6 +107,22 @@ class ShardFiles:
             _check_manifest(manifest, self.path)
         self._manifest = manifest
         self._pending = []
+        self._folder = self._folder_identity()
+        self.lost = False
+
+    def _folder_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def needs_base(self) -> bool:
+        """Whether the next write must give every shard whole: the files the last manifest names are
+        not all there (``lost``), or the folder was deleted or replaced since (one ``stat``)."""
+        if self._manifest is None:
+            return False
+        return self.lost or self._folder_identity() != self._folder
 
     def write(self, seq: int, documents: list[JSON], *, shards: int) -> JSON:
         """Write the documents of ``dump_changes`` at batch ``seq`` of a state of ``shards`` shards.
@@ -115,12 +139,11 @@ class ShardFiles:
         if any(doc["shards"] != shards for doc in documents):
             raise ValueError(f"keyed checkpoint at batch {seq}: a document is not of {shards} shards")
         old = self._manifest
-        if old is not None and old["shards"] == shards:
+        whole = len(by_shard) == shards and all(doc["kind"] == "base" for doc in documents)
+        if old is not None and old["shards"] == shards and not whole:
             entries = [dict(entry) for entry in old["entries"]]
         else:
-            if old is not None and (
-                len(by_shard) != shards or any(doc["kind"] != "base" for doc in documents)
-            ):
+            if old is not None and not whole:
                 raise ValueError(
                     f"keyed checkpoint at batch {seq}: going from {old['shards']} to {shards} shards "
                     f"needs a base document of every shard"
@@ -138,9 +161,31 @@ class ShardFiles:
                 f"({type(exc).__name__}); the previous checkpoint is intact and the changes are kept "
                 f"for the next one"
             ) from exc
+        manifest = {"format": MANIFEST_FORMAT, "seq": seq, "shards": shards, "entries": entries}
+        missing = self.missing(manifest)
+        if missing:
+            # Files written before are gone (the folder deleted under the run): this manifest would
+            # name them. Keep the changes; the caller writes every shard whole next time.
+            self._pending = documents
+            self.lost = True
+            raise ShardFilesLost(
+                f"keyed state files in {self.path} were deleted while the run wrote them "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); no checkpoint names "
+                f"them: the next one writes every shard whole"
+            )
         self._pending = []
-        self._manifest = {"format": MANIFEST_FORMAT, "seq": seq, "shards": shards, "entries": entries}
-        return self._manifest
+        self._manifest = manifest
+        self._folder = self._folder_identity()
+        self.lost = False
+        return manifest
+
+    def missing(self, manifest: JSON) -> list[str]:
+        """The names ``manifest`` gives that are not files in the folder (one listing)."""
+        try:
+            present = set(os.listdir(self.path))
+        except FileNotFoundError:
+            present = set()
+        return [name for name in _names(manifest) if name not in present]
 
     def _write_shard(self, seq: int, entry: dict[str, Any], doc: JSON) -> dict[str, Any]:
         shard = doc["shard"]
@@ -164,19 +209,7 @@ class ShardFiles:
         return {"shard": shard, "count": doc["count"], "base": meta, "deltas": []}
 
     def _write_file(self, name: str, data: bytes) -> dict[str, Any]:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.path)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                if self.fsync:
-                    os.fsync(file.fileno())
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, name, data, prefix=_TEMP_PREFIX, fsync=self.fsync)
         return {"name": name, "bytes": len(data), "xxh3": xxhash.xxh3_64_hexdigest(data)}
 
     # --- reading -------------------------------------------------------------------------------
@@ -237,15 +270,14 @@ class ShardFiles:
         """
         keep: set[str] = set()
         for manifest in [*manifests, self._manifest]:
-            for entry in (manifest or {}).get("entries", []):
-                metas = ([entry["base"]] if entry["base"] else []) + entry["deltas"]
-                keep.update(meta["name"] for meta in metas)
+            if manifest is not None:
+                keep.update(_names(manifest))
         removed: list[str] = []
         if not self.path.is_dir():
             return removed
         for file in self.path.iterdir():
             shard_file = file.name.startswith("shard-") and file.name.endswith(".json")
-            temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(".tmp")
+            temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(TEMP_SUFFIX)
             if (shard_file or temporary) and file.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     file.unlink()
@@ -258,12 +290,63 @@ def _encode(doc: JSON) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
 
+def _names(manifest: JSON) -> list[str]:
+    """Every file name a (checked) manifest gives, base then deltas, shard by shard."""
+    names: list[str] = []
+    for entry in manifest.get("entries", []):
+        metas = ([entry["base"]] if entry["base"] else []) + entry["deltas"]
+        names.extend(meta["name"] for meta in metas)
+    return names
+
+
+#: A shard file's name: a plain name inside the folder, never a path.
+_FILE_NAME = re.compile(r"shard-[0-9]{4,}-[0-9]{12,}-(?:base|delta)\.json")
+_XXH3 = re.compile(r"[0-9a-f]{16}")
+
+
 def _check_manifest(manifest: JSON, path: Path) -> None:
+    """``CheckpointCorrupt`` naming the entry when ``manifest`` is not one :meth:`ShardFiles.write`
+    made: every field of the expected type and range, every file a plain shard file name, so that
+    a crafted manifest cannot make a resume read a file outside the folder."""
     if not (
         isinstance(manifest, dict)
         and manifest.get("format") == MANIFEST_FORMAT
         and type(manifest.get("shards")) is int
+        and manifest["shards"] >= 1
+        and type(manifest.get("seq")) is int
         and isinstance(manifest.get("entries"), list)
         and len(manifest["entries"]) == manifest["shards"]
     ):
         raise CheckpointCorrupt(f"not a manifest of keyed state files in {path}: {manifest!r:.200}")
+    for i, entry in enumerate(manifest["entries"]):
+        where = f"entries[{i}]"
+        if not isinstance(entry, dict) or entry.get("shard") != i or type(entry.get("shard")) is not int:
+            _bad_entry(path, where, entry, f"not the entry of shard {i}")
+        count = entry.get("count")
+        if type(count) is not int or count < 0:
+            _bad_entry(path, f"{where}.count", count, "not an int >= 0")
+        deltas = entry.get("deltas")
+        if not isinstance(deltas, list) or (entry.get("base") is None and deltas):
+            _bad_entry(path, f"{where}.deltas", deltas, "not a list of files after a base")
+        metas = [("base", entry.get("base"))] if entry.get("base") is not None else []
+        metas += [(f"deltas[{j}]", meta) for j, meta in enumerate(deltas)]
+        for name, meta in metas:
+            _check_file_entry(path, f"{where}.{name}", meta)
+
+
+def _check_file_entry(path: Path, where: str, meta: object) -> None:
+    if not isinstance(meta, dict):
+        _bad_entry(path, where, meta, "not a file entry (an object)")
+    name = meta.get("name")
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+        _bad_entry(path, f"{where}.name", name, "not a plain shard file name in that folder")
+    size = meta.get("bytes")
+    if type(size) is not int or size < 0:
+        _bad_entry(path, f"{where}.bytes", size, "not an int >= 0")
+    digest = meta.get("xxh3")
+    if not isinstance(digest, str) or not _XXH3.fullmatch(digest):
+        _bad_entry(path, f"{where}.xxh3", digest, "not an XXH3-64 checksum in hex")
+
+
+def _bad_entry(path: Path, where: str, value: object, why: str) -> NoReturn:
+    raise CheckpointCorrupt(f"keyed state manifest for {path}: {where} is {value!r:.100}, {why}")

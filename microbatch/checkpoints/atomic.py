@@ -1,0 +1,80 @@
+"""The one way checkpoint data reaches the disk: a temporary file, fsync, rename, fsync of the folder.
+
+Every writer of checkpoint data uses :func:`write_atomic`: the folder store's checkpoint files and
+the keyed state's shard files. A crash at any step leaves either the old file or the new one under
+the final name, never a torn one; a temporary file a crash left behind keeps its ``prefix`` and the
+``.tmp`` suffix, so its owner can find and remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["TEMP_SUFFIX", "fsync_dir", "make_folder", "write_atomic"]
+
+#: The suffix of every temporary file :func:`write_atomic` makes.
+TEMP_SUFFIX = ".tmp"
+
+
+def make_folder(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700, whatever the umask (they hold the
+    aggregator's state and failed records); a folder that exists is left as it is."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        make_folder(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+
+
+def write_atomic(folder: Path, name: str, data: bytes, *, prefix: str, fsync: bool = True) -> None:
+    """Write ``data`` as ``folder/name`` atomically, mode 0600; the folder is created (0700) if missing.
+
+    The data goes to a temporary file made by ``tempfile.mkstemp`` in ``folder`` (``prefix``,
+    ``.tmp``), is flushed and ``fsync``ed, then ``os.replace``d onto ``name``. ``fsync_dir`` is
+    left to the caller, so that several files can share one. Raises the ``OSError`` of the step
+    that failed, after removing the temporary file.
+    """
+    make_folder(folder)
+    fd: int | None = None
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=folder)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:  # pragma: no cover - os.write raises rather than return 0
+                raise OSError(errno.EIO, "write returned 0")
+            view = view[written:]
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = None
+        os.replace(tmp, folder / name)
+    except BaseException:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
