@@ -178,15 +178,21 @@ async def test_a_server_down_at_the_start_is_waited_for(nats_server: NatsServer,
 
 
 @pytest.mark.anyio
-async def test_a_server_that_stays_away_fails_the_run_after_timeout(nats_server: NatsServer) -> None:
-    url = nats_server.url
+async def test_a_server_that_stays_away_fails_the_run_after_timeout(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
     await in_thread(publish, url, "AWAY", numbers(0, 3000), create=True)
-    source = mb.nats_stream(url, "AWAY", batch=100, timeout=1.0)
+    source = mb.nats_stream(url, "AWAY", batch=100, timeout=1.0, stop_when_idle=0.3)
     with pytest.raises(mb.SourceError, match=r"AWAY.*no answer for .*timeout=1"):
-        async with pipeline(queue_size=1).updates(source) as run:
+        async with pipeline(queue_size=1).updates(source, checkpoint=state) as run:
             async for update in run:
                 if update.seq == 0:
                     await in_thread(nats_server.kill)
+    assert run.stats.records > 0
+    # What was folded before the failure is in the final checkpoint: the rerun adds the rest.
+    await in_thread(nats_server.start)
+    assert await pipeline().run(source, checkpoint=state) == sum(range(3000))
 
 
 @pytest.mark.anyio

@@ -55,6 +55,13 @@ class LoopThread:
         try:
             self.loop.run_forever()
         finally:
+            # What the client left running (a reconnect loop when the server was away): cancelled
+            # and awaited, so that closing the loop destroys no pending task.
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.close()
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
