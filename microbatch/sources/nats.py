@@ -189,9 +189,10 @@ class NatsStream:
                 if done:
                     return
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await thread.call(puller.close())
-            await anyio.to_thread.run_sync(thread.stop)
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(5):
+                    await thread.call(puller.close())
+                await anyio.to_thread.run_sync(thread.stop)
             if self.skipped:
                 logger.info("%s: %d sequences skipped (deleted or expired)", self.where, self.skipped)
 

@@ -254,12 +254,16 @@ class Puller:
         )
 
     async def close(self) -> None:
-        if self.nc is None:
+        """Delete the consumer (if the server is there) and close the connection; never raises:
+        the reading's own outcome (its end, or the error that ended it) is what counts."""
+        if self.nc is None or self.nc.is_closed:
             return
-        if not self.nc.is_closed:
+        try:
             if self.nc.is_connected:
                 await self._drop_consumer()
             await self.nc.close()
+        except Exception as exc:  # a connection lost meanwhile: nothing is left to close
+            logger.debug("nats %s: closing: %s", ",".join(self.servers), exc)
 
     # -- fetching ----------------------------------------------------------------------------------
 
