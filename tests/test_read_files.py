@@ -177,3 +177,35 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path, backend: 
     assert kills >= min(KILLS, 3), kills
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"done {expected}"
+
+
+@pytest.mark.anyio
+async def test_an_undecodable_line_ends_the_chunks_at_its_start(tmp_path: Path) -> None:
+    good = lines(0, 50)
+    (tmp_path / "a.log").write_bytes(good + b"\xff\xfe\n" + lines(50, 60))
+    seen: list[Any] = []
+    with pytest.raises(mb.SourceDecodeError) as caught:
+        async for chunk in mb.read_files(str(tmp_path / "*.log")).chunks():
+            seen.append(chunk)
+    assert caught.value.offset == len(good)
+    assert [r for c in seen for r in c.records] == [str(i) for i in range(50)]
+    assert seen[-1].position["file"]["offset"] == len(good)  # a resume starts at the bad line
+
+
+@pytest.mark.anyio
+async def test_a_followed_partial_line_waits_for_its_newline(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    log.write_bytes(b"1\n2\n3")  # "3" is not finished yet
+    source = mb.read_files(str(tmp_path / "*.log"), follow=True, poll_interval=0.01)
+    got: list[str] = []
+    async with mb.batches(source, max_size=10, max_wait=0.01) as stream:
+        async for batch in stream:
+            got += batch
+            if got == ["1", "2"]:
+                with open(log, "ab") as f:
+                    f.write(b"4\n5")
+            elif got == ["1", "2", "34"]:
+                (tmp_path / "b.log").write_bytes(b"6\n7")  # a newer file: a.log is done, "5" ends it
+            elif got == ["1", "2", "34", "5", "6"]:
+                break  # "7" waits for its newline (b.log is the newest file)
+    assert got == ["1", "2", "34", "5", "6"]
