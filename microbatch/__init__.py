@@ -64,7 +64,18 @@ if TYPE_CHECKING:
     from .executors.dask import DaskExecutor
     from .pipeline import Pipeline, Run, Stats, Update
     from .service import Batcher, BatcherStats, BatchExecutor, PendingResult
-    from .sources import Chunk, LineSource, Source, TcpLines, read_lines, tcp_lines
+    from .sources import (
+        Chunk,
+        LineSource,
+        ManyFiles,
+        NatsStream,
+        Source,
+        TcpLines,
+        nats_stream,
+        read_files,
+        read_lines,
+        tcp_lines,
+    )
 
 _LAZY = {
     "._batching": ["ChunkedSource", "batches"],
@@ -80,7 +91,18 @@ _LAZY = {
     ".executors": ["Executor", "InlineExecutor", "ProcessExecutor", "ThreadExecutor"],
     ".pipeline": ["Pipeline", "Run", "Stats", "Update"],
     ".service": ["Batcher", "BatcherStats", "BatchExecutor", "PendingResult"],
-    ".sources": ["Chunk", "LineSource", "Source", "TcpLines", "read_lines", "tcp_lines"],
+    ".sources": [
+        "Chunk",
+        "LineSource",
+        "ManyFiles",
+        "NatsStream",
+        "Source",
+        "TcpLines",
+        "nats_stream",
+        "read_files",
+        "read_lines",
+        "tcp_lines",
+    ],
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -117,10 +139,12 @@ __all__ = [
     "InlineExecutor",
     "LineSource",
     "LineTooLong",
+    "ManyFiles",
     "Max",
     "Mean",
     "MicrobatchError",
     "Min",
+    "NatsStream",
     "PathNotVisible",
     "PendingResult",
     "Pipeline",
@@ -146,6 +170,8 @@ __all__ = [
     "Windows",
     "WorkerCrashed",
     "batches",
+    "nats_stream",
+    "read_files",
     "read_lines",
     "tcp_lines",
 ]

@@ -10,6 +10,7 @@ import microbatch as mb
 DOCUMENTED = {
     # batching and sources
     "batches", "ChunkedSource", "read_lines", "tcp_lines", "LineSource", "TcpLines",
+    "nats_stream", "NatsStream", "read_files", "ManyFiles",
     # the source protocol: a source that resumes from its own positions
     "Source", "Chunk",
     # pipelines

@@ -1,7 +1,9 @@
-"""What ``--input`` names: a file, standard input (``-``) or a TCP server (``tcp://HOST:PORT``)."""
+"""What ``--input`` names: a file, standard input (``-``), a TCP server (``tcp://HOST:PORT``), a
+NATS JetStream stream (``nats://HOST:PORT/STREAM[/SUBJECT]``) or many files (a quoted glob)."""
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
 from dataclasses import dataclass
@@ -13,10 +15,13 @@ from .codes import UsageError
 
 @dataclass(frozen=True)
 class _Input:
-    kind: str  # "file", "stdin" or "tcp"
-    path: str = ""
+    kind: str  # "file", "stdin", "tcp", "nats" or "files"
+    path: str = ""  # a file's path; the glob pattern of "files"
     host: str = "127.0.0.1"
     port: int = 0
+    url: str = ""  # "nats": the server's URL, the stream and the subject (or "")
+    stream: str = ""
+    subject: str = ""
 
 
 #: Hosts that make a TCP server listen on every interface.
@@ -58,8 +63,17 @@ def _parse_input(text: str, follow: bool) -> _Input:
                 port_text,
             )
         return _Input("tcp", host=host, port=int(port_text))
+    if text.startswith("nats://"):
+        return _parse_nats(text)
     if "://" in text:
-        raise UsageError(f"--input {text!r}: unknown scheme; use a file path, '-' or tcp://HOST:PORT")
+        raise UsageError(
+            f"--input {text!r}: unknown scheme; use a file path, a quoted glob, '-', tcp://HOST:PORT "
+            f"or nats://HOST:PORT/STREAM"
+        )
+    if glob.has_magic(text) and not os.path.exists(text):
+        if not follow and not glob.glob(text):
+            raise UsageError(f"--input {text!r}: no file matches (use --follow to wait for files)")
+        return _Input("files", path=text)
     path = Path(text)
     if path.is_dir():
         raise UsageError(f"--input {text!r} is a folder, not a file")
@@ -68,9 +82,40 @@ def _parse_input(text: str, follow: bool) -> _Input:
     return _Input("file", path=text)
 
 
-def _make_source(spec: _Input, encoding: str, follow: bool, *, poll_interval: float | None = None) -> Any:
-    from ..sources import read_lines, stdin_lines, tcp_lines
+def _parse_nats(text: str) -> _Input:
+    """``nats://HOST:PORT/STREAM[/SUBJECT]``: the server's URL, the stream and the subject."""
+    hostport, _, rest = text[len("nats://") :].partition("/")
+    stream, _, subject = rest.partition("/")
+    if not hostport or not stream or any(c in stream for c in " .*>"):
+        raise UsageError(
+            f"--input {text!r}: expected nats://HOST:PORT/STREAM or nats://HOST:PORT/STREAM/SUBJECT, "
+            f"e.g. nats://127.0.0.1:4222/EVENTS"
+        )
+    return _Input("nats", url=f"nats://{hostport}", stream=stream, subject=subject)
 
+
+def _make_source(
+    spec: _Input,
+    encoding: str,
+    follow: bool,
+    *,
+    poll_interval: float | None = None,
+    stop_when_idle: float | None = None,
+) -> Any:
+    from ..sources import nats_stream, read_files, read_lines, stdin_lines, tcp_lines
+
+    if spec.kind == "nats":
+        # A stream is followed (--follow or not); --stop-when-idle ends the run once caught up.
+        subject = spec.subject or None
+        idle = stop_when_idle
+        return nats_stream(spec.url, spec.stream, subject=subject, encoding=encoding, stop_when_idle=idle)
+    if spec.kind == "files":
+        from ..sources.many import DEFAULT_POLL_INTERVAL
+
+        poll = DEFAULT_POLL_INTERVAL if poll_interval is None else poll_interval
+        return read_files(
+            spec.path, follow=follow, encoding=encoding, stop_when_idle=stop_when_idle, poll_interval=poll
+        )
     if spec.kind == "file":
         if poll_interval is not None:
             return read_lines(spec.path, encoding=encoding, follow=follow, poll_interval=poll_interval)

@@ -105,6 +105,13 @@ def _seconds(*, allow_zero: bool, allow_none: bool = True) -> Callable[[str], fl
     return parse
 
 
+def _idle_seconds(text: str) -> float:
+    """Seconds > 0, with or without an ``s``: ``5``, ``5s``, ``0.5s``."""
+    value = _seconds(allow_zero=False, allow_none=False)(text[:-1] if text.endswith("s") else text)
+    assert value is not None
+    return value
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
@@ -160,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         required=True,
         metavar="INPUT",
-        help="a file path, '-' for standard input, or tcp://HOST:PORT to listen for lines",
+        help="a file path, a quoted glob ('logs/*.log*': many files, .gz/.zst too), '-' for standard "
+        "input, tcp://HOST:PORT to listen for lines, or nats://HOST:PORT/STREAM[/SUBJECT] to read a "
+        "NATS JetStream stream (followed)",
     )
     source.add_argument(
         "-f", "--follow", action="store_true", help="keep reading a file as it grows (like tail -f)"
@@ -179,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECONDS",
         help="with --follow: how often an idle file is checked for new lines (default 0.2)",
+    )
+    source.add_argument(
+        "--stop-when-idle",
+        type=_idle_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="with a nats:// input or a followed glob: end the run once no record came for this long "
+        "('5' or '5s'); the next run with the same checkpoint reads on",
     )
     source.add_argument(
         "--encoding", type=_encoding, default="utf-8", help="text encoding of the input (default: utf-8)"

@@ -176,6 +176,13 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise UsageError("--wait-for-file waits for a file to follow: it needs --follow")
     if args.poll_interval is not None and not args.follow:
         raise UsageError("--poll-interval sets how often a followed file is checked: it needs --follow")
+    if args.stop_when_idle is not None and not (
+        args.input.startswith("nats://") or (args.follow and _parse_input(args.input, True).kind == "files")
+    ):
+        raise UsageError(
+            "--stop-when-idle ends a run that follows its input: it needs a nats:// input, or a quoted "
+            "glob with --follow"
+        )
     if args.fresh and args.checkpoint is None:
         raise UsageError("--fresh discards a checkpoint: it needs --checkpoint DIR")
     if args.accept_changes and args.checkpoint is None:
@@ -214,7 +221,13 @@ def _command_run(args: argparse.Namespace) -> int:
     if is_fifo(spec):
         source, fifo_fd = fifo_source(spec.path, args.encoding)
     else:
-        source = _make_source(spec, args.encoding, args.follow, poll_interval=args.poll_interval)
+        source = _make_source(
+            spec,
+            args.encoding,
+            args.follow,
+            poll_interval=args.poll_interval,
+            stop_when_idle=args.stop_when_idle,
+        )
     positions_are_bytes = spec.kind == "file" and fifo_fd is None
     display, handler = _progress.make_display(args.progress, sys.stderr, byte_positions=positions_are_bytes)
     feed, server = (
@@ -271,7 +284,7 @@ def _preparation(
             log.info("waiting for a writer to open %s", spec.path)
 
         return announce
-    if args.follow and not os.path.exists(spec.path):
+    if spec.kind == "file" and args.follow and not os.path.exists(spec.path):
         from ..sources.files import DEFAULT_POLL_INTERVAL
 
         poll = args.poll_interval if args.poll_interval is not None else DEFAULT_POLL_INTERVAL

@@ -133,10 +133,10 @@ class FoldStage(Generic[V]):
                 elif isinstance(event, Started):
                     stats.in_flight += 1
                 elif isinstance(event, Failure):
-                    self._count_failure(event)
+                    count_failure(stats, event)
                 elif isinstance(event, SplitFailed):
                     # Counted as a failed attempt that is retried (batch by batch).
-                    self._count_failure(Failure(event.ticket, event.kind, True, event.error), log_it=False)
+                    count_failure(stats, Failure(event.ticket, event.kind, True, event.error), log_it=False)
                     stats.split_fallbacks += 1
                     log.info(
                         "split %d (bytes %d-%d of %s) failed in its worker (%s: %s); running its "
@@ -186,19 +186,6 @@ class FoldStage(Generic[V]):
             log.info("closed windows were not all delivered: no final checkpoint covers them")
             return
         await self._save(self.machine.final())
-
-    def _count_failure(self, failure: Failure, *, log_it: bool = True) -> None:
-        """Count a failed attempt; the dead letters it leads to are logged when they are folded."""
-        self.stats.count_attempt(failure.kind, failure.retrying)
-        if not log_it:
-            return
-        if failure.retrying:
-            then = "; retrying"
-        else:
-            then = "; isolating its failing records" if failure.whole else ""
-        level = logging.INFO if failure.whole and not failure.retrying else logging.DEBUG
-        log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.ticket, type(failure.error).__name__,
-                failure.error, then)
 
     async def _fold(
         self, done: Done, updates: MemoryObjectSendStream[Update[V]], window: anyio.Semaphore
@@ -251,7 +238,7 @@ class FoldStage(Generic[V]):
             self.state = self.agg.fold(self.state, result)
         closed = None if windows is None else windows.close(self.state, seq)
         if done.dead:
-            self._write_dead(done, seq)
+            write_dead(self.dead, done, seq)
         now = anyio.current_time()
         self._count(self.stats, done, now)
         save = self.machine.folded(batch.end, batch.count, now)
@@ -283,21 +270,6 @@ class FoldStage(Generic[V]):
             results=done.results,
             split=done.bisected,
         )
-
-    def _write_dead(self, done: Done, seq: int) -> None:
-        letters = [
-            letter if letter.batch == seq else replace_field(letter, batch=seq) for letter in done.dead
-        ]
-        self.dead.write(letters)
-        for letter in letters:
-            log.warning(
-                "batch %d: record at position %s failed every attempt (%s: %s); written to %s",
-                seq,
-                letter.position,
-                letter.error_type,
-                letter.message,
-                self.dead.path,
-            )
 
     async def _deliver(self, updates: MemoryObjectSendStream[Update[V]], update: Update[V]) -> None:
         """Send ``update``; while the consumer keeps it waiting, write the checkpoints that fall due."""
@@ -335,3 +307,34 @@ class FoldStage(Generic[V]):
             )
             self.stats.checkpoints += 1
             self.machine.saved(save, anyio.current_time())
+
+
+def count_failure(stats: Stats, failure: Failure, *, log_it: bool = True) -> None:
+    """Count a failed attempt; the dead letters it leads to are logged when they are folded."""
+    stats.count_attempt(failure.kind, failure.retrying)
+    if not log_it:
+        return
+    if failure.retrying:
+        then = "; retrying"
+    else:
+        then = "; isolating its failing records" if failure.whole else ""
+    level = logging.INFO if failure.whole and not failure.retrying else logging.DEBUG
+    log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.ticket, type(failure.error).__name__,
+            failure.error, then)
+
+
+def write_dead(dead: DeadLetterFile, done: Done, seq: int) -> None:
+    """Write a batch's dead letters, numbered ``seq`` as this run counts batches, and log each."""
+    letters = [
+        letter if letter.batch == seq else replace_field(letter, batch=seq) for letter in done.dead
+    ]
+    dead.write(letters)
+    for letter in letters:
+        log.warning(
+            "batch %d: record at position %s failed every attempt (%s: %s); written to %s",
+            seq,
+            letter.position,
+            letter.error_type,
+            letter.message,
+            dead.path,
+        )

@@ -34,6 +34,14 @@ Source = AsyncIterable[Any] | Iterable[Any]
 Target = str | os.PathLike[str] | CheckpointStore
 
 
+#: The settings :meth:`Pipeline.replace` copies as they are (the retry settings come from ``retry``).
+_SETTINGS = (
+    "aggregate", "max_size", "max_wait", "workers", "queue_size", "timeout", "on_error", "dead_letter",
+    "max_dead_letters_in_a_row", "executor", "checkpoint_every", "checkpoint_every_batches", "sink",
+    "split_size",
+)
+
+
 class Pipeline(Generic[R, V]):
     """Runs ``fn`` on micro-batches of a source in workers and folds the results in batch order.
 
@@ -155,25 +163,9 @@ class Pipeline(Generic[R, V]):
 
     def replace(self, **changes: Any) -> Pipeline[R, V]:
         """A copy with some settings changed (the command line's overrides use this)."""
-        settings: dict[str, Any] = {
-            "aggregate": self.aggregate,
-            "max_size": self.max_size,
-            "max_wait": self.max_wait,
-            "workers": self.workers,
-            "queue_size": self.queue_size,
-            "retries": self.retry.retries,
-            "backoff": self.retry.backoff,
-            "max_backoff": self.retry.max_backoff,
-            "timeout": self.timeout,
-            "on_error": self.on_error,
-            "dead_letter": self.dead_letter,
-            "max_dead_letters_in_a_row": self.max_dead_letters_in_a_row,
-            "executor": self.executor,
-            "checkpoint_every": self.checkpoint_every,
-            "checkpoint_every_batches": self.checkpoint_every_batches,
-            "sink": self.sink,
-            "split_size": self.split_size,
-        }
+        settings: dict[str, Any] = {name: getattr(self, name) for name in _SETTINGS}
+        retry = self.retry
+        settings.update(retries=retry.retries, backoff=retry.backoff, max_backoff=retry.max_backoff)
         unknown = set(changes) - set(settings) - {"fn"}
         if unknown:
             raise TypeError(f"unknown Pipeline setting(s): {', '.join(sorted(unknown))}")

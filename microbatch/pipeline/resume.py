@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from .._core.params import check_int
-from ..sources.protocol import Chunk, LineParts, Source, describe_source
+from ..sources.protocol import Chunk, LineParts, Source, describe_source, ended_idle
 
 __all__ = ["aclose_iterator", "chunk_position", "resume_source", "skip"]
 
@@ -71,6 +71,10 @@ class _Skipped:
     def __init__(self, source: Source[Any], count: int) -> None:
         self.source = source
         self.count = count
+
+    @property
+    def idle_ended(self) -> bool:
+        return ended_idle(self.source)
 
     def describe(self) -> str:
         return describe_source(self.source)

