@@ -354,7 +354,8 @@ class _Reading:
                     f"read_files({self.source.where}): the file being read at the checkpoint (device "
                     f"{identity.file.device}, inode {identity.file.inode}, read up to byte {offset}) is not "
                     f"among the files that match any more: it was deleted, changed or renamed to a name "
-                    f"that does not match. Pass fresh=True to Pipeline.run (--fresh on the command line) to start over"
+                    f"that does not match. Pass fresh=True to Pipeline.run (--fresh on the command line) "
+                    f"to start over"
                 )
             self.current = _File(path, self.source, offset)
             listed.remove(path)
