@@ -21,6 +21,10 @@ from trio.testing import MockClock
 
 import microbatch as mb
 from microbatch._core.checkpoint import Checkpoint
+from microbatch.pipeline.run import _unwrap
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 from microbatch.stores import DirectoryStore
 
 pytestmark = pytest.mark.anyio
@@ -311,3 +315,11 @@ def test_a_follow_run_killed_before_its_first_regular_checkpoint_resumes_in_the_
         resumed.kill()
     assert json.loads(stdout.splitlines()[-1]) == sum(range(1_500)), stderr
     assert newest_checkpoint(state)[1]["records"] == 1_500  # type: ignore[index]
+
+
+async def test_a_stage_that_finds_the_fold_stage_gone_does_not_hide_its_error() -> None:
+    # The fold stage raised a batch's failure and closed its events; a dispatcher then failed to
+    # report another batch: the user sees the batch's failure, not a group of both.
+    failed = mb.BatchFailed(27, ValueError("bad"), 1)
+    group = BaseExceptionGroup("run", [failed, BaseExceptionGroup("work", [anyio.BrokenResourceError()])])
+    assert _unwrap(group) is failed

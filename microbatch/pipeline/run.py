@@ -355,6 +355,10 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     collect(group)
+    # A stage that sent to one that had already stopped on an error (the fold stage raising a
+    # batch's failure while a dispatcher reports another batch) fails with BrokenResourceError:
+    # a consequence, not a second error.
+    leaves = [leaf for leaf in leaves if not isinstance(leaf, anyio.BrokenResourceError)] or leaves
     failed = [leaf for leaf in leaves if isinstance(leaf, BatchFailed)]
     if failed and len(failed) == len(leaves):
         # Dispatchers failing together (an executor gone for every batch in flight): the first.
