@@ -18,9 +18,10 @@ tells it what happened and carries out what it answers. Times are explicit (``no
 **Folding.**
 
 3. Each released item is to be folded by the caller, which then reports every batch it folded
-   with :meth:`~FoldMachine.folded` (its position and record count). Only reported batches
-   count: a checkpoint never names a position beyond the last batch reported folded, so a fold
-   interrupted before it is reported is covered by no checkpoint.
+   with :meth:`~FoldMachine.folded` (its position and record count), and the end of the item with
+   :meth:`~FoldMachine.processed`. Only reported batches count: a checkpoint never names a
+   position beyond the last batch reported folded, so a fold interrupted before it is reported
+   is covered by no checkpoint.
 
 **Checkpoints** (none at all when ``saving`` is False: no answer ever asks for one).
 
@@ -38,8 +39,10 @@ tells it what happened and carries out what it answers. Times are explicit (``no
    nothing folded since the newest checkpoint, it still covers everything: none is due.
 7. *Final.* :meth:`~FoldMachine.final` (the source ended, the run was stopped, cancelled, or
    failed) answers one last checkpoint covering every batch reported folded, whether or not its
-   update reached a consumer. It is ``finished`` when the source ended (:meth:`~FoldMachine.end`)
-   and every ticket was released, and the caller did not :meth:`~FoldMachine.halt` folding.
+   update reached a consumer. It is ``finished`` when the source ended (:meth:`~FoldMachine.end`),
+   every ticket was released and every released item processed, and the caller did not
+   :meth:`~FoldMachine.halt` folding. (Released is not folded: many items may be released at
+   once, and a run cancelled while it folds them has not finished.)
 8. A checkpoint counts as written when the caller reports it (:meth:`~FoldMachine.saved`); the
    counts and the clock of rules 5 and 6 restart from what it covers.
 """
@@ -80,6 +83,7 @@ class FoldMachine(Generic[T]):
         "_saved_at",
         "_saved_batches",
         "_tickets",
+        "_unprocessed",
         "batches",
         "every",
         "every_batches",
@@ -117,6 +121,7 @@ class FoldMachine(Generic[T]):
         self._held: dict[int, list[T]] = {}
         self._complete: set[int] = set()
         self._tickets: int | None = None
+        self._unprocessed = 0  # items released and not yet reported processed
         self._saved_at = now
         self._saved_batches = batches
 
@@ -132,6 +137,7 @@ class FoldMachine(Generic[T]):
                 self._complete.add(ticket)
             return []
         if not last:
+            self._unprocessed += 1
             return [item]
         due = [item]
         held, complete = self._held, self._complete
@@ -141,6 +147,7 @@ class FoldMachine(Generic[T]):
             if pieces is not None:
                 due += pieces
             if self.next_ticket not in complete:
+                self._unprocessed += len(due)
                 return due
             complete.discard(self.next_ticket)
             self.next_ticket += 1
@@ -157,10 +164,14 @@ class FoldMachine(Generic[T]):
         """Folding stopped before the run's end (a stop within a split): it is not finished."""
         self.halted = True
 
+    def processed(self) -> None:
+        """The caller finished folding one item :meth:`arrive` released (rule 3)."""
+        self._unprocessed -= 1
+
     @property
     def finished(self) -> bool:
-        """The source ended, every ticket was released, and folding was not halted."""
-        return self._tickets == self.next_ticket and not self.halted
+        """The source ended, every ticket was released and processed, and folding was not halted."""
+        return self._tickets == self.next_ticket and not self._unprocessed and not self.halted
 
     # -- checkpoints --------------------------------------------------------------------------------
 

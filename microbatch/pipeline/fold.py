@@ -194,6 +194,7 @@ class FoldStage(Generic[V]):
         if done.parts is None:
             if not self.machine.halted:
                 await self._fold_batch(done, done.batch.ticket, updates, window)
+                self.machine.processed()
             return
         if not done.partial:
             window.release()  # the reader may emit one more split
@@ -209,7 +210,9 @@ class FoldStage(Generic[V]):
                 return
             await self._fold_batch(part, self.stats.batches, updates, None)
         failure = done.failure
-        if failure is not None:
+        if failure is None:
+            self.machine.processed()
+        else:
             # Raised in order, numbered as this run counts batches.
             seq = self.stats.batches
             cause = failure.cause
