@@ -40,7 +40,7 @@ from .._core.deadline import wait_deadline
 from .._core.fold import FoldMachine, Save
 from .._exceptions import BatchFailed, TooManyDeadLetters
 from ..aggregate import Aggregator
-from ..aggregate.windows import WindowResult, Windows
+from ..aggregate.windows import Windows
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints
 from .dispatch import Done, End, Event, Failure, SplitFailed, Started
@@ -90,9 +90,6 @@ class FoldStage(Generic[V]):
         #: Time windows: the sink receives the windows each batch closes instead of fn's results.
         self.windows = None if not isinstance(aggregate, Windows) else WindowHook(
             aggregate, state, sink, dead, stats)
-        #: Closed windows are being handed over: the state no longer holds them, so no final
-        #: checkpoint may be written until they are out (a rerun hands them over again).
-        self.undelivered = False
 
     @property
     def deliver_first(self) -> bool:
@@ -121,7 +118,9 @@ class FoldStage(Generic[V]):
                 try:
                     event = await self._next(events)
                 except anyio.EndOfStream:
-                    await self._end_windows()
+                    if self.windows is not None:
+                        seq = max(stats.batches - 1, 0)
+                        await self.windows.end_of_source(self.state, machine.finished, seq)
                     return
                 if event is None:  # a checkpoint's deadline came while waiting
                     await self._save(machine.tick(anyio.current_time()))
@@ -159,22 +158,6 @@ class FoldStage(Generic[V]):
             return await events.receive()
         return None
 
-    async def _end_windows(self) -> None:
-        """At the end of the source every open window closes (nothing when stopped early)."""
-        windows = self.windows
-        if windows is None:
-            return
-        closed = windows.close_all(self.state) if self.machine.finished else []
-        if closed:
-            await self._deliver_windows(max(self.stats.batches - 1, 0), closed)
-        windows.end()
-
-    async def _deliver_windows(self, seq: int, closed: list[WindowResult]) -> None:
-        assert self.windows is not None
-        self.undelivered = True
-        await self.windows.deliver(seq, closed)
-        self.undelivered = False
-
     def stop(self) -> None:
         """Fold no further batch of a split (those of whole batches in flight are still folded)."""
         self.stopping = True
@@ -182,7 +165,7 @@ class FoldStage(Generic[V]):
     async def finish(self) -> None:
         """Write the run's final checkpoint: every batch folded (none without a store), unless
         closed windows were being handed over (the checkpoint before them stands)."""
-        if self.undelivered:
+        if self.windows is not None and self.windows.undelivered:
             log.info("closed windows were not all delivered: no final checkpoint covers them")
             return
         await self._save(self.machine.final())
@@ -248,8 +231,8 @@ class FoldStage(Generic[V]):
         log.debug("batch %d folded: %d records, position %s", seq, batch.count, batch.end)
         if window is not None:
             window.release()  # the reader may cut one more batch
-        if closed:
-            await self._deliver_windows(seq, closed)
+        if windows is not None and closed:
+            await windows.deliver(seq, closed)
         await self._save(save)
         if self.send_updates and not self.deliver_first:
             # The state is the output: the batch counts once folded, whether or not its update

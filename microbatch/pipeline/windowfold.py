@@ -41,6 +41,7 @@ class WindowHook:
         self.dead = dead
         self.stats = stats
         self.warned = False
+        self.undelivered = False
 
     def stamp(self, results: list[Any], cut_at: float) -> list[Any]:
         """The batch's results as the aggregate folds them; ``cut_at`` on the run's clock."""
@@ -64,19 +65,31 @@ class WindowHook:
         return self.agg.close_all(state)
 
     async def deliver(self, seq: int, closed: list[WindowResult]) -> None:
+        """Hand over the windows batch ``seq`` closed. Until they are out, ``undelivered``: the
+        state no longer holds them, so no final checkpoint may be written (a rerun hands them over
+        again)."""
         sink = self.sink
         deliver = getattr(sink, "deliver", None)
+        self.undelivered = True
         if deliver is not None:
             await deliver(seq, closed)
         elif sink is not None:
             for item in closed:
                 await sink(seq, item)
-        elif not self.warned:
+        self.undelivered = False
+        if sink is None and not self.warned:
             self.warned = True
             log.warning(
                 "closed windows are handed to the pipeline's sink= or taken from pipeline.windows(); "
                 "this run has neither, so they are dropped (the first at batch %d: %s)", seq, closed[0]
             )
+
+    async def end_of_source(self, state: Any, finished: bool, seq: int) -> None:
+        """At the end of the source (``finished``) every open window closes; then :meth:`end`."""
+        closed = self.close_all(state) if finished else []
+        if closed:
+            await self.deliver(seq, closed)
+        self.end()
 
     def end(self) -> None:
         end = getattr(self.sink, "end", None)
