@@ -21,7 +21,6 @@ import gzip
 import logging
 import os
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
 from typing import IO, Any, Literal
 
 import anyio
@@ -32,7 +31,7 @@ from .._exceptions import InvalidCheckpoint, SourceError
 from ..checkpoints.identity import FilePosition, fd_position
 from ..checkpoints.prefix import PrefixHasher
 from .linereader import DEFAULT_MAX_LINE_LENGTH, LineReader, decode_part
-from .protocol import Chunk
+from .protocol import Chunk, records_of
 
 __all__ = ["ManyFiles", "read_files"]
 
@@ -128,13 +127,7 @@ class ManyFiles:
 
     def __aiter__(self) -> AsyncGenerator[Any, None]:
         """The records one by one (``chunks()`` is faster: one list per read)."""
-        return self._records()
-
-    async def _records(self) -> AsyncGenerator[Any, None]:
-        async with aclosing(self.chunks()) as chunks:
-            async for chunk in chunks:
-                for record in chunk.records:
-                    yield record
+        return records_of(self)
 
     def chunks(self) -> AsyncGenerator[Chunk[Any], None]:
         """The records, one chunk per block read, each with the position after it."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
 from typing import Any, Literal
 
 import anyio
@@ -20,7 +19,7 @@ import anyio
 from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
 from .._exceptions import SourceError
-from .protocol import Chunk
+from .protocol import Chunk, records_of
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_TIMEOUT", "NatsStream", "nats_stream"]
 
@@ -129,13 +128,7 @@ class NatsStream:
 
     def __aiter__(self) -> AsyncGenerator[Any, None]:
         """The records one by one (``chunks()`` is faster: one list per read)."""
-        return self._records()
-
-    async def _records(self) -> AsyncGenerator[Any, None]:
-        async with aclosing(self.chunks()) as chunks:
-            async for chunk in chunks:
-                for record in chunk.records:
-                    yield record
+        return records_of(self)
 
     def chunks(self) -> AsyncGenerator[Chunk[Any], None]:
         """The messages' payloads, one chunk per fetch, each with the sequence of its last message."""

@@ -24,10 +24,11 @@ its input ended.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Chunk", "LineParts", "Part", "Source", "describe_source", "ended_idle"]
+__all__ = ["Chunk", "LineParts", "Part", "Source", "describe_source", "ended_idle", "records_of"]
 
 T_co = TypeVar("T_co", covariant=True)
 JSON = Any
@@ -114,3 +115,11 @@ def ended_idle(source: object) -> bool:
     """Whether the source's latest reading ended because it was quiet for its ``stop_when_idle``
     seconds: its input goes on, so a run that read it to that end has not finished it."""
     return bool(getattr(source, "idle_ended", False))
+
+
+async def records_of(source: Source[T_co]) -> AsyncGenerator[T_co, None]:
+    """A chunk source's records one by one (its ``chunks()`` is faster: one list per chunk)."""
+    async with aclosing(source.chunks()) as chunks:  # type: ignore[type-var]
+        async for chunk in chunks:
+            for record in chunk.records:
+                yield record
