@@ -40,6 +40,7 @@ from ..checkpoints.session import Checkpoints, dead_letter_path
 from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
+from .owned import owned_run
 from .reader import (
     Batch,
     Emitter,
@@ -186,6 +187,13 @@ class Run(Generic[R, V]):
             check_picklable(p.fn)
         try:
             stack.callback(self.dead.close)
+            # Keyed state held by shard owner processes: they live until the stages stopped.
+            owned = await owned_run(
+                stack, self.agg, self.task, executor, checkpoint=self.checkpoints.target, workers=p.workers
+            )
+            if owned is not None:
+                self.agg, self.task = owned[0], owned[1]  # type: ignore[assignment]
+                self._state = self.agg.initial()
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)

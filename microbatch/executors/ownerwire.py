@@ -1,0 +1,104 @@
+"""The frames shard owners, workers and the pipeline exchange over Unix sockets.
+
+A frame is a 13-byte header ``<BQI`` (kind, id, payload length) and the payload. Each connection
+to an owner opens with one frame that says what it is:
+
+    worker   -> owner   PART     id: a part id (random 64 bits); payload: msgpack
+                                 ``{shard: {key: partial}}``, the owner's part of one batch result
+    pipeline -> owner   CONTROL  opens the control connection (one per owner); on it, in order:
+                        FOLD     payload: the part ids (little-endian u64 each) of one batch, to be
+                                 folded now, in this order, once each
+                        GET      payload: msgpack key                     -> VALUE [found, value]
+                        COUNT    keys held                                -> VALUE int
+                        DUMP     every key the owner holds                -> VALUE {shard: {key: value}}
+    owner -> pipeline   VALUE    the answer to the oldest question not answered yet
+                        FAILED   payload: a message (UTF-8); the owner could not fold a batch
+
+Parts may arrive before or after the FOLD that names them: an owner keeps parts until they are
+named, and folds the FOLDs strictly in the order they came. A part that no FOLD ever names (its
+worker crashed before its result reached the pipeline, and the batch ran again elsewhere) is never
+folded, which keeps folds exactly-once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+import msgpack
+
+__all__ = ["HEADER", "connect", "pack", "unpack"]
+
+HEADER = struct.Struct("<BQI")
+
+PART = 1
+CONTROL = 2
+FOLD = 3
+GET = 4
+COUNT = 5
+DUMP = 6
+VALUE = 10
+FAILED = 11
+
+#: Socket buffer sizes asked for (the kernel may cap them): a batch's part goes in a few writes.
+BUFFER = 1 << 20
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, unicode_errors="surrogatepass")
+    return data
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    # arrays come back as tuples, so tuple keys stay tuples (hashable, equal to the original)
+    return msgpack.unpackb(data, use_list=False, strict_map_key=False, unicode_errors="surrogatepass")
+
+
+def frame(kind: int, ident: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, ident, len(payload)) + payload
+
+
+def connect(path: str, *, wait: float) -> socket.socket:
+    """A blocking connection to the owner listening at ``path``, waiting up to ``wait`` seconds for
+    it to listen (an owner starts while the workers do); the last ``OSError`` after that."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def receive_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    """One frame from a blocking socket; ``ConnectionError`` at end of file."""
+    kind, ident, size = HEADER.unpack(_exactly(sock, HEADER.size))
+    return kind, ident, _exactly(sock, size)
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the shard owner closed its connection")
+        got += n
+    return bytes(buf)
+
+
+def part_id() -> int:
+    return int.from_bytes(os.urandom(8), "little")
