@@ -85,11 +85,12 @@ async def test_updates_are_small_and_reads_ask_the_owners(tmp_path: Path) -> Non
     assert seen[-1][0] == 10_000 and seen[-1][2] == len(set(lines))
 
 
-async def test_a_checkpointed_run_folds_in_the_pipeline_process(tmp_path: Path) -> None:
+async def test_a_run_checkpointed_to_a_store_object_folds_in_the_pipeline_process(tmp_path: Path) -> None:
     lines = make_input(tmp_path / "in.txt", 5_000, 300)
     pipeline = mb.Pipeline(count_lines, aggregate=mb.ByKey(mb.Count()), max_size=1_000, workers=2)
-    async with pipeline.start(mb.read_lines(tmp_path / "in.txt"), checkpoint=tmp_path / "state") as run:
-        assert not isinstance(run.agg, OwnedByKey)
+    store = mb.DirectoryStore(tmp_path / "state")
+    async with pipeline.start(mb.read_lines(tmp_path / "in.txt"), checkpoint=store) as run:
+        assert not isinstance(run.agg, OwnedByKey)  # no folder for shard files: the owners' is a folder
         assert dict(await run.result()) == Counter(lines)
 
 

@@ -238,10 +238,18 @@ class ShardFiles:
         metas = ([entry["base"]] if entry["base"] is not None else []) + list(entry["deltas"])
         return [self._read_file(meta) for meta in metas]
 
-    def _read_file(self, meta: dict[str, Any]) -> JSON:
+    def verify(self, manifest: JSON) -> None:
+        """Check every file ``manifest`` names against its size and checksum, without parsing it
+        (the shard owners that load the files parse them); ``CheckpointCorrupt`` naming the file."""
+        _check_manifest(manifest, self.path)
+        for entry in manifest["entries"]:
+            for meta in ([entry["base"]] if entry["base"] else []) + entry["deltas"]:
+                self._file_bytes(meta)
+
+    def _file_bytes(self, meta: dict[str, Any]) -> bytes:
         file = self.path / meta["name"]
         try:
-            data = file.read_bytes()
+            data: bytes = file.read_bytes()
         except OSError as exc:
             raise CheckpointCorrupt(f"keyed state file {file} cannot be read: {exc}") from exc
         if len(data) != meta["bytes"] or xxhash.xxh3_64_hexdigest(data) != meta["xxh3"]:
@@ -250,6 +258,11 @@ class ShardFiles:
                 f"{xxhash.xxh3_64_hexdigest(data)}; the manifest expects {meta['bytes']} bytes, "
                 f"checksum {meta['xxh3']}"
             )
+        return data
+
+    def _read_file(self, meta: dict[str, Any]) -> JSON:
+        data = self._file_bytes(meta)
+        file = self.path / meta["name"]
         if file.suffix == ".mbk":
             return decode_document(data, f"keyed state file {file}")
         try:

@@ -78,6 +78,11 @@ class Owner:
         self.shards: dict[int, dict[Any, int]] = {}
         self.control: socket.socket | None = None
         self.folded = 0
+        # Checkpoints: per shard, the keys changed since the last barrier; shards to write whole
+        # (every shard until a barrier or a load gave it files); the shard files' writer.
+        self.changed: dict[int, set[Any]] = {}
+        self.whole: set[int] | None = None  # None: every shard
+        self.files: Any = None
 
     def serve(self) -> None:
         """Serve until the control connection closes."""
@@ -150,6 +155,17 @@ class Owner:
                 self._reply(wire.VALUE, wire.pack(sum(map(len, self.shards.values()))))
             elif kind == wire.DUMP:
                 self._reply(wire.VALUE, wire.pack(self.shards))
+            elif kind in (wire.BARRIER, wire.LOAD):
+                answer: Any
+                try:
+                    if kind == wire.BARRIER:
+                        answer = self._barrier(*wire.unpack(payload))
+                    else:
+                        answer = self._load(*wire.unpack_json(payload))
+                except Exception as exc:
+                    self._reply(wire.FAILED, f"{type(exc).__name__}: {exc}".encode())
+                else:
+                    self._reply(wire.VALUE, wire.pack(answer))
             requests.popleft()
 
     def _fold(self, payload: bytes) -> None:
@@ -159,6 +175,100 @@ class Owner:
                 state = self.shards[shard] = {}
             keys = items.keys()
             state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), items.values()), strict=False))
+            whole = self.whole
+            if whole is None or shard in whole:
+                continue
+            changed = self.changed.get(shard)
+            if changed is None:
+                changed = self.changed[shard] = set()
+            changed.update(keys)
+            if len(changed) > 64 and 2 * len(changed) > len(state):
+                whole.add(shard)  # most of the shard changed: write it whole, forget the keys
+                del self.changed[shard]
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _writer(self, folder: str) -> Any:
+        if self.files is None:
+            from microbatch.checkpoints.shards import ShardFiles
+
+            self.files = ShardFiles(folder, binary=True)
+        return self.files
+
+    def _barrier(self, seq: int, folder: str, own: list[int], shards: int) -> dict[int, Any]:
+        """Write this owner's shards' changes at batch ``seq``; their manifest entries."""
+        from microbatch._core.keys import key_to_json
+
+        files = self._writer(folder)
+        if files.needs_base():  # the folder or files of the last manifest are gone
+            self.whole = None
+        whole = self.whole
+        documents = []
+        for shard in own:
+            items = self.shards.get(shard, {})
+            if whole is None or shard in whole:
+                kind, names = "base", items
+            elif shard in self.changed:
+                kind, names = "delta", {key: items[key] for key in self.changed[shard]}
+            else:
+                continue
+            documents.append({
+                "format": "microbatch.keyed/1", "shard": shard, "shards": shards, "kind": kind,
+                "count": len(items),
+                "keys": [key_to_json(key) if type(key) is tuple else key for key in names],
+                "states": list(names.values()),
+            })
+        manifest = files.write(seq, documents, shards=shards)  # CheckpointWriteError: changes kept
+        self.whole = set()
+        self.changed = {}
+        return {shard: manifest["entries"][shard] for shard in own}
+
+    def _load(self, folder: str, manifest: Any, own: list[int], shards: int) -> int:
+        """Load this owner's shards from the files ``manifest`` names; the keys loaded."""
+        from microbatch._core.keys import key_from_json
+        from microbatch._core.ring import ring
+
+        files = self._writer(folder)
+        mine = set(own)
+        if manifest["shards"] == shards:
+            # Only this owner's shards' files; it continues their deltas.
+            entries = [
+                entry if entry["shard"] in mine else {**entry, "count": 0, "base": None, "deltas": []}
+                for entry in manifest["entries"]
+            ]
+            manifest = {**manifest, "entries": entries}
+            for doc in files.read(manifest):
+                self._load_document(doc, key_from_json, None)
+            files.adopt(manifest)
+            self.whole = {e["shard"] for e in entries if e["shard"] in mine and e["base"] is None}
+        else:
+            # Another shard count: every file, the keys placed again; every shard written whole.
+            place = ring(shards)
+            for doc in files.read(manifest):
+                self._load_document(doc, key_from_json, (place, mine))
+            files.adopt(None)
+            self.whole = None
+        self.changed = {}
+        return sum(map(len, self.shards.values()))
+
+    def _load_document(self, doc: Any, key_from_json: Any, placing: Any) -> None:
+        for key_data, state in zip(doc["keys"], doc["states"], strict=True):
+            if type(state) is not int:
+                raise ValueError(
+                    f"shard {doc['shard']}: the state {state!r:.100} is not an int (shard owners hold "
+                    f"int counts and sums; resume with ByKey(owners=0))"
+                )
+            key = key_from_json(key_data) if type(key_data) is list else key_data
+            if placing is None:
+                shard = doc["shard"]
+            else:
+                shard = placing[0].shard_of(key)
+                if shard not in placing[1]:
+                    continue
+            target = self.shards.get(shard)
+            if target is None:
+                target = self.shards[shard] = {}
+            target[key] = state
 
     def _reply(self, kind: int, payload: bytes) -> None:
         assert self.control is not None

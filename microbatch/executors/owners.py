@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from array import array
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,7 +37,8 @@ import anyio.abc
 
 from .._core.owners import cut, owner_of_shards
 from .._core.ring import ring
-from .._exceptions import ExecutorUnavailable, WorkerCrashed
+from .._exceptions import CheckpointCorrupt, CheckpointWriteError, ExecutorUnavailable, WorkerCrashed
+from ..checkpoints.shards import MANIFEST_FORMAT
 from . import ownerwire as wire
 from .spawn import exit_description
 
@@ -123,6 +125,39 @@ class OwnerRoute:
         return OwnedParts(tuple(sent), len(result))
 
 
+class OwnerFailed(Exception):
+    """An owner answered a request with an error (a checkpoint it could not write or load)."""
+
+
+class Barrier:
+    """A checkpoint asked of every owner at batch ``seq``; ``write_shards`` waits for it."""
+
+    def __init__(self, owners: Owners, seq: int) -> None:
+        self.owners = owners
+        self.seq = seq
+
+    def write_shards(self, seq: int) -> Any:
+        """The manifest naming every owner's shard files (blocking: the checkpoint thread's call).
+
+        ``CheckpointWriteError`` when an owner could not write (the previous checkpoint is intact,
+        and that owner keeps its changes for the next one).
+        """
+        owners = self.owners
+        entries: list[Any] = [None] * owners.shards
+        try:
+            answers = owners._every_answer(lists=True)
+        finally:
+            owners._answers.release()
+        errors = [f"shard owner {o}: {a}" for o, a in enumerate(answers) if isinstance(a, OwnerFailed)]
+        for answer in answers:
+            if not isinstance(answer, OwnerFailed):
+                for shard, entry in answer.items():
+                    entries[shard] = entry
+        if errors:
+            raise CheckpointWriteError(f"keyed state at batch {self.seq} not written: {'; '.join(errors)}")
+        return {"format": MANIFEST_FORMAT, "seq": self.seq, "shards": owners.shards, "entries": entries}
+
+
 class Owners:
     """The owner processes of one run (an async context manager) and the pipeline's side of them.
 
@@ -142,6 +177,9 @@ class Owners:
         #: Every owner's state, ``{shard: {key: int}}``, taken as the block was left normally.
         self.final: dict[int, dict[Any, int]] | None = None
         self.batches = 0
+        # Held from a question's sending to its answer's reading: a barrier's answers are read in
+        # the checkpoint thread, and no other reader may take them meanwhile.
+        self._answers = threading.Lock()
 
     async def __aenter__(self) -> Owners:
         """Start the owner processes (without waiting for them: workers and the fold stage connect
@@ -217,15 +255,29 @@ class Owners:
 
     def ask(self, owner: int, kind: int, payload: bytes = b"") -> Any:
         """Ask one owner a question and wait for its answer (after its pending folds)."""
-        self._send(owner, wire.frame(kind, 0, payload))
+        with self._answers:
+            self._send(owner, wire.frame(kind, 0, payload))
+            return self._answer(owner)
+
+    def _every_answer(self, *, lists: bool = False) -> list[Any]:
+        """Every owner's answer, in owner order; an ``OwnerFailed`` for an owner that failed (its
+        answer is read all the same, so the next question gets the next answer)."""
+        return [self._answer_or_failure(owner, lists) for owner in range(self.count)]
+
+    def _answer_or_failure(self, owner: int, lists: bool) -> Any:
+        try:
+            return self._answer(owner, lists=lists)
+        except OwnerFailed as exc:
+            return exc
+
+    def _answer(self, owner: int, *, lists: bool = False) -> Any:
         try:
             answer, _, data = wire.receive_frame(self.controls[owner])
         except OSError as exc:
             raise self._lost(owner, exc) from None
         if answer == wire.FAILED:
-            why = data.decode(errors="replace")
-            raise WorkerCrashed(f"shard owner {owner} could not fold a batch: {why}")
-        return wire.unpack(data)
+            raise OwnerFailed(data.decode(errors="replace"))
+        return wire.unpack_json(data) if lists else wire.unpack(data)
 
     def _lost(self, owner: int, exc: BaseException) -> WorkerCrashed:
         process = self.processes[owner]
@@ -233,6 +285,43 @@ class Owners:
             f"shard owner {owner} (process {process.pid}) is gone ({exit_description(process.returncode)}, "
             f"{type(exc).__name__}: {exc}); its keyed state is lost"
         )
+
+    def own(self, owner: int) -> list[int]:
+        """The shards ``owner`` holds."""
+        return [shard for shard, o in enumerate(self.owner_of) if o == owner]
+
+    def barrier(self, seq: int, folder: str) -> Barrier:
+        """Ask every owner to write its shard files as of now (after the FOLDs sent so far).
+
+        Call it in batch order, as ``fold``; ``Barrier.write_shards`` (in another thread) waits for
+        the answers and returns the manifest.
+        """
+        self._answers.acquire()
+        try:
+            for owner in range(self.count):
+                payload = wire.pack((seq, folder, self.own(owner), self.shards))
+                self._send(owner, wire.frame(wire.BARRIER, 0, payload))
+        except BaseException:
+            self._answers.release()
+            raise
+        return Barrier(self, seq)
+
+    def load(self, manifest: Any, folder: str) -> int:
+        """Each owner loads its shards from the files ``manifest`` names (blocking); keys loaded.
+
+        ``CheckpointCorrupt`` naming the file when an owner finds one damaged or missing.
+        """
+        loaded = 0
+        with self._answers:
+            for owner in range(self.count):
+                payload = wire.pack((folder, manifest, self.own(owner), self.shards))
+                self._send(owner, wire.frame(wire.LOAD, 0, payload))
+            answers = self._every_answer()
+        for owner, answer in enumerate(answers):
+            if isinstance(answer, OwnerFailed):
+                raise CheckpointCorrupt(f"shard owner {owner} cannot load its shards: {answer}")
+            loaded += answer
+        return loaded
 
     def owner_of_key(self, key: object) -> int:
         return self.owner_of[ring(self.shards).shard_of(key)]

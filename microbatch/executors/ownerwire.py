@@ -11,6 +11,11 @@ to an owner opens with one frame that says what it is:
                         GET      payload: msgpack key                     -> VALUE [found, value]
                         COUNT    keys held                                -> VALUE int
                         DUMP     every key the owner holds                -> VALUE {shard: {key: value}}
+                        LOAD     msgpack [folder, manifest, own shards, shard count]: load those
+                                 shards from the shard files the manifest names -> VALUE keys loaded
+                        BARRIER  msgpack [seq, folder, own shards, shard count]: write the changes of
+                                 those shards since the last BARRIER (or LOAD) as shard files at
+                                 batch ``seq`` -> VALUE {shard: manifest entry}
     owner -> pipeline   VALUE    the answer to the oldest question not answered yet
                         FAILED   payload: a message (UTF-8); the owner could not fold a batch
 
@@ -40,6 +45,8 @@ FOLD = 3
 GET = 4
 COUNT = 5
 DUMP = 6
+LOAD = 7
+BARRIER = 8
 VALUE = 10
 FAILED = 11
 
@@ -55,6 +62,11 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes | memoryview) -> Any:
     # arrays come back as tuples, so tuple keys stay tuples (hashable, equal to the original)
     return msgpack.unpackb(data, use_list=False, strict_map_key=False, unicode_errors="surrogatepass")
+
+
+def unpack_json(data: bytes | memoryview) -> Any:
+    """Like ``unpack``, arrays as lists: for JSON documents (manifests and their entries)."""
+    return msgpack.unpackb(data, strict_map_key=False, unicode_errors="surrogatepass")
 
 
 def frame(kind: int, ident: int, payload: bytes = b"") -> bytes:

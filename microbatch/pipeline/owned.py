@@ -7,20 +7,27 @@ reads the owners while they run and their final state after.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
+import anyio
+
 from .._core.ring import ring
 from .._core.task import BatchTask
 from ..aggregate import Aggregator, ByKey, Count, Sum
 from ..aggregate.keyed import KeyedState
+from ..checkpoints.session import Checkpoints, DeferredShards
 from ..executors import ProcessExecutor
 from ..executors import ownerwire as wire
-from ..executors.owners import OwnedParts, OwnerRoute, Owners
+from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
+from .stats import Stats
 
-__all__ = ["OwnedByKey", "OwnedView", "owned_run", "owner_count"]
+__all__ = ["OwnedByKey", "OwnedView", "owned_run", "owner_count", "uses_owners"]
+
+log = logging.getLogger("microbatch")
 
 
 def owner_count(agg: object, workers: int | None) -> int:
@@ -41,30 +48,39 @@ def owner_count(agg: object, workers: int | None) -> int:
     return min(wanted, agg.shards)
 
 
+def uses_owners(agg: object, executor: object, checkpoints: Checkpoints, workers: int | None) -> bool:
+    """Whether a run of ``agg`` on ``executor`` keeps its keyed state in shard owners: a ``ByKey``
+    that :func:`owner_count` gives owners, on worker processes, without a checkpoint or with one
+    in a folder or SQLite file (whose shard files the owners write), not a store object."""
+    if not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
+        return False
+    return checkpoints.target is None or isinstance(checkpoints.target, (str, os.PathLike))
+
+
 async def owned_run(
     stack: AsyncExitStack,
     agg: Aggregator[Any, Any, Any],
     task: BatchTask[Any],
-    executor: object,
+    state: Any,
     *,
-    checkpoint: object,
+    stats: Stats,
     workers: int | None,
-) -> tuple[OwnedByKey, BatchTask[Any]] | None:
-    """Start shard owners on ``stack`` for a run that uses them: the aggregator and task it runs.
-
-    None (nothing started) unless ``agg`` is a ``ByKey`` that :func:`owner_count` gives owners,
-    run on worker processes, without a checkpoint (shard owners do not write checkpoints yet).
+) -> tuple[OwnedByKey, BatchTask[Any], OwnedState]:
+    """Start shard owners on ``stack`` (for a run :func:`uses_owners` accepted): the aggregator,
+    task and state the run goes on with. ``state`` is the initial state, or the ``DeferredShards``
+    of the checkpoint resumed from, which the owners load (``CheckpointCorrupt`` naming a damaged
+    file).
     """
-    if checkpoint is not None or not isinstance(executor, ProcessExecutor):
-        return None
-    count = owner_count(agg, workers)
-    if count == 0:
-        return None
     assert isinstance(agg, ByKey)
-    owners = await stack.enter_async_context(Owners(count, agg.shards))
+    owners = await stack.enter_async_context(Owners(owner_count(agg, workers), agg.shards))
+    if isinstance(state, DeferredShards):
+        manifest, folder = state.manifest, state.folder
+        loaded = await anyio.to_thread.run_sync(lambda: owners.load(manifest, folder))
+        log.info("shard owners loaded %d keys from %s", loaded, folder)
     route = OwnerRoute(task.fn, agg.shards, owners.paths, counts=type(agg.inner) is Count)
     owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
-    return OwnedByKey(agg, owners), owned_task
+    owned = OwnedByKey(agg, owners, stats)
+    return owned, owned_task, owned.initial()
 
 
 class OwnedState:
@@ -79,9 +95,10 @@ class OwnedState:
 class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
     """Stands for a ``ByKey`` in the fold stage while shard owners hold its state."""
 
-    def __init__(self, agg: ByKey, owners: Owners) -> None:
+    def __init__(self, agg: ByKey, owners: Owners, stats: Stats) -> None:
         self.agg = agg
         self.owners = owners
+        self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now
         self._final: KeyedState | None = None
 
     def describe(self) -> str:
@@ -114,8 +131,13 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
         """Progress without asking the owners: the batches they were told to fold."""
         return {"owners": self.owners.count, "batches": self.owners.batches}
 
+    def barrier(self, state: OwnedState, folder: str) -> Barrier:
+        """A checkpoint of the owners' state now: each writes its shard files into ``folder``."""
+        return self.owners.barrier(self.stats.batches, folder)
+
     def dump(self, state: OwnedState) -> Any:
-        # Called only by runs without a checkpoint store, whose saves write nothing.
+        # Called only by runs without a checkpoint store (whose saves write nothing): a store
+        # object, not a folder, never gets shard owners.
         return None
 
     def load(self, data: Any) -> OwnedState:
