@@ -140,3 +140,22 @@ async def test_kill_9_of_the_pipeline_then_resume_is_exact(
         src = mb.read_lines(tmp_path / "in.txt")
         counts = await pipeline().run(src, checkpoint=state, accept_changes=True)
         assert dict(counts) == expected, f"trial {trial}"
+
+
+async def test_a_killed_owner_is_started_again_and_the_run_ends_exact(tmp_path: Path) -> None:
+    expected = make_input(tmp_path / "in.txt", 30_000, 4_000)
+    p = mb.Pipeline(
+        count_lines, aggregate=mb.ByKey(mb.Count(), owners=2), max_size=300, workers=2,
+        checkpoint_every_batches=7,
+    )
+    kills = {5: 0, 23: 1, 45: 1, 60: 0}  # batch -> owner killed once that batch's update came
+    async with p.updates(mb.read_lines(tmp_path / "in.txt"), checkpoint=tmp_path / "state") as run:
+        owners = run.agg.owners  # type: ignore[attr-defined]
+        async for update in run:
+            owner = kills.get(update.seq)
+            if owner is not None:
+                os.kill(owners.processes[owner].pid, signal.SIGKILL)
+                owners.processes[owner].process.wait()
+        counts = run.value
+    assert owners.restarts == [2, 2]
+    assert dict(counts) == expected

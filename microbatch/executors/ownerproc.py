@@ -1,10 +1,12 @@
 """A shard owner's process: holds some shards of keyed counts and folds batch parts as told.
 
 Started by :class:`microbatch.executors.owners.Owners` as
-``python .../microbatch/executors/ownerproc.py PARENT_PID SOCKET_PATH`` (the file, not ``-m``: the
-package's ``__init__`` files and anyio stay out of the owner). It listens on the Unix socket
-``SOCKET_PATH`` (in a folder of mode 0700) and serves workers' parts and the pipeline's control
-connection (frames in :mod:`microbatch.executors.ownerwire`) with one thread and a selector.
+``python .../microbatch/executors/ownerproc.py PARENT_PID SOCKET_PATH INDEX KEEP`` (the file, not
+``-m``: the package's ``__init__`` files and anyio stay out of the owner). It listens on the Unix
+socket ``SOCKET_PATH`` (in a folder of mode 0700, where workers write its part files too) and
+serves the pipeline's control connection (frames in :mod:`microbatch.executors.ownerwire`).
+``KEEP`` 1: part files stay after they are folded (the pipeline removes them once a checkpoint
+covers them); 0: each is removed once folded.
 
 Like a worker it dies with the pipeline (``PR_SET_PDEATHSIG`` plus a thread watching the parent,
 the worker's own code) and ignores SIGINT and SIGTERM (the pipeline decides when it stops). It
@@ -69,11 +71,11 @@ class _Connection:
 class Owner:
     """The owner's loop: accept connections, keep parts, fold FOLDs in order, answer questions."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, folder: str, index: int, keep: bool) -> None:
         self.listener = listener
+        self.folder, self.index, self.keep = folder, index, keep
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ, None)
-        self.parts: dict[int, bytes] = {}
         self.requests: collections.deque[tuple[int, bytes]] = collections.deque()
         self.shards: dict[int, dict[Any, int]] = {}
         self.control: socket.socket | None = None
@@ -104,21 +106,17 @@ class Owner:
         if not data:
             self.selector.unregister(conn.sock)
             conn.sock.close()
-            # A worker's connection may end inside a frame (the worker was killed): that part is
-            # never named by a FOLD, so it is simply dropped with the buffer.
             return not conn.control
         buf = conn.buf
         buf += data
         size, start, end = wire.HEADER.size, 0, len(buf)
         while end - start >= size:
-            kind, ident, length = wire.HEADER.unpack_from(buf, start)
+            kind, _, length = wire.HEADER.unpack_from(buf, start)
             if end - start - size < length:
                 break
             payload = bytes(buf[start + size : start + size + length])
             start += size + length
-            if kind == wire.PART:
-                self.parts[ident] = payload
-            elif kind == wire.CONTROL:
+            if kind == wire.CONTROL:
                 conn.control = True
                 self.control = conn.sock
             else:
@@ -128,20 +126,17 @@ class Owner:
 
     def _answer(self) -> None:
         """Do the requests in order, as far as the parts they name have arrived."""
-        requests, parts = self.requests, self.parts
+        requests = self.requests
         while requests:
             kind, payload = requests[0]
             if kind == wire.FOLD:
                 ids = array("Q")
                 ids.frombytes(payload)
-                if not all(i in parts for i in ids):
-                    return  # a part still on its way: wait for more data
-                try:
-                    for i in ids:
-                        self._fold(parts.pop(i))
-                except Exception as exc:  # pragma: no cover - workers check partials first
-                    self._reply(wire.FAILED, f"{type(exc).__name__}: {exc}".encode())
-                    raise
+                for i in ids:
+                    path = wire.part_path(self.folder, self.index, i)
+                    self._fold(wire.read_part(path))  # an error ends the owner (see ownerwire)
+                    if not self.keep:
+                        os.unlink(path)
                 self.folded += 1
             elif kind == wire.GET:
                 key = wire.unpack(payload)
@@ -278,13 +273,12 @@ class Owner:
 def main(argv: list[str]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    parent, path = int(argv[1]), argv[2]
+    parent, path, index, keep = int(argv[1]), argv[2], int(argv[3]), argv[4] == "1"
     _die_with_parent(parent)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wire.BUFFER)
     listener.bind(path)
     listener.listen(256)
-    Owner(listener).serve()
+    Owner(listener, os.path.dirname(path), index, keep).serve()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """The frames shard owners, workers and the pipeline exchange over Unix sockets.
 
-A frame is a 13-byte header ``<BQI`` (kind, id, payload length) and the payload. Each connection
-to an owner opens with one frame that says what it is:
+Workers hand owners their parts as files: a worker writes owner ``k``'s part of a batch result,
+msgpack ``{shard: {key: partial}}``, to ``FOLDER/p{k}-{id:016x}`` (``id``: 64 random bits), whole
+before its receipt returns. The pipeline talks to each owner over one Unix socket connection, in
+frames: a 13-byte header ``<BQI`` (kind, id, payload length) and the payload.
 
-    worker   -> owner   PART     id: a part id (random 64 bits); payload: msgpack
-                                 ``{shard: {key: partial}}``, the owner's part of one batch result
     pipeline -> owner   CONTROL  opens the control connection (one per owner); on it, in order:
                         FOLD     payload: the part ids (little-endian u64 each) of one batch, to be
                                  folded now, in this order, once each
@@ -19,14 +19,15 @@ to an owner opens with one frame that says what it is:
     owner -> pipeline   VALUE    the answer to the oldest question not answered yet
                         FAILED   payload: a message (UTF-8); the owner could not fold a batch
 
-Parts may arrive before or after the FOLD that names them: an owner keeps parts until they are
-named, and folds the FOLDs strictly in the order they came. A part that no FOLD ever names (its
+An owner folds the FOLDs strictly in the order they came. A part that no FOLD ever names (its
 worker crashed before its result reached the pipeline, and the batch ran again elsewhere) is never
-folded, which keeps folds exactly-once.
+folded, which keeps folds exactly-once. A FOLD whose part file is missing or unreadable ends the
+owner (with the error on its stderr): the pipeline starts it again or fails the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -39,7 +40,6 @@ __all__ = ["HEADER", "connect", "pack", "unpack"]
 
 HEADER = struct.Struct("<BQI")
 
-PART = 1
 CONTROL = 2
 FOLD = 3
 GET = 4
@@ -114,3 +114,28 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
 
 def part_id() -> int:
     return int.from_bytes(os.urandom(8), "little")
+
+
+def part_path(folder: str, owner: int, ident: int) -> str:
+    return os.path.join(folder, f"p{owner}-{ident:016x}")
+
+
+def write_part(path: str, data: bytes) -> None:
+    """Write a part file (mode 0600, never over another one), whole before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def read_part(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def remove_part(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -20,12 +20,14 @@ from .._core.task import BatchTask
 from ..aggregate import Aggregator, ByKey, Count, Sum
 from ..aggregate.keyed import KeyedState
 from ..checkpoints.session import Checkpoints, DeferredShards
-from ..executors import ProcessExecutor
+from ..executors import ProcessExecutor, check_picklable
 from ..executors import ownerwire as wire
 from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
 from .stats import Stats
 
-__all__ = ["OwnedByKey", "OwnedView", "owned_run", "owner_count", "uses_owners"]
+__all__ = [
+    "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owner_count", "prepare_executor", "uses_owners"
+]
 
 log = logging.getLogger("microbatch")
 
@@ -57,27 +59,50 @@ def uses_owners(agg: object, executor: object, checkpoints: Checkpoints, workers
     return checkpoints.target is None or isinstance(checkpoints.target, (str, os.PathLike))
 
 
+def prepare_executor(executor: Any, pipeline: Any, agg: object, checkpoints: Checkpoints) -> Any:
+    """``executor``, once checked for ``pipeline``'s fn (picklable for worker processes); says to
+    ``checkpoints`` whether shard owners will hold the run's keyed state (and load a keyed
+    checkpoint themselves, see :func:`uses_owners`)."""
+    if isinstance(executor, ProcessExecutor):
+        check_picklable(pipeline.fn)
+    checkpoints.defer_keyed = uses_owners(agg, executor, checkpoints, pipeline.workers)
+    return executor
+
+
+async def loaded_here(state: Any) -> Any:
+    """``state``, or the keyed state a ``DeferredShards`` names loaded in this process."""
+    if isinstance(state, DeferredShards):
+        return await anyio.to_thread.run_sync(state.load)
+    return state
+
+
 async def owned_run(
     stack: AsyncExitStack,
     agg: Aggregator[Any, Any, Any],
     task: BatchTask[Any],
     state: Any,
-    *,
     stats: Stats,
+    checkpoints: Checkpoints,
     workers: int | None,
-) -> tuple[OwnedByKey, BatchTask[Any], OwnedState]:
-    """Start shard owners on ``stack`` (for a run :func:`uses_owners` accepted): the aggregator,
-    task and state the run goes on with. ``state`` is the initial state, or the ``DeferredShards``
-    of the checkpoint resumed from, which the owners load (``CheckpointCorrupt`` naming a damaged
-    file).
+) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
+    """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
+    the run uses shard owners (:func:`prepare_executor`); then they are started on ``stack``.
+
+    ``state`` is the initial state, or the ``DeferredShards`` of the checkpoint resumed from, which
+    the owners load (``CheckpointCorrupt`` naming a damaged file). With a checkpoint, a dead owner
+    is started again.
     """
+    if not checkpoints.defer_keyed:
+        return agg, task, state
     assert isinstance(agg, ByKey)
-    owners = await stack.enter_async_context(Owners(owner_count(agg, workers), agg.shards))
+    owners = await stack.enter_async_context(
+        Owners(owner_count(agg, workers), agg.shards, keep_parts=checkpoints.target is not None)
+    )
     if isinstance(state, DeferredShards):
         manifest, folder = state.manifest, state.folder
         loaded = await anyio.to_thread.run_sync(lambda: owners.load(manifest, folder))
         log.info("shard owners loaded %d keys from %s", loaded, folder)
-    route = OwnerRoute(task.fn, agg.shards, owners.paths, counts=type(agg.inner) is Count)
+    route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=type(agg.inner) is Count)
     owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
     owned = OwnedByKey(agg, owners, stats)
     return owned, owned_task, owned.initial()

@@ -36,11 +36,11 @@ from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
-from ..checkpoints.session import Checkpoints, DeferredShards, dead_letter_path
-from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
+from ..checkpoints.session import Checkpoints, dead_letter_path
+from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 from .dispatch import Dispatcher, End, Event
 from .fold import Folder
-from .owned import owned_run, uses_owners
+from .owned import loaded_here, owned_run, prepare_executor
 from .reader import (
     Batch,
     Emitter,
@@ -153,9 +153,7 @@ class Run(Generic[R, V]):
         p, stack = self.p, self._stack
         self.stats.started = anyio.current_time()
         self._intake = anyio.CancelScope()
-        executor = make_executor(p.executor, p.workers)
-        # Keyed state held by shard owner processes: a keyed checkpoint is loaded by them.
-        self.checkpoints.defer_keyed = uses_owners(self.agg, executor, self.checkpoints, p.workers)
+        executor = prepare_executor(make_executor(p.executor, p.workers), p, self.agg, self.checkpoints)
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
             restored = await self.checkpoints.open(
@@ -171,9 +169,7 @@ class Run(Generic[R, V]):
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
             if cp.finished and not grown:
-                if isinstance(self._state, DeferredShards):
-                    self._state = await anyio.to_thread.run_sync(self._state.load)
-                self._finished_before = True
+                self._finished_before, self._state = True, await loaded_here(self._state)
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
             try:
@@ -187,14 +183,10 @@ class Run(Generic[R, V]):
             # source knows which file the n-th record it read came from (n: records folded here).
             stats, base = self.stats, self.stats.records
             self.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
-        if isinstance(executor, ProcessExecutor):
-            check_picklable(p.fn)
         try:
             stack.callback(self.dead.close)
-            if self.checkpoints.defer_keyed:  # the owners live until the stages stopped
-                self.agg, self.task, self._state = await owned_run(  # type: ignore[assignment]
-                    stack, self.agg, self.task, self._state, stats=self.stats, workers=p.workers
-                )
+            self.agg, self.task, self._state = await owned_run(  # shard owners, when the run uses them
+                stack, self.agg, self.task, self._state, self.stats, self.checkpoints, p.workers)
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)
