@@ -51,6 +51,8 @@ async def test_counts_equal_a_counter_over_the_input(tmp_path: Path) -> None:
     assert isinstance(counts, OwnedView)
     assert dict(counts) == Counter(lines)
     assert len(counts) == len(set(lines)) and counts["k1"] == lines.count("k1")
+    assert sorted(counts.items()) == sorted(Counter(lines).items())
+    assert sum(counts.values()) == len(lines)
     with pytest.raises(KeyError):
         counts["nope"]
 
@@ -185,3 +187,12 @@ async def test_a_killed_owner_fails_a_run_without_checkpoint_with_a_clear_error(
                     assert isinstance(agg, OwnedByKey)
                     os.kill(agg.owners.processes[0].pid, signal.SIGKILL)
                     agg.owners.processes[0].process.wait()
+
+
+def test_keyed_views_iterate_values_and_items_shard_by_shard() -> None:
+    agg = mb.ByKey(mb.Mean(), shards=4)
+    state = agg.fold(agg.initial(), {"a": 1.0, "b": 3.0, ("t", 1): 2.0})
+    view = agg.value(state)
+    assert dict(view.items()) == {"a": 1.0, "b": 3.0, ("t", 1): 2.0}
+    assert sorted(view.values()) == [1.0, 2.0, 3.0]
+    assert ("a", 1.0) in view.items() and 3.0 in view.values()

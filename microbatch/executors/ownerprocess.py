@@ -49,12 +49,16 @@ class OwnerProcess:
         self._control: socket.socket | None = None
 
     def control(self) -> socket.socket:
-        """The control connection, made at the first use (``ExecutorUnavailable`` when the owner
-        does not listen within ``START_TIMEOUT`` seconds)."""
+        """The control connection, made at the first use: ``ConnectionError`` when the owner exited
+        first, ``ExecutorUnavailable`` when it does not listen within ``START_TIMEOUT`` seconds."""
         if self._control is None:
             try:
-                self._control = wire.connect(self.path, wait=START_TIMEOUT)
+                self._control = wire.connect(
+                    self.path, wait=START_TIMEOUT, alive=lambda: self.process.poll() is None
+                )
             except OSError as exc:
+                if self.process.poll() is not None:
+                    raise ConnectionError(f"it exited before it listened: {exc}") from None
                 raise ExecutorUnavailable(
                     f"shard owner {self.index} (process {self.pid}) did not listen within "
                     f"{START_TIMEOUT} s ({self.exit()}: {exc}); its stderr says why"

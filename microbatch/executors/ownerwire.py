@@ -32,6 +32,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -73,9 +74,10 @@ def frame(kind: int, ident: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, ident, len(payload)) + payload
 
 
-def connect(path: str, *, wait: float) -> socket.socket:
+def connect(path: str, *, wait: float, alive: Callable[[], bool] = lambda: True) -> socket.socket:
     """A blocking connection to the owner listening at ``path``, waiting up to ``wait`` seconds for
-    it to listen (an owner starts while the workers do); the last ``OSError`` after that."""
+    it to listen (an owner starts while the workers do) while ``alive()``; the last ``OSError``
+    after that."""
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -84,7 +86,7 @@ def connect(path: str, *, wait: float) -> socket.socket:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or not alive():
                 raise
             time.sleep(0.005)
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -125,6 +125,7 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
         self.owners = owners
         self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now
         self._final: KeyedState | None = None
+        self._final_view: Mapping[Any, Any] = {}
 
     def describe(self) -> str:
         return self.agg.describe()
@@ -146,7 +147,8 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
             for shard, items in shards.items():
                 state.shards[shard] = items
             self._final = state
-        return self.agg.value(self._final)
+            self._final_view = self.agg.value(state)
+        return self._final_view
 
     def value(self, state: OwnedState) -> Mapping[Any, Any]:
         final = self.final()
@@ -200,6 +202,14 @@ class OwnedView(Mapping[Any, Any]):
             return iter(final)
         shards = self._agg.owners.take_state()
         return (key for items in shards.values() for key in items)
+
+    def values(self) -> ValuesView[Any]:
+        final = self._agg.final()
+        return super().values() if final is None else final.values()
+
+    def items(self) -> ItemsView[Any, Any]:
+        final = self._agg.final()
+        return super().items() if final is None else final.items()
 
     def __len__(self) -> int:
         final = self._agg.final()
