@@ -196,3 +196,19 @@ def test_keyed_views_iterate_values_and_items_shard_by_shard() -> None:
     assert dict(view.items()) == {"a": 1.0, "b": 3.0, ("t", 1): 2.0}
     assert sorted(view.values()) == [1.0, 2.0, 3.0]
     assert ("a", 1.0) in view.items() and 3.0 in view.values()
+
+
+async def test_a_pipeline_with_a_sink_gets_fn_results_and_no_owners(tmp_path: Path) -> None:
+    lines = make_input(tmp_path / "in.txt", 3_000, 50)
+    got: list[Any] = []
+
+    async def sink(seq: int, result: Any) -> None:
+        got.append(result)
+
+    pipeline = mb.Pipeline(
+        count_lines, aggregate=mb.ByKey(mb.Count()), max_size=1_000, workers=2, sink=sink
+    )
+    async with pipeline.start(mb.read_lines(tmp_path / "in.txt")) as run:
+        assert not isinstance(run.agg, OwnedByKey)
+        counts = await run.result()
+    assert dict(counts) == Counter(lines) == sum(got, Counter())

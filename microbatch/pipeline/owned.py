@@ -65,7 +65,9 @@ def prepare_executor(executor: Any, pipeline: Any, agg: object, checkpoints: Che
     checkpoint themselves, see :func:`uses_owners`)."""
     if isinstance(executor, ProcessExecutor):
         check_picklable(pipeline.fn)
-    checkpoints.defer_keyed = uses_owners(agg, executor, checkpoints, pipeline.workers)
+    # A sink is given fn's results: they must stay results, not the owners' receipts.
+    owners = pipeline.sink is None and uses_owners(agg, executor, checkpoints, pipeline.workers)
+    checkpoints.defer_keyed = owners
     return executor
 
 
