@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .keys import STR_SEED, key_hash
 from .params import check_int
-from .ring import Ring, _hash
+from .ring import Ring
 
 __all__ = ["cut", "owner_of_shards"]
 
@@ -55,15 +54,7 @@ def cut(
     tuple of them, before anything is returned.
     """
     parts: list[dict[int, dict[Any, Any]]] = [{} for _ in range(owners)]
-    by_shard: list[dict[Any, Any]] = [{} for _ in range(ring.shards)]
-    shard_of_hash, hash_ = ring.shard_of_hash, _hash
-    for key, value in result.items():
-        if type(key) is str:
-            h = hash_(key.encode("utf-8", "surrogatepass"), STR_SEED)
-        else:
-            h = key_hash(key)
-        by_shard[shard_of_hash(h)][key] = value
-    for shard, part in enumerate(by_shard):
+    for shard, part in enumerate(ring.split(result)):  # the ring's inlined per-key loop
         if part:
             parts[owner_of[shard]][shard] = part
     return parts
