@@ -159,3 +159,16 @@ async def test_a_killed_owner_is_started_again_and_the_run_ends_exact(tmp_path: 
         counts = run.value
     assert owners.restarts == [2, 2]
     assert dict(counts) == expected
+
+
+async def test_reads_between_checkpoints_of_every_batch(tmp_path: Path) -> None:
+    expected = make_input(tmp_path / "in.txt", 8_000, 300)
+    p = mb.Pipeline(
+        count_lines, aggregate=mb.ByKey(mb.Count()), max_size=500, workers=2, checkpoint_every_batches=1
+    )
+    totals = []
+    async with p.updates(mb.read_lines(tmp_path / "in.txt"), checkpoint=tmp_path / "state") as run:
+        async for update in run:
+            totals.append((update.records, sum(update.value.values()), update.value.get("k1")))
+    assert all(total >= records for records, total, _ in totals)
+    assert totals[-1][:2] == (8_000, 8_000) and totals[-1][2] == expected["k1"]

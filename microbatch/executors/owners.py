@@ -111,6 +111,7 @@ class Barrier:
         self.owners = owners
         self.seq = seq
         self.folder = folder
+        self.folds = owners.batches  # fold() calls when the checkpoint was taken
 
     def write_shards(self, seq: int) -> Any:
         """The manifest naming every owner's shard files (blocking: the checkpoint thread's call).
@@ -120,10 +121,17 @@ class Barrier:
         its changes and its part files for the next one).
         """
         owners = self.owners
-        try:
+        with owners.lock:
+            if owners.batches != self.folds:
+                # The owners' state is no longer the one at batch ``seq``: a caller folded between
+                # taking the checkpoint and writing it, which the fold stage never does.
+                raise CheckpointWriteError(
+                    f"keyed state at batch {self.seq} not written: {owners.batches - self.folds} results "
+                    f"were folded after the checkpoint was taken"
+                )
+            for owner in range(owners.count):
+                owners.deliver(owner, self.frame(owner))
             answers = [owners.barrier_answer(owner, self) for owner in range(owners.count)]
-        finally:
-            owners.lock.release()
         errors = [f"shard owner {o}: {a}" for o, a in enumerate(answers) if isinstance(a, OwnerFailed)]
         if errors:
             raise CheckpointWriteError(f"keyed state at batch {self.seq} not written: {'; '.join(errors)}")
@@ -160,7 +168,7 @@ class Owners:
         self.restarts = [0] * count
         #: Every owner's state, ``{shard: {key: int}}``, taken as the block was left normally.
         self.final: dict[int, dict[Any, int]] | None = None
-        self.batches = 0
+        self.batches = 0  # fold() calls (a batch split apart to isolate failures makes several)
         # The last manifest written (or loaded) and its folder; per owner, the part ids of the
         # FOLDs sent since: what a restarted owner loads and is sent again.
         self.manifest: Any = None
@@ -215,12 +223,12 @@ class Owners:
         for owner, ident in receipt.parts:
             by_owner.setdefault(owner, array("Q")).append(ident)
         for owner, ids in by_owner.items():
-            self._deliver(owner, wire.frame(wire.FOLD, 0, ids.tobytes()))
+            self.deliver(owner, wire.frame(wire.FOLD, 0, ids.tobytes()))
             if self.keep_parts:
                 self.since[owner].append(ids)
         self.batches += 1
 
-    def _deliver(self, owner: int, data: bytes) -> None:
+    def deliver(self, owner: int, data: bytes) -> None:
         """Send ``data`` to ``owner``, starting it again first if it died."""
         try:
             self.processes[owner].send(data)
@@ -270,20 +278,13 @@ class Owners:
     # --- checkpoints ----------------------------------------------------------------------------
 
     def barrier(self, seq: int, folder: str) -> Barrier:
-        """Ask every owner to write its shard files as of now (after the FOLDs sent so far).
+        """A checkpoint of the owners' state as of now (after the FOLDs sent so far), at batch ``seq``.
 
-        Call it in batch order, as ``fold``; ``Barrier.write_shards`` (in another thread) waits for
-        the answers and returns the manifest.
+        ``Barrier.write_shards`` (in the checkpoint thread) asks every owner to write its shard
+        files and returns the manifest; no FOLD may be sent in between (the fold stage waits for
+        its checkpoint), which it checks.
         """
-        barrier = Barrier(self, seq, folder)
-        self.lock.acquire()
-        try:
-            for owner in range(self.count):
-                self._deliver(owner, barrier.frame(owner))
-        except BaseException:
-            self.lock.release()
-            raise
-        return barrier
+        return Barrier(self, seq, folder)
 
     def barrier_answer(self, owner: int, barrier: Barrier) -> Any:
         """``owner``'s answer to ``barrier``: its manifest entries, or ``OwnerFailed``."""
