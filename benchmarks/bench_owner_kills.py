@@ -67,7 +67,7 @@ def in_barrier(state: Path) -> bool:
 
 def kill_pipeline(proc: subprocess.Popen[bytes], state: Path, rng: random.Random, barrier: bool) -> str:
     """Kill ``proc`` at a random moment (or as a barrier writes); what happened."""
-    deadline = time.monotonic() + rng.uniform(0.5, 4.0)
+    deadline = time.monotonic() + rng.uniform(0.3, 2.0)
     while proc.poll() is None:
         if barrier and in_barrier(state):
             proc.send_signal(signal.SIGKILL)
