@@ -212,3 +212,18 @@ async def test_a_pipeline_with_a_sink_gets_fn_results_and_no_owners(tmp_path: Pa
         assert not isinstance(run.agg, OwnedByKey)
         counts = await run.result()
     assert dict(counts) == Counter(lines) == sum(got, Counter())
+
+
+def test_folders_of_killed_pipelines_are_removed(tmp_path: Path) -> None:
+    from microbatch.executors.owners import remove_stale_folders
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"microbatch-owners-{gone.pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    mine = tmp_path / f"microbatch-owners-{os.getpid()}-def"
+    mine.mkdir()
+    other = tmp_path / "microbatch-owners-notapid"
+    other.mkdir()
+    assert remove_stale_folders(str(tmp_path)) == [stale.name]
+    assert not stale.exists() and mine.exists() and other.exists()

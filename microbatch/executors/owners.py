@@ -26,6 +26,7 @@ loop's thread waits for the owner's answer there; the final value is a plain map
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -50,6 +51,33 @@ log = logging.getLogger("microbatch")
 
 #: Times one owner is started again after it died, in one run, before the run fails.
 MAX_RESTARTS = 5
+
+
+_PREFIX = "microbatch-owners-"
+
+
+def remove_stale_folders(parent: str) -> list[str]:
+    """Remove the owners' folders in ``parent`` whose pipeline process is gone (killed with
+    SIGKILL, it could not remove its own, which in /dev/shm would hold memory); their names."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            pid = name[len(_PREFIX) :].split("-", 1)[0]
+            if not name.startswith(_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+                continue
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class OwnedParts:
@@ -181,7 +209,8 @@ class Owners:
     async def __aenter__(self) -> Owners:
         """Start the owner processes (without waiting: the fold stage connects once they listen)."""
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self.folder = tempfile.mkdtemp(prefix="microbatch-owners-", dir=shm)
+        remove_stale_folders(shm or tempfile.gettempdir())
+        self.folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=shm)
         try:
             self.processes = [self._start(i) for i in range(self.count)]
         except BaseException:
