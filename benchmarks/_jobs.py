@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 
 def parse_sum(lines: list[str]) -> int:
     """Parse and sum a batch of integer lines: cheap per record, so overheads show."""
@@ -17,3 +19,8 @@ def heavy(lines: list[str]) -> int:
             x = (x * 1103515245 + 12345) & 0x7FFFFFFF
         total += x & 1
     return total
+
+
+def count_keys(lines: list[str]) -> Counter[str]:
+    """Count each line (a key) of a batch: the per-batch combine of a keyed count."""
+    return Counter(lines)

@@ -207,11 +207,19 @@ class ByKey(KeyedAggregator[Mapping[Any, Any]]):
     It is not part of ``describe()``: a checkpoint dumped with other ``shards`` loads exactly,
     its keys placed again.
 
+    ``owners``: on worker processes and without a checkpoint, the state of ``ByKey(Count())`` is
+    held by shard owner processes, one per worker by default, which workers feed directly (see
+    :mod:`microbatch.executors.owners`); ``owners=N`` (0 to ``shards``) sets how many, and also
+    gives ``ByKey(Sum())`` owners (int partials only); ``owners=0`` folds in the pipeline process.
+    Not part of ``describe()``.
+
     Memory: every key's inner state is kept, a dict entry (about 100 bytes) plus the key and the
     state; ``Count`` and ``Sum`` keep plain ints while partials are ints.
     """
 
-    def __init__(self, inner: Aggregator[Any, Any, Any], *, shards: int = 16) -> None:
+    def __init__(
+        self, inner: Aggregator[Any, Any, Any], *, shards: int = 16, owners: int | None = None
+    ) -> None:
         if not isinstance(inner, Aggregator):
             raise TypeError(
                 f"ByKey(inner): inner must be an aggregator such as mb.Sum() or mb.Count(), "
@@ -221,6 +229,9 @@ class ByKey(KeyedAggregator[Mapping[Any, Any]]):
         self.shards = check_int("ByKey(shards)", shards, minimum=1, maximum=MAX_SHARDS)
         self._ring = ring(shards)
         self._folder = folder_for(inner)
+        self.owners = None if owners is None else check_int(
+            "ByKey(owners)", owners, minimum=0, maximum=self.shards
+        )
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.inner.describe()})"

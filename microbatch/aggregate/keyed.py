@@ -9,7 +9,7 @@ the partials are ints; any other aggregator goes through its own ``initial``/``f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
 from typing import Any
 
 from .._core.keys import key_hash
@@ -196,5 +196,30 @@ class KeyedView(Mapping[Any, Any]):
     def __len__(self) -> int:
         return len(self._state)
 
+    # Shard by shard, without hashing each key again as ``Mapping``'s own views would.
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
+
+    def items(self) -> ItemsView[Any, Any]:
+        return _Items(self)
+
     def __repr__(self) -> str:
         return f"<keyed values of {len(self)} keys in {len(self._state.shards)} shards>"
+
+
+class _Values(ValuesView[Any]):
+    _mapping: KeyedView
+
+    def __iter__(self) -> Iterator[Any]:
+        view = self._mapping
+        for shard in view._state.shards:
+            yield from map(view._value, shard.values())
+
+
+class _Items(ItemsView[Any, Any]):
+    _mapping: KeyedView
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        view = self._mapping
+        for shard in view._state.shards:
+            yield from zip(shard.keys(), map(view._value, shard.values()), strict=True)

@@ -39,7 +39,7 @@ from .sqlite import SqliteStore
 from .store import CheckpointStore
 from .targets import is_sqlite_target, open_store
 
-__all__ = ["Checkpoints", "Restored", "dead_letter_path", "restore"]
+__all__ = ["Checkpoints", "DeferredShards", "Restored", "ShardBarrier", "dead_letter_path", "restore"]
 
 log = logging.getLogger("microbatch")
 logger = logging.getLogger("microbatch.checkpoint")
@@ -196,6 +196,32 @@ class _KeyedChanges:
         self.documents = self.agg.dump_changes(self.state)
 
 
+@runtime_checkable
+class ShardBarrier(Protocol):
+    """Keyed state held elsewhere (shard owners), asked for a checkpoint when ``dump`` is taken.
+
+    ``write_shards(seq)`` (called in the checkpoint thread) waits until every holder wrote its
+    shard files as of batch ``seq`` and returns the manifest naming them; ``CheckpointWriteError``
+    when one could not, the previous checkpoint staying valid.
+    """
+
+    def write_shards(self, seq: int) -> JSON: ...
+
+
+class DeferredShards:
+    """A keyed checkpoint's manifest, not loaded: the shard owners of the run load their shards.
+
+    ``load()`` loads it whole in this process instead (when the run uses no owners after all).
+    """
+
+    __slots__ = ("manifest", "folder", "load")
+
+    def __init__(self, manifest: JSON, folder: str, load: Callable[[], Any]) -> None:
+        self.manifest = manifest
+        self.folder = folder
+        self.load = load
+
+
 class Checkpoints:
     """The checkpoint store of one run (None: the run keeps no checkpoints).
 
@@ -225,6 +251,9 @@ class Checkpoints:
         self.identify: Callable[[int], Any] | None = None
         self._files: ShardFiles | None = None
         self._manifests: collections.deque[Any] = collections.deque(maxlen=_KEEP_MANIFESTS)
+        #: Shard owners will hold keyed state: a keyed checkpoint resumed from is not loaded here
+        #: but given as ``DeferredShards``, and saves ask the aggregator's ``barrier``.
+        self.defer_keyed = False
 
     def _shard_files(self) -> ShardFiles | None:
         """Where keyed state's shard files go: beside a folder or SQLite store; None for others."""
@@ -237,6 +266,9 @@ class Checkpoints:
     def dump(self, agg: StateCodec, state: Any) -> Any:
         """What a checkpoint of ``state`` holds, taken without awaiting (folding may go on after)."""
         files = self._shard_files()
+        barrier = getattr(agg, "barrier", None)
+        if barrier is not None and files is not None:
+            return barrier(state, str(files.path))
         if isinstance(agg, ShardedCodec) and files is not None:
             if files.needs_base():  # the shard folder was deleted under the run: start it afresh
                 agg.mark_all_changed(state)
@@ -251,8 +283,17 @@ class Checkpoints:
             if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and files is not None:
                 if not isinstance(agg, ShardedCodec):
                     raise ValueError(f"keyed shard files cannot be loaded by {agg.describe()}")
-                state = agg.load_documents(files.read(data))
-                files.adopt(data)
+
+                def load_here() -> Any:
+                    state = agg.load_documents(files.read(data))
+                    files.adopt(data)
+                    return state
+
+                if self.defer_keyed:
+                    files.verify(data)  # sizes and checksums now (a damaged one: the previous checkpoint)
+                    self._keep(data)
+                    return DeferredShards(data, str(files.path), load_here)
+                state = load_here()
                 self._keep(data)
                 return state
             state = agg.load(data)
@@ -318,7 +359,9 @@ class Checkpoints:
 
         def write() -> bool:
             data = state
-            if isinstance(state, _KeyedChanges):
+            if isinstance(state, ShardBarrier):
+                data = state.write_shards(batches)
+            elif isinstance(state, _KeyedChanges):
                 assert files is not None
                 try:
                     data = files.write(batches, state.documents, shards=state.shards)
@@ -337,7 +380,7 @@ class Checkpoints:
             )
             self.dead.sync()
             store.save(cp)
-            if files is not None and isinstance(state, _KeyedChanges):
+            if files is not None and isinstance(state, (_KeyedChanges, ShardBarrier)):
                 self._keep(data)
                 files.collect(self._manifests)  # shard files no kept checkpoint names
             return True

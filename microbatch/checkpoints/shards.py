@@ -8,7 +8,9 @@ checkpoint in place of the whole state::
                   "base": {"name": "shard-0000-000000001000-base.json", "bytes": 812345, "xxh3": "9f0c..."},
                   "deltas": [{"name": "shard-0000-000000001200-delta.json", ...}]}, ...]}
 
-Each file holds one shard document (see :mod:`microbatch.aggregate.bykey`). Reading a shard's
+Each file holds one shard document (see :mod:`microbatch.aggregate.bykey`): JSON in a ``.json``
+file, or the binary form of :mod:`microbatch.checkpoints.shardcodec` in a ``.mbk`` file (what shard
+owners write, ``ShardFiles(binary=True)``). Reading a shard's
 base and then its deltas in order gives the shard at batch ``seq``. Files are written to a
 temporary name, fsynced and renamed, never overwritten in place while a manifest names them, and
 checked against their size and XXH3-64 checksum when read back.
@@ -39,6 +41,7 @@ from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
 from .atomic import TEMP_SUFFIX, fsync_dir, write_atomic
 from .format import JSON
+from .shardcodec import decode_document, encode_document
 
 __all__ = ["MANIFEST_FORMAT", "ShardFiles", "ShardFilesLost", "merge_documents"]
 
@@ -87,13 +90,17 @@ class ShardFiles:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, compact_ratio: float = 1.0,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, binary: bool = False) -> None:
         if isinstance(compact_ratio, bool) or not isinstance(compact_ratio, (int, float)) \
                 or not compact_ratio > 0:
             raise ValueError(f"ShardFiles(compact_ratio): must be a number > 0, got {compact_ratio!r}")
         self.path = Path(directory)
         self.compact_ratio = float(compact_ratio)
         self.fsync = fsync
+        #: Write binary shard files (``.mbk``, :mod:`~microbatch.checkpoints.shardcodec`) rather
+        #: than JSON. Either kind is read, whatever this says.
+        self.binary = binary
+        self._suffix = ".mbk" if binary else ".json"
         self._manifest: JSON | None = None
         self._pending: list[JSON] = []  # documents of a write that failed, merged into the next one
         self._folder: tuple[int, int] | None = None  # (device, inode) of the folder last written
@@ -191,10 +198,10 @@ class ShardFiles:
         shard = doc["shard"]
         base = entry["base"]
         if doc["kind"] == "delta" and base is not None:
-            data = _encode(doc)
+            data = self._encode(doc)
             delta_bytes = sum(d["bytes"] for d in entry["deltas"]) + len(data)
             if delta_bytes <= self.compact_ratio * base["bytes"]:
-                meta = self._write_file(f"shard-{shard:04d}-{seq:012d}-delta.json", data)
+                meta = self._write_file(f"shard-{shard:04d}-{seq:012d}-delta{self._suffix}", data)
                 return {**entry, "count": doc["count"], "deltas": [*entry["deltas"], meta]}
             # the deltas outgrew the base: merge the shard's files and this change into a new base
             doc = merge_documents([*self._read_entry(entry), doc])
@@ -204,9 +211,12 @@ class ShardFiles:
                 f"names {len(doc['keys'])} of its {doc['count']} keys; adopt() the manifest the state "
                 f"was loaded from, or mark_all_changed() the state before its first write"
             )
-        data = _encode({**doc, "kind": "base"})
-        meta = self._write_file(f"shard-{shard:04d}-{seq:012d}-base.json", data)
+        data = self._encode({**doc, "kind": "base"})
+        meta = self._write_file(f"shard-{shard:04d}-{seq:012d}-base{self._suffix}", data)
         return {"shard": shard, "count": doc["count"], "base": meta, "deltas": []}
+
+    def _encode(self, doc: JSON) -> bytes:
+        return encode_document(doc) if self.binary else _encode(doc)
 
     def _write_file(self, name: str, data: bytes) -> dict[str, Any]:
         write_atomic(self.path, name, data, prefix=_TEMP_PREFIX, fsync=self.fsync)
@@ -228,10 +238,18 @@ class ShardFiles:
         metas = ([entry["base"]] if entry["base"] is not None else []) + list(entry["deltas"])
         return [self._read_file(meta) for meta in metas]
 
-    def _read_file(self, meta: dict[str, Any]) -> JSON:
+    def verify(self, manifest: JSON) -> None:
+        """Check every file ``manifest`` names against its size and checksum, without parsing it
+        (the shard owners that load the files parse them); ``CheckpointCorrupt`` naming the file."""
+        _check_manifest(manifest, self.path)
+        for entry in manifest["entries"]:
+            for meta in ([entry["base"]] if entry["base"] else []) + entry["deltas"]:
+                self._file_bytes(meta)
+
+    def _file_bytes(self, meta: dict[str, Any]) -> bytes:
         file = self.path / meta["name"]
         try:
-            data = file.read_bytes()
+            data: bytes = file.read_bytes()
         except OSError as exc:
             raise CheckpointCorrupt(f"keyed state file {file} cannot be read: {exc}") from exc
         if len(data) != meta["bytes"] or xxhash.xxh3_64_hexdigest(data) != meta["xxh3"]:
@@ -240,6 +258,13 @@ class ShardFiles:
                 f"{xxhash.xxh3_64_hexdigest(data)}; the manifest expects {meta['bytes']} bytes, "
                 f"checksum {meta['xxh3']}"
             )
+        return data
+
+    def _read_file(self, meta: dict[str, Any]) -> JSON:
+        data = self._file_bytes(meta)
+        file = self.path / meta["name"]
+        if file.suffix == ".mbk":
+            return decode_document(data, f"keyed state file {file}")
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -276,7 +301,7 @@ class ShardFiles:
         if not self.path.is_dir():
             return removed
         for file in self.path.iterdir():
-            shard_file = file.name.startswith("shard-") and file.name.endswith(".json")
+            shard_file = file.name.startswith("shard-") and file.name.endswith((".json", ".mbk"))
             temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(TEMP_SUFFIX)
             if (shard_file or temporary) and file.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
@@ -300,7 +325,7 @@ def _names(manifest: JSON) -> list[str]:
 
 
 #: A shard file's name: a plain name inside the folder, never a path.
-_FILE_NAME = re.compile(r"shard-[0-9]{4,}-[0-9]{12,}-(?:base|delta)\.json")
+_FILE_NAME = re.compile(r"shard-[0-9]{4,}-[0-9]{12,}-(?:base|delta)\.(?:json|mbk)")
 _XXH3 = re.compile(r"[0-9a-f]{16}")
 
 

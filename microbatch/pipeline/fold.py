@@ -48,7 +48,7 @@ from .reader import Begin
 from .stats import Stats, Update
 from .windowfold import WindowHook
 
-__all__ = ["FoldStage"]
+__all__ = ["FoldStage", "fold_stage_for"]
 
 log = logging.getLogger("microbatch")
 
@@ -293,6 +293,47 @@ class FoldStage(Generic[V]):
             )
             self.stats.checkpoints += 1
             self.machine.saved(save, anyio.current_time())
+
+
+def fold_stage_for(
+    pipeline: Any,
+    agg: Aggregator[Any, Any, V],
+    state: Any,
+    stats: Stats,
+    checkpoints: Checkpoints,
+    dead: DeadLetterFile,
+    *,
+    first_ticket: int,
+    position: Any,
+    resumed: bool,
+    send_updates: bool,
+    queue_depth: Callable[[], int],
+) -> FoldStage[V]:
+    """The fold stage of a run of ``pipeline``, with its machine, starting at ``position``
+    (``first_ticket``); ``queue_depth`` tells the batches waiting for a worker (for the stats)."""
+    machine = FoldMachine[Done](
+        first_ticket=first_ticket,
+        batches=stats.batches,
+        records=stats.records,
+        position=position,
+        resumed=resumed,
+        saving=checkpoints.store is not None,
+        every=pipeline.checkpoint_every,
+        every_batches=pipeline.checkpoint_every_batches,
+        now=stats.started,
+    )
+    return FoldStage(
+        agg,
+        state,
+        stats,
+        machine,
+        checkpoints=checkpoints,
+        dead=dead,
+        sink=pipeline.sink,
+        send_updates=send_updates,
+        deliver_first=pipeline.aggregate is None,
+        queue_depth=queue_depth,
+    )
 
 
 def count_failure(stats: Stats, failure: Failure, *, log_it: bool = True) -> None:

@@ -30,17 +30,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from .._core.fold import FoldMachine
 from .._core.params import check_int
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints, dead_letter_path
-from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor, check_picklable
+from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecutor
 from ..sources.protocol import ended_idle
-from .dispatch import BatchDispatcher, Done, End, Event
-from .fold import FoldStage
+from .dispatch import BatchDispatcher, End, Event
+from .fold import FoldStage, fold_stage_for
+from .owned import loaded_here, owned_run, prepare_executor
 from .reader import (
     Batch,
     Begin,
@@ -155,6 +155,7 @@ class Run(Generic[R, V]):
         p, stack = self.pipeline, self._stack
         self.stats.started = anyio.current_time()
         self._intake = anyio.CancelScope()
+        executor = prepare_executor(make_executor(p.executor, p.workers), p, self.agg, self.checkpoints)
         try:
             stack.callback(self.checkpoints.close)  # also releases the store's lock
             restored = await self.checkpoints.open(
@@ -170,7 +171,7 @@ class Run(Generic[R, V]):
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
             if cp.finished and not grown:
-                self._finished_before = True
+                self._finished_before, self.initial_state = True, await loaded_here(self.initial_state)
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
             try:
@@ -178,17 +179,12 @@ class Run(Generic[R, V]):
             except BaseException:
                 await stack.aclose()
                 raise
-        identify = source_identity(self.source)
-        if self.checkpoints.path is not None and identify is not None:
-            # A followed file may rotate while batches of the old one are still being folded: the
-            # source knows which file the n-th record it read came from (n: records folded here).
-            stats, base = self.stats, self.stats.records
-            self.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
-        executor = make_executor(p.executor, p.workers)
-        if isinstance(executor, ProcessExecutor):
-            check_picklable(p.fn)
+        ask_source_for_file_positions(self)
         try:
             stack.callback(self.dead.close)
+            # Shard owners hold the keyed state, when the run uses them.
+            self.agg, self.task, self.initial_state = await owned_run(
+                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p.workers)
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)
@@ -199,8 +195,10 @@ class Run(Generic[R, V]):
             self._updates = _Updates(update_recv)
             stack.callback(update_recv.close)
             self._folded = anyio.Event()
-            self.fold_stage = make_fold_stage(
-                self, first_ticket, position, restored is not None,
+            self.fold_stage = fold_stage_for(
+                p, self.agg, self.initial_state, self.stats, self.checkpoints, self.dead,
+                first_ticket=first_ticket, position=position, resumed=restored is not None,
+                send_updates=self.sends_updates,
                 queue_depth=lambda: batch_send.statistics().current_buffer_used,
             )
             # Runs after the task group has stopped every stage: it sees the last folded state.
@@ -334,35 +332,14 @@ class Run(Generic[R, V]):
 
 
 
-def make_fold_stage(
-    run: Run[Any, V], first_ticket: int, position: Any, resumed: bool, *, queue_depth: Callable[[], int]
-) -> FoldStage[V]:
-    """The fold stage of ``run``, with its machine, starting at ``position`` (``first_ticket``);
-    ``queue_depth`` tells the batches waiting for a worker (for the stats)."""
-    p, stats = run.pipeline, run.stats
-    machine = FoldMachine[Done](
-        first_ticket=first_ticket,
-        batches=stats.batches,
-        records=stats.records,
-        position=position,
-        resumed=resumed,
-        saving=run.checkpoints.store is not None,
-        every=p.checkpoint_every,
-        every_batches=p.checkpoint_every_batches,
-        now=stats.started,
-    )
-    return FoldStage(
-        run.agg,
-        run.initial_state,
-        stats,
-        machine,
-        checkpoints=run.checkpoints,
-        dead=run.dead,
-        sink=p.sink,
-        send_updates=run.sends_updates,
-        deliver_first=p.aggregate is None,
-        queue_depth=queue_depth,
-    )
+def ask_source_for_file_positions(run: Run[Any, Any]) -> None:
+    """Let ``run``'s checkpoints ask a file source which file the n-th record folded came from
+    (n: records folded in this run): a followed file may rotate while batches of the old one are
+    still being folded."""
+    identify = source_identity(run.source)
+    if run.checkpoints.path is not None and identify is not None:
+        stats, base = run.stats, run.stats.records
+        run.checkpoints.identify = lambda offset: identify(offset, stats.records - base)
 
 
 def _log_end(finished: bool, stats: Stats, dead_path: str) -> None:

@@ -92,7 +92,9 @@ class Update(Generic[V]):
 
     ``results`` holds ``fn``'s results for the batch: one, or one per part that succeeded when the
     batch was split to isolate failing records (none when every record failed). ``result`` is the
-    single result of a batch that ran whole, None otherwise.
+    single result of a batch that ran whole, None otherwise. With shard owners (``ByKey``) they are
+    the workers' receipts (``OwnedParts``): the keyed partials went to the owners (a pipeline with a
+    ``sink`` gets no shard owners).
     """
 
     value: V

@@ -1,0 +1,143 @@
+"""The frames shard owners, workers and the pipeline exchange over Unix sockets.
+
+Workers hand owners their parts as files: a worker writes owner ``k``'s part of a batch result,
+msgpack ``{shard: {key: partial}}``, to ``FOLDER/p{k}-{id:016x}`` (``id``: 64 random bits), whole
+before its receipt returns. The pipeline talks to each owner over one Unix socket connection, in
+frames: a 13-byte header ``<BQI`` (kind, id, payload length) and the payload.
+
+    pipeline -> owner   CONTROL  opens the control connection (one per owner); on it, in order:
+                        FOLD     payload: the part ids (little-endian u64 each) of one batch, to be
+                                 folded now, in this order, once each
+                        GET      payload: msgpack key                     -> VALUE [found, value]
+                        COUNT    keys held                                -> VALUE int
+                        DUMP     every key the owner holds                -> VALUE {shard: {key: value}}
+                        LOAD     msgpack [folder, manifest, own shards, shard count]: load those
+                                 shards from the shard files the manifest names -> VALUE keys loaded
+                        BARRIER  msgpack [seq, folder, own shards, shard count]: write the changes of
+                                 those shards since the last BARRIER (or LOAD) as shard files at
+                                 batch ``seq`` -> VALUE {shard: manifest entry}
+    owner -> pipeline   VALUE    the answer to the oldest question not answered yet
+                        FAILED   payload: a message (UTF-8); the owner could not fold a batch
+
+An owner folds the FOLDs strictly in the order they came. A part that no FOLD ever names (its
+worker crashed before its result reached the pipeline, and the batch ran again elsewhere) is never
+folded, which keeps folds exactly-once. A FOLD whose part file is missing or unreadable ends the
+owner (with the error on its stderr): the pipeline starts it again or fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+__all__ = ["HEADER", "connect", "pack", "unpack"]
+
+HEADER = struct.Struct("<BQI")
+
+CONTROL = 2
+FOLD = 3
+GET = 4
+COUNT = 5
+DUMP = 6
+LOAD = 7
+BARRIER = 8
+VALUE = 10
+FAILED = 11
+
+#: Socket buffer sizes asked for (the kernel may cap them): a batch's part goes in a few writes.
+BUFFER = 1 << 20
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, unicode_errors="surrogatepass")
+    return data
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    # arrays come back as tuples, so tuple keys stay tuples (hashable, equal to the original)
+    return msgpack.unpackb(data, use_list=False, strict_map_key=False, unicode_errors="surrogatepass")
+
+
+def unpack_json(data: bytes | memoryview) -> Any:
+    """Like ``unpack``, arrays as lists: for JSON documents (manifests and their entries)."""
+    return msgpack.unpackb(data, strict_map_key=False, unicode_errors="surrogatepass")
+
+
+def frame(kind: int, ident: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, ident, len(payload)) + payload
+
+
+def connect(path: str, *, wait: float, alive: Callable[[], bool] = lambda: True) -> socket.socket:
+    """A blocking connection to the owner listening at ``path``, waiting up to ``wait`` seconds for
+    it to listen (an owner starts while the workers do) while ``alive()``; the last ``OSError``
+    after that."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline or not alive():
+                raise
+            time.sleep(0.005)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def receive_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    """One frame from a blocking socket; ``ConnectionError`` at end of file."""
+    kind, ident, size = HEADER.unpack(_exactly(sock, HEADER.size))
+    return kind, ident, _exactly(sock, size)
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the shard owner closed its connection")
+        got += n
+    return bytes(buf)
+
+
+def part_id() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def part_path(folder: str, owner: int, ident: int) -> str:
+    return os.path.join(folder, f"p{owner}-{ident:016x}")
+
+
+def write_part(path: str, data: bytes) -> None:
+    """Write a part file (mode 0600, never over another one), whole before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def read_part(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def remove_part(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

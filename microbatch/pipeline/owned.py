@@ -1,0 +1,224 @@
+"""The fold stage's side of keyed state held by shard owners (see :mod:`microbatch.executors.owners`).
+
+:func:`owned_run` decides whether a run uses shard owners and starts them; :class:`OwnedByKey`
+stands for the ``ByKey`` in the fold stage: folding a batch sends its owners a FOLD, and its value
+reads the owners while they run and their final state after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+
+from .._core.ring import ring
+from .._core.task import BatchTask
+from ..aggregate import Aggregator, ByKey, Count, Sum
+from ..aggregate.keyed import KeyedState
+from ..checkpoints.session import Checkpoints, DeferredShards
+from ..executors import ProcessExecutor, check_picklable
+from ..executors import ownerwire as wire
+from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
+from .stats import Stats
+
+__all__ = [
+    "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owner_count", "prepare_executor", "uses_owners"
+]
+
+log = logging.getLogger("microbatch")
+
+
+def owner_count(agg: object, workers: int | None) -> int:
+    """How many shard owners a run of ``agg`` on ``workers`` worker processes uses (0: none).
+
+    ``ByKey(Count())`` gets one owner per worker by default; ``ByKey(Sum())`` only when its
+    ``owners`` is given; ``owners=0`` folds in the pipeline process. Never more owners than shards.
+    """
+    if type(agg) is not ByKey:
+        return 0
+    wanted = agg.owners
+    if wanted is None:
+        if type(agg.inner) is not Count:
+            return 0
+        wanted = workers or os.cpu_count() or 1
+    if wanted == 0 or type(agg.inner) not in (Count, Sum):
+        return 0
+    return min(wanted, agg.shards)
+
+
+def uses_owners(agg: object, executor: object, checkpoints: Checkpoints, workers: int | None) -> bool:
+    """Whether a run of ``agg`` on ``executor`` keeps its keyed state in shard owners: a ``ByKey``
+    that :func:`owner_count` gives owners, on worker processes, without a checkpoint or with one
+    in a folder or SQLite file (whose shard files the owners write), not a store object."""
+    if not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
+        return False
+    return checkpoints.target is None or isinstance(checkpoints.target, (str, os.PathLike))
+
+
+def prepare_executor(executor: Any, pipeline: Any, agg: object, checkpoints: Checkpoints) -> Any:
+    """``executor``, once checked for ``pipeline``'s fn (picklable for worker processes); says to
+    ``checkpoints`` whether shard owners will hold the run's keyed state (and load a keyed
+    checkpoint themselves, see :func:`uses_owners`)."""
+    if isinstance(executor, ProcessExecutor):
+        check_picklable(pipeline.fn)
+    # A sink is given fn's results: they must stay results, not the owners' receipts.
+    owners = pipeline.sink is None and uses_owners(agg, executor, checkpoints, pipeline.workers)
+    checkpoints.defer_keyed = owners
+    return executor
+
+
+async def loaded_here(state: Any) -> Any:
+    """``state``, or the keyed state a ``DeferredShards`` names loaded in this process."""
+    if isinstance(state, DeferredShards):
+        return await anyio.to_thread.run_sync(state.load)
+    return state
+
+
+async def owned_run(
+    stack: AsyncExitStack,
+    agg: Aggregator[Any, Any, Any],
+    task: BatchTask[Any],
+    state: Any,
+    stats: Stats,
+    checkpoints: Checkpoints,
+    workers: int | None,
+) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
+    """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
+    the run uses shard owners (:func:`prepare_executor`); then they are started on ``stack``.
+
+    ``state`` is the initial state, or the ``DeferredShards`` of the checkpoint resumed from, which
+    the owners load (``CheckpointCorrupt`` naming a damaged file). With a checkpoint, a dead owner
+    is started again.
+    """
+    if not checkpoints.defer_keyed:
+        return agg, task, state
+    assert isinstance(agg, ByKey)
+    owners = await stack.enter_async_context(
+        Owners(owner_count(agg, workers), agg.shards, keep_parts=checkpoints.target is not None)
+    )
+    if isinstance(state, DeferredShards):
+        manifest, folder = state.manifest, state.folder
+        loaded = await anyio.to_thread.run_sync(lambda: owners.load(manifest, folder))
+        log.info("shard owners loaded %d keys from %s", loaded, folder)
+    route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=type(agg.inner) is Count)
+    owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
+    owned = OwnedByKey(agg, owners, stats)
+    return owned, owned_task, owned.initial()
+
+
+class OwnedState:
+    """The fold stage's state of keyed values held by shard owners."""
+
+    __slots__ = ("owners",)
+
+    def __init__(self, owners: Owners) -> None:
+        self.owners = owners
+
+
+class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
+    """Stands for a ``ByKey`` in the fold stage while shard owners hold its state."""
+
+    def __init__(self, agg: ByKey, owners: Owners, stats: Stats) -> None:
+        self.agg = agg
+        self.owners = owners
+        self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now
+        self._final: KeyedState | None = None
+        self._final_view: Mapping[Any, Any] = {}
+
+    def describe(self) -> str:
+        return self.agg.describe()
+
+    def initial(self) -> OwnedState:
+        return OwnedState(self.owners)
+
+    def fold(self, state: OwnedState, result: OwnedParts) -> OwnedState:
+        state.owners.fold(result)
+        return state
+
+    def final(self) -> Mapping[Any, Any] | None:
+        """The keyed values once the owners' final state was taken (the run's block was left)."""
+        if self._final is None:
+            shards = self.owners.final
+            if shards is None:
+                return None
+            state = KeyedState(ring(self.agg.shards))
+            for shard, items in shards.items():
+                state.shards[shard] = items
+            self._final = state
+            self._final_view = self.agg.value(state)
+        return self._final_view
+
+    def value(self, state: OwnedState) -> Mapping[Any, Any]:
+        final = self.final()
+        return final if final is not None else OwnedView(self)
+
+    def summary(self, state: OwnedState) -> dict[str, int]:
+        """Progress without asking the owners: the batches they were told to fold."""
+        return {"owners": self.owners.count, "batches": self.owners.batches}
+
+    def barrier(self, state: OwnedState, folder: str) -> Barrier:
+        """A checkpoint of the owners' state now: each writes its shard files into ``folder``."""
+        return self.owners.barrier(self.stats.batches, folder)
+
+    def dump(self, state: OwnedState) -> Any:
+        # Called only by runs without a checkpoint store (whose saves write nothing): a store
+        # object, not a folder, never gets shard owners.
+        return None
+
+    def load(self, data: Any) -> OwnedState:
+        raise ValueError(f"{self.describe()}: state held by shard owners is not loaded from checkpoints")
+
+
+class OwnedView(Mapping[Any, Any]):
+    """Keyed values read from the shard owners while they run, from their final state after.
+
+    While the owners run, each read waits for the owner's answer (after the folds it was told).
+    """
+
+    __slots__ = ("_agg",)
+
+    def __init__(self, agg: OwnedByKey) -> None:
+        self._agg = agg
+
+    def __getitem__(self, key: object) -> Any:
+        final = self._agg.final()
+        if final is not None:
+            return final[key]
+        owners = self._agg.owners
+        try:
+            owner = owners.owner_of_key(key)
+        except TypeError:
+            raise KeyError(key) from None
+        found, value = owners.ask(owner, wire.GET, wire.pack(key))
+        if not found:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[Any]:
+        final = self._agg.final()
+        if final is not None:
+            return iter(final)
+        shards = self._agg.owners.take_state()
+        return (key for items in shards.values() for key in items)
+
+    def values(self) -> ValuesView[Any]:
+        final = self._agg.final()
+        return super().values() if final is None else final.values()
+
+    def items(self) -> ItemsView[Any, Any]:
+        final = self._agg.final()
+        return super().items() if final is None else final.items()
+
+    def __len__(self) -> int:
+        final = self._agg.final()
+        if final is not None:
+            return len(final)
+        owners = self._agg.owners
+        return sum(owners.ask(owner, wire.COUNT) for owner in range(owners.count))
+
+    def __repr__(self) -> str:
+        return f"<keyed values held by {self._agg.owners.count} shard owners>"
