@@ -250,13 +250,11 @@ async def test_a_checkpoint_whose_state_has_a_bad_field_falls_back_to_the_previo
 class Numbers:
     """A source of its own positions, without ``describe()`` (it is optional)."""
 
-    def __init__(self, stop: int, start: int = 0, fail_at: int | None = None) -> None:
-        self.start, self.stop, self.fail_at = start, stop, fail_at
+    def __init__(self, stop: int, start: int = 0) -> None:
+        self.start, self.stop = start, stop
 
     async def chunks(self):  # type: ignore[no-untyped-def]
         for first in range(self.start, self.stop, 10):
-            if first == self.fail_at:
-                raise OSError("the source broke")
             records = list(range(first, min(first + 10, self.stop)))
             yield mb.Chunk(records, position={"next": records[-1] + 1})
 
@@ -271,11 +269,14 @@ async def test_a_source_without_describe_resumes_fingerprinted_by_its_class(tmp_
     pipeline = mb.Pipeline(
         sum, aggregate=mb.Sum(), max_size=10, executor="inline", checkpoint_every_batches=1
     )
-    with pytest.raises(OSError, match="the source broke"):
-        await pipeline.run(Numbers(100, fail_at=50), checkpoint=state)
+    # Left after 3 batches: the final checkpoint covers them (the update decides, not timing).
+    async with pipeline.updates(Numbers(100), checkpoint=state) as updates:
+        async for update in updates:
+            if update.records >= 30:
+                break
     newest = decode(sorted(state.glob("checkpoint-*.json"))[-1].read_bytes())
     assert not newest.finished and newest.fingerprint["source"] == "source:Numbers"
-    assert isinstance(newest.position, dict)
+    assert newest.records >= 30 and isinstance(newest.position, dict)
     # the same source again resumes after what was folded and ends exact
     assert await pipeline.run(Numbers(100), checkpoint=state) == sum(range(100))
 
@@ -397,8 +398,10 @@ async def test_a_chunk_position_of_the_wrong_type_falls_back_to_the_previous_che
     pipeline = mb.Pipeline(
         sum, aggregate=mb.Sum(), max_size=10, executor="inline", checkpoint_every_batches=1
     )
-    with pytest.raises(OSError, match="the source broke"):
-        await pipeline.run(Numbers(100, fail_at=50), checkpoint=state)
+    async with pipeline.updates(Numbers(100), checkpoint=state) as updates:
+        async for update in updates:
+            if update.records >= 30:
+                break  # the final checkpoint covers these batches
     cp = decode(sorted(state.glob("checkpoint-*.json"))[-1].read_bytes())
     crafted = dataclasses.replace(cp, batches=cp.batches + 1, position={**cp.position, "skip": "3"})
     (state / f"checkpoint-{crafted.batches:012d}.json").write_bytes(encode(crafted))
