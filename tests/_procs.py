@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,3 +97,28 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) ->
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def kill_at_random_lines(command: list[str], kills: int, most_lines: int) -> int:
+    """Start ``command`` up to ``kills`` times and SIGKILL it after a random number (1 to
+    ``most_lines``) of the lines it prints, unless it printed ``done`` first; the kills made.
+
+    The moments are chosen by what the job printed, not by time. ``MB_SEED`` fixes the draw."""
+    rng = random.Random(int(os.environ.get("MB_SEED", "0")) or None)
+    made = 0
+    for _ in range(kills):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert proc.stdout is not None
+        wait_for, seen, finished = rng.randint(1, most_lines), 0, False
+        for line in proc.stdout:
+            finished = line.startswith("done")
+            seen += 1
+            if finished or seen >= wait_for:
+                break
+        if not finished:
+            proc.send_signal(signal.SIGKILL)
+            made += 1
+        proc.wait()
+        if finished:
+            break
+    return made

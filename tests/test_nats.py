@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +15,7 @@ from typing import Any
 import anyio
 import pytest
 from _nats import NatsServer, publish, running_server
+from _procs import kill_at_random_lines
 
 import microbatch as mb
 
@@ -241,23 +240,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(
     state = tmp_path / "state"
     job = [str(HERE / "sources_job.py"), "nats", nats_server.url, "KILL", str(state), backend]
     command = [sys.executable, *job]
-    rng = random.Random(int(os.environ.get("MB_SEED", "0")) or None)
-    kills = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        assert proc.stdout is not None
-        wait_for, seen, finished = rng.randint(1, 30), 0, False
-        for line in proc.stdout:
-            finished = line.startswith("done")
-            seen += 1
-            if finished or seen >= wait_for:
-                break
-        if not finished:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if finished:
-            break
+    kills = kill_at_random_lines(command, KILLS, 30)
     assert kills >= min(KILLS, 3), kills
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"done {sum(range(20_000))}"

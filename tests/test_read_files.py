@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 import pytest
 import zstandard
+from _procs import kill_at_random_lines
 
 import microbatch as mb
 
@@ -157,23 +156,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path, backend: 
     expected = twenty_files(tmp_path / "logs")  # 200 batches of 100
     job = [str(HERE / "sources_job.py"), "files", str(tmp_path / "logs" / "*"), str(tmp_path / "state")]
     command = [sys.executable, *job, backend]
-    rng = random.Random(int(os.environ.get("MB_SEED", "0")) or None)
-    kills = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        assert proc.stdout is not None
-        wait_for, seen, finished = rng.randint(1, 40), 0, False
-        for line in proc.stdout:
-            finished = line.startswith("done")
-            seen += 1
-            if finished or seen >= wait_for:
-                break
-        if not finished:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if finished:
-            break
+    kills = kill_at_random_lines(command, KILLS, 40)
     assert kills >= min(KILLS, 3), kills
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"done {expected}"
