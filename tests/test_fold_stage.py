@@ -316,3 +316,67 @@ def test_a_follow_run_killed_before_its_first_regular_checkpoint_resumes_in_the_
         resumed.kill()
     assert json.loads(stdout.splitlines()[-1]) == sum(range(1_500)), stderr
     assert newest_checkpoint(state)[1]["records"] == 1_500  # type: ignore[index]
+
+
+# -- an aggregator whose fold raises ----------------------------------------------------------------
+
+
+def numbers_or_poison(lines: list[str]) -> list[Any]:
+    """Each record as a number, a poison word as itself; a record "crash" fails the batch (so it
+    is bisected and arrives as several results)."""
+    if "crash" in lines:
+        raise ValueError("a crash record")
+    return [line if line == "poison" else int(line) for line in lines]
+
+
+class ListSum(mb.Aggregator[list[Any], int, int]):
+    """Sums lists of numbers one at a time, refusing "poison" midway (a partly folded state) while
+    ``refuse`` holds, and counting it as 0 otherwise."""
+
+    refuse = True
+
+    def initial(self) -> int:
+        return 0
+
+    def fold(self, state: int, result: list[Any]) -> int:
+        for item in result:
+            if item != "poison":
+                state += item
+            elif self.refuse:
+                raise ValueError("poison cannot be folded")
+        return state
+
+    def value(self, state: int) -> int:
+        return state
+
+    def dump(self, state: int) -> int:
+        return state
+
+    def load(self, data: Any) -> int:
+        return int(data)
+
+
+async def test_a_fold_that_raises_leaves_the_last_checkpoint_standing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second batch is bisected around "crash": its first half [5] folds, its second half
+    # [6, poison] raises. Without care, the final checkpoint would save 1+2+3+4+5 at the position
+    # after the first batch, and a resumed run would fold 5 twice.
+    source = tmp_path / "in.txt"
+    source.write_text("1\n2\n3\n4\n5\ncrash\n6\npoison\n9\n10\n")
+    state = tmp_path / "state"
+    pipeline = mb.Pipeline(
+        numbers_or_poison, aggregate=ListSum(), max_size=4, workers=1, retries=0,
+        backoff=0.0, on_error="dead_letter", checkpoint_every_batches=1,
+    )
+    with pytest.raises(ValueError, match="poison"):
+        await pipeline.run(mb.read_lines(source), checkpoint=state)
+    newest = newest_checkpoint(state)
+    assert newest is not None
+    body = newest[1]
+    # Every checkpoint left pairs a state with the batches it covers: 1+2+3+4 after one batch.
+    assert (body["batches"], body["state"]) in {(0, 0), (1, 10)}
+    # Once poison is accepted, the resumed run ends where an uninterrupted one does: 5 once.
+    monkeypatch.setattr(ListSum, "refuse", False)
+    # The fixed aggregator is accepted as the same computation (its code changed).
+    assert await pipeline.run(mb.read_lines(source), checkpoint=state, accept_changes=True) == 40

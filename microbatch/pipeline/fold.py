@@ -87,6 +87,8 @@ class FoldStage(Generic[V]):
         self.queue_depth = queue_depth
         #: ``stop()`` was called: fold no further batch of a split.
         self.stopping = False
+        #: The batch whose fold raised: the state may hold part of it and is never saved again.
+        self.spoiled: int | None = None
         #: Time windows: the sink receives the windows each batch closes instead of fn's results.
         self.windows = None if not isinstance(aggregate, Windows) else WindowHook(
             aggregate, state, sink, dead, stats)
@@ -220,8 +222,16 @@ class FoldStage(Generic[V]):
         # No await from here to the machine's count: a checkpoint never sees half a batch.
         if windows is not None:
             results = windows.stamp(results, batch.cut_at)
-        for result in results:
-            self.state = self.agg.fold(self.state, result)
+        try:
+            for result in results:
+                self.state = self.agg.fold(self.state, result)
+        except Exception:
+            # The state may hold part of this batch: no checkpoint may save it from here on.
+            self.spoiled = seq
+            log.error(
+                "%s failed to fold batch %d; no checkpoint is written after it (the last one "
+                "stands, and a resumed run folds the batch again)", self.agg.describe(), seq)
+            raise
         closed = None if windows is None else windows.close(self.state, seq)
         if done.dead:
             write_dead(self.dead, done, seq)
@@ -280,7 +290,7 @@ class FoldStage(Generic[V]):
 
     async def _save(self, save: Save | None) -> None:
         """Write the checkpoint ``save`` asks for (nothing for None), even if cancelled meanwhile."""
-        if save is None:
+        if save is None or self.spoiled is not None:
             return
         # Once begun a save is finished: the changes it takes from a keyed state are in no other.
         with anyio.CancelScope(shield=True):
