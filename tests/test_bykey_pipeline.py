@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from _procs import newest_checkpoint
 
 import microbatch as mb
 
@@ -112,7 +113,7 @@ def test_inspect_counts_keys_per_shard_and_looks_a_key_up(tmp_path: Path) -> Non
     import sys
 
     src = tmp_path / "keys.txt"
-    src.write_text("".join(f"k{i % 500}\n" for i in range(3_000)))
+    src.write_text("".join(f"k{i % 500}\n" for i in range(3_000)) + "k1\n" * 9 + "k2\n" * 4)
     job = tmp_path / "job.py"
     job.write_text(
         "from collections import Counter\nimport microbatch as mb\n"
@@ -125,10 +126,22 @@ def test_inspect_counts_keys_per_shard_and_looks_a_key_up(tmp_path: Path) -> Non
     def mb_cli(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "microbatch", *argv], capture_output=True, text=True)
 
-    assert mb_cli("run", f"{job}:pipeline", "--input", str(src), "--checkpoint", str(state)).returncode == 0
+    run = mb_cli("run", f"{job}:pipeline", "--input", str(src), "--checkpoint", str(state),
+                 "--checkpoint-every", "0")
+    assert run.returncode == 0, run.stderr
+    newest = newest_checkpoint(state)
+    assert newest is not None and any(entry["deltas"] for entry in newest[1]["state"]["entries"])
     out = mb_cli("inspect", str(state), "--json")
     info = json.loads(out.stdout)
     assert info["shards"] == 4 and info["keys"] == 500 and sum(info["keys_per_shard"]) == 500
+    assert (info["batches"], info["records"], info["finished"]) == (7, 3_013, True)
+    # The largest values, read from every shard's files, bases and the deltas after them.
+    assert info["top"][:2] == [["k1", 15], ["k2", 10]] and len(info["top"]) == 10
+    assert {value for _, value in info["top"][2:]} == {6}
+    text = mb_cli("inspect", str(state)).stdout
+    assert "batches       7" in text and "records       3,013" in text
+    assert "keys          500 in 4 shards" in text and "top 10" in text
+    assert "top" not in json.loads(mb_cli("inspect", str(state), "--top", "0", "--json").stdout)
     found = json.loads(
         mb_cli("inspect", str(state), "--key", "k7", "--json", "--target", f"{job}:pipeline").stdout
     )

@@ -56,19 +56,6 @@ def _command_inspect(args: argparse.Namespace) -> int:
     aggregator = (
         pipeline.aggregate if pipeline is not None else _aggregator_from(fingerprint.get("aggregate", ""))
     )
-    value: Any = None
-    has_value = False
-    keyed = _keyed_files(args.directory, cp.state)
-    if keyed is not None:
-        return _inspect_keyed(args, keyed, cp.state, aggregator)
-    if args.key is not None:
-        raise UsageError("--key needs a checkpoint of keyed state (ByKey or TopK)")
-    if aggregator is not None:
-        try:
-            value = aggregator.value(aggregator.load(cp.state))
-            has_value = True
-        except Exception as exc:
-            log.warning("cannot compute the value with %s: %s", aggregator.describe(), exc)
     created = getattr(cp, "created", None)
     info: dict[str, Any] = {
         "location": str(getattr(store, "location", args.directory)),
@@ -80,12 +67,20 @@ def _command_inspect(args: argparse.Namespace) -> int:
         "dead_letters": cp.dead_letters,
         "fingerprint": fingerprint,
     }
+    keyed = _keyed_files(args.directory, cp.state)
+    if keyed is not None:
+        return _inspect_keyed(args, info, keyed, cp.state, aggregator)
+    if args.key is not None:
+        raise UsageError("--key needs a checkpoint of keyed state (ByKey or TopK)")
     windows = windows_summary(cp.state, fingerprint.get("aggregate", ""))
     if windows is not None:
         info["windows"] = windows
-    if has_value:
-        info["value"] = value
-    else:
+    if aggregator is not None:
+        try:
+            info["value"] = aggregator.value(aggregator.load(cp.state))
+        except Exception as exc:
+            log.warning("cannot compute the value with %s: %s", aggregator.describe(), exc)
+    if "value" not in info:
         info["state"] = cp.state
     if args.json:
         print(_progress.to_json(info), flush=True)
@@ -116,29 +111,59 @@ def _parse_key(text: str) -> Any:
     return key if isinstance(key, (str, int, tuple)) and not isinstance(key, bool) else text
 
 
-def _inspect_keyed(args: argparse.Namespace, files: Any, manifest: Any, aggregator: Any) -> int:
-    """Keys per shard from the manifest alone; with ``--key``, one key's value from its shard."""
+def _inspect_keyed(
+    args: argparse.Namespace, info: dict[str, Any], files: Any, manifest: Any, aggregator: Any
+) -> int:
+    """A keyed checkpoint: keys per shard from the manifest, and either one key's value (``--key``,
+    reading only that key's shard) or the largest values (``--top``, reading every shard)."""
     counts: list[int] = files.counts(manifest)
-    info: dict[str, Any] = {"shards": len(counts), "keys": sum(counts), "keys_per_shard": counts}
+    info.update(shards=len(counts), keys=sum(counts), keys_per_shard=counts)
+    inner = getattr(aggregator, "inner", None)
+    found = True
     if args.key is not None:
         # 200 is the int key 200 when the state holds it, else the str key "200".
         for key in dict.fromkeys([_parse_key(args.key), args.key]):
             found, state = files.lookup(manifest, key)
             if found:
                 break
-        inner = getattr(aggregator, "inner", None)
         if found and inner is not None:
             state = inner.value(inner.load(state))
         info.update(key=key, found=found, value=state)
+    elif args.top:
+        info["top"] = _largest(files, manifest, inner, args.top)
     if args.json:
         print(_progress.to_json(info), flush=True)
-    else:
-        lines = [f"{'shards':<14}{info['shards']}", f"{'keys':<14}{info['keys']:,}"]
-        lines += [f"  shard {n:<6}{c:,} keys" for n, c in enumerate(counts)]
-        if args.key is not None:
-            lines.append(f"{'key':<14}{info['key']!r}: " + (repr(info["value"]) if found else "not found"))
-        print("\n".join(lines), flush=True)
-    return EXIT_OK if args.key is None or info["found"] else EXIT_ERROR
+        return EXIT_OK if found else EXIT_ERROR
+    lines = _inspect_text({name: v for name, v in info.items() if name != "value"}).splitlines()
+    low, high = (min(counts), max(counts)) if counts else (0, 0)
+    lines.append(f"{'keys':<14}{info['keys']:,} in {len(counts)} shards ({low:,}-{high:,} a shard)")
+    if args.key is not None:
+        lines.append(f"{'key':<14}{info['key']!r}: " + (repr(info["value"]) if found else "not found"))
+    elif "top" in info:
+        lines.append(f"top {len(info['top'])}" if info["top"] else "top           (values not comparable)")
+        lines.extend(f"  {value!r:>12}  {key!r}" for key, value in info["top"])
+    print("\n".join(lines), flush=True)
+    return EXIT_OK if found else EXIT_ERROR
+
+
+def _largest(files: Any, manifest: Any, inner: Any, n: int) -> list[tuple[Any, Any]]:
+    """The ``n`` keys of largest value in the shard files (values as ``inner`` gives them, or as
+    saved without it); empty when the values are not numbers."""
+    import heapq
+    import numbers
+
+    from .._core.keys import key_bytes, key_from_json
+
+    latest: dict[bytes, tuple[Any, Any]] = {}
+    for doc in files.read(manifest):  # each shard's base, then its deltas: a later state wins
+        for key_data, state in zip(doc["keys"], doc["states"], strict=True):
+            key = key_from_json(key_data)
+            latest[key_bytes(key)] = (key, state)
+    pairs = [(key, inner.value(inner.load(state)) if inner is not None else state)
+             for key, state in latest.values()]
+    if not all(isinstance(value, numbers.Real) for _, value in pairs):
+        return []
+    return heapq.nlargest(n, pairs, key=lambda pair: pair[1])
 
 
 def _format_time(created: Any) -> str:
@@ -173,7 +198,7 @@ def _inspect_text(info: dict[str, Any]) -> str:
     if "value" in info:
         rendered = _progress.format_value(info["value"], human=True)  # people read it; --json: programs
         lines.append("value" + ("\n" + _indent(rendered) if "\n" in rendered else f"{'':<9}{rendered}"))
-    else:
+    elif "state" in info:
         state = _progress.to_json(info["state"])
         lines.append(f"{'state':<14}{state[:500]}  (pass --target to compute the value)")
     return "\n".join(lines)

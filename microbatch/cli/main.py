@@ -332,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(42 is the int key 42 if the state holds it, else the str key '42'; ('a', 1) a tuple "
         "key; \"'42'\" only the str key; other text a str key)",
     )
+    inspect.add_argument(
+        "--top",
+        type=_non_negative_int,
+        default=10,
+        metavar="N",
+        help="keyed state: list the N keys of largest value, reading every shard (default 10; 0: "
+        "read only the manifest)",
+    )
     _add_logging_options(inspect)
     return parser
 
