@@ -2,7 +2,7 @@
 
 A fenced block whose info string is ``python runnable``, ``sh runnable`` or ``console runnable`` is
 run in a scratch folder holding a copy of ``examples/`` (and ``examples/data/numbers.txt`` as
-``numbers.txt``), with ``microbatch`` on ``PATH``:
+``numbers.txt``), with ``microbatch`` and ``python`` on ``PATH``:
 
 - ``python runnable``: saved as a script and run with ``python``; it must exit 0.
 - ``sh runnable``: run with ``sh -e``; it must exit 0.
@@ -69,6 +69,9 @@ def scratch(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     launcher = bin_dir / "microbatch"
     launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m microbatch "$@"\n')
     launcher.chmod(0o755)
+    python = bin_dir / "python"  # `python` in a block is this interpreter, venv activated or not
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
