@@ -140,6 +140,21 @@ async def test_stop_when_idle_then_the_next_run_takes_the_new_files(tmp_path: Pa
     assert await pipeline().run(source, checkpoint=state) == sum(range(300))
 
 
+@pytest.mark.anyio
+async def test_a_rerun_over_a_finished_run_adds_the_new_files(tmp_path: Path) -> None:
+    logs, state = tmp_path / "logs", tmp_path / "state"
+    logs.mkdir()
+    (logs / "1.log").write_bytes(lines(0, 100))
+    source = mb.read_files(str(logs / "*"))
+    assert await pipeline().run(source, checkpoint=state) == sum(range(100))
+    (logs / "2.log.gz").write_bytes(gzip.compress(lines(100, 250)))
+    async with pipeline().updates(source, checkpoint=state) as run:
+        seen = [update.batch_records async for update in run]
+    # Only the new file is read; the finished value grows by it, and the run is finished again.
+    assert sum(seen) == 150 and run.value == sum(range(250)) and run.finished
+    assert await pipeline().run(source, checkpoint=state) == sum(range(250))
+
+
 def test_bad_arguments_and_positions_are_named() -> None:
     with pytest.raises(ValueError, match="order"):
         mb.read_files("*.log", order="size")  # type: ignore[arg-type]

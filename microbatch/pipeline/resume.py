@@ -14,7 +14,7 @@ from typing import Any
 from .._core.params import check_int
 from ..sources.protocol import Chunk, LineParts, Source, describe_source, ended_idle
 
-__all__ = ["aclose_iterator", "chunk_position", "resume_source", "skip"]
+__all__ = ["aclose_iterator", "chunk_position", "reads_on_after_finish", "resume_source", "skip"]
 
 
 def resume_source(source: Any, position: Any, file: Any = None) -> Any:
@@ -51,6 +51,20 @@ def resume_source(source: Any, position: Any, file: Any = None) -> Any:
     if position == 0:
         return source
     return skip(source, check_int("position", position))
+
+
+def reads_on_after_finish(source: Any, position: Any, file: Any = None) -> bool:
+    """Whether a run over a *finished* checkpoint at ``position`` reads on, adding what the source
+    gained since, rather than returning the finished value as it stands.
+
+    A file grown since (``file.kind == "grown"``) and a source that resumes from its own positions
+    (many files, a stream by sequence) read on: their position tells what is new. An iterable read
+    again yields what it yielded before, and a source without positions (a TCP server) cannot
+    tell what is new, so those keep the finished value.
+    """
+    if file is not None:
+        return bool(file.kind == "grown")
+    return isinstance(source, Source) and not isinstance(source, LineParts) and position is not None
 
 
 def chunk_position(position: Any) -> tuple[Any, int]:

@@ -51,7 +51,7 @@ from .reader import (
     source_identity,
     stop_intake,
 )
-from .resume import resume_source
+from .resume import reads_on_after_finish, resume_source
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
@@ -169,8 +169,7 @@ class Run(Generic[R, V]):
             cp, self.initial_state, position = restored.checkpoint, restored.state, restored.position
             first_ticket = cp.batches  # a resumed run's tickets start at its batch count
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
-            grown = restored.file is not None and restored.file.kind == "grown"
-            if cp.finished and not grown:
+            if cp.finished and not reads_on_after_finish(self.source, position, restored.file):
                 self._finished_before, self.initial_state = True, await loaded_here(self.initial_state)
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
