@@ -137,8 +137,10 @@ class ResultTooLarge(ExecutorError):
     ``max_result_bytes``: the worker refused to send it (and stays), or sent a frame that large
     (it was killed, unread).
 
-    ``size`` is the pickled size in bytes, ``limit`` the setting. A pipeline retries the batch as
-    for any failure; with ``on_error="raise"`` it stops with ``BatchFailed`` naming the batch.
+    ``size`` is the pickled size in bytes, ``limit`` the setting. A pipeline never retries it (the
+    result would be as large again): with ``on_error="raise"`` it stops at once with
+    ``BatchFailed`` naming the batch; with ``on_error="dead_letter"`` it bisects the batch, each
+    part run once, and a single record whose result is still too large is a dead letter.
     """
 
     def __init__(self, message: str, size: int, limit: int) -> None:
