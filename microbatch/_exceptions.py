@@ -22,6 +22,7 @@ The hierarchy::
     │   ├── CheckpointCorrupt           no valid checkpoint in a store that holds some
     │   │   └── InvalidCheckpoint       one checkpoint has a field of the wrong type or range (names it)
     │   ├── CheckpointMismatch          the checkpoint belongs to another pipeline
+    │   ├── CheckpointFinished          a finished run's checkpoint, given with a stream source
     │   └── CheckpointWriteError        writing a checkpoint failed; the previous one is intact
     └── BatcherError                    a Batcher refused an item
         ├── BatcherFull                 submit_nowait while max_pending items wait
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointCorrupt",
     "InvalidCheckpoint",
     "CheckpointMismatch",
+    "CheckpointFinished",
     "CheckpointWriteError",
     "BatcherError",
     "BatcherFull",
@@ -257,6 +259,24 @@ class InvalidCheckpoint(CheckpointCorrupt, ValueError):
 
 class CheckpointMismatch(CheckpointError):
     """Raised when a checkpoint was written by another pipeline (another fn, aggregator or source)."""
+
+
+class CheckpointFinished(CheckpointError):
+    """Raised by a pipeline given a finished run's checkpoint and a stream source (standard input,
+    a pipe, a TCP server): what that run read cannot be read again to tell whether this input is
+    the same one, grown, or another. ``fresh=True`` (``--fresh``) discards the checkpoint first.
+
+    ``location`` names the checkpoint store, ``source`` the source.
+    """
+
+    def __init__(self, location: str, source: str) -> None:
+        super().__init__(
+            f"the checkpoint in {location} is of a finished run, and {source} is a stream that cannot "
+            f"be read again to compare with what that run read: pass fresh=True to start over on "
+            f"this input (--fresh on the command line), or give another checkpoint"
+        )
+        self.location = location
+        self.source = source
 
 
 class CheckpointWriteError(CheckpointError):

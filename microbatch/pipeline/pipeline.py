@@ -194,8 +194,10 @@ class Pipeline(Generic[R, V]):
         valid checkpoint there; ``fresh=True`` discards it first. A checkpoint of a pipeline whose
         function, aggregator or input changed is refused with ``CheckpointMismatch`` naming the
         change; ``accept_changes=True`` resumes anyway (for a change known to be compatible). A
-        finished run over a file that has grown since reads only the appended lines; over any
-        other source it reads nothing and its value is the checkpoint's.
+        finished run over a file that has grown since reads only the appended lines; over a
+        source that cannot be read again (standard input, a pipe, a TCP server) it is refused
+        with ``CheckpointFinished`` (pass ``fresh=True`` to start over); over any other source
+        it reads nothing and its value is the checkpoint's.
         """
         return Run(self, source, checkpoint, fresh, accept_changes=accept_changes)
 

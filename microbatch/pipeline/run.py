@@ -32,7 +32,7 @@ if sys.version_info < (3, 11):
 
 from .._core.params import check_int
 from .._core.task import BatchTask
-from .._exceptions import BatchFailed
+from .._exceptions import BatchFailed, CheckpointFinished
 from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints, dead_letter_path
@@ -48,6 +48,7 @@ from .reader import (
     decoding,
     position_kind,
     read,
+    reads_again,
     source_identity,
     stop_intake,
 )
@@ -171,6 +172,10 @@ class Run(Generic[R, V]):
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             grown = restored.file is not None and restored.file.kind == "grown"
             if cp.finished and not grown:
+                if not reads_again(self.source, position):
+                    await stack.aclose()
+                    raise CheckpointFinished(str(self.checkpoints.store and self.checkpoints.store.location),
+                                             getattr(self.source, "where", None) or repr(self.source))
                 self._finished_before, self.initial_state = True, await loaded_here(self.initial_state)
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self
