@@ -289,6 +289,10 @@ class Pipeline(Generic[R, V]):
 
 
 async def _results(run: Run[R, Any]) -> AsyncIterator[R]:
+    # Nothing here refers to a result once it was given out: while the next update is awaited, the
+    # consumer alone decides whether the previous result stays in memory (results can be large).
     async for update in run:
-        for result in update.results:
-            yield result
+        pending = update.results[::-1]
+        del update
+        while pending:
+            yield pending.pop()
