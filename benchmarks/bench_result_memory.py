@@ -14,9 +14,11 @@ the pipeline process's own peak RSS (``getrusage``: the workers are not counted)
   streaming turned off, as it read every answer before).
 
 The figures: each variant's peak, and the peak over one result's size (the target: below 2).
-With one batch, ``streamed`` is the interpreter plus one result. With more, a map pipeline's result
-iterator (``pipeline.py``'s ``_results``) keeps the previous update, results and all, while it
-waits for the next one: two results are then alive at once, whatever the executor does.
+``streamed`` is the interpreter plus one result: nothing in the pipeline process refers to a
+result once the consumer has taken it (neither the map iterator nor the fold stage while it waits
+for the next event), so the previous result is gone before the next one is read. Measured: small
+30 MB (0.15x), streamed 230 MB (1.15x), whole 632 MB (3.16x); before those references were
+dropped, streamed was 430 MB (2.15x): two results alive at once.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ The hierarchy::
     │   ├── CheckpointCorrupt           no valid checkpoint in a store that holds some
     │   │   └── InvalidCheckpoint       one checkpoint has a field of the wrong type or range (names it)
     │   ├── CheckpointMismatch          the checkpoint belongs to another pipeline
+    │   ├── CheckpointFinished          a finished run's checkpoint, given with a stream source
     │   └── CheckpointWriteError        writing a checkpoint failed; the previous one is intact
     └── BatcherError                    a Batcher refused an item
         ├── BatcherFull                 submit_nowait while max_pending items wait
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointCorrupt",
     "InvalidCheckpoint",
     "CheckpointMismatch",
+    "CheckpointFinished",
     "CheckpointWriteError",
     "BatcherError",
     "BatcherFull",
@@ -137,8 +139,10 @@ class ResultTooLarge(ExecutorError):
     ``max_result_bytes``: the worker refused to send it (and stays), or sent a frame that large
     (it was killed, unread).
 
-    ``size`` is the pickled size in bytes, ``limit`` the setting. A pipeline retries the batch as
-    for any failure; with ``on_error="raise"`` it stops with ``BatchFailed`` naming the batch.
+    ``size`` is the pickled size in bytes, ``limit`` the setting. A pipeline never retries it (the
+    result would be as large again): with ``on_error="raise"`` it stops at once with
+    ``BatchFailed`` naming the batch; with ``on_error="dead_letter"`` it bisects the batch, each
+    part run once, and a single record whose result is still too large is a dead letter.
     """
 
     def __init__(self, message: str, size: int, limit: int) -> None:
@@ -255,6 +259,24 @@ class InvalidCheckpoint(CheckpointCorrupt, ValueError):
 
 class CheckpointMismatch(CheckpointError):
     """Raised when a checkpoint was written by another pipeline (another fn, aggregator or source)."""
+
+
+class CheckpointFinished(CheckpointError):
+    """Raised by a pipeline given a finished run's checkpoint and a stream source (standard input,
+    a pipe, a TCP server): what that run read cannot be read again to tell whether this input is
+    the same one, grown, or another. ``fresh=True`` (``--fresh``) discards the checkpoint first.
+
+    ``location`` names the checkpoint store, ``source`` the source.
+    """
+
+    def __init__(self, location: str, source: str) -> None:
+        super().__init__(
+            f"the checkpoint in {location} is of a finished run, and {source} is a stream that cannot "
+            f"be read again to compare with what that run read: pass fresh=True to start over on "
+            f"this input (--fresh on the command line), or give another checkpoint"
+        )
+        self.location = location
+        self.source = source
 
 
 class CheckpointWriteError(CheckpointError):

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import anyio
 import pytest
-from test_cli import WAIT, _env, _reset_signals
+from test_cli import JOBS, WAIT, _env, _reset_signals
 
 from microbatch.cli.progress import to_json
 
@@ -218,6 +219,22 @@ def test_a_finished_checkpoint_with_standard_input_is_refused_naming_fresh(tmp_p
     fresh = run("run", EDGES + "total", "--input", "-", "--checkpoint", state, "--fresh",
                 stdin=_file(tmp_path, "5\n"))  # fmt: skip
     assert fresh.returncode == 0 and fresh.stdout == "5\n"
+
+
+def test_a_finished_checkpoint_with_a_tcp_input_is_refused_naming_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_rerun import summed_over_tcp
+
+    monkeypatch.syspath_prepend(str(JOBS))
+    import edges  # the command's pipeline, so that the checkpoint is the command's own
+
+    state = tmp_path / "state"
+    assert anyio.run(summed_over_tcp, edges.total, b"1\n2\n", state) == (3, True)
+    again = run("run", EDGES + "total", "--input", "tcp://127.0.0.1:0", "--checkpoint", str(state))
+    assert again.returncode == 2 and again.stdout == ""
+    assert "finished run" in again.stderr and "a TCP input (--input tcp://127.0.0.1:0)" in again.stderr
+    assert "--fresh" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_a_finished_checkpoint_of_a_file_still_gives_its_value(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ DOCUMENTED = {
     "UnpicklableFunction",
     "BackendNotSupported", "BatchFailed", "TooManyDeadLetters",
     "BatchResultMismatch", "CheckpointError", "CheckpointCorrupt",
-    "CheckpointMismatch", "CheckpointWriteError", "BatcherError", "BatcherFull", "BatcherClosed",
+    "CheckpointMismatch", "CheckpointFinished", "CheckpointWriteError",
+    "BatcherError", "BatcherFull", "BatcherClosed",
 }  # fmt: skip
 
 

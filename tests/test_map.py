@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+import weakref
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import microbatch as mb
@@ -60,6 +63,52 @@ async def test_update_result_is_the_result_of_a_batch_that_ran_whole(tmp_path: P
     async with pipeline.updates(mb.read_lines(src)) as updates:
         got = [(u.seq, u.result) for u in [u async for u in updates]]
     assert got == [(s, [2 * i for i in range(10 * s, 10 * s + 10)]) for s in range(3)]
+
+
+class Held:
+    """A result whose life the test watches (weak references)."""
+
+    def __init__(self, batch: list[int]) -> None:
+        self.batch = batch
+
+
+class GatedAfterFirst:
+    """fn: batches after the first wait in the worker until the file ``gate`` exists."""
+
+    def __init__(self, gate: Path) -> None:
+        self.gate = gate
+
+    def __call__(self, batch: list[int]) -> Held:
+        deadline = time.monotonic() + 30  # a net for a stuck test
+        while batch[0] and not self.gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return Held(batch)
+
+
+async def test_a_result_given_out_is_not_kept_while_the_next_one_is_awaited(tmp_path: Path) -> None:
+    """Results can be large: once the consumer dropped one, nothing keeps it while the pipeline
+    waits for the next (which the worker holds back until the test has looked)."""
+    gate = tmp_path / "gate"
+    pipeline = mb.Pipeline(GatedAfterFirst(gate), max_size=1, workers=1, on_error="raise")
+    async with pipeline.map(range(2)) as results:
+        first = await results.__anext__()
+        earlier = weakref.ref(first)
+        del first
+        second: list[Held] = []
+        async with anyio.create_task_group() as tg:
+
+            async def take() -> None:
+                second.append(await results.__anext__())
+
+            tg.start_soon(take)
+            # Let every stage that can run go on: they can only wait for the worker's answer.
+            for _ in range(1000):
+                if earlier() is None:
+                    break
+                await anyio.lowlevel.checkpoint()
+            assert earlier() is None
+            gate.touch()
+    assert [held.batch for held in second] == [[1]]
 
 
 async def test_map_resumes_from_the_checkpoint_after_cancellation(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ read from the pipe (never gathered whole first), the pipe kept in step whatever 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pickle
 import struct
 import termios
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -136,6 +138,56 @@ async def test_a_pipeline_stops_with_batch_failed_naming_the_batch_and_the_size(
     assert isinstance(info.value.cause, mb.ResultTooLarge)
     assert f"{info.value.cause.size} bytes pickled, over max_result_bytes={MB}" in str(info.value)
     assert new_children(zombies=False) == []
+
+
+class LoggedCalls:
+    """fn for a pipeline: logs each call's records as a line of ``path`` (one append per call, in a
+    worker process), returns them, and a 3 MB result for a batch holding ``big``."""
+
+    def __init__(self, path: Path, big: str) -> None:
+        self.path = path
+        self.big = big
+
+    def __call__(self, lines: list[str]) -> Any:
+        with open(self.path, "a") as log:
+            log.write(",".join(lines) + "\n")
+        return blob(3) if self.big in lines else lines
+
+    def calls(self) -> list[list[str]]:
+        return [line.split(",") for line in self.path.read_text().splitlines()]
+
+
+async def test_a_result_too_large_is_not_retried_the_run_stops_at_once(tmp_path: Path) -> None:
+    fn = LoggedCalls(tmp_path / "calls.txt", big="25")
+    executor = mb.ProcessExecutor(2, max_result_bytes="1MiB")
+    pipeline = mb.Pipeline(fn, max_size=10, executor=executor, retries=3, on_error="raise")
+    with pytest.raises(mb.BatchFailed) as info:
+        async with pipeline.map([str(i) for i in range(100)]) as results:
+            async for _ in results:
+                pass
+    error = info.value
+    assert (error.seq, error.attempts) == (2, 1)
+    assert isinstance(error.cause, mb.ResultTooLarge)
+    assert str(error).startswith("batch 2 failed after 1 attempt(s): ResultTooLarge: ")
+    assert f"{error.cause.size} bytes pickled, over max_result_bytes={MB}" in str(error)
+    assert [call for call in fn.calls() if "25" in call] == [[str(i) for i in range(20, 30)]]
+    assert new_children(zombies=False) == []
+
+
+async def test_a_result_too_large_is_bisected_once_per_part_into_a_dead_letter(tmp_path: Path) -> None:
+    fn = LoggedCalls(tmp_path / "calls.txt", big="5")
+    dead = tmp_path / "dead.jsonl"
+    executor = mb.ProcessExecutor(2, max_result_bytes="1MiB")
+    pipeline = mb.Pipeline(fn, max_size=8, executor=executor, retries=3, backoff=0.0, dead_letter=dead)
+    async with pipeline.map([str(i) for i in range(16)]) as results:
+        got = [result async for result in results]
+    # Records 0..7: [0,4) ok, [4,8) too large, [4,6) too large, [4,5) ok, [5,6) dead, [6,8) ok.
+    assert got == [["0", "1", "2", "3"], ["4"], ["6", "7"], [str(i) for i in range(8, 16)]]
+    with_big = [call for call in fn.calls() if "5" in call]
+    assert with_big == [[str(i) for i in range(8)], ["4", "5", "6", "7"], ["4", "5"], ["5"]]
+    [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert (letter["record"], letter["batch"], letter["error"]) == ("5", 0, "ResultTooLarge")
+    assert "over max_result_bytes=1048576" in letter["message"]
 
 
 def test_max_result_bytes_is_checked() -> None:

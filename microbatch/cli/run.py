@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._exceptions import CheckpointFinished
 from . import progress as _progress
 from .codes import EXIT_ERROR, EXIT_OK, EXIT_PIPE, UsageError
 from .inputs import _Input, _make_source, _parse_input, _total_size, fifo_source, is_fifo, wait_for_file
@@ -61,8 +62,9 @@ async def _execute(
 ) -> _Outcome:
     """Run the pipeline with signal handling; every failure is recorded in the outcome, not raised.
 
-    ``results``: where a map pipeline's results go as they come. ``stream``: the input is a stream
-    (named so), which a finished checkpoint cannot be compared with: refused (a ``UsageError``).
+    ``results``: where a map pipeline's results go as they come. ``stream``: how to name the input
+    when it is a stream, which the pipeline refuses to run with a finished checkpoint
+    (``CheckpointFinished``, made a ``UsageError`` naming ``--fresh``).
     """
     import anyio
 
@@ -116,12 +118,6 @@ async def _execute(
                         source, checkpoint=checkpoint, fresh=fresh, accept_changes=accept_changes
                     ) as run:
                         outcome.runs.append(run)
-                        if run.finished and stream is not None:
-                            raise UsageError(
-                                f"the checkpoint in {checkpoint} is of a finished run, and {stream} is "
-                                "a stream that cannot be checked against what that run read; add "
-                                "--fresh to start over on this input (or give another --checkpoint)"
-                            )
                         start = run.stats.position if isinstance(run.stats.position, int) else 0
                         display.start(total, start)
                         async for update in run.updates():
@@ -137,6 +133,12 @@ async def _execute(
                 outcome.finished = run.finished
         except BrokenPipeError:
             outcome.stdout_closed = True  # the reader of the results went away: stop quietly
+        except CheckpointFinished as exc:  # the pipeline's own refusal, worded for the command line
+            outcome.error = UsageError(
+                f"the checkpoint in {checkpoint} is of a finished run, and {stream or exc.source} is a "
+                "stream that cannot be checked against what that run read; add --fresh to start over "
+                "on this input (or give another --checkpoint)"
+            )
         except Exception as exc:
             outcome.error = exc
         finally:

@@ -15,6 +15,14 @@ batches is reported as soon as it is done (a ``Done`` with ``partial=True``), so
 fold it without waiting for the rest of the split. A batch that stops the run there (``BatchFailed``)
 ends the split's ``Done`` as its ``failure``: the fold stage raises it once every batch before it is
 folded, numbered as the run counts batches.
+
+A result over the executor's ``max_result_bytes`` (``ResultTooLarge``) is never retried: the same
+records give a result as large again. With ``on_error="raise"`` the run stops at once with
+``BatchFailed`` (one attempt). With ``on_error="dead_letter"`` the batch is bisected, as a smaller
+part may well give a smaller result (fn returns one output per record): each part runs once, and a
+single record whose own result is still too large is dead-lettered at once, with the
+``ResultTooLarge`` as its error. When fn's result does not shrink with fewer records, the first
+records become dead letters one by one and ``max_dead_letters_in_a_row`` stops the run.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from .._exceptions import (
     ExecutorUnavailable,
     RemoteError,
     RemoteTraceback,
+    ResultTooLarge,
     SourceDecodeError,
     TooManyDeadLetters,
     WorkerCrashed,
@@ -197,7 +206,8 @@ class BatchDispatcher:
         except Exception as exc:
             if self.raise_on_error or isinstance(exc, ExecutorUnavailable):
                 # An unavailable executor says nothing about the records: stop, dead-letter none.
-                raise BatchFailed(batch.ticket, exc, self.retry.attempts) from exc
+                attempts = 1 if isinstance(exc, ResultTooLarge) else self.retry.attempts
+                raise BatchFailed(batch.ticket, exc, attempts) from exc
             if batch.count == 1:
                 return Done(batch, dead=[self.dead_letter(batch, RecordRange(0, 1), payload, exc)])
             return await self.isolate(batch, payload, events)
@@ -279,7 +289,8 @@ class BatchDispatcher:
                 result = await self.executor.run(self.task, payload, timeout=self.timeout)
             except Exception as exc:  # noqa: PERF203 - once per failed attempt, not per record
                 failed += 1
-                retrying = retry and self.retry.should_retry(failed)
+                # A result too large now would be as large again: retrying cannot help.
+                retrying = retry and not isinstance(exc, ResultTooLarge) and self.retry.should_retry(failed)
                 await events.send(Failure(ticket, _kind(exc), retrying, exc, whole))
                 if not retrying:
                     raise

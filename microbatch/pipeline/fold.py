@@ -127,10 +127,7 @@ class FoldStage(Generic[V]):
                 if event is None:  # a checkpoint's deadline came while waiting
                     await self._save(machine.tick(anyio.current_time()))
                 elif isinstance(event, Done):
-                    if not event.partial:
-                        stats.in_flight -= 1
-                    for done in machine.arrive(event.batch.ticket, event, last=not event.partial):
-                        await self._fold(done, updates, window)
+                    await self._arrived(event, updates, window)
                 elif isinstance(event, Started):
                     stats.in_flight += 1
                 elif isinstance(event, Failure):
@@ -149,6 +146,17 @@ class FoldStage(Generic[V]):
                     machine.end(event.tickets)
                 else:
                     await self._save(machine.begin(event.position))
+                # A batch's results (they can be large) are not kept while the next event is awaited.
+                event = None
+
+    async def _arrived(
+        self, event: Done, updates: MemoryObjectSendStream[Update[V]], window: anyio.Semaphore
+    ) -> None:
+        """A dispatcher finished a batch (or a piece of a split): fold what that releases, in order."""
+        if not event.partial:
+            self.stats.in_flight -= 1
+        for done in self.machine.arrive(event.batch.ticket, event, last=not event.partial):
+            await self._fold(done, updates, window)
 
     async def _next(self, events: MemoryObjectReceiveStream[Event | Begin]) -> Event | Begin | None:
         """The next event; None when a checkpoint falls due on the clock first."""

@@ -194,8 +194,10 @@ class Pipeline(Generic[R, V]):
         valid checkpoint there; ``fresh=True`` discards it first. A checkpoint of a pipeline whose
         function, aggregator or input changed is refused with ``CheckpointMismatch`` naming the
         change; ``accept_changes=True`` resumes anyway (for a change known to be compatible). A
-        finished run over a file that has grown since reads only the appended lines; over any
-        other source it reads nothing and its value is the checkpoint's.
+        finished run over a file that has grown since reads only the appended lines; over a
+        source that cannot be read again (standard input, a pipe, a TCP server) it is refused
+        with ``CheckpointFinished`` (pass ``fresh=True`` to start over); over any other source
+        it reads nothing and its value is the checkpoint's.
         """
         return Run(self, source, checkpoint, fresh, accept_changes=accept_changes)
 
@@ -287,6 +289,10 @@ class Pipeline(Generic[R, V]):
 
 
 async def _results(run: Run[R, Any]) -> AsyncIterator[R]:
+    # Nothing here refers to a result once it was given out: while the next update is awaited, the
+    # consumer alone decides whether the previous result stays in memory (results can be large).
     async for update in run:
-        for result in update.results:
-            yield result
+        pending = update.results[::-1]
+        del update
+        while pending:
+            yield pending.pop()

@@ -188,6 +188,23 @@ def source_identity(source: object) -> Callable[[int, int], Any] | None:
     return position_at if isinstance(source, LineParts) and callable(position_at) else None
 
 
+def reads_again(source: object, position: Any) -> bool:
+    """Whether ``source`` can deliver again what a run that ended at ``position`` read, so that a
+    finished run's checkpoint can go on over it (reading what arrived since, or nothing).
+
+    Yes for a file (line parts with file positions, :func:`source_identity`), a chunk source with
+    positions (a NATS stream by sequence, many files, your own log: ``resume(position)`` continues
+    after it) and any other iterable (read again, as a resumed run reads it). No for the streams:
+    line parts without file positions (standard input, a pipe) and a chunk source whose chunks
+    carry no positions (a TCP server: its batches end at None).
+    """
+    if isinstance(source, LineParts):
+        return source_identity(source) is not None
+    if isinstance(source, Source):
+        return position is not None
+    return True
+
+
 # -- reading ----------------------------------------------------------------------------------------
 
 

@@ -60,7 +60,8 @@ def reads_on_after_finish(source: Any, position: Any, file: Any = None) -> bool:
     A file grown since (``file.kind == "grown"``) and a source that resumes from its own positions
     (many files, a stream by sequence) read on: their position tells what is new. An iterable read
     again yields what it yielded before, and a source without positions (a TCP server) cannot
-    tell what is new, so those keep the finished value.
+    tell what is new: those do not read on (the iterable keeps its finished value; a stream is
+    refused, :func:`microbatch.pipeline.reader.reads_again`).
     """
     if file is not None:
         return bool(file.kind == "grown")

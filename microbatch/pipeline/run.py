@@ -32,7 +32,7 @@ if sys.version_info < (3, 11):
 
 from .._core.params import check_int
 from .._core.task import BatchTask
-from .._exceptions import BatchFailed
+from .._exceptions import BatchFailed, CheckpointFinished
 from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints, dead_letter_path
@@ -48,6 +48,7 @@ from .reader import (
     decoding,
     position_kind,
     read,
+    reads_again,
     source_identity,
     stop_intake,
 )
@@ -170,6 +171,10 @@ class Run(Generic[R, V]):
             first_ticket = cp.batches  # a resumed run's tickets start at its batch count
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
             if cp.finished and not reads_on_after_finish(self.source, position, restored.file):
+                if not reads_again(self.source, position):
+                    await stack.aclose()
+                    raise CheckpointFinished(str(self.checkpoints.store and self.checkpoints.store.location),
+                                             getattr(self.source, "where", None) or repr(self.source))
                 self._finished_before, self.initial_state = True, await loaded_here(self.initial_state)
                 log.info("the checkpoint is of a finished run: returning its value")
                 return self

@@ -260,7 +260,10 @@ class TcpLines(Generic[T]):
         self._clients = None
         try:
             task_group.cancel_scope.cancel()
-            return await task_group.__aexit__(exc_type, exc, tb)
+            # The server's own tasks are cancelled; an error of the block goes on as it is, not
+            # wrapped in an exception group with them.
+            await task_group.__aexit__(None, None, None)
+            return None
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
