@@ -37,7 +37,7 @@ from .._batching import batches
 from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
-from .._core.splits import FileSplit, plan_splits
+from .._core.splits import FileSplit, SourceSplit, plan_splits
 from .._waits import wait_until
 from ..checkpoints.format import PositionKind
 from ..sources.protocol import Chunk, LineParts, Part, Source, describe_source
@@ -48,6 +48,7 @@ __all__ = [
     "Begin",
     "Emitter",
     "SplittableLines",
+    "SplittableSource",
     "decoding",
     "describe_source",
     "read",
@@ -73,7 +74,7 @@ class Batch:
     """
 
     ticket: int
-    payload: LineBlock | list[Any] | FileSplit
+    payload: LineBlock | list[Any] | FileSplit | SourceSplit
     count: int
     start: int | None
     end: Any
@@ -109,7 +110,7 @@ class Emitter:
 
     async def __call__(
         self,
-        payload: LineBlock | list[Any] | FileSplit,
+        payload: LineBlock | list[Any] | FileSplit | SourceSplit,
         count: int,
         start: int | None,
         end: Any,
@@ -147,6 +148,19 @@ class SplittableLines(LineParts, Protocol):
 
     def splittable(self) -> bool: ...
 
+
+@runtime_checkable
+class SplittableSource(Protocol):
+    """A chunk source that may be read as splits by workers (a stream read up to its end).
+
+    ``splittable()`` says whether it can be (no I/O); ``splits(max_size, split_size)`` plans
+    them (it may ask the source's server how much is left), or returns None when no more than
+    one split's worth is left: the source is then read as chunks.
+    """
+
+    def splittable(self) -> bool: ...
+
+    async def splits(self, max_size: int, split_size: int) -> list[SourceSplit] | None: ...
 
 
 def decoding(source: object) -> tuple[str, str | None, str]:
@@ -204,7 +218,8 @@ async def read(
 
     Every batch's ``end`` is the source position just after it: a byte offset for line parts, a
     chunk position for chunk sources (None when its chunks are plain lists), a record count for
-    other iterables. With ``split_size``, a splittable line source is emitted as splits instead.
+    other iterables. With ``split_size``, a splittable line source (a file) or chunk source (a
+    stream read to its end) is emitted as splits instead.
     """
     if isinstance(source, LineParts):
         if (
@@ -216,6 +231,13 @@ async def read(
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
+        if split_size is not None and isinstance(source, SplittableSource) and source.splittable():
+            splits = await source.splits(max_size, split_size)
+            if splits is not None:
+                await emit.begin(position)
+                for split in splits:
+                    await emit(split, 0, split.start, split.position(split.end))
+                return
         chunk, count = (None, 0) if position is None else chunk_position(position)
         await emit.begin(position)
         await _read_chunks(source, max_size, max_wait, emit, chunk, count)

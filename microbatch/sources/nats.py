@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -20,6 +20,9 @@ from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
 from .._exceptions import SourceError
 from .protocol import Chunk, records_of
+
+if TYPE_CHECKING:
+    from .natssplit import NatsSplit
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_TIMEOUT", "NatsStream", "nats_stream"]
 
@@ -188,6 +191,54 @@ class NatsStream:
                 await anyio.to_thread.run_sync(thread.stop)
             if self.skipped:
                 logger.info("%s: %d sequences skipped (deleted or expired)", self.where, self.skipped)
+
+    def splittable(self) -> bool:
+        """Whether workers may read it as sequence ranges: with ``until="end"``."""
+        return self.until == "end"
+
+    async def splits(self, max_size: int, split_size: int) -> list[NatsSplit] | None:
+        """The sequence ranges from ``start`` to the stream's last sequence now, for workers to fetch.
+
+        A range holds about ``split_size`` bytes of messages (at the stream's mean stored size
+        when the reading starts), a whole number of batches of ``max_size``; ranges lie on a grid
+        counted from sequence 1, so a reading resumed after any batch plans the rest of its range
+        and then the same ranges. None when no more than one range is left: the stream is then
+        read as chunks (:meth:`chunks`). Checks ``start`` as :meth:`chunks` does.
+        """
+        from .natsclient import LoopThread, Puller
+        from .natssplit import NatsSplit, split_length
+
+        self.skipped = 0
+        self.idle_ended = False
+        thread = LoopThread(f"microbatch-nats-{self.stream}")
+        puller = Puller(
+            self.servers, self.stream, self.subject, start=self.start, batch=self.batch, timeout=self.timeout
+        )
+        try:
+            state = await thread.call(puller.open(consumer=False))
+        finally:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(5):
+                    await thread.call(puller.close())
+                await anyio.to_thread.run_sync(thread.stop)
+        self._check_start(state.first, state.last)
+        start, end = puller.next, state.last + 1
+        length = split_length(split_size, state.messages, state.bytes, max_size)
+        if end - start <= length:
+            return None
+        servers, where = tuple(self.servers), self.where
+        splits: list[NatsSplit] = []
+        lo = start
+        while lo < end:
+            hi = min(((lo - 1) // length + 1) * length + 1, end)
+            splits.append(
+                NatsSplit(
+                    servers, self.stream, self.subject, where, lo, hi, max_size,
+                    self.encoding, self.errors, self.batch, self.timeout, tally=self,
+                )
+            )
+            lo = hi
+        return splits
 
     def _check_start(self, first: int, last: int) -> None:
         """A resumed reading must find the message after its position, or know it was never written."""
