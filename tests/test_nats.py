@@ -232,15 +232,120 @@ def test_bad_arguments_name_the_parameter() -> None:
     assert mb.nats_stream("nats://x:1", "S").resume({"seq": 41}).start == 42
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(("backend", "splits"), [("asyncio", False), ("trio", False), ("asyncio", True)])
 def test_kill_9_at_random_moments_then_resume_is_exact(
-    nats_server: NatsServer, tmp_path: Path, backend: str
+    nats_server: NatsServer, tmp_path: Path, backend: str, splits: bool
 ) -> None:
     publish(nats_server.url, "KILL", numbers(0, 20_000), create=True)  # 200 batches of 100
     state = tmp_path / "state"
-    job = [str(HERE / "sources_job.py"), "nats", nats_server.url, "KILL", str(state), backend]
-    command = [sys.executable, *job]
-    kills = kill_at_random_lines(command, KILLS, 30)
-    assert kills >= min(KILLS, 3), kills
+    job = [str(HERE / "sources_job.py"), "nats", nats_server.url, "KILL", str(state)]
+    command = [sys.executable, *job, *(["splits"] if splits else []), backend]
+    # With splits, workers fetch ranges of 10 batches: the kills fall inside ranges being folded.
+    # At most 15 batches a run: the 200 are not all folded before the tenth kill.
+    if splits:
+        assert kill_at_random_lines(command, max(KILLS, 10), 15) >= 10
+    else:
+        assert kill_at_random_lines(command, KILLS, 30) >= min(KILLS, 3)
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"done {sum(range(20_000))}"
+
+
+def crash_on_4242(lines: list[str]) -> int:
+    if "4242" in lines:
+        os._exit(3)
+    return sum(int(x) for x in lines)
+
+
+def fail_on_777(lines: list[str]) -> int:
+    if "777" in lines:
+        raise ValueError("777 is bad")
+    return sum(int(x) for x in lines)
+
+
+def dead_letters(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("split_size", [None, 2_000])
+async def test_until_end_is_exact_with_and_without_splits(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
+) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "SPLIT", numbers(0, 6_000), create=True)
+    await in_thread(publish, url, "SPLIT", [b"x"] * 100, subject="split.other")
+    for seq in (5, 6, 2_500, 6_050):  # numbers 4, 5 and 2499 and one x are gone
+        await in_thread(js, url, "delete_msg", "SPLIT", seq)
+    source = mb.nats_stream(url, "SPLIT", subject="split.a", until="end", batch=250)
+    async with pipeline(split_size=split_size).updates(source, checkpoint=tmp_path / "s") as run:
+        positions = [update.position async for update in run]
+    assert run.value == sum(range(6_000)) - 4 - 5 - 2_499 and run.finished
+    assert positions[-1] == {"chunk": {"seq": 6_000}, "skip": 0}
+    if split_size is None:
+        assert run.stats.splits == 0
+    else:
+        assert run.stats.splits > 10  # ranges of 100 sequences: 2,000 bytes hold about 50 messages
+        assert positions == sorted(positions, key=lambda p: p["chunk"]["seq"])
+    every = mb.nats_stream(url, "SPLIT", until="end", encoding=None)
+    counted = mb.Pipeline(len, aggregate=mb.Sum(), max_size=100, workers=2, split_size=split_size)
+    assert await counted.run(every) == 6_096
+    assert every.skipped == 4
+
+
+@pytest.mark.anyio
+async def test_a_run_with_splits_resumes_after_its_checkpoint(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "AGAIN", numbers(0, 5_000), create=True)
+    source = mb.nats_stream(url, "AGAIN", until="end")
+    with anyio.fail_after(60):
+        async with pipeline(split_size=2_000).updates(source, checkpoint=state) as run:
+            async for update in run:
+                if update.records >= 1_200:
+                    await run.stop()
+    assert not run.finished and run.value == sum(range(run.stats.records))
+    await in_thread(publish, url, "AGAIN", numbers(5_000, 6_000))
+    assert await pipeline(split_size=2_000).run(source, checkpoint=state) == sum(range(6_000))
+
+
+@pytest.mark.anyio
+async def test_an_undecodable_message_in_a_split_is_dead_lettered_with_its_sequence(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    split_size = 2_000
+    url = nats_server.url
+    payloads = [*numbers(0, 1_500), b"\xff\xfe", *numbers(1_500, 3_000)]
+    await in_thread(publish, url, "UNDEC", payloads, create=True)
+    dead = tmp_path / "dead.jsonl"
+    source = mb.nats_stream(url, "UNDEC", until="end")
+    run = pipeline(split_size=split_size, dead_letter=dead, retries=0)
+    assert await run.run(source, checkpoint=tmp_path / "s") == sum(range(3_000))
+    (letter,) = dead_letters(dead)
+    assert letter["position"] == 1_501 and letter["record_base64"] == "//4="
+    assert letter["error"] == "microbatch._exceptions.SourceDecodeError"
+    assert "stream sequence 1501 does not decode as utf-8" in letter["message"]
+    with pytest.raises(mb.BatchFailed, match="stream sequence 1501"):
+        await pipeline(split_size=split_size, on_error="raise").run(source)
+
+
+@pytest.mark.anyio
+async def test_failures_inside_splits_are_retried_bisected_or_read_here(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "FAIL", numbers(0, 6_000), create=True)
+    source = mb.nats_stream(url, "FAIL", until="end")
+    dead = tmp_path / "dead.jsonl"
+    failing = mb.Pipeline(fail_on_777, aggregate=mb.Sum(), max_size=100, workers=2, split_size=2_000)
+    failing = failing.replace(retries=1, dead_letter=dead)
+    assert await failing.run(source) == sum(range(6_000)) - 777
+    assert [(x["record"], x["batch"] >= 0) for x in dead_letters(dead)] == [("777", True)]
+    crashing = mb.Pipeline(crash_on_4242, aggregate=mb.Sum(), max_size=100, workers=2, split_size=2_000)
+    async with crashing.replace(retries=0, dead_letter=tmp_path / "crash.jsonl").updates(source) as run:
+        async for _ in run:
+            pass
+    assert run.value == sum(range(6_000)) - 4242 and run.stats.split_fallbacks == 1
+    assert [x["record"] for x in dead_letters(tmp_path / "crash.jsonl")] == ["4242"]
