@@ -214,9 +214,12 @@ async def test_a_message_that_does_not_decode_names_its_sequence(nats_server: Na
     await in_thread(publish, url, "BAD", [*numbers(0, 10), b"\xff\xfe", *numbers(10, 20)], create=True)
     got: list[str] = []
     with pytest.raises(mb.SourceError, match=r"stream sequence 11 does not decode as utf-8"):
-        async for chunk in mb.nats_stream(url, "BAD", until="end").chunks():
-            got += chunk.records
-    assert got == [str(i) for i in range(10)]
+        async for record in mb.nats_stream(url, "BAD", until="end"):
+            got.append(record)
+    assert got == [str(i) for i in range(20)]  # the chunk's records, then the error
+    (chunk,) = [c async for c in mb.nats_stream(url, "BAD", until="end").chunks()]
+    assert len(chunk.records) == 20 and chunk.position == {"seq": 21}
+    assert [(seq, data) for seq, data, _ in chunk.undecodable] == [(11, b"\xff\xfe")]
     replaced = mb.nats_stream(url, "BAD", until="end", errors="replace")
     assert len([r async for c in replaced.chunks() for r in c.records]) == 21
 
@@ -312,10 +315,10 @@ async def test_a_run_with_splits_resumes_after_its_checkpoint(
 
 
 @pytest.mark.anyio
-async def test_an_undecodable_message_in_a_split_is_dead_lettered_with_its_sequence(
-    nats_server: NatsServer, tmp_path: Path
+@pytest.mark.parametrize("split_size", [None, 2_000])
+async def test_an_undecodable_message_is_dead_lettered_with_its_sequence(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
 ) -> None:
-    split_size = 2_000
     url = nats_server.url
     payloads = [*numbers(0, 1_500), b"\xff\xfe", *numbers(1_500, 3_000)]
     await in_thread(publish, url, "UNDEC", payloads, create=True)
@@ -349,3 +352,19 @@ async def test_failures_inside_splits_are_retried_bisected_or_read_here(
             pass
     assert run.value == sum(range(6_000)) - 4242 and run.stats.split_fallbacks == 1
     assert [x["record"] for x in dead_letters(tmp_path / "crash.jsonl")] == ["4242"]
+
+
+@pytest.mark.anyio
+async def test_undecodable_messages_at_the_end_of_a_stream_are_dead_lettered(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "TAIL", [*numbers(0, 250), b"\xff", b"\xfe"], create=True)
+    source = mb.nats_stream(url, "TAIL", until="end", batch=250)
+    assert await pipeline().run(source, checkpoint=state) == sum(range(250))
+    assert [x["position"] for x in dead_letters(state / "dead-letters.jsonl")] == [251, 252]
+    # The position is past them: a finished run, and after more messages, no letter twice.
+    await in_thread(publish, url, "TAIL", numbers(250, 300))
+    follow = mb.nats_stream(url, "TAIL", stop_when_idle=0.3)
+    assert await pipeline().run(follow, checkpoint=tmp_path / "f") == sum(range(300))
+    assert [x["position"] for x in dead_letters(tmp_path / "f" / "dead-letters.jsonl")] == [251, 252]

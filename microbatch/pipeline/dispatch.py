@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio
@@ -193,6 +193,13 @@ class BatchDispatcher:
         payload = batch.payload
         if isinstance(payload, (FileSplit, SourceSplit)):
             return await self.process_split(batch, payload, events)
+        if batch.undecodable:
+            dead = undecodable_letters(self, batch.ticket, list(batch.undecodable))
+            if not payload:
+                return Done(batch, dead=dead)
+            done = await self.process(replace(batch, undecodable=()), events, failed_with)
+            done.dead[:0] = dead
+            return done
         try:
             return Done(batch, [await self.attempt(batch.ticket, payload, events, failed_with=failed_with)])
         except Exception as exc:
@@ -229,7 +236,7 @@ class BatchDispatcher:
                     self._dead_in_a_row, self._first_dead = 0, None
                     part = Batch(ticket, [], count, start, position, cut_at)
                     if isinstance(result, Undecodable):
-                        dead = self.undecodable(ticket, result.records)
+                        dead = undecodable_letters(self, ticket, result.records)
                         parts.append(Done(part, [result.result] if result.called else [], dead))
                     else:
                         parts.append(Done(part, [result]))
@@ -244,7 +251,7 @@ class BatchDispatcher:
                     ) or [([], start, end, [])]
                     redo = Batch(ticket, records, len(records), None, position, cut_at)
                     done = await self.process(redo, events, error) if records else Done(redo)
-                    done.dead += self.undecodable(ticket, bad)
+                    done.dead += undecodable_letters(self, ticket, bad)
                     parts.append(done)
                     continue
                 block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
@@ -254,22 +261,6 @@ class BatchDispatcher:
                 return Done(batch, parts=parts, failure=exc)
         return Done(batch, parts=parts)
 
-    def undecodable(self, ticket: int, records: list[tuple[int, bytes, str]]) -> list[DeadLetter]:
-        """The dead letters of records of batch ``ticket`` that did not decode in a split
-        (``(position, raw bytes, message)``), as for a line that does not decode."""
-        letters = []
-        for position, data, message in records:
-            error = SourceError(message)
-            if self.raise_on_error:
-                raise BatchFailed(ticket, error, 1) from error
-            self._dead_in_a_row += 1
-            first = self._first_dead = self._first_dead or error
-            limit = self.max_dead_in_a_row
-            if limit is not None and self._dead_in_a_row >= limit:
-                raise TooManyDeadLetters(ticket, first, self._dead_in_a_row) from first
-            name = f"{SourceDecodeError.__module__}.{SourceDecodeError.__qualname__}"
-            letters.append(DeadLetter(data, ticket, position, name, message, ""))
-        return letters
 
     def split_timeout(self, split: FileSplit | SourceSplit) -> float | None:
         """``timeout`` for each batch the split holds, estimated from the splits run so far."""
@@ -305,7 +296,7 @@ class BatchDispatcher:
             sub = Batch(batch.ticket, records, len(records), None, position, batch.cut_at)
             try:
                 part = await self.process(sub, events) if records else Done(sub)
-                part.dead += self.undecodable(batch.ticket, bad)
+                part.dead += undecodable_letters(self, batch.ticket, bad)
             except BatchFailed as exc:
                 return Done(batch, parts=[], failure=exc)
             await events.send(Done(batch, parts=[part], partial=True))
@@ -370,15 +361,19 @@ class BatchDispatcher:
                 plan.succeeded(span)
         return done
 
-    def dead_letter(
-        self, batch: Batch, span: RecordRange, payload: LineBlock | list[Any], exc: BaseException
-    ) -> DeadLetter:
-        """The dead letter of one record; stops the run when too many failed in a row."""
+    def count_dead(self, ticket: int, exc: BaseException) -> None:
+        """One more record dead: :class:`TooManyDeadLetters` when too many failed in a row."""
         self._dead_in_a_row += 1
         first = self._first_dead = self._first_dead or exc
         limit = self.max_dead_in_a_row
         if limit is not None and self._dead_in_a_row >= limit:
-            raise TooManyDeadLetters(batch.ticket, first, self._dead_in_a_row) from first
+            raise TooManyDeadLetters(ticket, first, self._dead_in_a_row) from first
+
+    def dead_letter(
+        self, batch: Batch, span: RecordRange, payload: LineBlock | list[Any], exc: BaseException
+    ) -> DeadLetter:
+        """The dead letter of one record; stops the run when too many failed in a row."""
+        self.count_dead(batch.ticket, exc)
         position: int | None
         if isinstance(payload, LineBlock):
             position = payload.start
@@ -396,3 +391,20 @@ class BatchDispatcher:
             record = payload[0]
         type_name, message, tb = describe_error(exc)
         return DeadLetter(record, batch.ticket, position, type_name, message, tb)
+
+
+def undecodable_letters(
+    dispatcher: BatchDispatcher, ticket: int, records: list[tuple[int, bytes, str]]
+) -> list[DeadLetter]:
+    """The dead letters of records of batch ``ticket`` that did not decode (``(position, raw
+    bytes, message)``, from a chunk or a split), as for a line that does not decode; with
+    ``on_error="raise"`` the first stops the run."""
+    letters = []
+    name = f"{SourceDecodeError.__module__}.{SourceDecodeError.__qualname__}"
+    for position, data, message in records:
+        error = SourceError(message)
+        if dispatcher.raise_on_error:
+            raise BatchFailed(ticket, error, 1) from error
+        dispatcher.count_dead(ticket, error)
+        letters.append(DeadLetter(data, ticket, position, name, message, ""))
+    return letters

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -71,6 +71,9 @@ class Batch:
     record count), else None; ``end`` is the source position just after its last record. A
     :class:`FileSplit` payload stands for all the batches of one split: ``count`` is 0 (unknown
     until a worker read it) and ``start``/``end`` are the split's planned range.
+
+    ``undecodable``: records of a chunk source that did not decode, completed by this batch (see
+    :class:`~microbatch.sources.protocol.Chunk`): they go to the dead letters with it.
     """
 
     ticket: int
@@ -79,6 +82,7 @@ class Batch:
     start: int | None
     end: Any
     cut_at: float
+    undecodable: Sequence[tuple[int, bytes, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +118,10 @@ class Emitter:
         count: int,
         start: int | None,
         end: Any,
+        undecodable: Sequence[tuple[int, bytes, str]] = (),
     ) -> None:
         await self.window.acquire()
-        batch = Batch(self.ticket, payload, count, start, end, anyio.current_time())
+        batch = Batch(self.ticket, payload, count, start, end, anyio.current_time(), undecodable)
         self.ticket += 1
         await self.send.send(batch)
 
@@ -375,7 +380,12 @@ async def _read_chunks(
             await stack.enter_async_context(source)  # type: ignore[arg-type]
         stream = await stack.enter_async_context(batches(positions, max_size=max_size, max_wait=max_wait))
         async for records in stream:
-            await emit(records, len(records), None, positions.end_after(len(records)))
+            end = positions.end_after(len(records))
+            await emit(records, len(records), None, end, positions.take_undecodable())
+        if any(segment[2] for segment in positions.segments):
+            # The last chunks held only records that did not decode: a batch of none carries them.
+            end = positions.end_after(0)
+            await emit([], 0, None, end, positions.take_undecodable())
 
 
 class _Positions:
@@ -387,8 +397,10 @@ class _Positions:
 
     def __init__(self, source: Source[Any], chunk: Any, count: int) -> None:
         self.source = source
-        #: [position, records of that chunk not yet in a batch], oldest first.
+        #: [position, records of that chunk not yet in a batch, its undecodable], oldest first.
         self.segments: deque[list[Any]] = deque()
+        #: The undecodable records of the chunks completed by the latest batch.
+        self.undecodable: list[tuple[int, bytes, str]] = []
         self.chunk = chunk
         self.count = count
         self.positioned = True
@@ -402,7 +414,7 @@ class _Positions:
             async for chunk in iterator:
                 if isinstance(chunk, Chunk):
                     records = chunk.records
-                    self.segments.append([chunk.position, len(records)])
+                    self.segments.append([chunk.position, len(records), chunk.undecodable])
                 else:
                     records = chunk  # a plain list: a source without positions
                     self.positioned = False
@@ -425,8 +437,16 @@ class _Positions:
             else:
                 segments.popleft()
                 self.chunk, self.count = segment[0], 0
+                self.undecodable += segment[2]
         while segments and not segments[0][1]:  # empty chunks right after the batch
-            self.chunk, self.count = segments.popleft()[0], 0
+            segment = segments.popleft()
+            self.chunk, self.count = segment[0], 0
+            self.undecodable += segment[2]
         return {"chunk": self.chunk, "skip": self.count}
+
+    def take_undecodable(self) -> list[tuple[int, bytes, str]]:
+        """The undecodable records of the chunks completed so far, and forget them."""
+        taken, self.undecodable = self.undecodable, []
+        return taken
 
 

@@ -139,6 +139,7 @@ class NatsStream:
 
     async def _chunks(self) -> AsyncGenerator[Chunk[Any], None]:
         from .natsclient import LoopThread, Puller
+        from .natssplit import decode_messages
 
         self.skipped = 0
         self.idle_ended = False
@@ -177,11 +178,10 @@ class NatsStream:
                     self.skipped += messages[-1][0] - last - len(messages) if messages else 0
                 if messages:
                     last = messages[-1][0]
-                    records, error = self._decode(messages)
-                    if records:
-                        yield Chunk(records, {"seq": last if error is None else error[0] - 1})
-                    if error is not None:
-                        raise error[1]
+                    records, bad = decode_messages(
+                        [m[:2] for m in messages], self.encoding, self.errors, self.where
+                    )
+                    yield Chunk(records, {"seq": last}, bad)
                 if done:
                     return
         finally:
@@ -260,33 +260,6 @@ class NatsStream:
                 f"Pipeline.run (--fresh on the command line) to start over"
             )
 
-    def _decode(
-        self, messages: list[tuple[int, bytes, int]]
-    ) -> tuple[list[Any], tuple[int, SourceError] | None]:
-        """The records of ``messages``, and the error of the first that does not decode (if any)."""
-        encoding = self.encoding
-        if encoding is None:
-            return [m[1] for m in messages], None
-        errors = self.errors
-        try:
-            return [m[1].decode(encoding, errors) for m in messages], None
-        except UnicodeDecodeError:
-            pass
-        records: list[Any] = []
-        for seq, data, _ in messages:
-            try:
-                records.append(data.decode(encoding, errors))
-            except UnicodeDecodeError as exc:  # noqa: PERF203 - only once the whole fetch failed
-                return records, (
-                    seq,
-                    SourceError(
-                        f"{self.where}: the message at stream sequence {seq} does not decode as "
-                        f"{encoding}: {exc.reason} at byte {exc.start} (pass errors='replace' to "
-                        f"substitute undecodable bytes, or encoding=None for bytes records)"
-                    ),
-                )
-        return records, None  # pragma: no cover - the list comprehension failed on one of them
-
 
 def nats_stream(
     servers: str | Sequence[str],
@@ -310,8 +283,10 @@ def nats_stream(
       ends.
     - ``encoding`` (default ``"utf-8"``): records are ``str``; ``None``: the payloads as ``bytes``.
       ``errors`` (default ``"strict"``) as for ``bytes.decode``; with ``"strict"`` a message that
-      does not decode raises :class:`SourceError` naming its stream sequence, after the messages
-      before it were delivered.
+      does not decode is written to the pipeline's dead letters with its stream sequence as its
+      position (with ``on_error="raise"`` it stops the run), as a line of a file that does not
+      decode; read without a pipeline, the chunk has it in ``undecodable`` and ``async for``
+      raises :class:`SourceError` naming its sequence, after the chunk's other records.
     - ``batch`` (default 1000): messages asked for in one fetch: the most held in memory at once
       is two fetches.
     - ``timeout`` (default 30 s): a server that goes away is reconnected to with backoff (any of

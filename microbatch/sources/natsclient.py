@@ -88,6 +88,37 @@ class LoopThread:
         self.thread.join()
 
 
+async def connect(servers: list[str], attempt: float, left: float) -> Any:
+    """A new connection to any of ``servers`` within ``left`` seconds, each attempt at most
+    ``attempt`` seconds; the client reconnects by itself later on (forever: a reader gives up
+    after its ``timeout`` without an answer)."""
+    from nats.aio.client import Client
+
+    async def quiet(exc: Exception) -> None:
+        logger.debug("nats %s: %s (reconnecting)", ",".join(servers), exc)
+
+    # The client retries a first connection forever by itself (max_reconnect_attempts=-1 keeps
+    # reconnecting later on): bound it by ``left``.
+    nc = Client()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                servers,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                # Seconds as floats work (they go to asyncio); the stubs say int.
+                reconnect_time_wait=0.2,  # type: ignore[arg-type]
+                connect_timeout=min(2.0, attempt),  # type: ignore[arg-type]
+                error_cb=quiet,
+            ),
+            max(left, 0.1),
+        )
+    except BaseException:
+        await nc.close()
+        raise
+    return nc
+
+
 class StreamState:
     """What the stream held when reading began: ``first`` and ``last`` sequence, and ``pending``,
     the messages (of the subject) from the start sequence on."""
@@ -150,7 +181,9 @@ class Puller:
         start a consumer at ``next`` (or the first message)."""
         self.arrived = asyncio.Event()
         if self.nc is None or self.nc.is_closed:
-            self.nc = await self._retry("connect", self._connect)
+            self.nc = await self._retry(
+                "connect", lambda: connect(self.servers, self.timeout, self.timeout - self._unanswered())
+            )
         self.js = self.nc.jetstream(timeout=min(5.0, self.timeout))
         info = await self._retry("read the stream's state", self._stream_info)
         state = info.state
@@ -161,34 +194,6 @@ class Puller:
         if consumer and self.next <= last:
             pending = await self._retry("start a consumer", self._new_consumer)
         return StreamState(first, last, pending, int(state.messages or 0), int(state.bytes or 0))
-
-    async def _connect(self) -> Any:
-        """A new connection to any of ``servers``, within what is left of ``timeout``."""
-        from nats.aio.client import Client
-
-        async def quiet(exc: Exception) -> None:
-            logger.debug("nats %s: %s (reconnecting)", ",".join(self.servers), exc)
-
-        # The client retries a first connection forever by itself (max_reconnect_attempts=-1
-        # keeps reconnecting later on): bound it by what is left of ``timeout``.
-        nc = Client()
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    self.servers,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    # Seconds as floats work (they go to asyncio); the stubs say int.
-                    reconnect_time_wait=0.2,  # type: ignore[arg-type]
-                    connect_timeout=min(2.0, self.timeout),  # type: ignore[arg-type]
-                    error_cb=quiet,
-                ),
-                max(self.timeout - self._unanswered(), 0.1),
-            )
-        except BaseException:
-            await nc.close()
-            raise
-        return nc
 
     async def _stream_info(self) -> Any:
         return await self.js.stream_info(self.stream)

@@ -41,10 +41,10 @@ def split_length(split_size: int, messages: int, size: int, max_size: int) -> in
 
 
 def decode_messages(
-    messages: list[tuple[int, bytes]], encoding: str | None, errors: str
+    messages: list[tuple[int, bytes]], encoding: str | None, errors: str, where: str
 ) -> tuple[list[Any], list[tuple[int, bytes, str]]]:
-    """The records of ``messages`` (``(sequence, payload)``) and ``(sequence, payload, reason)``
-    of each one that does not decode (left out of the records)."""
+    """The records of ``messages`` (``(sequence, payload)``) and ``(sequence, payload, message)``
+    of each one that does not decode (left out of the records); ``where`` names the stream."""
     if encoding is None:
         return [m[1] for m in messages], []
     try:
@@ -57,7 +57,15 @@ def decode_messages(
         try:
             records.append(data.decode(encoding, errors))
         except UnicodeDecodeError as exc:  # noqa: PERF203 - only once the whole batch failed
-            bad.append((seq, data, f"{exc.reason} at byte {exc.start}"))
+            bad.append(
+                (
+                    seq,
+                    data,
+                    f"{where}: the message at stream sequence {seq} does not decode as {encoding}: "
+                    f"{exc.reason} at byte {exc.start} (pass errors='replace' to substitute "
+                    f"undecodable bytes, or encoding=None for bytes records)",
+                )
+            )
     return records, bad
 
 
@@ -166,13 +174,7 @@ class NatsSplit(SourceSplit):
         size = self.max_size
         for i in range(0, len(messages), size):
             part = messages[i : i + size]
-            records, bad = decode_messages(part, self.encoding, self.errors)
-            if bad:
-                bad = [
-                    (seq, data, f"{self.path}: the message at stream sequence {seq} does not decode "
-                     f"as {self.encoding}: {reason}")
-                    for seq, data, reason in bad
-                ]
+            records, bad = decode_messages(part, self.encoding, self.errors, self.path)
             stop = hi if i + size >= len(messages) else part[-1][0] + 1
             out.append((records, lo, stop, bad))
             lo = stop
