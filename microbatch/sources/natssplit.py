@@ -203,7 +203,13 @@ class NatsSplit(SourceSplit):
         finally:
             if cached:
                 with _connections_lock:
-                    _connections[key] = (thread, puller.nc)
+                    held = _connections[key][1]
+                    if held is None or held.is_closed:
+                        _connections[key] = (thread, puller.nc)
+                        held = puller.nc
+                if held is not puller.nc and puller.nc is not None:
+                    # Another thread of this process (a Dask worker's) connected meanwhile.
+                    thread.run(puller.nc.close(), self.timeout)
             else:
                 thread.stop()
 
