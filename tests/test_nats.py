@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 from _nats import NatsServer, publish, running_server
-from _procs import kill_at_random_lines
+from _procs import kill_at_random_lines, own_io
 
 import microbatch as mb
 
@@ -282,14 +282,19 @@ async def test_until_end_is_exact_with_and_without_splits(
     for seq in (5, 6, 2_500, 6_050):  # numbers 4, 5 and 2499 and one x are gone
         await in_thread(js, url, "delete_msg", "SPLIT", seq)
     source = mb.nats_stream(url, "SPLIT", subject="split.a", until="end", batch=250)
+    read = own_io()[0]
     async with pipeline(split_size=split_size).updates(source, checkpoint=tmp_path / "s") as run:
         positions = [update.position async for update in run]
+    read = own_io()[0] - read
     assert run.value == sum(range(6_000)) - 4 - 5 - 2_499 and run.finished
     assert positions[-1] == {"chunk": {"seq": 6_000}, "skip": 0}
     if split_size is None:
         assert run.stats.splits == 0
     else:
         assert run.stats.splits > 10  # ranges of 100 sequences: 2,000 bytes hold about 50 messages
+        # The pipeline process read a stream state and the workers' results, not the messages
+        # (their payloads alone are 22,890 bytes).
+        assert read < 15_000, read
         assert positions == sorted(positions, key=lambda p: p["chunk"]["seq"])
     every = mb.nats_stream(url, "SPLIT", until="end", encoding=None)
     counted = mb.Pipeline(len, aggregate=mb.Sum(), max_size=100, workers=2, split_size=split_size)
