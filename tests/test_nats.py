@@ -235,7 +235,9 @@ def test_bad_arguments_name_the_parameter() -> None:
     assert mb.nats_stream("nats://x:1", "S").resume({"seq": 41}).start == 42
 
 
-@pytest.mark.parametrize(("backend", "splits"), [("asyncio", False), ("trio", False), ("asyncio", True)])
+@pytest.mark.parametrize(
+    ("backend", "splits"), [("asyncio", False), ("trio", False), ("asyncio", True), ("trio", True)]
+)
 def test_kill_9_at_random_moments_then_resume_is_exact(
     nats_server: NatsServer, tmp_path: Path, backend: str, splits: bool
 ) -> None:
@@ -373,3 +375,25 @@ async def test_undecodable_messages_at_the_end_of_a_stream_are_dead_lettered(
     follow = mb.nats_stream(url, "TAIL", stop_when_idle=0.3)
     assert await pipeline().run(follow, checkpoint=tmp_path / "f") == sum(range(300))
     assert [x["position"] for x in dead_letters(tmp_path / "f" / "dead-letters.jsonl")] == [251, 252]
+
+
+def test_a_worker_keeps_one_connection_across_splits(nats_server: NatsServer) -> None:
+    from microbatch._core.splittask import SplitTask
+    from microbatch._core.task import BatchTask
+    from microbatch.sources import natssplit
+
+    publish(nats_server.url, "CONN", numbers(0, 1_000), create=True)
+    servers = (nats_server.url,)
+    task = SplitTask(BatchTask(sum_ints))
+    split = natssplit.NatsSplit
+    first = split(servers, "CONN", None, "nats stream 'CONN'", 1, 501, 100, "utf-8", "strict", 100, 10.0)
+    second = split(servers, "CONN", None, "nats stream 'CONN'", 501, 1_001, 100, "utf-8", "strict", 100, 10.0)
+    try:
+        assert sum(result for *_, result in task(first)) == sum(range(500))
+        thread, connection = natssplit._connections[servers]
+        assert [(count, start, end) for count, start, end, _ in task(second)][-1] == (100, 901, 1_001)
+        assert natssplit._connections[servers] == (thread, connection) and connection.is_connected
+    finally:
+        thread, connection = natssplit._connections.pop(servers)
+        thread.run(connection.close(), 10)
+        thread.stop()
