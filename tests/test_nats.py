@@ -128,12 +128,16 @@ async def test_stop_when_idle_ends_the_run_and_the_next_run_reads_on(
 
 
 @pytest.mark.anyio
-async def test_the_server_killed_and_restarted_mid_run(nats_server: NatsServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split_size", [None, 50_000])
+async def test_the_server_killed_and_restarted_mid_run(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
+) -> None:
     url = nats_server.url
     await in_thread(publish, url, "BOUNCE", numbers(0, 20_000), create=True)
     source = mb.nats_stream(url, "BOUNCE", until="end", batch=200, timeout=20)
     restarted_at = 0
-    async with pipeline(queue_size=2).updates(source, checkpoint=tmp_path / "s") as run:
+    bouncing = pipeline(queue_size=2, split_size=split_size)
+    async with bouncing.updates(source, checkpoint=tmp_path / "s") as run:
         async for update in run:
             if not restarted_at and update.records >= 1000:
                 await in_thread(nats_server.kill)
@@ -141,6 +145,7 @@ async def test_the_server_killed_and_restarted_mid_run(nats_server: NatsServer, 
                 restarted_at = update.records
     assert 0 < restarted_at < 20_000
     assert run.value == sum(range(20_000)) and run.finished
+    assert (run.stats.splits > 5) == (split_size is not None)
 
 
 @pytest.mark.anyio
