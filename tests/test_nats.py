@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 from _nats import NatsServer, publish, running_server
-from _procs import kill_at_random_lines
+from _procs import kill_at_random_lines, own_io
 
 import microbatch as mb
 
@@ -130,12 +130,16 @@ async def test_stop_when_idle_ends_the_run_and_the_next_run_reads_on(
 
 
 @pytest.mark.anyio
-async def test_the_server_killed_and_restarted_mid_run(nats_server: NatsServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("split_size", [None, 50_000])
+async def test_the_server_killed_and_restarted_mid_run(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
+) -> None:
     url = nats_server.url
     await in_thread(publish, url, "BOUNCE", numbers(0, 20_000), create=True)
     source = mb.nats_stream(url, "BOUNCE", until="end", batch=200, timeout=20)
     restarted_at = 0
-    async with pipeline(queue_size=2).updates(source, checkpoint=tmp_path / "s") as run:
+    bouncing = pipeline(queue_size=2, split_size=split_size)
+    async with bouncing.updates(source, checkpoint=tmp_path / "s") as run:
         async for update in run:
             if not restarted_at and update.records >= 1000:
                 await in_thread(nats_server.kill)
@@ -143,6 +147,7 @@ async def test_the_server_killed_and_restarted_mid_run(nats_server: NatsServer, 
                 restarted_at = update.records
     assert 0 < restarted_at < 20_000
     assert run.value == sum(range(20_000)) and run.finished
+    assert (run.stats.splits > 5) == (split_size is not None)
 
 
 @pytest.mark.anyio
@@ -216,9 +221,12 @@ async def test_a_message_that_does_not_decode_names_its_sequence(nats_server: Na
     await in_thread(publish, url, "BAD", [*numbers(0, 10), b"\xff\xfe", *numbers(10, 20)], create=True)
     got: list[str] = []
     with pytest.raises(mb.SourceError, match=r"stream sequence 11 does not decode as utf-8"):
-        async for chunk in mb.nats_stream(url, "BAD", until="end").chunks():
-            got += chunk.records
-    assert got == [str(i) for i in range(10)]
+        async for record in mb.nats_stream(url, "BAD", until="end"):
+            got.append(record)
+    assert got == [str(i) for i in range(20)]  # the chunk's records, then the error
+    (chunk,) = [c async for c in mb.nats_stream(url, "BAD", until="end").chunks()]
+    assert len(chunk.records) == 20 and chunk.position == {"seq": 21}
+    assert [(seq, data) for seq, data, _ in chunk.undecodable] == [(11, b"\xff\xfe")]
     replaced = mb.nats_stream(url, "BAD", until="end", errors="replace")
     assert len([r async for c in replaced.chunks() for r in c.records]) == 21
 
@@ -234,15 +242,165 @@ def test_bad_arguments_name_the_parameter() -> None:
     assert mb.nats_stream("nats://x:1", "S").resume({"seq": 41}).start == 42
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    ("backend", "splits"), [("asyncio", False), ("trio", False), ("asyncio", True), ("trio", True)]
+)
 def test_kill_9_at_random_moments_then_resume_is_exact(
-    nats_server: NatsServer, tmp_path: Path, backend: str
+    nats_server: NatsServer, tmp_path: Path, backend: str, splits: bool
 ) -> None:
     publish(nats_server.url, "KILL", numbers(0, 20_000), create=True)  # 200 batches of 100
     state = tmp_path / "state"
-    job = [str(HERE / "sources_job.py"), "nats", nats_server.url, "KILL", str(state), backend]
-    command = [sys.executable, *job]
-    kills = kill_at_random_lines(command, KILLS, 30)
-    assert kills >= min(KILLS, 3), kills
+    job = [str(HERE / "sources_job.py"), "nats", nats_server.url, "KILL", str(state)]
+    command = [sys.executable, *job, *(["splits"] if splits else []), backend]
+    # With splits, workers fetch ranges of 10 batches: the kills fall inside ranges being folded.
+    # At most 15 batches a run: the 200 are not all folded before the tenth kill.
+    if splits:
+        assert kill_at_random_lines(command, max(KILLS, 10), 15) >= 10
+    else:
+        assert kill_at_random_lines(command, KILLS, 30) >= min(KILLS, 3)
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"done {sum(range(20_000))}"
+
+
+def crash_on_4242(lines: list[str]) -> int:
+    if "4242" in lines:
+        os._exit(3)
+    return sum(int(x) for x in lines)
+
+
+def fail_on_777(lines: list[str]) -> int:
+    if "777" in lines:
+        raise ValueError("777 is bad")
+    return sum(int(x) for x in lines)
+
+
+def dead_letters(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("split_size", [None, 2_000])
+async def test_until_end_is_exact_with_and_without_splits(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
+) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "SPLIT", numbers(0, 6_000), create=True)
+    await in_thread(publish, url, "SPLIT", [b"x"] * 100, subject="split.other")
+    for seq in (5, 6, 2_500, 6_050):  # numbers 4, 5 and 2499 and one x are gone
+        await in_thread(js, url, "delete_msg", "SPLIT", seq)
+    source = mb.nats_stream(url, "SPLIT", subject="split.a", until="end", batch=250)
+    read = own_io()[0]
+    async with pipeline(split_size=split_size).updates(source, checkpoint=tmp_path / "s") as run:
+        positions = [update.position async for update in run]
+    read = own_io()[0] - read
+    assert run.value == sum(range(6_000)) - 4 - 5 - 2_499 and run.finished
+    assert positions[-1] == {"chunk": {"seq": 6_000}, "skip": 0}
+    if split_size is None:
+        assert run.stats.splits == 0
+    else:
+        assert run.stats.splits > 10  # ranges of 100 sequences: 2,000 bytes hold about 50 messages
+        # The pipeline process read a stream state and the workers' results, not the messages
+        # (their payloads alone are 22,890 bytes).
+        assert read < 15_000, read
+        assert positions == sorted(positions, key=lambda p: p["chunk"]["seq"])
+    every = mb.nats_stream(url, "SPLIT", until="end", encoding=None)
+    counted = mb.Pipeline(len, aggregate=mb.Sum(), max_size=100, workers=2, split_size=split_size)
+    assert await counted.run(every) == 6_096
+    assert every.skipped == 4
+
+
+@pytest.mark.anyio
+async def test_a_run_with_splits_resumes_after_its_checkpoint(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "AGAIN", numbers(0, 5_000), create=True)
+    source = mb.nats_stream(url, "AGAIN", until="end")
+    with anyio.fail_after(60):
+        async with pipeline(split_size=2_000).updates(source, checkpoint=state) as run:
+            async for update in run:
+                if update.records >= 1_200:
+                    await run.stop()
+    assert not run.finished and run.value == sum(range(run.stats.records))
+    await in_thread(publish, url, "AGAIN", numbers(5_000, 6_000))
+    assert await pipeline(split_size=2_000).run(source, checkpoint=state) == sum(range(6_000))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("split_size", [None, 2_000])
+async def test_an_undecodable_message_is_dead_lettered_with_its_sequence(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
+) -> None:
+    url = nats_server.url
+    payloads = [*numbers(0, 1_500), b"\xff\xfe", *numbers(1_500, 3_000)]
+    await in_thread(publish, url, "UNDEC", payloads, create=True)
+    dead = tmp_path / "dead.jsonl"
+    source = mb.nats_stream(url, "UNDEC", until="end")
+    run = pipeline(split_size=split_size, dead_letter=dead, retries=0)
+    assert await run.run(source, checkpoint=tmp_path / "s") == sum(range(3_000))
+    (letter,) = dead_letters(dead)
+    assert letter["position"] == 1_501 and letter["record_base64"] == "//4="
+    assert letter["error"] == "microbatch._exceptions.SourceDecodeError"
+    assert "stream sequence 1501 does not decode as utf-8" in letter["message"]
+    with pytest.raises(mb.BatchFailed, match="stream sequence 1501"):
+        await pipeline(split_size=split_size, on_error="raise").run(source)
+
+
+@pytest.mark.anyio
+async def test_failures_inside_splits_are_retried_bisected_or_read_here(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "FAIL", numbers(0, 6_000), create=True)
+    source = mb.nats_stream(url, "FAIL", until="end")
+    dead = tmp_path / "dead.jsonl"
+    failing = mb.Pipeline(fail_on_777, aggregate=mb.Sum(), max_size=100, workers=2, split_size=2_000)
+    failing = failing.replace(retries=1, dead_letter=dead)
+    assert await failing.run(source) == sum(range(6_000)) - 777
+    assert [(x["record"], x["batch"] >= 0) for x in dead_letters(dead)] == [("777", True)]
+    crashing = mb.Pipeline(crash_on_4242, aggregate=mb.Sum(), max_size=100, workers=2, split_size=2_000)
+    async with crashing.replace(retries=0, dead_letter=tmp_path / "crash.jsonl").updates(source) as run:
+        async for _ in run:
+            pass
+    assert run.value == sum(range(6_000)) - 4242 and run.stats.split_fallbacks == 1
+    assert [x["record"] for x in dead_letters(tmp_path / "crash.jsonl")] == ["4242"]
+
+
+@pytest.mark.anyio
+async def test_undecodable_messages_at_the_end_of_a_stream_are_dead_lettered(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "TAIL", [*numbers(0, 250), b"\xff", b"\xfe"], create=True)
+    source = mb.nats_stream(url, "TAIL", until="end", batch=250)
+    assert await pipeline().run(source, checkpoint=state) == sum(range(250))
+    assert [x["position"] for x in dead_letters(state / "dead-letters.jsonl")] == [251, 252]
+    # The position is past them: a finished run, and after more messages, no letter twice.
+    await in_thread(publish, url, "TAIL", numbers(250, 300))
+    follow = mb.nats_stream(url, "TAIL", stop_when_idle=0.3)
+    assert await pipeline().run(follow, checkpoint=tmp_path / "f") == sum(range(300))
+    assert [x["position"] for x in dead_letters(tmp_path / "f" / "dead-letters.jsonl")] == [251, 252]
+
+
+def test_a_worker_keeps_one_connection_across_splits(nats_server: NatsServer) -> None:
+    from microbatch._core.splittask import SplitTask
+    from microbatch._core.task import BatchTask
+    from microbatch.sources import natssplit
+
+    publish(nats_server.url, "CONN", numbers(0, 1_000), create=True)
+    servers = (nats_server.url,)
+    task = SplitTask(BatchTask(sum_ints))
+    split = natssplit.NatsSplit
+    first = split(servers, "CONN", None, "nats stream 'CONN'", 1, 501, 100, "utf-8", "strict", 100, 10.0)
+    second = split(servers, "CONN", None, "nats stream 'CONN'", 501, 1_001, 100, "utf-8", "strict", 100, 10.0)
+    try:
+        assert sum(result for *_, result in task(first)) == sum(range(500))
+        thread, connection = natssplit._connections[servers]
+        assert [(count, start, end) for count, start, end, _ in task(second)][-1] == (100, 901, 1_001)
+        assert natssplit._connections[servers] == (thread, connection) and connection.is_connected
+    finally:
+        thread, connection = natssplit._connections.pop(servers)
+        thread.run(connection.close(), 10)
+        thread.stop()

@@ -20,8 +20,9 @@ Standard library only: worker processes import this module.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["FileSplit", "next_boundary", "owned_range", "plan_splits"]
+__all__ = ["FileSplit", "SourceSplit", "next_boundary", "owned_range", "plan_splits"]
 
 
 class FileSplit:
@@ -74,6 +75,43 @@ class FileSplit:
 
     def __reduce__(self) -> tuple[type[FileSplit], tuple[str, int, int, int, int]]:
         return (FileSplit, self._key())
+
+
+class SourceSplit:
+    """A split that a worker reads from a source other than a file: ``[start, end)`` in the source's
+    own numbering (a stream's sequences), cut into batches of ``max_size`` records.
+
+    The pipeline handles it as a :class:`FileSplit`: one call per split, one outcome per batch, and
+    when the call fails the pipeline process reads the split itself and runs its batches one by one.
+    A subclass says how (its methods run in a worker, or in the pipeline process for a fallback) and
+    what position follows a record numbered ``end - 1``. ``path`` names the source in messages.
+    """
+
+    __slots__ = ()
+
+    path: str
+    start: int
+    end: int
+    max_size: int
+
+    def read(self, task: Any) -> list[tuple[int, int, int, Any]]:
+        """In a worker: ``(count, start, end, result)`` of each batch, ``task.fn`` called on each
+        (as :class:`~microbatch._core.splittask.SplitTask` does for a file)."""
+        raise NotImplementedError
+
+    def read_here(self, task: Any, start: int, end: int) -> list[tuple[list[Any], int, int, list[Any]]]:
+        """In the pipeline process: the batches of records in ``[start, end)``, as
+        ``(records, start, end, undecodable)``, ``undecodable`` as in
+        :class:`~microbatch._core.splittask.Undecodable`."""
+        raise NotImplementedError
+
+    def position(self, end: int) -> Any:
+        """The source position after the records before ``end`` (what a checkpoint records)."""
+        raise NotImplementedError
+
+    def note(self, start: int, end: int, count: int) -> None:
+        """In the pipeline process: a batch of ``count`` records came from ``[start, end)`` (a
+        source may count what it passed over); nothing by default."""
 
 
 def next_boundary(offset: int, split_size: int) -> int:

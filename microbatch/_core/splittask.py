@@ -22,10 +22,18 @@ from typing import IO, Any, Generic, TypeVar
 
 from .._exceptions import LineTooLong
 from .lines import LineBlock, _nth_newline, decode_lines, find_long_line
-from .splits import FileSplit
+from .splits import FileSplit, SourceSplit
 from .task import BatchTask
 
-__all__ = ["BatchError", "SplitTask", "batch_bounds", "read_owned", "read_split", "split_blocks"]
+__all__ = [
+    "BatchError",
+    "SplitTask",
+    "Undecodable",
+    "batch_bounds",
+    "read_owned",
+    "read_split",
+    "split_blocks",
+]
 
 R = TypeVar("R")
 
@@ -177,6 +185,26 @@ class BatchError:
         return f"BatchError({self.type_name}: {self.message})"
 
 
+class Undecodable:
+    """The outcome of a batch of a split with records that did not decode: ``fn``'s result on the
+    others (``called`` False: there were none, ``fn`` was not called) and, for each record left
+    out, ``(position, raw bytes, reason)``. The pipeline writes those to the dead letters, as it
+    does for a line that does not decode."""
+
+    __slots__ = ("result", "called", "records")
+
+    def __init__(self, result: Any, called: bool, records: list[tuple[int, bytes, str]]) -> None:
+        self.result = result
+        self.called = called
+        self.records = records
+
+    def __reduce__(self) -> tuple[type[Undecodable], tuple[Any, bool, list[tuple[int, bytes, str]]]]:
+        return (Undecodable, (self.result, self.called, self.records))
+
+    def __repr__(self) -> str:
+        return f"Undecodable({len(self.records)} records)"
+
+
 class SplitTask(Generic[R]):
     """Runs a batch task's ``fn`` on each batch of a split's lines, read from the file by the worker.
 
@@ -192,7 +220,9 @@ class SplitTask(Generic[R]):
     def __repr__(self) -> str:
         return f"SplitTask({self.task!r})"
 
-    def __call__(self, split: FileSplit) -> list[BatchOutcome]:
+    def __call__(self, split: FileSplit | SourceSplit) -> list[BatchOutcome]:
+        if isinstance(split, SourceSplit):
+            return split.read(self.task)
         with open(split.path, "rb") as f:
             data, stop, first = read_owned(f, split, self.task.where)
         outcomes: list[BatchOutcome] = []

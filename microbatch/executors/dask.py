@@ -53,7 +53,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .._core.params import callable_name, check_int
-from .._core.splits import FileSplit
+from .._core.splits import FileSplit, SourceSplit
 from .._exceptions import BackendNotSupported, ExecutorError, PathNotVisible
 from . import remote
 from .base import FunctionCache, PickledFunction, check_timeout
@@ -334,8 +334,9 @@ class DaskExecutor:
             )
         shipped = self._functions.get(fn)
         async with self._slots:
-            if isinstance(arg, FileSplit):
-                arg = await self._paths.check(self.client, arg)  # type: ignore[assignment]
+            if isinstance(arg, (FileSplit, SourceSplit)):  # a split: one task of its own
+                if isinstance(arg, FileSplit):
+                    arg = await self._paths.check(self.client, arg)  # type: ignore[assignment]
                 async with self._tasks:
                     return await self._submit(shipped, arg, timeout)  # type: ignore[no-any-return]
             if self._bundler is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio
@@ -38,8 +38,8 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from .._core.bisect import BisectionPlan, RecordRange
 from .._core.lines import LineBlock, cut_lines, decode_lines
 from .._core.retry import RetryPolicy
-from .._core.splits import FileSplit
-from .._core.splittask import BatchError, SplitTask, read_split, split_blocks
+from .._core.splits import FileSplit, SourceSplit
+from .._core.splittask import BatchError, SplitTask, Undecodable, read_split, split_blocks
 from .._core.task import BatchTask
 from .._exceptions import (
     BatchFailed,
@@ -49,6 +49,7 @@ from .._exceptions import (
     RemoteTraceback,
     ResultTooLarge,
     SourceDecodeError,
+    SourceError,
     TooManyDeadLetters,
     WorkerCrashed,
 )
@@ -93,7 +94,7 @@ class SplitFailed:
     instead."""
 
     ticket: int
-    split: FileSplit
+    split: FileSplit | SourceSplit
     kind: FailureKind
     error: BaseException
 
@@ -199,8 +200,15 @@ class BatchDispatcher:
     ) -> Done:
         """Run a batch (or a split); ``failed_with``: its first attempt already failed so."""
         payload = batch.payload
-        if isinstance(payload, FileSplit):
+        if isinstance(payload, (FileSplit, SourceSplit)):
             return await self.process_split(batch, payload, events)
+        if batch.undecodable:
+            dead = undecodable_letters(self, batch.ticket, list(batch.undecodable))
+            if not payload:
+                return Done(batch, dead=dead)
+            done = await self.process(replace(batch, undecodable=()), events, failed_with)
+            done.dead[:0] = dead
+            return done
         try:
             return Done(batch, [await self.attempt(batch.ticket, payload, events, failed_with=failed_with)])
         except Exception as exc:
@@ -212,7 +220,9 @@ class BatchDispatcher:
                 return Done(batch, dead=[self.dead_letter(batch, RecordRange(0, 1), payload, exc)])
             return await self.isolate(batch, payload, events)
 
-    async def process_split(self, batch: Batch, split: FileSplit, events: ObjectSendStream[Event]) -> Done:
+    async def process_split(
+        self, batch: Batch, split: FileSplit | SourceSplit, events: ObjectSendStream[Event]
+    ) -> Done:
         """Run a split in one call; if that fails, run its batches one by one (see the module doc)."""
         try:
             outcomes = await self.executor.run(self.split_task, split, timeout=self.split_timeout(split))
@@ -227,36 +237,76 @@ class BatchDispatcher:
         ticket, cut_at = batch.ticket, batch.cut_at
         parts: list[Done] = []
         for count, start, end, result in outcomes:
-            if not isinstance(result, BatchError):
-                self._dead_in_a_row, self._first_dead = 0, None
-                parts.append(Done(Batch(ticket, [], count, start, end, cut_at), [result]))
-                continue
-            # fn raised on this batch in the worker: that was its first attempt. The rest of its
-            # attempts and its bisection go as without splits, on its bytes read here.
-            error = result.error or RemoteError(result.type_name, result.message)
-            error.__cause__ = RemoteTraceback(result.traceback)
-            block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
+            position: Any = end
+            if isinstance(split, SourceSplit):
+                position = split.position(end)
+                split.note(start, end, count)
             try:
+                if not isinstance(result, BatchError):
+                    self._dead_in_a_row, self._first_dead = 0, None
+                    part = Batch(ticket, [], count, start, position, cut_at)
+                    if isinstance(result, Undecodable):
+                        dead = undecodable_letters(self, ticket, result.records)
+                        parts.append(Done(part, [result.result] if result.called else [], dead))
+                    else:
+                        parts.append(Done(part, [result]))
+                    continue
+                # fn raised on this batch in the worker: that was its first attempt. The rest of
+                # its attempts and its bisection go as without splits, on its records read here.
+                error = result.error or RemoteError(result.type_name, result.message)
+                error.__cause__ = RemoteTraceback(result.traceback)
+                if isinstance(split, SourceSplit):
+                    (records, _, _, bad), *_ = await anyio.to_thread.run_sync(
+                        split.read_here, self.task, start, end
+                    ) or [([], start, end, [])]
+                    redo = Batch(ticket, records, len(records), None, position, cut_at)
+                    done = await self.process(redo, events, error) if records else Done(redo)
+                    done.dead += undecodable_letters(self, ticket, bad)
+                    parts.append(done)
+                    continue
+                block = await anyio.to_thread.run_sync(read_block, split.path, start, end, count)
                 redo = Batch(ticket, block, count, start, end, cut_at)
                 parts.append(await self.process(redo, events, error))
             except BatchFailed as exc:
                 return Done(batch, parts=parts, failure=exc)
         return Done(batch, parts=parts)
 
-    def split_timeout(self, split: FileSplit) -> float | None:
+
+    def split_timeout(self, split: FileSplit | SourceSplit) -> float | None:
         """``timeout`` for each batch the split holds, estimated from the splits run so far."""
         if self.timeout is None or not self._split_batches:
             return self.timeout
         per_batch = self._split_bytes / self._split_batches
         return self.timeout * (math.ceil((split.end - split.start) / max(per_batch, 1.0)) + 1)
 
-    async def split_by_batches(self, batch: Batch, split: FileSplit, events: ObjectSendStream[Event]) -> Done:
+    async def split_by_batches(
+        self, batch: Batch, split: FileSplit | SourceSplit, events: ObjectSendStream[Event]
+    ) -> Done:
         """Read the split's lines here and run each of its batches as a batch of its own."""
+        if isinstance(split, SourceSplit):
+            return await self.source_split_by_batches(batch, split, events)
         blocks = await anyio.to_thread.run_sync(read_owned_lines, split, self.task.where)
         for block in blocks:
             sub = Batch(batch.ticket, block, block.count, block.start, block.end, batch.cut_at)
             try:
                 part = await self.process(sub, events)
+            except BatchFailed as exc:
+                return Done(batch, parts=[], failure=exc)
+            await events.send(Done(batch, parts=[part], partial=True))
+        return Done(batch, parts=[])
+
+    async def source_split_by_batches(
+        self, batch: Batch, split: SourceSplit, events: ObjectSendStream[Event]
+    ) -> Done:
+        """:meth:`split_by_batches` for a split of another source than a file."""
+        batches = await anyio.to_thread.run_sync(split.read_here, self.task, split.start, split.end)
+        for records, start, end, bad in batches:
+            position = split.position(end)
+            split.note(start, end, len(records) + len(bad))
+            sub = Batch(batch.ticket, records, len(records), None, position, batch.cut_at)
+            try:
+                part = await self.process(sub, events) if records else Done(sub)
+                part.dead += undecodable_letters(self, batch.ticket, bad)
             except BatchFailed as exc:
                 return Done(batch, parts=[], failure=exc)
             await events.send(Done(batch, parts=[part], partial=True))
@@ -322,15 +372,19 @@ class BatchDispatcher:
                 plan.succeeded(span)
         return done
 
-    def dead_letter(
-        self, batch: Batch, span: RecordRange, payload: LineBlock | list[Any], exc: BaseException
-    ) -> DeadLetter:
-        """The dead letter of one record; stops the run when too many failed in a row."""
+    def count_dead(self, ticket: int, exc: BaseException) -> None:
+        """One more record dead: :class:`TooManyDeadLetters` when too many failed in a row."""
         self._dead_in_a_row += 1
         first = self._first_dead = self._first_dead or exc
         limit = self.max_dead_in_a_row
         if limit is not None and self._dead_in_a_row >= limit:
-            raise TooManyDeadLetters(batch.ticket, first, self._dead_in_a_row) from first
+            raise TooManyDeadLetters(ticket, first, self._dead_in_a_row) from first
+
+    def dead_letter(
+        self, batch: Batch, span: RecordRange, payload: LineBlock | list[Any], exc: BaseException
+    ) -> DeadLetter:
+        """The dead letter of one record; stops the run when too many failed in a row."""
+        self.count_dead(batch.ticket, exc)
         position: int | None
         if isinstance(payload, LineBlock):
             position = payload.start
@@ -348,3 +402,20 @@ class BatchDispatcher:
             record = payload[0]
         type_name, message, tb = describe_error(exc)
         return DeadLetter(record, batch.ticket, position, type_name, message, tb)
+
+
+def undecodable_letters(
+    dispatcher: BatchDispatcher, ticket: int, records: list[tuple[int, bytes, str]]
+) -> list[DeadLetter]:
+    """The dead letters of records of batch ``ticket`` that did not decode (``(position, raw
+    bytes, message)``, from a chunk or a split), as for a line that does not decode; with
+    ``on_error="raise"`` the first stops the run."""
+    letters = []
+    name = f"{SourceDecodeError.__module__}.{SourceDecodeError.__qualname__}"
+    for position, data, message in records:
+        error = SourceError(message)
+        if dispatcher.raise_on_error:
+            raise BatchFailed(ticket, error, 1) from error
+        dispatcher.count_dead(ticket, error)
+        letters.append(DeadLetter(data, ticket, position, name, message, ""))
+    return letters

@@ -137,10 +137,8 @@ class FoldStage(Generic[V]):
                     count_failure(stats, Failure(event.ticket, event.kind, True, event.error), log_it=False)
                     stats.split_fallbacks += 1
                     log.info(
-                        "split %d (bytes %d-%d of %s) failed in its worker (%s: %s); running its "
-                        "batches one by one",
-                        event.ticket, event.split.start, event.split.end, event.split.path,
-                        type(event.error).__name__, event.error,
+                        "split %d (%r) failed in its worker (%s: %s); running its batches one by one",
+                        event.ticket, event.split, type(event.error).__name__, event.error,
                     )
                 elif isinstance(event, End):
                     machine.end(event.tickets)

@@ -79,7 +79,9 @@ class Pipeline(Generic[R, V]):
       ``docs/pipeline.md``, "Splits"); the pipeline process does not read the file. ``timeout``
       then bounds a whole split as that many batches (one batch for the first split). A batch
       whose ``fn`` raises inside a split is retried and bisected on its own; a split whose
-      worker crashes or times out is run again batch by batch.
+      worker crashes or times out is run again batch by batch. A ``nats_stream`` read with
+      ``until="end"`` is cut the same way into ranges of stream sequences that workers fetch from
+      the server (``docs/sources.md``).
     - ``sink``: ``async def sink(seq, result)``, called in batch order before the checkpoint that
       covers the batch: results written elsewhere at least once, deduplicated by batch number. A
       batch split to isolate failing records calls it once per surviving part, in order. With a

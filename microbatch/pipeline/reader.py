@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -37,7 +37,7 @@ from .._batching import batches
 from .._core.lines import LineBlock, cut_parts
 from .._core.params import check_int
 from .._core.policy import BatchPolicy
-from .._core.splits import FileSplit, plan_splits
+from .._core.splits import FileSplit, SourceSplit, plan_splits
 from .._waits import wait_until
 from ..checkpoints.format import PositionKind
 from ..sources.protocol import Chunk, LineParts, Part, Source, describe_source
@@ -48,6 +48,7 @@ __all__ = [
     "Begin",
     "Emitter",
     "SplittableLines",
+    "SplittableSource",
     "decoding",
     "describe_source",
     "read",
@@ -70,14 +71,18 @@ class Batch:
     record count), else None; ``end`` is the source position just after its last record. A
     :class:`FileSplit` payload stands for all the batches of one split: ``count`` is 0 (unknown
     until a worker read it) and ``start``/``end`` are the split's planned range.
+
+    ``undecodable``: records of a chunk source that did not decode, completed by this batch (see
+    :class:`~microbatch.sources.protocol.Chunk`): they go to the dead letters with it.
     """
 
     ticket: int
-    payload: LineBlock | list[Any] | FileSplit
+    payload: LineBlock | list[Any] | FileSplit | SourceSplit
     count: int
     start: int | None
     end: Any
     cut_at: float
+    undecodable: Sequence[tuple[int, bytes, str]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +114,14 @@ class Emitter:
 
     async def __call__(
         self,
-        payload: LineBlock | list[Any] | FileSplit,
+        payload: LineBlock | list[Any] | FileSplit | SourceSplit,
         count: int,
         start: int | None,
         end: Any,
+        undecodable: Sequence[tuple[int, bytes, str]] = (),
     ) -> None:
         await self.window.acquire()
-        batch = Batch(self.ticket, payload, count, start, end, anyio.current_time())
+        batch = Batch(self.ticket, payload, count, start, end, anyio.current_time(), undecodable)
         self.ticket += 1
         await self.send.send(batch)
 
@@ -147,6 +153,19 @@ class SplittableLines(LineParts, Protocol):
 
     def splittable(self) -> bool: ...
 
+
+@runtime_checkable
+class SplittableSource(Protocol):
+    """A chunk source that may be read as splits by workers (a stream read up to its end).
+
+    ``splittable()`` says whether it can be (no I/O); ``splits(max_size, split_size)`` plans
+    them (it may ask the source's server how much is left), or returns None when no more than
+    one split's worth is left: the source is then read as chunks.
+    """
+
+    def splittable(self) -> bool: ...
+
+    async def splits(self, max_size: int, split_size: int) -> list[SourceSplit] | None: ...
 
 
 def decoding(source: object) -> tuple[str, str | None, str]:
@@ -221,7 +240,8 @@ async def read(
 
     Every batch's ``end`` is the source position just after it: a byte offset for line parts, a
     chunk position for chunk sources (None when its chunks are plain lists), a record count for
-    other iterables. With ``split_size``, a splittable line source is emitted as splits instead.
+    other iterables. With ``split_size``, a splittable line source (a file) or chunk source (a
+    stream read to its end) is emitted as splits instead.
     """
     if isinstance(source, LineParts):
         if (
@@ -233,6 +253,13 @@ async def read(
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
+        if split_size is not None and isinstance(source, SplittableSource) and source.splittable():
+            splits = await source.splits(max_size, split_size)
+            if splits is not None:
+                await emit.begin(position)
+                for split in splits:
+                    await emit(split, 0, split.start, split.position(split.end))
+                return
         chunk, count = (None, 0) if position is None else chunk_position(position)
         await emit.begin(position)
         await _read_chunks(source, max_size, max_wait, emit, chunk, count)
@@ -370,7 +397,12 @@ async def _read_chunks(
             await stack.enter_async_context(source)  # type: ignore[arg-type]
         stream = await stack.enter_async_context(batches(positions, max_size=max_size, max_wait=max_wait))
         async for records in stream:
-            await emit(records, len(records), None, positions.end_after(len(records)))
+            end = positions.end_after(len(records))
+            await emit(records, len(records), None, end, positions.take_undecodable())
+        if any(segment[2] for segment in positions.segments):
+            # The last chunks held only records that did not decode: a batch of none carries them.
+            end = positions.end_after(0)
+            await emit([], 0, None, end, positions.take_undecodable())
 
 
 class _Positions:
@@ -382,8 +414,10 @@ class _Positions:
 
     def __init__(self, source: Source[Any], chunk: Any, count: int) -> None:
         self.source = source
-        #: [position, records of that chunk not yet in a batch], oldest first.
+        #: [position, records of that chunk not yet in a batch, its undecodable], oldest first.
         self.segments: deque[list[Any]] = deque()
+        #: The undecodable records of the chunks completed by the latest batch.
+        self.undecodable: list[tuple[int, bytes, str]] = []
         self.chunk = chunk
         self.count = count
         self.positioned = True
@@ -397,7 +431,7 @@ class _Positions:
             async for chunk in iterator:
                 if isinstance(chunk, Chunk):
                     records = chunk.records
-                    self.segments.append([chunk.position, len(records)])
+                    self.segments.append([chunk.position, len(records), chunk.undecodable])
                 else:
                     records = chunk  # a plain list: a source without positions
                     self.positioned = False
@@ -420,8 +454,16 @@ class _Positions:
             else:
                 segments.popleft()
                 self.chunk, self.count = segment[0], 0
+                self.undecodable += segment[2]
         while segments and not segments[0][1]:  # empty chunks right after the batch
-            self.chunk, self.count = segments.popleft()[0], 0
+            segment = segments.popleft()
+            self.chunk, self.count = segment[0], 0
+            self.undecodable += segment[2]
         return {"chunk": self.chunk, "skip": self.count}
+
+    def take_undecodable(self) -> list[tuple[int, bytes, str]]:
+        """The undecodable records of the chunks completed so far, and forget them."""
+        taken, self.undecodable = self.undecodable, []
+        return taken
 
 

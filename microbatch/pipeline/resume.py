@@ -110,7 +110,10 @@ class _Skipped:
                     dropped = min(left, len(records))
                     left -= dropped
                     records = records[dropped:]
-                    chunk = Chunk(records, chunk.position) if isinstance(chunk, Chunk) else records
+                    if isinstance(chunk, Chunk):
+                        chunk = Chunk(records, chunk.position, chunk.undecodable)
+                    else:
+                        chunk = records
                 yield chunk
         finally:
             await aclose_iterator(iterator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -20,6 +20,9 @@ from .._core.lines import check_encoding
 from .._core.params import check_int, check_seconds
 from .._exceptions import SourceError
 from .protocol import Chunk, records_of
+
+if TYPE_CHECKING:
+    from .natssplit import NatsSplit
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_TIMEOUT", "NatsStream", "nats_stream"]
 
@@ -136,6 +139,7 @@ class NatsStream:
 
     async def _chunks(self) -> AsyncGenerator[Chunk[Any], None]:
         from .natsclient import LoopThread, Puller
+        from .natssplit import decode_messages
 
         self.skipped = 0
         self.idle_ended = False
@@ -174,11 +178,10 @@ class NatsStream:
                     self.skipped += messages[-1][0] - last - len(messages) if messages else 0
                 if messages:
                     last = messages[-1][0]
-                    records, error = self._decode(messages)
-                    if records:
-                        yield Chunk(records, {"seq": last if error is None else error[0] - 1})
-                    if error is not None:
-                        raise error[1]
+                    records, bad = decode_messages(
+                        [m[:2] for m in messages], self.encoding, self.errors, self.where
+                    )
+                    yield Chunk(records, {"seq": last}, bad)
                 if done:
                     return
         finally:
@@ -188,6 +191,54 @@ class NatsStream:
                 await anyio.to_thread.run_sync(thread.stop)
             if self.skipped:
                 logger.info("%s: %d sequences skipped (deleted or expired)", self.where, self.skipped)
+
+    def splittable(self) -> bool:
+        """Whether workers may read it as sequence ranges: with ``until="end"``."""
+        return self.until == "end"
+
+    async def splits(self, max_size: int, split_size: int) -> list[NatsSplit] | None:
+        """The sequence ranges from ``start`` to the stream's last sequence now, for workers to fetch.
+
+        A range holds about ``split_size`` bytes of messages (at the stream's mean stored size
+        when the reading starts), a whole number of batches of ``max_size``; ranges lie on a grid
+        counted from sequence 1, so a reading resumed after any batch plans the rest of its range
+        and then the same ranges. None when no more than one range is left: the stream is then
+        read as chunks (:meth:`chunks`). Checks ``start`` as :meth:`chunks` does.
+        """
+        from .natsclient import LoopThread, Puller
+        from .natssplit import NatsSplit, split_length
+
+        self.skipped = 0
+        self.idle_ended = False
+        thread = LoopThread(f"microbatch-nats-{self.stream}")
+        puller = Puller(
+            self.servers, self.stream, self.subject, start=self.start, batch=self.batch, timeout=self.timeout
+        )
+        try:
+            state = await thread.call(puller.open(consumer=False))
+        finally:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(5):
+                    await thread.call(puller.close())
+                await anyio.to_thread.run_sync(thread.stop)
+        self._check_start(state.first, state.last)
+        start, end = puller.next, state.last + 1
+        length = split_length(split_size, state.messages, state.bytes, max_size)
+        if end - start <= length:
+            return None
+        servers, where = tuple(self.servers), self.where
+        splits: list[NatsSplit] = []
+        lo = start
+        while lo < end:
+            hi = min(((lo - 1) // length + 1) * length + 1, end)
+            splits.append(
+                NatsSplit(
+                    servers, self.stream, self.subject, where, lo, hi, max_size,
+                    self.encoding, self.errors, self.batch, self.timeout, tally=self,
+                )
+            )
+            lo = hi
+        return splits
 
     def _check_start(self, first: int, last: int) -> None:
         """A resumed reading must find the message after its position, or know it was never written."""
@@ -208,33 +259,6 @@ class NatsStream:
                 f"last sequence {last}: was the stream deleted and made again? Pass fresh=True to "
                 f"Pipeline.run (--fresh on the command line) to start over"
             )
-
-    def _decode(
-        self, messages: list[tuple[int, bytes, int]]
-    ) -> tuple[list[Any], tuple[int, SourceError] | None]:
-        """The records of ``messages``, and the error of the first that does not decode (if any)."""
-        encoding = self.encoding
-        if encoding is None:
-            return [m[1] for m in messages], None
-        errors = self.errors
-        try:
-            return [m[1].decode(encoding, errors) for m in messages], None
-        except UnicodeDecodeError:
-            pass
-        records: list[Any] = []
-        for seq, data, _ in messages:
-            try:
-                records.append(data.decode(encoding, errors))
-            except UnicodeDecodeError as exc:  # noqa: PERF203 - only once the whole fetch failed
-                return records, (
-                    seq,
-                    SourceError(
-                        f"{self.where}: the message at stream sequence {seq} does not decode as "
-                        f"{encoding}: {exc.reason} at byte {exc.start} (pass errors='replace' to "
-                        f"substitute undecodable bytes, or encoding=None for bytes records)"
-                    ),
-                )
-        return records, None  # pragma: no cover - the list comprehension failed on one of them
 
 
 def nats_stream(
@@ -259,8 +283,10 @@ def nats_stream(
       ends.
     - ``encoding`` (default ``"utf-8"``): records are ``str``; ``None``: the payloads as ``bytes``.
       ``errors`` (default ``"strict"``) as for ``bytes.decode``; with ``"strict"`` a message that
-      does not decode raises :class:`SourceError` naming its stream sequence, after the messages
-      before it were delivered.
+      does not decode is written to the pipeline's dead letters with its stream sequence as its
+      position (with ``on_error="raise"`` it stops the run), as a line of a file that does not
+      decode; read without a pipeline, the chunk has it in ``undecodable`` and ``async for``
+      raises :class:`SourceError` naming its sequence, after the chunk's other records.
     - ``batch`` (default 1000): messages asked for in one fetch: the most held in memory at once
       is two fetches.
     - ``timeout`` (default 30 s): a server that goes away is reconnected to with backoff (any of

@@ -88,16 +88,50 @@ class LoopThread:
         self.thread.join()
 
 
+async def connect(servers: list[str], attempt: float, left: float) -> Any:
+    """A new connection to any of ``servers`` within ``left`` seconds, each attempt at most
+    ``attempt`` seconds; the client reconnects by itself later on (forever: a reader gives up
+    after its ``timeout`` without an answer)."""
+    from nats.aio.client import Client
+
+    async def quiet(exc: Exception) -> None:
+        logger.debug("nats %s: %s (reconnecting)", ",".join(servers), exc)
+
+    # The client retries a first connection forever by itself (max_reconnect_attempts=-1 keeps
+    # reconnecting later on): bound it by ``left``.
+    nc = Client()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                servers,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                # Seconds as floats work (they go to asyncio); the stubs say int.
+                reconnect_time_wait=0.2,  # type: ignore[arg-type]
+                connect_timeout=min(2.0, attempt),  # type: ignore[arg-type]
+                error_cb=quiet,
+            ),
+            max(left, 0.1),
+        )
+    except BaseException:
+        await nc.close()
+        raise
+    return nc
+
+
 class StreamState:
     """What the stream held when reading began: ``first`` and ``last`` sequence, and ``pending``,
     the messages (of the subject) from the start sequence on."""
 
-    __slots__ = ("first", "last", "pending")
+    __slots__ = ("first", "last", "pending", "messages", "bytes")
 
-    def __init__(self, first: int, last: int, pending: int) -> None:
+    def __init__(self, first: int, last: int, pending: int, messages: int = 0, size: int = 0) -> None:
         self.first = first
         self.last = last
         self.pending = pending
+        #: The stream's message count and stored bytes (for the size of splits).
+        self.messages = messages
+        self.bytes = size
 
 
 class Puller:
@@ -117,6 +151,7 @@ class Puller:
         start: int,
         batch: int,
         timeout: float,
+        connection: Any = None,
     ) -> None:
         self.servers = servers
         self.stream = stream
@@ -124,7 +159,7 @@ class Puller:
         self.next = start  # the sequence of the next message to return
         self.batch = batch
         self.timeout = timeout
-        self.nc: Any = None
+        self.nc: Any = connection  # None: open() connects
         self.js: Any = None
         self.consumer = ""
         self.inbox = ""
@@ -141,47 +176,24 @@ class Puller:
 
     # -- connection and consumer -------------------------------------------------------------------
 
-    async def open(self) -> StreamState:
-        """Connect, read the stream's state and start a consumer at ``next`` (or the first message)."""
-        from nats.aio.client import Client
-
+    async def open(self, *, consumer: bool = True) -> StreamState:
+        """Connect (unless given a connection), read the stream's state and, with ``consumer``,
+        start a consumer at ``next`` (or the first message)."""
         self.arrived = asyncio.Event()
-
-        async def quiet(exc: Exception) -> None:
-            logger.debug("nats %s: %s (reconnecting)", ",".join(self.servers), exc)
-
-        async def connect() -> Any:
-            # The client retries a first connection forever by itself (max_reconnect_attempts=-1
-            # keeps reconnecting later on): bound it by what is left of ``timeout``.
-            nc = Client()
-            try:
-                await asyncio.wait_for(
-                    nc.connect(
-                        self.servers,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        # Seconds as floats work (they go to asyncio); the stubs say int.
-                        reconnect_time_wait=0.2,  # type: ignore[arg-type]
-                        connect_timeout=min(2.0, self.timeout),  # type: ignore[arg-type]
-                        error_cb=quiet,
-                    ),
-                    max(self.timeout - self._unanswered(), 0.1),
-                )
-            except BaseException:
-                await nc.close()
-                raise
-            return nc
-
-        self.nc = await self._retry("connect", connect)
+        if self.nc is None or self.nc.is_closed:
+            self.nc = await self._retry(
+                "connect", lambda: connect(self.servers, self.timeout, self.timeout - self._unanswered())
+            )
         self.js = self.nc.jetstream(timeout=min(5.0, self.timeout))
         info = await self._retry("read the stream's state", self._stream_info)
-        first, last = info.state.first_seq, info.state.last_seq
+        state = info.state
+        first, last = state.first_seq, state.last_seq
         if self.next == 0:
             self.next = max(first, 1)
         pending = 0
-        if self.next <= last:
+        if consumer and self.next <= last:
             pending = await self._retry("start a consumer", self._new_consumer)
-        return StreamState(first, last, pending)
+        return StreamState(first, last, pending, int(state.messages or 0), int(state.bytes or 0))
 
     async def _stream_info(self) -> Any:
         return await self.js.stream_info(self.stream)
@@ -253,15 +265,20 @@ class Puller:
             f"continues after the last one folded"
         )
 
-    async def close(self) -> None:
-        """Delete the consumer (if the server is there) and close the connection; never raises:
-        the reading's own outcome (its end, or the error that ended it) is what counts."""
+    async def close(self, *, keep_connection: bool = False) -> None:
+        """Delete the consumer (if the server is there) and close the connection (unless
+        ``keep_connection``: a worker's connection serves its next split); never raises: the
+        reading's own outcome (its end, or the error that ended it) is what counts."""
         if self.nc is None or self.nc.is_closed:
             return
         try:
             if self.nc.is_connected:
                 await self._drop_consumer()
-            await self.nc.close()
+            if self.sub is not None and keep_connection:
+                sub, self.sub = self.sub, None
+                await sub.unsubscribe()
+            if not keep_connection:
+                await self.nc.close()
         except Exception as exc:  # a connection lost meanwhile: nothing is left to close
             logger.debug("nats %s: closing: %s", ",".join(self.servers), exc)
 

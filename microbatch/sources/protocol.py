@@ -28,6 +28,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from .._exceptions import SourceError
+
 __all__ = ["Chunk", "LineParts", "Part", "Source", "describe_source", "ended_idle", "records_of"]
 
 T_co = TypeVar("T_co", covariant=True)
@@ -45,13 +47,26 @@ class Chunk(Generic[T_co]):
 
     ``position`` is JSON data (numbers, strings, lists, dicts, None) that the same source's
     ``resume(position)`` understands.
+
+    ``undecodable`` holds ``(position, raw bytes, message)`` for each record read with the chunk
+    that did not decode (left out of ``records``; ``position`` names the record in its source, a
+    stream sequence). A pipeline writes them to its dead letters with the batch that completes the
+    chunk, as it does for lines that do not decode; reading the records one by one
+    (:func:`records_of`) raises :class:`~microbatch.SourceError` naming the first, after the
+    chunk's other records.
     """
 
-    __slots__ = ("position", "records")
+    __slots__ = ("position", "records", "undecodable")
 
-    def __init__(self, records: Sequence[T_co], position: JSON) -> None:
+    def __init__(
+        self,
+        records: Sequence[T_co],
+        position: JSON,
+        undecodable: Sequence[tuple[int, bytes, str]] = (),
+    ) -> None:
         self.records = records
         self.position = position
+        self.undecodable = undecodable
 
     def __repr__(self) -> str:
         return f"Chunk({len(self.records)} records, position={self.position!r})"
@@ -123,3 +138,5 @@ async def records_of(source: Source[T_co]) -> AsyncGenerator[T_co, None]:
         async for chunk in chunks:
             for record in chunk.records:
                 yield record
+            if chunk.undecodable:
+                raise SourceError(chunk.undecodable[0][2])
