@@ -133,13 +133,7 @@ class FoldStage(Generic[V]):
                 elif isinstance(event, Failure):
                     count_failure(stats, event)
                 elif isinstance(event, SplitFailed):
-                    # Counted as a failed attempt that is retried (batch by batch).
-                    count_failure(stats, Failure(event.ticket, event.kind, True, event.error), log_it=False)
-                    stats.split_fallbacks += 1
-                    log.info(
-                        "split %d (%r) failed in its worker (%s: %s); running its batches one by one",
-                        event.ticket, event.split, type(event.error).__name__, event.error,
-                    )
+                    count_split_failure(stats, event)
                 elif isinstance(event, End):
                     machine.end(event.tickets)
                 else:
@@ -364,6 +358,14 @@ def count_failure(stats: Stats, failure: Failure, *, log_it: bool = True) -> Non
     level = logging.INFO if failure.whole and not failure.retrying else logging.DEBUG
     log.log(level, "batch %d: attempt failed (%s: %s)%s", failure.ticket, type(failure.error).__name__,
             failure.error, then)
+
+
+def count_split_failure(stats: Stats, failed: SplitFailed) -> None:
+    """Count a split that failed in its worker: a failed attempt, retried batch by batch."""
+    count_failure(stats, Failure(failed.ticket, failed.kind, True, failed.error), log_it=False)
+    stats.split_fallbacks += 1
+    log.info("split %d (%r) failed in its worker (%s: %s); running its batches one by one",
+             failed.ticket, failed.split, type(failed.error).__name__, failed.error)
 
 
 def write_dead(dead: DeadLetterFile, done: Done, seq: int) -> None:
