@@ -261,7 +261,6 @@ class BatchDispatcher:
                 return Done(batch, parts=parts, failure=exc)
         return Done(batch, parts=parts)
 
-
     def split_timeout(self, split: FileSplit | SourceSplit) -> float | None:
         """``timeout`` for each batch the split holds, estimated from the splits run so far."""
         if self.timeout is None or not self._split_batches:
