@@ -210,6 +210,10 @@ async def test_a_purged_stream_is_a_clear_error_unless_fresh(nats_server: NatsSe
     await in_thread(publish, url, "GONE", numbers(200, 210))
     with pytest.raises(mb.SourceError, match=r"position is sequence 100.*first sequence is now 201"):
         await pipeline().run(source, checkpoint=state)
+    # Planning splits checks the same.
+    ended = mb.nats_stream(url, "GONE", until="end")
+    with pytest.raises(mb.SourceError, match=r"position is sequence 100.*first sequence is now 201"):
+        await pipeline(split_size=10).run(ended, checkpoint=state)
     assert await pipeline().run(source, checkpoint=state, fresh=True) == sum(range(200, 210))
 
 
