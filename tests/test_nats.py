@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -212,6 +213,10 @@ async def test_a_purged_stream_is_a_clear_error_unless_fresh(nats_server: NatsSe
     await in_thread(publish, url, "GONE", numbers(200, 210))
     with pytest.raises(mb.SourceError, match=r"position is sequence 100.*first sequence is now 201"):
         await pipeline().run(source, checkpoint=state)
+    # Planning splits checks the same.
+    ended = mb.nats_stream(url, "GONE", until="end")
+    with pytest.raises(mb.SourceError, match=r"position is sequence 100.*first sequence is now 201"):
+        await pipeline(split_size=10).run(ended, checkpoint=state)
     assert await pipeline().run(source, checkpoint=state, fresh=True) == sum(range(200, 210))
 
 
@@ -404,3 +409,45 @@ def test_a_worker_keeps_one_connection_across_splits(nats_server: NatsServer) ->
         thread, connection = natssplit._connections.pop(servers)
         thread.run(connection.close(), 10)
         thread.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("split_size", [None, 2_000])
+async def test_messages_purged_mid_run_end_the_reading_instead_of_waiting(
+    nats_server: NatsServer, tmp_path: Path, split_size: int | None
+) -> None:
+    url = nats_server.url
+    await in_thread(publish, url, "PURGE", numbers(0, 10_000), create=True)
+    source = mb.nats_stream(url, "PURGE", until="end", batch=100)
+    with anyio.fail_after(60):
+        async with pipeline(queue_size=1, split_size=split_size).updates(source) as run:
+            async for update in run:
+                if update.seq == 0:
+                    await in_thread(js, url, "purge_stream", "PURGE")
+    # The reader is a few batches ahead at most (backpressure): the rest was gone when read.
+    assert run.finished and 0 < run.stats.records < 10_000
+    if split_size is None:
+        assert run.value == sum(range(run.stats.records))
+    else:  # whole ranges fetched before the purge, not always the first ones
+        assert run.stats.records % 100 == 0 and run.value < sum(range(10_000))
+
+
+@pytest.mark.anyio
+async def test_a_server_that_stays_away_fails_a_run_with_splits_after_timeout(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    url, state = nats_server.url, tmp_path / "state"
+    await in_thread(publish, url, "AWAYS", numbers(0, 10_000), create=True)
+    source = mb.nats_stream(url, "AWAYS", until="end", timeout=1.0)
+    with pytest.raises(mb.BatchFailed) as failed:
+        async with pipeline(queue_size=1, split_size=2_000).updates(source, checkpoint=state) as run:
+            async for update in run:
+                if update.seq == 0:
+                    await in_thread(nats_server.kill)
+    # The split failed in its worker, then here: the run stops in order, naming the source's error.
+    assert isinstance(failed.value.cause, mb.SourceError)
+    assert re.search(r"AWAYS.*no answer for .*timeout=1", str(failed.value.cause))
+    assert run.stats.records > 0 and run.stats.split_fallbacks > 0
+    # What was folded before the failure is in the final checkpoint: the rerun adds the rest.
+    await in_thread(nats_server.start)
+    assert await pipeline(split_size=2_000).run(source, checkpoint=state) == sum(range(10_000))

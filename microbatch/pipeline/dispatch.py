@@ -256,9 +256,9 @@ class BatchDispatcher:
                 error = result.error or RemoteError(result.type_name, result.message)
                 error.__cause__ = RemoteTraceback(result.traceback)
                 if isinstance(split, SourceSplit):
-                    (records, _, _, bad), *_ = await anyio.to_thread.run_sync(
-                        split.read_here, self.task, start, end
-                    ) or [([], start, end, [])]
+                    (records, _, _, bad), *_ = await read_here(self, ticket, split, start, end) or [
+                        ([], start, end, [])
+                    ]
                     redo = Batch(ticket, records, len(records), None, position, cut_at)
                     done = await self.process(redo, events, error) if records else Done(redo)
                     done.dead += undecodable_letters(self, ticket, bad)
@@ -270,7 +270,6 @@ class BatchDispatcher:
             except BatchFailed as exc:
                 return Done(batch, parts=parts, failure=exc)
         return Done(batch, parts=parts)
-
 
     def split_timeout(self, split: FileSplit | SourceSplit) -> float | None:
         """``timeout`` for each batch the split holds, estimated from the splits run so far."""
@@ -299,7 +298,10 @@ class BatchDispatcher:
         self, batch: Batch, split: SourceSplit, events: ObjectSendStream[Event]
     ) -> Done:
         """:meth:`split_by_batches` for a split of another source than a file."""
-        batches = await anyio.to_thread.run_sync(split.read_here, self.task, split.start, split.end)
+        try:
+            batches = await read_here(self, batch.ticket, split, split.start, split.end)
+        except BatchFailed as exc:
+            return Done(batch, parts=[], failure=exc)
         for records, start, end, bad in batches:
             position = split.position(end)
             split.note(start, end, len(records) + len(bad))
@@ -419,3 +421,15 @@ def undecodable_letters(
         dispatcher.count_dead(ticket, error)
         letters.append(DeadLetter(data, ticket, position, name, message, ""))
     return letters
+
+
+async def read_here(
+    dispatcher: BatchDispatcher, ticket: int, split: SourceSplit, start: int, end: int
+) -> list[tuple[list[Any], int, int, list[Any]]]:
+    """The batches of ``[start, end)`` of ``split`` read in this process; a source that cannot be
+    read (its server away past its timeout) stops the run at batch ``ticket`` (``BatchFailed``),
+    in order, as an unavailable executor does: it says nothing about the records."""
+    try:
+        return await anyio.to_thread.run_sync(split.read_here, dispatcher.task, start, end)
+    except SourceError as exc:
+        raise BatchFailed(ticket, exc, dispatcher.retry.attempts) from exc

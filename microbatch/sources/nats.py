@@ -161,6 +161,8 @@ class NatsStream:
                     wait = max(min(wait, quiet_since + self.stop_when_idle - anyio.current_time()), 0.01)
                 messages = await thread.call(puller.fetch(wait))
                 if not messages:
+                    if end is not None and await thread.call(puller.pending()) == 0:
+                        return  # the messages up to the end were removed meanwhile
                     if self.stop_when_idle is not None and (
                         anyio.current_time() - quiet_since >= self.stop_when_idle
                     ):

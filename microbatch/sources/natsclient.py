@@ -265,6 +265,16 @@ class Puller:
             f"continues after the last one folded"
         )
 
+    async def pending(self) -> int | None:
+        """The messages left for the consumer (removed ones no longer count); None when the
+        server cannot tell now (the next fetch replaces a consumer it no longer knows)."""
+        try:
+            info = await self.js.consumer_info(self.stream, self.consumer)
+        except Exception as exc:
+            logger.debug("nats stream %s: consumer state not read: %s", self.stream, exc)
+            return None
+        return int(info.num_pending or 0)
+
     async def close(self, *, keep_connection: bool = False) -> None:
         """Delete the consumer (if the server is there) and close the connection (unless
         ``keep_connection``: a worker's connection serves its next split); never raises: the

@@ -223,6 +223,8 @@ class NatsSplit(SourceSplit):
                 puller.batch = max(min(self.batch, end - puller.next), 1)
                 got = await puller.fetch(_POLL)
                 if not got:
+                    if await puller.pending() == 0:
+                        return out  # the rest of the range was removed meanwhile
                     continue
                 last, _, pending = got[-1]
                 if last < end:
