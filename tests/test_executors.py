@@ -637,10 +637,13 @@ async def test_worker_pipes_deliver_frames_split_or_joined_in_any_way() -> None:
 async def test_no_process_left_after_normal_end() -> None:
     async with ProcessExecutor(2) as executor:
         pids = executor.pids
-        assert {p.pid for p in children()} == set(pids)
+        server = executor._server  # the workers' fork server
+        assert server is not None and server.pid not in pids
+        assert {p.pid for p in children()} == {*pids, server.pid}
+        assert {p.ppid() for p in children() if p.pid in pids} == {server.pid}
         await executor.run(double, 1)
     assert all_children() == []
-    assert not any(alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in [*pids, server.pid])
 
 
 async def test_no_process_left_after_an_error_with_a_hung_worker(tmp_path: Path) -> None:

@@ -17,9 +17,10 @@ import anyio
 from .._core.calls import Call, CallState
 from .._core.params import callable_name, check_bytes
 from .._exceptions import BatchTimeout, ExecutorError, ResultTooLarge, WorkerCrashed
-from . import remote
+from . import forkserver, remote
 from . import worker as wire
 from .base import FunctionCache, check_timeout
+from .forkserver import ForkServer, ServerGone
 from .pipes import PIPE_ERRORS
 from .pool import Slot, WorkerPool, check_open
 from .recycling import Recycling
@@ -33,6 +34,10 @@ R = TypeVar("R")
 
 # The script a worker process runs (tests start workers through a wrapper by replacing it).
 _WORKER_SCRIPT = wire.__file__
+# Workers are forked from a fork server where it is available (tests of spawned workers turn it off).
+_FORK_SERVER = True
+# Fork servers started for one worker start before it is spawned instead.
+_SERVER_STARTS = 3
 
 
 class ProcessExecutor(WorkerPool):
@@ -119,6 +124,8 @@ class ProcessExecutor(WorkerPool):
         )
         self.max_result_bytes = check_bytes("max_result_bytes", max_result_bytes)
         self._functions = FunctionCache(wire.FN_CACHE_SIZE)
+        self._server: ForkServer | None = None
+        self._server_lock: anyio.Lock | None = None
 
     def __repr__(self) -> str:
         counts = (
@@ -128,16 +135,41 @@ class ProcessExecutor(WorkerPool):
         return f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} {counts}>"
 
     async def _start(self) -> Worker:
-        return await start_worker(
-            _WORKER_SCRIPT,
-            nice=self.nice,
-            start_timeout=self.start_timeout,
-            live=self._live,
-            settings={
-                "measure_rss": self.recycling.measures_memory,
-                "max_result_bytes": self.max_result_bytes,
-            },
-        )
+        settings = {"measure_rss": self.recycling.measures_memory, "max_result_bytes": self.max_result_bytes}
+        # A fork server that dies (killed from outside) is replaced; after a few, workers are spawned.
+        for _ in range(_SERVER_STARTS):
+            server = await self._fork_server()
+            try:
+                return await start_worker(_WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout,
+                                          live=self._live, settings=settings, server=server)
+            except ServerGone:
+                continue
+        return await start_worker(_WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout,
+                                  live=self._live, settings=settings)
+
+    async def _fork_server(self) -> ForkServer | None:
+        """The fork server workers start from (started when first needed, again after it died);
+        None where workers are spawned (see ``forkserver.available``)."""
+        if not (_FORK_SERVER and forkserver.available()):
+            return None
+        if self._server_lock is None:
+            self._server_lock = anyio.Lock()
+        async with self._server_lock:
+            server = self._server
+            if server is None or server.gone:
+                self._server = None
+                if server is not None:
+                    await server.close()
+                server = self._server = await forkserver.start_fork_server(
+                    _WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout
+                )
+            return server
+
+    async def _shutdown(self) -> None:
+        await super()._shutdown()  # every worker reaped: the fork server has none left
+        server, self._server, self._server_lock = self._server, None, None
+        if server is not None:
+            await server.close()
 
     async def run(
         self,
