@@ -637,7 +637,7 @@ async def test_worker_pipes_deliver_frames_split_or_joined_in_any_way() -> None:
 async def test_no_process_left_after_normal_end() -> None:
     async with ProcessExecutor(2) as executor:
         pids = executor.pids
-        server = executor._server  # the workers' fork server
+        server = executor._servers.server  # the workers' fork server
         assert server is not None and server.pid not in pids
         assert {p.pid for p in children()} == {*pids, server.pid}
         assert {p.ppid() for p in children() if p.pid in pids} == {server.pid}
@@ -927,13 +927,13 @@ async def test_a_call_sent_to_a_worker_that_died_idle_goes_to_a_new_worker() -> 
 
 async def test_a_fork_server_killed_from_outside_is_replaced_and_no_call_fails() -> None:
     async with ProcessExecutor(2) as executor:
-        server, workers = executor._server, executor.pids
+        server, workers = executor._servers.server, executor.pids
         assert server is not None
         os.kill(server.pid, signal.SIGKILL)
         await until(lambda: not any(alive(pid) for pid in workers), "its workers died with it")
         # The calls reach no dead worker: they go to workers forked from a new server.
         ran_in = {await executor.run(worker_pid, None) for _ in range(4)}
-        assert executor._server is not None and executor._server.pid != server.pid
+        assert executor._servers.server is not None and executor._servers.server.pid != server.pid
         assert executor.crashes == 0 and not ran_in & set(workers)
     assert all_children() == []
 
@@ -953,7 +953,7 @@ PARENT_SCRIPT = textwrap.dedent(
     async def main():
         async with ProcessExecutor(2) as executor, anyio.create_task_group() as tg:
             tg.start_soon(executor.run, spin, None)
-            print(*executor.pids, executor._server.pid, flush=True)  # the workers, their fork server
+            print(*executor.pids, executor._servers.server.pid, flush=True)  # the workers, their fork server
             await anyio.sleep_forever()
 
     anyio.run(main, backend=sys.argv[1])

@@ -34,7 +34,9 @@ from . import worker as wire
 from .pipes import PIPE_ERRORS, _Pipes
 from .spawn import ProcessLike, start_process
 
-__all__ = ["PRELOAD", "ForkServer", "ForkedProcess", "ServerGone", "available", "start_fork_server"]
+__all__ = [
+    "PRELOAD", "ForkServer", "ForkedProcess", "ServerGone", "ServerHolder", "available", "start_fork_server",
+]
 
 #: What the server imports before it forks: what unpickling a pipeline's task needs in a worker,
 #: and ``cloudpickle`` (functions defined in ``__main__`` travel by value).
@@ -192,6 +194,32 @@ class ForkServer:
                 except OSError:
                     pass
                 await self.process.wait()
+
+
+class ServerHolder:
+    """The fork server of an executor's ``async with`` block: started when first needed, again
+    after it died, stopped when the block is left."""
+
+    def __init__(self) -> None:
+        self.server: ForkServer | None = None
+        self._lock: anyio.Lock | None = None
+
+    async def get(self, script: str, *, nice: int, start_timeout: float) -> ForkServer:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            server = self.server
+            if server is None or server.gone:
+                self.server = None
+                if server is not None:
+                    await server.close()
+                server = self.server = await start_fork_server(script, nice=nice, start_timeout=start_timeout)
+            return server
+
+    async def close(self) -> None:
+        server, self.server, self._lock = self.server, None, None
+        if server is not None:
+            await server.close()
 
 
 async def start_fork_server(script: str, *, nice: int, start_timeout: float) -> ForkServer:

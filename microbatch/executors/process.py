@@ -46,6 +46,9 @@ class ProcessExecutor(WorkerPool):
     ``workers`` processes (default ``os.cpu_count()``) are started together when the executor is
     entered (``async with ProcessExecutor(2) as executor``), so the first calls do not wait for
     Python to start. ``capacity`` equals ``workers``; further calls wait, first come first served.
+    On Linux they are forked from a fork server that the executor starts first and that has
+    imported what workers need once (:mod:`microbatch.executors.forkserver`); elsewhere each is a
+    fresh interpreter.
 
     A worker receives ``fn`` once (pickled with cloudpickle, cached per worker, the 32 most recently
     used functions) and then, per call, only ``pickle.dumps(arg, protocol=5)``; the result comes
@@ -124,8 +127,7 @@ class ProcessExecutor(WorkerPool):
         )
         self.max_result_bytes = check_bytes("max_result_bytes", max_result_bytes)
         self._functions = FunctionCache(wire.FN_CACHE_SIZE)
-        self._server: ForkServer | None = None
-        self._server_lock: anyio.Lock | None = None
+        self._servers = forkserver.ServerHolder()
 
     def __repr__(self) -> str:
         counts = (
@@ -148,28 +150,14 @@ class ProcessExecutor(WorkerPool):
                                   live=self._live, settings=settings)
 
     async def _fork_server(self) -> ForkServer | None:
-        """The fork server workers start from (started when first needed, again after it died);
-        None where workers are spawned (see ``forkserver.available``)."""
+        """The fork server workers start from; None where workers are spawned."""
         if not (_FORK_SERVER and forkserver.available()):
             return None
-        if self._server_lock is None:
-            self._server_lock = anyio.Lock()
-        async with self._server_lock:
-            server = self._server
-            if server is None or server.gone:
-                self._server = None
-                if server is not None:
-                    await server.close()
-                server = self._server = await forkserver.start_fork_server(
-                    _WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout
-                )
-            return server
+        return await self._servers.get(_WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout)
 
     async def _shutdown(self) -> None:
         await super()._shutdown()  # every worker reaped: the fork server has none left
-        server, self._server, self._server_lock = self._server, None, None
-        if server is not None:
-            await server.close()
+        await self._servers.close()
 
     async def run(
         self,

@@ -26,6 +26,12 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
                        TOO_LARGE     instead of an answer whose body is over ``max_result_bytes``:
                                      ``(size, kind)`` of the answer it refused to send, pickled
 
+Run as ``worker.py PARENT_PID NICE fork-server``, the script is a fork server instead
+(:func:`serve_forks`): on a Unix socket as fds 0 and 1, INIT (``sys.path``, modules to ``preload``)
+-> READY, then ``FORK_FRAME``s: FORK (with the new worker's two pipe ends) -> FORKED (its pid) or
+FORK_FAILED (an errno); EXITED (a worker's pid and exit code) as each ends; RELEASE (a pid the
+parent has reaped: the server reaps it now). Each forked worker then speaks the protocol above.
+
 Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
 the same order, so the parent knows which functions a worker still holds without asking.
 
