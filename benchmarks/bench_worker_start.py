@@ -10,10 +10,17 @@ system) of its reaped children (``getrusage(RUSAGE_CHILDREN)``) per worker:
 - ``start``: a worker started and sent a function from an importable module that needs nothing
   (``_jobs.parse_sum``): the interpreter, ``worker.py`` and the protocol;
 - ``pipeline``: the same worker sent what a pipeline sends: a ``BatchTask`` around the function and
-  a ``LineBlock`` of lines, whose unpickling imports microbatch's line code in the worker.
+  a ``LineBlock`` of lines, whose unpickling imports microbatch's line code in the worker;
+- ``main``: a pipeline's task around a function defined in ``__main__`` (a script run by a user),
+  which travels by value: unpickling it imports ``cloudpickle`` too.
 
-Figures: CPU ms per worker, and each variant over ``interpreter`` (the share a fork server that
-has imported all this already could save).
+Each of the last three runs twice: as the executor starts workers (forked from a fork server that
+imported all this once; its own CPU is counted, shared by the workers), and ``spawn`` (each worker
+a fresh interpreter, ``process._FORK_SERVER = False``). ``--workers`` workers share one fork
+server, so its cost per worker falls as they grow: the figure for a replacement worker (a crash, a
+recycled worker) is the ``fork`` line, a worker forked from a server that runs already.
+
+Figures: CPU ms per worker, and each variant over ``interpreter``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = ("interpreter", "start", "pipeline")
+VARIANTS = ("interpreter", "start", "pipeline", "main", "start-spawn", "pipeline-spawn", "main-spawn", "fork")
+
+
+def main_parse_sum(lines: list[str]) -> int:  # defined in __main__ when run: travels by value
+    return sum(int(x) for x in lines)
 
 
 def children_cpu() -> float:
@@ -47,18 +58,31 @@ def child(variant: str, workers: int) -> None:
     import microbatch as mb
     from microbatch._core.lines import LineBlock
     from microbatch._core.task import BatchTask
+    from microbatch.executors import process
+
+    kind, _, how = variant.partition("-")
+    process._FORK_SERVER = how != "spawn"  # type: ignore[attr-defined]
+    fn = main_parse_sum if kind == "main" else parse_sum
+
+    async def call_each(executor: mb.ProcessExecutor) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(workers):
+                if kind == "start":
+                    tg.start_soon(executor.run, fn, ["1", "2"])
+                else:
+                    tg.start_soon(executor.run, BatchTask(fn), LineBlock(b"1\n2\n", 2, 0, 4))
 
     async def main() -> None:
-        async with mb.ProcessExecutor(workers, prefetch=0) as executor:
-            async with anyio.create_task_group() as tg:
-                for _ in range(workers):
-                    if variant == "start":
-                        tg.start_soon(executor.run, parse_sum, ["1", "2"])
-                    else:
-                        block = LineBlock(b"1\n2\n", 2, 0, 4)
-                        tg.start_soon(executor.run, BatchTask(parse_sum), block)
+        # "fork": each worker is replaced after its call (max_tasks_per_worker=1), two rounds more:
+        # the replacements are forked from the server that runs already.
+        recycle = 1 if kind == "fork" else None
+        async with mb.ProcessExecutor(workers, prefetch=0, max_tasks_per_worker=recycle) as executor:
+            for _ in range(3 if kind == "fork" else 1):
+                await call_each(executor)
 
     anyio.run(main)
+    # The fork server's workers are its children: their CPU counts here once it reaped them and
+    # was reaped itself, when the executor was left.
     print(json.dumps({"cpu": children_cpu() / workers}))
 
 
@@ -92,11 +116,16 @@ def main() -> None:
         for variant in VARIANTS:
             cpu[variant].append(run(variant, args.workers))
     floor = statistics.median(cpu["interpreter"])
-    print(f"CPU per worker, {args.workers} workers, median of {args.rounds} rounds:")
-    for variant in VARIANTS:
+    print(f"CPU per worker, {args.workers} workers, median of {args.rounds} rounds "
+          f"(forked from a fork server unless -spawn; its own CPU included):")
+    for variant in VARIANTS[:-1]:
         median = statistics.median(cpu[variant])
-        print(f"  {variant:12} {median * 1000:6.1f} ms  = {median / floor:4.2f}x interpreter  "
+        print(f"  {variant:15} {median * 1000:6.1f} ms  = {median / floor:4.2f}x interpreter  "
               f"(rounds: {', '.join(f'{c * 1000:.0f}' for c in cpu[variant])})")
+    # "fork" started each worker three times: twice more than "pipeline", forked from a running server.
+    again = [(f - p) / 2 for f, p in zip(cpu["fork"], cpu["pipeline"], strict=True)]
+    print(f"  a replacement worker, forked from the running server: {statistics.median(again) * 1000:.1f} ms "
+          f"(rounds: {', '.join(f'{c * 1000:.1f}' for c in again)})")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,11 @@ def own_io() -> tuple[int, int]:
 
 def workers_stop_starting_after(marker: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker processes start through a wrapper that exits at once when ``marker`` exists, as with a
-    broken interpreter or a full process table: a test creates the marker to make new workers fail."""
+    broken interpreter or a full process table: a test creates the marker to make new workers fail.
+    Each worker is a fresh interpreter (no fork server, which would fork new workers from itself)."""
     from microbatch.executors import process
+
+    monkeypatch.setattr(process, "_FORK_SERVER", False)
 
     wrapper = folder / "worker.py"
     wrapper.write_text(

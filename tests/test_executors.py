@@ -637,10 +637,13 @@ async def test_worker_pipes_deliver_frames_split_or_joined_in_any_way() -> None:
 async def test_no_process_left_after_normal_end() -> None:
     async with ProcessExecutor(2) as executor:
         pids = executor.pids
-        assert {p.pid for p in children()} == set(pids)
+        server = executor._servers.server  # the workers' fork server
+        assert server is not None and server.pid not in pids
+        assert {p.pid for p in children()} == {*pids, server.pid}
+        assert {p.ppid() for p in children() if p.pid in pids} == {server.pid}
         await executor.run(double, 1)
     assert all_children() == []
-    assert not any(alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in [*pids, server.pid])
 
 
 async def test_no_process_left_after_an_error_with_a_hung_worker(tmp_path: Path) -> None:
@@ -922,6 +925,19 @@ async def test_a_call_sent_to_a_worker_that_died_idle_goes_to_a_new_worker() -> 
         assert pid not in executor.pids
 
 
+async def test_a_fork_server_killed_from_outside_is_replaced_and_no_call_fails() -> None:
+    async with ProcessExecutor(2) as executor:
+        server, workers = executor._servers.server, executor.pids
+        assert server is not None
+        os.kill(server.pid, signal.SIGKILL)
+        await until(lambda: not any(alive(pid) for pid in workers), "its workers died with it")
+        # The calls reach no dead worker: they go to workers forked from a new server.
+        ran_in = {await executor.run(worker_pid, None) for _ in range(4)}
+        assert executor._servers.server is not None and executor._servers.server.pid != server.pid
+        assert executor.crashes == 0 and not ran_in & set(workers)
+    assert all_children() == []
+
+
 # ---- workers die with their parent -------------------------------------------------------------
 
 PARENT_SCRIPT = textwrap.dedent(
@@ -937,7 +953,7 @@ PARENT_SCRIPT = textwrap.dedent(
     async def main():
         async with ProcessExecutor(2) as executor, anyio.create_task_group() as tg:
             tg.start_soon(executor.run, spin, None)
-            print(*executor.pids, flush=True)
+            print(*executor.pids, executor._servers.server.pid, flush=True)  # the workers, their fork server
             await anyio.sleep_forever()
 
     anyio.run(main, backend=sys.argv[1])
@@ -963,7 +979,7 @@ def test_workers_die_within_2s_of_a_sigkilled_parent(tmp_path: Path, backend: st
         assert parent.stdout is not None
         line = parent.stdout.readline()
         pids = [int(pid) for pid in line.split()]
-        assert len(pids) == 2, f"parent printed {line!r}"
+        assert len(pids) == 3, f"parent printed {line!r}"
         assert all(alive(pid) for pid in pids)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=DEADLINE)

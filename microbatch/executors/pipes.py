@@ -90,6 +90,16 @@ class _Pipes:
             del buffer[:size]
         return data
 
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the pipe elsewhere (without waiting) to what is received next."""
+        self._buffer += data
+
+    def take_frame(self, size: int) -> bytes | None:
+        """The next ``size`` bytes if they were read already, else None (nothing taken)."""
+        if len(self._buffer) < size:
+            return None
+        return self.take_buffered(size)
+
     def take_buffered(self, limit: int) -> bytes:
         """Up to ``limit`` bytes read from the pipe already and not yet received."""
         taken = bytes(self._buffer[:limit])

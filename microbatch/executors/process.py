@@ -17,9 +17,10 @@ import anyio
 from .._core.calls import Call, CallState
 from .._core.params import callable_name, check_bytes
 from .._exceptions import BatchTimeout, ExecutorError, ResultTooLarge, WorkerCrashed
-from . import remote
+from . import forkserver, remote
 from . import worker as wire
 from .base import FunctionCache, check_timeout
+from .forkserver import ForkServer, ServerGone
 from .pipes import PIPE_ERRORS
 from .pool import Slot, WorkerPool, check_open
 from .recycling import Recycling
@@ -33,6 +34,10 @@ R = TypeVar("R")
 
 # The script a worker process runs (tests start workers through a wrapper by replacing it).
 _WORKER_SCRIPT = wire.__file__
+# Workers are forked from a fork server where it is available (tests of spawned workers turn it off).
+_FORK_SERVER = True
+# Fork servers started for one worker start before it is spawned instead.
+_SERVER_STARTS = 3
 
 
 class ProcessExecutor(WorkerPool):
@@ -41,6 +46,9 @@ class ProcessExecutor(WorkerPool):
     ``workers`` processes (default ``os.cpu_count()``) are started together when the executor is
     entered (``async with ProcessExecutor(2) as executor``), so the first calls do not wait for
     Python to start. ``capacity`` equals ``workers``; further calls wait, first come first served.
+    On Linux they are forked from a fork server that the executor starts first and that has
+    imported what workers need once (:mod:`microbatch.executors.forkserver`); elsewhere each is a
+    fresh interpreter.
 
     A worker receives ``fn`` once (pickled with cloudpickle, cached per worker, the 32 most recently
     used functions) and then, per call, only ``pickle.dumps(arg, protocol=5)``; the result comes
@@ -119,6 +127,7 @@ class ProcessExecutor(WorkerPool):
         )
         self.max_result_bytes = check_bytes("max_result_bytes", max_result_bytes)
         self._functions = FunctionCache(wire.FN_CACHE_SIZE)
+        self._servers = forkserver.ServerHolder()
 
     def __repr__(self) -> str:
         counts = (
@@ -128,16 +137,27 @@ class ProcessExecutor(WorkerPool):
         return f"<ProcessExecutor workers={self.capacity} {self._state} live={len(self._live)} {counts}>"
 
     async def _start(self) -> Worker:
-        return await start_worker(
-            _WORKER_SCRIPT,
-            nice=self.nice,
-            start_timeout=self.start_timeout,
-            live=self._live,
-            settings={
-                "measure_rss": self.recycling.measures_memory,
-                "max_result_bytes": self.max_result_bytes,
-            },
-        )
+        settings = {"measure_rss": self.recycling.measures_memory, "max_result_bytes": self.max_result_bytes}
+        # A fork server that dies (killed from outside) is replaced; after a few, workers are spawned.
+        for _ in range(_SERVER_STARTS):
+            server = await self._fork_server()
+            try:
+                return await start_worker(_WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout,
+                                          live=self._live, settings=settings, server=server)
+            except ServerGone:
+                continue
+        return await start_worker(_WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout,
+                                  live=self._live, settings=settings)
+
+    async def _fork_server(self) -> ForkServer | None:
+        """The fork server workers start from; None where workers are spawned."""
+        if not (_FORK_SERVER and forkserver.available()):
+            return None
+        return await self._servers.get(_WORKER_SCRIPT, nice=self.nice, start_timeout=self.start_timeout)
+
+    async def _shutdown(self) -> None:
+        await super()._shutdown()  # every worker reaped: the fork server has none left
+        await self._servers.close()
 
     async def run(
         self,

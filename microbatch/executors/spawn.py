@@ -18,7 +18,8 @@ import pickle
 import signal
 import sys
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -28,7 +29,26 @@ from .._exceptions import ExecutorUnavailable, WorkerCrashed
 from . import worker as wire
 from .pipes import PIPE_ERRORS, _Pipes
 
-__all__ = ["Worker", "exit_description", "start_worker"]
+if TYPE_CHECKING:
+    from .forkserver import ForkServer
+
+__all__ = ["Launch", "ProcessLike", "Worker", "exit_description", "start_process", "start_worker"]
+
+
+class ProcessLike(Protocol):
+    """What a worker's process is: an ``anyio.abc.Process``, or a ``forkserver.ForkedProcess``."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int | None: ...
+
+
+#: Starts one process that speaks the worker protocol: the process and the parent's ends of its pipes.
+Launch = Callable[[], Awaitable[tuple[ProcessLike, _Pipes]]]
 
 # After a worker's pipe reached end of file, how long to wait for its exit code before killing it.
 EXIT_GRACE = 2.0
@@ -52,7 +72,7 @@ class Worker:
 
     __slots__ = ("process", "pid", "pipes", "live", "functions", "queue", "killed")
 
-    def __init__(self, process: anyio.abc.Process, pipes: _Pipes, live: set[Worker]) -> None:
+    def __init__(self, process: ProcessLike, pipes: _Pipes, live: set[Worker]) -> None:
         self.process = process
         # The executor's workers not reaped yet; this one leaves it once reaped.
         self.live = live
@@ -135,54 +155,78 @@ _KILLED_FROM_OUTSIDE = frozenset(
 
 
 async def start_worker(
-    script: str, *, nice: int, start_timeout: float, live: set[Worker], settings: dict[str, Any]
+    script: str,
+    *,
+    nice: int,
+    start_timeout: float,
+    live: set[Worker],
+    settings: dict[str, Any],
+    server: ForkServer | None = None,
 ) -> Worker:
     """Start one worker process and wait until it answered INIT; it is in ``live`` until reaped.
 
-    ``settings`` go with INIT, besides the parent's ``sys.path`` (see ``worker.py``).
+    ``server``: fork it from that fork server (``ServerGone`` when the server died); else run
+    ``script`` in a fresh interpreter. ``settings`` go with INIT (see :func:`start_process`).
+    """
 
-    A worker killed by a signal while starting (SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT) is
+    async def launch() -> tuple[ProcessLike, _Pipes]:
+        return await _launch(script, nice, server)
+
+    return await start_process(launch, start_timeout=start_timeout, live=live, settings=settings,
+                               what=f"worker process ({sys.executable} {script})")
+
+
+async def start_process(
+    launch: Launch, *, start_timeout: float, live: set[Worker], settings: dict[str, Any], what: str
+) -> Worker:
+    """Start a process with ``launch`` and wait until it answered INIT (``settings``, besides the
+    parent's ``sys.path``, see ``worker.py``); it is in ``live`` until reaped. ``what`` names it.
+
+    A process killed by a signal while starting (SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT) is
     replaced by a new one at once, as often as it takes within ``start_timeout``.
-    ``ExecutorUnavailable`` when a worker exits by itself while starting, or when no worker
-    started within ``start_timeout`` seconds.
+    ``ExecutorUnavailable`` when one exits by itself while starting, or when none started within
+    ``start_timeout`` seconds.
     """
     attempts = 0
+    noun, _, command = what.partition(" (")
     with anyio.move_on_after(start_timeout) as scope:
         while True:
             attempts += 1
-            started = await _start_once(script, nice, live, settings)
+            started = await _start_once(launch, live, settings)
             if isinstance(started, Worker):
                 return started
             pid, returncode = started
             if returncode not in _KILLED_FROM_OUTSIDE:
                 raise ExecutorUnavailable(
-                    f"worker process {pid} died while starting ({exit_description(returncode)}); its "
-                    f"stderr says why ({sys.executable} {script})"
+                    f"{noun} {pid} died while starting ({exit_description(returncode)}); its "
+                    f"stderr says why ({command}"
                 )
     assert scope.cancelled_caught
     raise ExecutorUnavailable(
-        f"no worker process started within start_timeout={start_timeout} s ({attempts} attempt(s), "
-        f"{sys.executable} {script}); the machine may be overloaded: raise start_timeout"
+        f"no {noun} started within start_timeout={start_timeout} s ({attempts} attempt(s), "
+        f"{command}; the machine may be overloaded: raise start_timeout"
     )
 
 
-async def _start_once(
-    script: str, nice: int, live: set[Worker], settings: dict[str, Any]
-) -> Worker | tuple[int, int | None]:
-    """A started worker, or the pid and exit code of one that died while starting."""
+async def _launch(script: str, nice: int, server: ForkServer | None) -> tuple[ProcessLike, _Pipes]:
+    """A worker process, forked by ``server`` or running ``script``, and the parent's pipe ends."""
     # The worker's stdin and stdout; os.pipe() gives descriptors that no other child inherits.
     to_worker, to_worker_w = os.pipe()
     from_worker_r, from_worker = os.pipe()
+    process: ProcessLike
     try:
         # Shielded: a process started by a call that was then cancelled would be nobody's to kill.
         with anyio.CancelScope(shield=True):
-            process = await anyio.open_process(
-                [sys.executable, script, str(os.getpid()), str(nice)],
-                stdin=to_worker,
-                stdout=from_worker,
-                stderr=None,
-                start_new_session=True,
-            )
+            if server is not None:
+                process = await server.fork(to_worker, from_worker)
+            else:
+                process = await anyio.open_process(
+                    [sys.executable, script, str(os.getpid()), str(nice)],
+                    stdin=to_worker,
+                    stdout=from_worker,
+                    stderr=None,
+                    start_new_session=True,
+                )
     except BaseException:
         for fd in (to_worker_w, from_worker_r):
             os.close(fd)
@@ -190,14 +234,22 @@ async def _start_once(
     finally:
         os.close(to_worker)
         os.close(from_worker)
-    worker = Worker(process, _Pipes(from_worker_r, to_worker_w), live)
+    return process, _Pipes(from_worker_r, to_worker_w)
+
+
+async def _start_once(
+    launch: Launch, live: set[Worker], settings: dict[str, Any]
+) -> Worker | tuple[int, int | None]:
+    """A started process, or the pid and exit code of one that died while starting."""
+    process, pipes = await launch()
+    worker = Worker(process, pipes, live)
     ok = False
     try:
         init = pickle.dumps({**settings, "path": list(sys.path)}, protocol=5)
         await worker.send([wire.HEADER.pack(wire.INIT, 0, len(init)), init])
         kind, _ = await worker.receive()
         if kind != wire.READY:  # pragma: no cover - a worker of another version
-            raise WorkerCrashed(f"worker process {worker.pid} answered INIT with frame kind {kind}")
+            raise WorkerCrashed(f"process {worker.pid} answered INIT with frame kind {kind}")
         ok = True
     except PIPE_ERRORS:
         await worker.wait_exit()

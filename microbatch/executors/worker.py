@@ -26,6 +26,12 @@ Protocol: length-prefixed frames over the pipes the parent gave as stdin and std
                        TOO_LARGE     instead of an answer whose body is over ``max_result_bytes``:
                                      ``(size, kind)`` of the answer it refused to send, pickled
 
+Run as ``worker.py PARENT_PID NICE fork-server``, the script is a fork server instead
+(:func:`serve_forks`): on a Unix socket as fds 0 and 1, INIT (``sys.path``, modules to ``preload``)
+-> READY, then ``FORK_FRAME``s: FORK (with the new worker's two pipe ends) -> FORKED (its pid) or
+FORK_FAILED (an errno); EXITED (a worker's pid and exit code) as each ends; RELEASE (a pid the
+parent has reaped: the server reaps it now). Each forked worker then speaks the protocol above.
+
 Both sides keep the last ``FN_CACHE_SIZE`` functions by token, evicting the least recently used in
 the same order, so the parent knows which functions a worker still holds without asking.
 
@@ -106,6 +112,17 @@ RESULT = remote.RESULT
 RAISED = remote.RAISED
 REMOTE_ERROR = remote.REMOTE_ERROR
 
+# parent <-> fork server (``serve_forks``): FORK carries the new worker's two pipe ends
+FORK = 4
+RELEASE = 5
+FORKED = 16
+FORK_FAILED = 17
+EXITED = 18
+#: A fork server's frames after INIT/READY: kind, pid, value (FORK_FAILED: errno; EXITED: exit code).
+FORK_FRAME = struct.Struct("<Biq")
+#: The argument that makes this script a fork server.
+FORK_SERVER = "fork-server"
+
 FN_CACHE_SIZE = 32
 PIPE_SIZE = 1 << 20
 PARENT_POLL_INTERVAL = 0.2
@@ -113,7 +130,9 @@ PARENT_POLL_INTERVAL = 0.2
 EXIT_PARENT_GONE = 70
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int, *, watch: bool = True) -> None:
+    """Die when ``parent_pid`` dies: ``PR_SET_PDEATHSIG`` where there is one, and (``watch``) a
+    thread that polls the parent (a fork server polls in its own loop: it must have no thread)."""
     if sys.platform.startswith("linux") and os.environ.get("MICROBATCH_WORKER_NO_PDEATHSIG") != "1":
         try:
             import ctypes
@@ -127,13 +146,14 @@ def _die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_GONE)
 
-    def watch() -> None:
+    def poll() -> None:
         while True:
             time.sleep(PARENT_POLL_INTERVAL)
             if os.getppid() != parent_pid:
                 os._exit(EXIT_PARENT_GONE)
 
-    threading.Thread(target=watch, name="microbatch-parent-watch", daemon=True).start()
+    if watch:
+        threading.Thread(target=poll, name="microbatch-parent-watch", daemon=True).start()
 
 
 def _private_fds() -> tuple[int, int]:
@@ -281,20 +301,154 @@ def _forked_child_defaults(read_fd: int, write_fd: int) -> None:
     os.close(devnull)
 
 
+def serve_forks(sock_fd: int, parent_pid: int) -> None:
+    """Be a fork server: after INIT (``sys.path``, the modules to ``preload``), fork a worker per
+    FORK, report its pid (FORKED) and its end (EXITED, the exit code as ``Popen`` gives it), never
+    returns. A worker ends as a zombie until the parent has reaped it (RELEASE): until then its pid,
+    which is also its process group's id, is given to no other process. The server polls its
+    parent (no thread: it forks) and, when the parent or its socket is gone, kills its workers'
+    groups and exits."""
+    import gc
+    import select
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, _drop_signal)  # a handler, so that the wake-up fd is written
+    signal.set_wakeup_fd(wake_w)
+    children: dict[int, bool] = {}  # pid: its exit was reported
+    watched: list[Any] = [sock, wake_r]
+
+    def send(kind: int, pid: int, value: int) -> None:
+        sock.sendall(FORK_FRAME.pack(kind, pid, value))
+
+    def leave(code: int) -> None:
+        for pid in children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:  # noqa: PERF203 - once per worker, when the server leaves
+                pass
+        os._exit(code)
+
+    while True:
+        ready, _, _ = select.select(watched, [], [], PARENT_POLL_INTERVAL)
+        if os.getppid() != parent_pid:
+            leave(EXIT_PARENT_GONE)
+        if wake_r in ready:
+            os.read(wake_r, 1 << 12)
+        for pid, reported in list(children.items()):
+            if not reported:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if info is not None and info.si_pid == pid:
+                    children[pid] = True
+                    code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+                    send(EXITED, pid, code)
+        if sock not in ready:
+            continue
+        # The kind first: the descriptors a FORK carries come with the first byte of its frame.
+        data, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        if not data:
+            leave(0)  # the parent closed the socket (or died)
+        if data[0] == INIT:
+            _, _, size = HEADER.unpack(data + _receive(sock, HEADER.size - 1))
+            settings = pickle.loads(_receive(sock, size))
+            sys.path[:] = settings["path"]
+            for name in settings.get("preload", ()):
+                try:
+                    __import__(name)
+                except BaseException:  # noqa: PERF203 - a worker importing it reports the error
+                    pass
+            gc.freeze()  # the forked workers then leave the imported objects' pages shared
+            sock.sendall(HEADER.pack(READY, 0, 0))
+            continue
+        kind, pid, _ = FORK_FRAME.unpack(data + _receive(sock, FORK_FRAME.size - 1))
+        if kind == RELEASE:
+            if children.pop(pid, None) is not None:
+                os.waitpid(pid, 0)
+            continue
+        server_pid = os.getpid()
+        try:
+            child = os.fork()
+        except OSError as exc:
+            send(FORK_FAILED, 0, exc.errno or 0)
+            child = -1
+        if child == 0:
+            _become_worker(fds, [sock_fd, wake_r, wake_w], server_pid)
+        for fd in fds:
+            os.close(fd)
+        if child > 0:
+            children[child] = False
+            send(FORKED, child, 0)
+
+
+def _receive(sock: Any, size: int) -> bytes:
+    """Exactly ``size`` bytes from a blocking socket (a fork server's parent sends whole frames)."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            os._exit(0)  # the parent is gone
+        data += chunk
+    return data
+
+
+def _become_worker(fds: list[int], server_fds: list[int], server_pid: int) -> None:
+    """In a process the fork server forked: lead a new session and process group, die with the
+    server, serve the pipes in ``fds``; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in server_fds:
+            os.close(fd)
+        _die_with_parent(server_pid)
+        read_fd, write_fd = fds
+        for fd in fds:
+            os.set_inheritable(fd, False)
+            _grow_pipe(fd)
+        _serve_fds(read_fd, write_fd)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):  # noqa: PERF203 - twice, at the end
+                pass
+        os._exit(code)
+
+
+def _serve_fds(read_fd: int, write_fd: int) -> None:
+    """Be a worker on the protocol descriptors: answer frames until the parent closes the pipe."""
+    os.register_at_fork(after_in_child=lambda: _forked_child_defaults(read_fd, write_fd))
+    with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:
+        serve(inp, out)
+
+
 def main() -> None:
     _catch_group_signals()
     # Running this file put its folder first on sys.path; the parent's sys.path replaces it on INIT.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         del sys.path[0]
     parent_pid = int(sys.argv[1])
-    _die_with_parent(parent_pid)
+    forks = sys.argv[3:4] == [FORK_SERVER]
+    _die_with_parent(parent_pid, watch=not forks)
     nice = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     read_fd, write_fd = _private_fds()
-    os.register_at_fork(after_in_child=lambda: _forked_child_defaults(read_fd, write_fd))
-    with open(read_fd, "rb", buffering=1 << 16) as inp, open(write_fd, "wb", buffering=1 << 16) as out:
-        serve(inp, out)
+    if forks:
+        os.close(write_fd)  # both are the one socket
+        serve_forks(read_fd, parent_pid)
+    else:
+        _serve_fds(read_fd, write_fd)
 
 
 if __name__ == "__main__":
