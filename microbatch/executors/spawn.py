@@ -218,7 +218,10 @@ async def _launch(script: str, nice: int, server: ForkServer | None) -> tuple[Pr
         # Shielded: a process started by a call that was then cancelled would be nobody's to kill.
         with anyio.CancelScope(shield=True):
             if server is not None:
-                process = await server.fork(to_worker, from_worker)
+                try:
+                    process = await server.fork(to_worker, from_worker)
+                except OSError as exc:  # no fork (a full process table, no memory): as no spawn
+                    raise ExecutorUnavailable(str(exc)) from exc
             else:
                 process = await anyio.open_process(
                     [sys.executable, script, str(os.getpid()), str(nice)],
