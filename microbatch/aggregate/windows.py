@@ -24,11 +24,24 @@ from .base import Aggregator
 from .bykey import ByKey
 from .combine import int_partials, merger_for, reducer_for
 from .keyed import folder_for
-from .windowstate import FORMAT, Late, OpenWindows, StateIO, WindowResult, WindowsState, _sorted, iso
+from .windowstate import (
+    FORMAT,
+    Closed,
+    KeyedWindow,
+    Late,
+    OpenWindows,
+    StateIO,
+    WindowResult,
+    WindowsState,
+    _sorted,
+    count_results,
+    each_result,
+    iso,
+)
 
 __all__ = [
-    "FORMAT", "Late", "OpenWindows", "WindowResult", "WindowedFn", "Windows", "WindowsState",
-    "combine_in_worker", "iso",
+    "FORMAT", "Closed", "KeyedWindow", "Late", "OpenWindows", "WindowResult", "WindowedFn", "Windows",
+    "WindowsState", "combine_in_worker", "count_results", "each_result", "iso",
 ]
 
 Clock = Literal["event", "processing"]
@@ -226,9 +239,10 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
             if not sessions:
                 del state.sessions[key]
 
-    def close_batch(self, state: WindowsState) -> tuple[list[WindowResult], list[Late]]:
+    def close_batch(self, state: WindowsState) -> tuple[list[Closed], list[Late]]:
         """After a batch was folded: move the watermark, close and evict the windows that end at or
-        before it, and hand them over in close order with the batch's late records."""
+        before it, and hand them over in close order (a keyed window as one ``KeyedWindow``) with
+        the batch's late records."""
         if state.pending is not None and (state.top is None or state.pending > state.top):
             state.top = state.pending
         state.pending = None
@@ -236,13 +250,13 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
         mark = self.watermark(state)
         return ([] if mark is None else self._close(state, mark)), late
 
-    def close_all(self, state: WindowsState) -> list[WindowResult]:
+    def close_all(self, state: WindowsState) -> list[Closed]:
         """Close every open window (the end of a finite source), in close order."""
         return self._close(state, float("inf"))
 
-    def _close(self, state: WindowsState, mark: Number) -> list[WindowResult]:
-        closed: list[WindowResult] = []
+    def _close(self, state: WindowsState, mark: Number) -> list[Closed]:
         if self._spec.kind == "session":
+            results: list[WindowResult] = []
             heap, value, gap = state.heap, self._unit.value, self._spec.gap
             while heap and heap[0][0] <= mark:
                 end, _, key, start = heapq.heappop(heap)
@@ -250,19 +264,20 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
                 for i, session in enumerate(sessions):
                     if session[0] == start and session[1] + gap == end:
                         del sessions[i]
-                        closed.append(WindowResult(start, end, value(session[2]), key))
+                        results.append(WindowResult(start, end, value(session[2]), key))
                         break
                 if not sessions:
                     state.sessions.pop(key, None)
-            closed = _sorted(closed)
-        else:
-            size, open_ = self._spec.size, state.open
-            for start in sorted(open_):
-                end = start + size
-                if end > mark:
-                    break
-                closed.extend(self._results(start, end, open_.pop(start)))
-        state.emitted += len(closed)
+            state.emitted += len(results)
+            return list(_sorted(results))
+        closed: list[Closed] = []
+        size, open_ = self._spec.size, state.open
+        for start in sorted(open_):
+            end = start + size
+            if end > mark:
+                break
+            closed.append(self._closed(start, end, open_.pop(start)))
+        state.emitted += count_results(closed)
         return closed
 
 

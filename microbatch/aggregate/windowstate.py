@@ -9,7 +9,7 @@ import datetime
 import functools
 import heapq
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -17,7 +17,10 @@ from .._core.keys import key_from_json, key_to_json
 from .._core.windows import Number, Spec
 from .base import JSON, Aggregator
 
-__all__ = ["FORMAT", "Late", "OpenWindows", "StateIO", "WindowResult", "WindowsState", "iso"]
+__all__ = [
+    "FORMAT", "Closed", "KeyedWindow", "Late", "OpenWindows", "StateIO", "WindowResult", "WindowsState",
+    "count_results", "each_result", "iso",
+]
 
 FORMAT = "microbatch.windows/1"
 _EPOCH = datetime.datetime(1970, 1, 1)
@@ -39,6 +42,41 @@ class WindowResult(NamedTuple):
             out["key"] = key_to_json(self.key)
         out["value"] = self.value
         return out
+
+
+class KeyedWindow(NamedTuple):
+    """One closed window of a ``ByKey`` inner with all its keys: ``values`` maps each key to its
+    value, keys in the order they first came in the stream (the same whatever the batch cuts of an
+    in-order stream). What ``WindowStream.by_window()`` gives: one item per window, built without
+    work per key (the window's dict is handed over as the state held it, for ``Count``).
+    ``results()`` gives the ``WindowResult`` of each key, what the other ways hand over."""
+
+    start: Number
+    end: Number
+    values: dict[Any, Any]
+
+    def results(self) -> Iterator[WindowResult]:
+        """A ``WindowResult(start, end, value, key)`` per key, in the order of ``values``."""
+        values = self.values
+        # built at C speed: one window may hold many keys
+        return map(_make, zip(repeat(self.start), repeat(self.end), values.values(), values))
+
+
+Closed = WindowResult | KeyedWindow
+
+
+def each_result(closed: Iterable[Closed]) -> Iterator[WindowResult]:
+    """The ``WindowResult``s of closed windows, a ``KeyedWindow`` giving one per key."""
+    for item in closed:
+        if type(item) is KeyedWindow:
+            yield from item.results()
+        else:
+            yield item  # type: ignore[misc]
+
+
+def count_results(closed: Iterable[Closed]) -> int:
+    """How many ``WindowResult``s ``closed`` makes (one per key of a ``KeyedWindow``)."""
+    return sum(len(item.values) if type(item) is KeyedWindow else 1 for item in closed)
 
 
 class Late(NamedTuple):
@@ -106,16 +144,23 @@ class StateIO:
     def watermark(self, state: WindowsState) -> Number | None:
         raise NotImplementedError
 
-    def _results(self, start: Number, end: Number, s: Any) -> list[WindowResult]:
+    def _closed(self, start: Number, end: Number, s: Any) -> Closed:
+        """The window ``[start, end)`` with state ``s``, taken out of the state, as handed over."""
         if not self.keyed:
-            return [WindowResult(start, end, self._unit.value(s))]
+            return WindowResult(start, end, self._unit.value(s))
         # Keys in the order they first came in the stream (a dict's order, kept by the checkpoint):
         # the same whatever the batch cuts of an in-order stream, and no sort per window.
-        values: Iterable[Any] = s.values()
         if self._ints != 1:  # Count keeps ints: the state is the value
+            s = dict(zip(s, map(self._folder.value, s.values()), strict=True))
+        return KeyedWindow(start, end, s)
+
+    def _results(self, start: Number, end: Number, s: Any) -> Iterable[WindowResult]:
+        if not self.keyed:
+            return [WindowResult(start, end, self._unit.value(s))]
+        values: Iterable[Any] = s.values()
+        if self._ints != 1:
             values = map(self._folder.value, values)
-        # built at C speed: one window may hold many keys
-        return list(map(_make, zip(repeat(start), repeat(end), values, s)))
+        return map(_make, zip(repeat(start), repeat(end), values, s))
 
     def value(self, state: WindowsState) -> OpenWindows:
         """The open windows with their values so far (they may still change), in close order: a

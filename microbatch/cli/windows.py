@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .._core.keys import key_to_json
-from ..aggregate.windows import WindowResult, Windows, iso
+from ..aggregate.windows import Closed, WindowResult, Windows, each_result, iso
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -50,12 +50,12 @@ class _Printer:
     async def __call__(self, seq: int, window: WindowResult) -> None:
         await self.deliver(seq, [window])
 
-    async def deliver(self, seq: int, windows: list[WindowResult]) -> None:
+    async def deliver(self, seq: int, windows: list[Closed]) -> None:
         if self.user is not None:
-            for window in windows:
+            for window in each_result(windows):
                 await self.user(seq, window)
         as_json = self.as_json
-        self.out.write("".join(window_line(w, as_json=as_json) + "\n" for w in windows))
+        self.out.write("".join(window_line(w, as_json=as_json) + "\n" for w in each_result(windows)))
         self.out.flush()
 
 
