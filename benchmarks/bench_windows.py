@@ -154,6 +154,103 @@ def speed(args: argparse.Namespace) -> None:
               f"peak {statistics.median(r['peak_mb'] for r in results):6.0f} MB")
 
 
+def steps_child(path: Path, records: int, gc_mode: str) -> None:
+    """Per-record costs of each step, on the first ``records`` lines cut in 2 MiB splits: the
+    worker's (fn, combine, pickle) and the pipeline process's (unpickle, fold and close, hand over,
+    checkpoint dump), one step at a time over every split (the best of 3 passes)."""
+    import gc
+    import pickle
+
+    from _windows_job import hits
+
+    import microbatch as mb
+    from microbatch.aggregate.windows import KeyedWindow, each_result
+
+    with path.open("rb") as f:
+        data = b"".join(f.readline() for _ in range(records))
+    splits, start = [], 0
+    while start < len(data):
+        end = data.find(b"\n", start + (2 << 20))
+        end = len(data) if end < 0 else end + 1
+        splits.append(data[start:end])
+        start = end
+    agg = mb.Windows(mb.ByKey(mb.Count()), size=60)
+    if gc_mode == "freeze":
+        gc.freeze()
+    elif gc_mode == "off":
+        gc.disable()
+    costs: dict[str, float] = {}
+
+    def step(name: str, run: Any, inputs: list[Any]) -> list[Any]:
+        best, out = float("inf"), []
+        for _ in range(3):
+            t = time.perf_counter()
+            out = [run(x) for x in inputs]
+            best = min(best, time.perf_counter() - t)
+        costs[name] = best / records * 1e9
+        return out
+
+    lines = step("read lines", lambda b: b.decode().splitlines(), splits)
+    pairs = step("worker: fn", hits, lines)
+    grouped = step("worker: combine", agg.combine, pairs)
+    payloads = step("worker: pickle", pickle.dumps, grouped)
+    step("unpickle", pickle.loads, payloads)
+    fresh = [[pickle.loads(p) for p in payloads] for _ in range(3)]
+    best, closed_all = float("inf"), []
+    dumps, dump_time = 0, 0.0
+    for run in fresh:
+        state, closed_all = agg.initial(), []
+        dump_time = 0.0
+        t = time.perf_counter()
+        for g in run:
+            state = agg.fold(state, g)
+            closed_all.extend(agg.close_batch(state)[0])
+            d = time.perf_counter()
+            agg.dump(state)  # what a checkpoint after this split takes in the pipeline process
+            dump_time += time.perf_counter() - d
+            dumps += 1
+        best = min(best, time.perf_counter() - t - dump_time)
+    closed_all.extend(agg.close_all(state))
+    costs["fold and close"] = best / records * 1e9
+    costs["checkpoint dump, each split"] = dump_time / records * 1e9
+
+    def by_window(closed: list[Any]) -> int:
+        n = 0
+        for w in closed:
+            for _key, _value in w.values.items() if type(w) is KeyedWindow else [(w.key, w.value)]:
+                n += 1
+        return n
+
+    def per_key(closed: list[Any]) -> int:
+        n = 0
+        for _w in each_result(closed):
+            n += 1
+        return n
+
+    step("hand over: by window", by_window, [closed_all])
+    step("hand over: WindowResults", per_key, [closed_all])
+    print(json.dumps(costs))
+
+
+def steps(args: argparse.Namespace) -> None:
+    _compile()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.log"
+        write_log(path, args.records, args.keys, DAY)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in ("on", "freeze", "off")}
+        for _ in range(args.repeat):
+            for mode, results in runs.items():
+                done = subprocess.run([sys.executable, __file__, "steps-child", str(path), str(args.records),
+                                       mode], capture_output=True, text=True, env=env, check=True)
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"ns per record, {args.records:,} records, {args.keys:,} keys over 24 h (as the speed file), "
+          f"2 MiB splits; medians of {args.repeat} rounds; gc: on, after gc.freeze(), disabled")
+    for name in runs["on"][0]:
+        figures = [statistics.median(r[name] for r in results) for results in runs.values()]
+        print(f"  {name:30s} " + "  ".join(f"{f:7.1f}" for f in figures))
+
+
 def memory(args: argparse.Namespace) -> None:
     _compile()
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,17 +278,24 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         child(sys.argv[2], Path(sys.argv[3]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "steps-child":
+        steps_child(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+        return
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="what", required=True)
     s = sub.add_parser("speed")
     s.add_argument("--records", type=int, default=5_000_000)
     s.add_argument("--keys", type=int, default=10_000)
     s.add_argument("--repeat", type=int, default=3)
+    t = sub.add_parser("steps")
+    t.add_argument("--records", type=int, default=1_000_000)
+    t.add_argument("--keys", type=int, default=10_000)
+    t.add_argument("--repeat", type=int, default=3)
     m = sub.add_parser("memory")
     m.add_argument("--per-minute", type=int, default=200)
     m.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    speed(args) if args.what == "speed" else memory(args)
+    {"speed": speed, "steps": steps, "memory": memory}[args.what](args)
 
 
 if __name__ == "__main__":
