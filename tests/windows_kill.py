@@ -148,8 +148,10 @@ def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_00
     while True:
         resumed = _newest(state)
         closed_before = None
-        if resumed is not None and resumed["state"]["top"] is not None:
-            closed_before = resumed["state"]["top"] - GRACE
+        # the state's JSON, or for keyed windows the manifest of their files, which holds it
+        head = None if resumed is None else resumed["state"].get("state", resumed["state"])
+        if head is not None and head["top"] is not None:
+            closed_before = head["top"] - GRACE
         last = made == kills
         target = 10**9 if last else rng.randint(1, max(1, len(want) // max(1, kills)))
         proc = subprocess.Popen(args, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -190,12 +190,14 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
 
     def _fold_windows(self, state: WindowsState, grouped: Grouped, mark: Number | None) -> None:
         size, open_, keyed, adopt = self._spec.size, state.open, self.keyed, self._adopt
+        changed = state.changed
         for start, bucket in grouped.buckets.items():
             end = start + size
             if mark is not None and end <= mark:
                 n, first, last = bucket[:3]
                 self._late(state, Late(start, end, None, n, first, last))
                 continue
+            changed.add(start)
             s = open_.get(start, _MISSING)
             if not keyed:
                 partials = bucket[3]

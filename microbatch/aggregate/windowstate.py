@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from .._core.keys import key_from_json, key_to_json
 from .._core.windows import Number, Spec
+from ..checkpoints.windowfiles import WindowChanges
 from .base import JSON, Aggregator
 
 __all__ = [
@@ -102,7 +103,7 @@ class WindowsState:
     """The open windows, the watermark's base and the counts; see the module's docstring."""
 
     __slots__ = ("open", "sessions", "heap", "top", "pending", "emitted", "late_records", "late", "tick",
-                 "broken")
+                 "broken", "changed")
 
     def __init__(self) -> None:
         self.open: dict[Number, Any] = {}  # window start -> inner state (keyed: dict key -> state)
@@ -116,6 +117,8 @@ class WindowsState:
         self.tick = 0
         #: Why this state can neither fold nor be saved: it holds part of a refused batch result.
         self.broken: str | None = None
+        #: The starts of the windows folded into since the last ``window_changes``.
+        self.changed: set[Number] = set()
 
 
 _make = functools.partial(tuple.__new__, WindowResult)
@@ -185,13 +188,37 @@ class StateIO:
         return {"open_windows": opened, "watermark": self.watermark(state), "emitted": state.emitted,
                 "late_records": state.late_records}
 
-    def dump(self, state: WindowsState) -> JSON:
+    def _head(self, state: WindowsState, where: str) -> dict[str, JSON]:
         if state.broken is not None:
             raise ValueError(state.broken)
         if state.pending is not None or state.late:
-            raise ValueError(f"{self.describe()}.dump(): a batch is half folded (close_batch not called)")
-        data: dict[str, JSON] = {"format": FORMAT, "top": state.top, "emitted": state.emitted,
-                                 "late": state.late_records}
+            raise ValueError(f"{self.describe()}.{where}(): a batch is half folded (close_batch not called)")
+        return {"format": FORMAT, "top": state.top, "emitted": state.emitted, "late": state.late_records}
+
+    def window_changes(self, state: WindowsState) -> WindowChanges | None:
+        """What an incremental checkpoint writes (see :mod:`microbatch.checkpoints.windowfiles`):
+        the open windows, and the keys and states of those folded into since the last call; None
+        when the state is not kept that way (windows without keys and sessions are small: ``dump``
+        writes them whole)."""
+        if not self.keyed or self._spec.kind == "session":
+            return None
+        head = self._head(state, "window_changes")
+        open_, dump_all = state.open, self._folder.dump_all
+        documents = {}
+        for start in state.changed:
+            s = open_.get(start)
+            if s is not None:  # else closed since
+                documents[start] = (_keys_to_json(s), dump_all(s.values()))
+        state.changed = set()
+        return WindowChanges(head, list(open_), documents)
+
+    def mark_windows_changed(self, state: WindowsState) -> None:
+        """Have the next ``window_changes`` give every open window (a state loaded from JSON, or
+        files lost)."""
+        state.changed = set(state.open)
+
+    def dump(self, state: WindowsState) -> JSON:
+        data = self._head(state, "dump")
         if self._spec.kind == "session":
             dump = self._unit.dump
             data["sessions"] = [
@@ -200,7 +227,7 @@ class StateIO:
             ]
         elif self.keyed:
             data["windows"] = [
-                [start, {"keys": [key_to_json(k) for k in s], "states": self._folder.dump_all(s.values())}]
+                [start, {"keys": _keys_to_json(s), "states": self._folder.dump_all(s.values())}]
                 for start, s in state.open.items()
             ]
         else:
@@ -238,6 +265,13 @@ class StateIO:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a state this aggregator dumped ({exc}): {data!r:.200}") from None
         return state
+
+
+def _keys_to_json(keys: dict[Any, Any]) -> list[Any]:
+    """The JSON forms of a window's keys, in order: the keys themselves unless some is a tuple."""
+    if set(map(type, keys)) <= {str, int}:
+        return list(keys)
+    return [key_to_json(k) for k in keys]
 
 
 class OpenWindows(Sequence[WindowResult]):
