@@ -4,8 +4,15 @@
 lines, K keys, 24 h of event time in order) with 2 worker processes, every closed window taken from
 ``pipeline.windows()``, against the baseline: one process reading the same file with a plain loop
 that keeps a dict of ``Counter`` per minute and emits each minute's ``(minute, key, count)`` when
-a line past its end arrives. Each variant runs in a fresh interpreter, in interleaved rounds; the
-ratio is baseline seconds / variant seconds (higher is faster).
+a line past its end arrives. Two ways of taking the windows: ``windows`` (``async for`` over a
+``WindowResult`` per window and key) and ``by_window`` (``stream.by_window()``, a ``KeyedWindow``
+per minute whose ``values.items()`` the consumer walks, as the loop walks its ``Counter``). Each
+variant runs in a fresh interpreter, in interleaved rounds; the ratio is baseline seconds / variant
+seconds (higher is faster).
+
+``steps``: the per-record cost of each step of that pipeline (read, ``fn``, combine, pickle in a
+worker; unpickle, fold and close, checkpoint, hand over in the pipeline process), each step alone
+over the same file cut in 2 MiB splits, with the cyclic collector on, after ``gc.freeze()`` and off.
 
 ``memory``: the same pipeline over 1 day and over 7 days of event time (1,000 keys, the same
 records per minute), peak RSS of the pipeline process (its state) and of the largest worker: the
@@ -15,6 +22,7 @@ both runs (with splits of 2 MiB, a 1-day file of 5 MB would hold fewer splits in
 pipeline allows, and the peaks would differ by that, not by the windows).
 
     python benchmarks/bench_windows.py speed [--records 5000000] [--keys 10000] [--repeat 3]
+    python benchmarks/bench_windows.py steps [--records 1000000] [--keys 10000] [--repeat 3]
     python benchmarks/bench_windows.py memory [--per-minute 200] [--repeat 2]
 """
 

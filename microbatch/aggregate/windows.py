@@ -11,6 +11,9 @@ State (what ``dump`` writes, JSON)::
 of windows closed so far (the emission high-water mark), ``late`` the late records counted. Only
 open windows are kept: a closed window is handed over once and evicted, so the state does not grow
 with the span of event time, and a window a checkpoint no longer holds can never come out again.
+A folder or SQLite store keeps keyed tumbling and hopping windows as one file per open window
+instead, rewritten only when it changed (:mod:`microbatch.checkpoints.windowfiles`, fed by
+``window_changes``).
 """
 
 from __future__ import annotations
