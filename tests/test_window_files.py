@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from windows_oracle import oracle
 
 import microbatch as mb
 from microbatch._exceptions import CheckpointCorrupt
+from microbatch.aggregate.windows import each_result
 from microbatch.checkpoints.format import decode
 from microbatch.checkpoints.windowfiles import MANIFEST_FORMAT, WindowChanges, WindowFiles
 
@@ -100,3 +102,49 @@ async def test_checkpoints_keep_files_of_open_windows_only_and_resume_exactly(tm
     together = {(w.start, w.end, w.key): w.value for w in [*first, *rest]}
     assert sorted(together.items()) == sorted(((s, e, k), v) for s, e, k, v in want)
     assert _state(tmp_path)["windows"] == []  # finished: every window closed, no file named
+
+
+@pytest.mark.parametrize("kind", [{"size": 10}, {"size": 12, "slide": 4}])
+def test_reloading_from_the_files_at_any_batch_changes_no_window(
+    tmp_path: Path, kind: dict[str, int]
+) -> None:
+    rng = random.Random(5)
+    t, batches = 0, []
+    for _ in range(60):  # out of order within a grace of 6
+        batch = []
+        for _ in range(rng.randint(0, 12)):
+            t += rng.choice([0, 1, 2])
+            batch.append((max(0, t - rng.randint(0, 8)), rng.choice(["a", "b", ("c", 1)]), 1))
+        batches.append(batch)
+    agg = mb.Windows(mb.ByKey(mb.Count()), grace=6, **kind)
+
+    def run(reload_every: int) -> list[tuple[Any, ...]]:
+        files = WindowFiles(tmp_path / f"windows-{reload_every}")
+        state, out = agg.initial(), []
+        for i, batch in enumerate(batches):
+            state = agg.fold(state, batch)
+            out += [(w.start, w.end, w.key, w.value) for w in each_result(agg.close_batch(state)[0])]
+            changes = agg.window_changes(state)
+            assert changes is not None
+            manifest = files.write(i, changes)
+            files.collect([manifest])
+            if reload_every and i % reload_every == 0:
+                state = agg.load(files.read(manifest))
+        return out + [(w.start, w.end, w.key, w.value) for w in each_result(agg.close_all(state))]
+
+    whole = run(0)
+    assert whole and run(1) == whole and run(3) == whole
+
+
+@pytest.mark.anyio
+async def test_a_sqlite_store_keeps_the_window_files_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    path.write_text("".join(f"{1_700_000_000 + i} k{i % 3}\n" for i in range(500)))
+    pipeline = mb.Pipeline(keyed_pairs, aggregate=mb.Windows(mb.ByKey(mb.Count()), size=60, grace=30),
+                           max_size=50, workers=1, checkpoint_every_batches=1)
+    async with pipeline.windows(mb.read_lines(path, follow=True, stop_when_idle=0.2),
+                                checkpoint=tmp_path / "state.sqlite") as stream:
+        got = [w async for w in stream]
+    assert got and {w.key for w in got} == {"k0", "k1", "k2"}
+    names = [p.name for p in (tmp_path / "state.sqlite.windows").iterdir()]
+    assert names and all(n.startswith("window-") and n.endswith(".mbw") for n in names)
