@@ -41,6 +41,9 @@ def test_a_write_costs_the_windows_that_changed() -> None:
     assert changes is not None and changes.starts == [0, 60] and list(changes.documents) == [60]
     changes = agg.window_changes(agg.fold(state, []))
     assert changes is not None and changes.starts == [0, 60] and changes.documents == {}  # nothing folded
+    state = agg.fold(state, [(500, "c", 1)])
+    agg.close_batch(state)
+    assert state.changed == {480}  # a closed window is forgotten: nothing grows without checkpoints
     assert mb.Windows(mb.Count(), size=60).window_changes(mb.Windows(mb.Count(), size=60).initial()) is None
     assert mb.Windows(mb.ByKey(mb.Count()), gap=5).window_changes(agg.initial()) is None  # sessions: whole
 

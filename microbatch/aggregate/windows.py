@@ -277,12 +277,13 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
             state.emitted += len(results)
             return list(_sorted(results))
         closed: list[Closed] = []
-        size, open_ = self._spec.size, state.open
+        size, open_, changed = self._spec.size, state.open, state.changed
         for start in sorted(open_):
             end = start + size
             if end > mark:
                 break
             closed.append(self._closed(start, end, open_.pop(start)))
+            changed.discard(start)  # without checkpoints nothing else empties it
         state.emitted += count_results(closed)
         return closed
 
