@@ -154,11 +154,11 @@ class WindowStream:
                 return
             if got is _TAKEN:
                 continue
-            if expand:
-                for window in each_result(got):
-                    yield window
-            else:
-                for item in got:
+            for item in got:
+                if expand and type(item) is KeyedWindow:
+                    for window in item.results():  # no generator between: one step per key
+                        yield window
+                else:
                     yield item
 
     async def __anext__(self) -> WindowResult:
