@@ -8,7 +8,8 @@ a line past its end arrives. Two ways of taking the windows: ``windows`` (``asyn
 ``WindowResult`` per window and key) and ``by_window`` (``stream.by_window()``, a ``KeyedWindow``
 per minute whose ``values.items()`` the consumer walks, as the loop walks its ``Counter``). Each
 variant runs in a fresh interpreter, in interleaved rounds; the ratio is baseline seconds / variant
-seconds (higher is faster).
+seconds (higher is faster). ``--checkpoints`` adds ``by_window`` writing a checkpoint every 0.1 s
+into a folder (keyed windows: the changed windows' files and a manifest).
 
 ``steps``: the per-record cost of each step of that pipeline (read, ``fn``, combine, pickle in a
 worker; unpickle, fold and close, checkpoint, hand over in the pipeline process), each step alone
@@ -21,7 +22,7 @@ lines by the pipeline process (no splits), so that what is in flight is the same
 both runs (with splits of 2 MiB, a 1-day file of 5 MB would hold fewer splits in flight than the
 pipeline allows, and the peaks would differ by that, not by the windows).
 
-    python benchmarks/bench_windows.py speed [--records 5000000] [--keys 10000] [--repeat 3]
+    python benchmarks/bench_windows.py speed [--records 5000000] [--keys 10000] [--repeat 3] [--checkpoints]
     python benchmarks/bench_windows.py steps [--records 1000000] [--keys 10000] [--repeat 3]
     python benchmarks/bench_windows.py memory [--per-minute 200] [--repeat 2]
 """
@@ -85,15 +86,16 @@ def baseline(path: Path) -> int:
     return emitted
 
 
-async def windows(path: Path, split_size: int | None = 2 << 20, by_window: bool = False) -> int:
+async def windows(path: Path, split_size: int | None = 2 << 20, by_window: bool = False,
+                  checkpoint: str | None = None) -> int:
     from _windows_job import hits
 
     import microbatch as mb
 
     pipeline = mb.Pipeline(hits, aggregate=mb.Windows(mb.ByKey(mb.Count()), size=60), workers=2,
-                           split_size=split_size)
+                           split_size=split_size, checkpoint_every=0.1)
     emitted = 0
-    async with pipeline.windows(mb.read_lines(path)) as closed:
+    async with pipeline.windows(mb.read_lines(path), checkpoint=checkpoint) as closed:
         if by_window:  # a KeyedWindow per minute: each (minute, key, count) taken from its dict
             async for window in closed.by_window():
                 for _key, _n in window.values.items():  # type: ignore[union-attr]
@@ -114,6 +116,9 @@ def child(variant: str, path: Path) -> None:
         emitted = anyio.run(windows, path, None)
     elif variant == "by_window":
         emitted = anyio.run(windows, path, 2 << 20, True)
+    elif variant == "checkpoints":  # by_window, with a checkpoint every 0.1 s into a folder
+        with tempfile.TemporaryDirectory() as tmp:
+            emitted = anyio.run(windows, path, 2 << 20, True, str(Path(tmp) / "state"))
     else:
         emitted = anyio.run(windows, path)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -144,6 +149,8 @@ def speed(args: argparse.Namespace) -> None:
         path = Path(tmp) / "events.log"
         write_log(path, args.records, args.keys, DAY)
         runs: dict[str, list[dict[str, Any]]] = {"loop": [], "windows": [], "by_window": []}
+        if args.checkpoints:
+            runs["checkpoints"] = []
         for _ in range(args.repeat):
             for variant in runs:
                 runs[variant].append(_run_child(variant, path))
@@ -157,7 +164,7 @@ def speed(args: argparse.Namespace) -> None:
         ratio = statistics.median(b / w for b, w in zip(base, walls, strict=True))
         cpu = statistics.median(r["cpu"] for r in results)
         workers = statistics.median(r.get("worker_cpu", 0.0) for r in results)
-        print(f"  {variant:9s} {statistics.median(walls):7.2f} s  {ratio:5.2f}x the loop  "
+        print(f"  {variant:11s} {statistics.median(walls):7.2f} s  {ratio:5.2f}x the loop  "
               f"CPU {cpu:5.2f} s here + {workers:5.2f} s in workers  "
               f"peak {statistics.median(r['peak_mb'] for r in results):6.0f} MB")
 
@@ -302,6 +309,7 @@ def main() -> None:
     s.add_argument("--records", type=int, default=5_000_000)
     s.add_argument("--keys", type=int, default=10_000)
     s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--checkpoints", action="store_true", help="also by_window with checkpoints every 0.1 s")
     t = sub.add_parser("steps")
     t.add_argument("--records", type=int, default=1_000_000)
     t.add_argument("--keys", type=int, default=10_000)
