@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import microbatch as mb
 from microbatch._exceptions import CheckpointCorrupt
 from microbatch.aggregate.windows import each_result
 from microbatch.checkpoints.format import decode
-from microbatch.checkpoints.windowfiles import MANIFEST_FORMAT, WindowChanges, WindowFiles
+from microbatch.checkpoints.windowfiles import MANIFEST_FORMAT, WindowChanges, WindowFiles, WindowFilesLost
 
 
 def keyed_pairs(lines: list[str]) -> list[tuple[int, str, int]]:
@@ -152,3 +153,18 @@ async def test_a_sqlite_store_keeps_the_window_files_beside_it(tmp_path: Path) -
     assert got and {w.key for w in got} == {"k0", "k1", "k2"}
     names = [p.name for p in (tmp_path / "state.sqlite.windows").iterdir()]
     assert names and all(n.startswith("window-") and n.endswith(".mbw") for n in names)
+
+
+def test_a_folder_deleted_under_the_run_is_written_whole_again(tmp_path: Path) -> None:
+    files = WindowFiles(tmp_path / "windows")
+    head = {"format": "microbatch.windows/1", "top": 10, "emitted": 0, "late": 0}
+    files.write(1, WindowChanges(head, [0, 60], {0: (["a"], [1]), 60: (["b"], [1])}))
+    assert not files.needs_whole()
+    shutil.rmtree(tmp_path / "windows")
+    assert files.needs_whole()  # the session then marks every open window changed
+    with pytest.raises(WindowFilesLost, match="were deleted while the run wrote them"):
+        files.write(2, WindowChanges(head, [0, 60], {60: (["b"], [2])}))  # would name a lost file
+    manifest = files.write(3, WindowChanges(head, [0, 60], {0: (["a"], [1]), 60: (["b"], [3])}))
+    assert files.read(manifest)["windows"] == [[0, {"keys": ["a"], "states": [1]}],
+                                               [60, {"keys": ["b"], "states": [3]}]]
+    assert not files.needs_whole()
