@@ -17,7 +17,7 @@ DOCUMENTED = {
     "Pipeline", "Run", "Stats", "Update",
     # aggregators
     "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey",
-    "Aggregates", "Windows", "WindowResult",
+    "Aggregates", "Windows", "WindowResult", "KeyedWindow",
     # executors
     "Executor", "ProcessExecutor", "ThreadExecutor", "InlineExecutor", "DaskExecutor",
     # checkpoints

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from windows_oracle import oracle, same_windows
 
 import microbatch as mb
-from microbatch.aggregate.windows import Windows, WindowsState
+from microbatch.aggregate.windows import Windows, WindowsState, each_result
 
 KINDS = [
     {"size": 10},
@@ -60,10 +60,10 @@ def run_windows(agg: Windows, batches: list[list[Any]], *, reload_at: set[int] =
         grouped = pickle.loads(pickle.dumps(agg.combine(batch)))
         state = agg.fold(state, grouped)
         closed, _late = agg.close_batch(state)
-        out += [(w.start, w.end, w.key, w.value) for w in closed]
+        out += [(w.start, w.end, w.key, w.value) for w in each_result(closed)]
         if i in reload_at:
             state = agg.load(json.loads(json.dumps(agg.dump(state))))
-    out += [(w.start, w.end, w.key, w.value) for w in agg.close_all(state)]
+    out += [(w.start, w.end, w.key, w.value) for w in each_result(agg.close_all(state))]
     return out, state.late_records
 
 
@@ -121,14 +121,15 @@ def test_tumbling_windows_close_when_the_watermark_reaches_their_end() -> None:
     assert agg.close_batch(state) == ([], [])  # watermark 59: [0, 60) still open
     state = agg.fold(state, [(65, "a", 1), (10, "b", 1)])  # 10 is judged against 59: on time
     closed, late = agg.close_batch(state)
-    assert closed == [mb.WindowResult(0, 60, 1, "a"), mb.WindowResult(0, 60, 2, "b")]
+    assert closed == [mb.KeyedWindow(0, 60, {"a": 1, "b": 2})]  # a keyed window: all its keys at once
+    assert list(each_result(closed)) == [mb.WindowResult(0, 60, 1, "a"), mb.WindowResult(0, 60, 2, "b")]
     assert late == []
     state = agg.fold(state, [(5, "a", 1)])
     closed, late = agg.close_batch(state)
     assert closed == [] and [(x.start, x.end, x.records, x.first) for x in late] == [(0, 60, 1, 5)]
     assert agg.watermark(state) == 60
     assert agg.summary(state) == {"open_windows": 1, "watermark": 60, "emitted": 2, "late_records": 1}
-    assert agg.close_all(state) == [mb.WindowResult(60, 120, 2, "a")]
+    assert list(each_result(agg.close_all(state))) == [mb.WindowResult(60, 120, 2, "a")]
 
 
 def test_timestamps_may_be_aware_datetimes_and_naive_ones_are_refused() -> None:

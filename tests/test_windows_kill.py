@@ -16,3 +16,7 @@ def test_kill_9_with_windows_repeats_only_what_no_checkpoint_recorded(tmp_path: 
 
 def test_kill_9_while_taking_windows_from_pipeline_windows(tmp_path: Path) -> None:
     assert run_trials(tmp_path, kills=4, kind="hopping", lines=8000, seed=12, library=True) == 4
+
+
+def test_kill_9_while_taking_windows_by_window(tmp_path: Path) -> None:
+    assert run_trials(tmp_path, kills=4, kind="tumbling", lines=8000, seed=13, library="by_window") == 4

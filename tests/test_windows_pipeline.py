@@ -62,6 +62,37 @@ async def test_run_returns_every_closed_window_of_an_in_order_file(
     assert late == 0
 
 
+@pytest.mark.parametrize("entered", [True, False])
+async def test_by_window_gives_a_keyed_window_with_all_its_keys_at_once(
+    tmp_path: Path, entered: bool
+) -> None:
+    path, records = _log(tmp_path)
+    pipeline = mb.Pipeline(keyed_pairs, aggregate=mb.Windows(mb.ByKey(mb.Count()), size=60, grace=2),
+                           max_size=97, workers=2)
+    got: list[Any] = []
+    if entered:
+        async with pipeline.windows(mb.read_lines(path)) as stream:
+            got = [window async for window in stream.by_window()]
+    else:
+        got = [window async for window in pipeline.windows(mb.read_lines(path)).by_window()]
+    assert all(type(w) is mb.KeyedWindow for w in got)
+    assert [w.start for w in got] == sorted({w.start for w in got})  # one item per window, in order
+    per_key = [r for w in got for r in w.results()]
+    want, _ = oracle([records], size=60, grace=2)
+    assert same_windows(_tuples(per_key), want)
+    assert per_key == await pipeline.run(mb.read_lines(path))  # the same windows, key by key
+
+
+async def test_by_window_gives_windows_of_an_inner_without_keys_as_they_are(tmp_path: Path) -> None:
+    path, records = _log(tmp_path, n=600)
+    pipeline = mb.Pipeline(values, aggregate=mb.Windows(mb.Count(), size=30), max_size=50, workers=1)
+    async with pipeline.windows(mb.read_lines(path)) as stream:
+        got = [window async for window in stream.by_window()]
+    want, _ = oracle([[(t, None, 1) for t, _, _ in records]], size=30)
+    assert all(type(w) is mb.WindowResult for w in got)
+    assert same_windows(_tuples(got), want)
+
+
 async def test_windows_come_as_they_close_and_the_sink_sees_them_first(tmp_path: Path) -> None:
     path, records = _log(tmp_path, n=600)
     seen: list[tuple[int, Any]] = []

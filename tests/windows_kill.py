@@ -5,7 +5,7 @@ Checked: after deduplicating by ``(start, end, key)`` the printed windows are th
 repeat has the same value, and no run prints a window that the checkpoint it resumed from had
 already closed. Kill moments come from events (lines printed, checkpoints folded), not sleeps.
 
-    python tests/windows_kill.py [KILLS] [KIND] [library]
+    python tests/windows_kill.py [KILLS] [KIND] [library | by_window]
     # KIND: tumbling (default), hopping, session; library: consume pipeline.windows() in a script
 """
 
@@ -76,6 +76,15 @@ async def main() -> None:
 anyio.run(main)
 '''
 
+#: The same, taking one item per window from ``windows.by_window()`` and printing all its keys at once.
+BY_WINDOW = LIBRARY.replace('''        async for window in windows:
+            sys.stdout.write(window_line(window, as_json=False) + "\\n")
+''', '''        async for item in windows.by_window():
+            each = item.results() if isinstance(item, mb.KeyedWindow) else [item]
+            sys.stdout.write("".join(window_line(w, as_json=False) + "\\n" for w in each))
+''')
+assert BY_WINDOW != LIBRARY
+
 
 def _reset_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -120,11 +129,12 @@ class _Reader(threading.Thread):
 
 
 def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_000, seed: int = 0,
-               library: bool = False) -> int:
+               library: bool | str = False) -> int:
     """Run the kill -9 trial; returns the number of kills made. AssertionError on any violation.
 
     ``library``: the windows are taken from ``pipeline.windows()`` in a script (printed and
-    flushed one by one) instead of printed by ``microbatch run``."""
+    flushed one by one) instead of printed by ``microbatch run``; ``"by_window"``: taken from
+    ``windows.by_window()``, each window's keys printed and flushed together."""
     rng = random.Random(seed)
     job, log, state = tmp / "job.py", tmp / "events.log", tmp / "state"
     job.write_text(JOB.format(grace=GRACE, kind=KINDS[kind]))
@@ -139,7 +149,7 @@ def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_00
             "--checkpoint", str(state), "--checkpoint-every", "0", "--no-progress"]
     if library:
         script = tmp / "consume.py"
-        script.write_text(LIBRARY)
+        script.write_text(BY_WINDOW if library == "by_window" else LIBRARY)
         args = [sys.executable, str(script), str(tmp), str(log), str(state)]
     seen: dict[tuple[str, str, str], str] = {}
     made = 0
@@ -148,8 +158,10 @@ def run_trials(tmp: Path, kills: int, kind: str = "tumbling", lines: int = 20_00
     while True:
         resumed = _newest(state)
         closed_before = None
-        if resumed is not None and resumed["state"]["top"] is not None:
-            closed_before = resumed["state"]["top"] - GRACE
+        # the state's JSON, or for keyed windows the manifest of their files, which holds it
+        head = None if resumed is None else resumed["state"].get("state", resumed["state"])
+        if head is not None and head["top"] is not None:
+            closed_before = head["top"] - GRACE
         last = made == kills
         target = 10**9 if last else rng.randint(1, max(1, len(want) // max(1, kills)))
         proc = subprocess.Popen(args, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -208,10 +220,11 @@ if __name__ == "__main__":
 
     kills = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     kind = sys.argv[2] if len(sys.argv) > 2 else "tumbling"
-    library = len(sys.argv) > 3 and sys.argv[3] == "library"
+    library: bool | str = len(sys.argv) > 3 and sys.argv[3] in ("library", "by_window") and sys.argv[3]
     with tempfile.TemporaryDirectory() as folder:
         started = time.monotonic()
         made = run_trials(Path(folder), kills, kind, seed=int(time.time()), library=library)
-        how = " (pipeline.windows())" if library else ""
+        ways = {"by_window": " (windows.by_window())", "library": " (pipeline.windows())"}
+        how = ways.get(str(library), "")
         print(f"{kind}{how}: {made} kills, every window once after deduplication, equal to the model; "
               f"{REPEATS} windows printed again after a kill ({time.monotonic() - started:.1f} s)")

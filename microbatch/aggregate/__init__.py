@@ -49,9 +49,10 @@ from .numeric import Count, Max, Mean, Min, Sum
 from .reduce import Reduce
 from .several import Aggregates
 from .topk import TopK
-from .windows import WindowResult, Windows
+from .windows import KeyedWindow, WindowResult, Windows
 
 __all__ = [
     "Aggregator", "Sum", "Count", "Mean", "Min", "Max", "TopK", "Reduce", "ByKey", "JSON",
     "KeyedAggregator", "split_to_bytes", "Aggregates", "Windows", "WindowResult",
+    "KeyedWindow",
 ]

@@ -11,10 +11,14 @@ State (what ``dump`` writes, JSON)::
 of windows closed so far (the emission high-water mark), ``late`` the late records counted. Only
 open windows are kept: a closed window is handed over once and evicted, so the state does not grow
 with the span of event time, and a window a checkpoint no longer holds can never come out again.
+A folder or SQLite store keeps keyed tumbling and hopping windows as one file per open window
+instead, rewritten only when it changed (:mod:`microbatch.checkpoints.windowfiles`, fed by
+``window_changes``).
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -24,11 +28,24 @@ from .base import Aggregator
 from .bykey import ByKey
 from .combine import int_partials, merger_for, reducer_for
 from .keyed import folder_for
-from .windowstate import FORMAT, Late, OpenWindows, StateIO, WindowResult, WindowsState, _sorted, iso
+from .windowstate import (
+    FORMAT,
+    Closed,
+    KeyedWindow,
+    Late,
+    OpenWindows,
+    StateIO,
+    WindowResult,
+    WindowsState,
+    _sorted,
+    count_results,
+    each_result,
+    iso,
+)
 
 __all__ = [
-    "FORMAT", "Late", "OpenWindows", "WindowResult", "WindowedFn", "Windows", "WindowsState",
-    "combine_in_worker", "iso",
+    "FORMAT", "Closed", "KeyedWindow", "Late", "OpenWindows", "WindowResult", "WindowedFn", "Windows",
+    "WindowsState", "combine_in_worker", "count_results", "each_result", "iso",
 ]
 
 Clock = Literal["event", "processing"]
@@ -176,12 +193,14 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
 
     def _fold_windows(self, state: WindowsState, grouped: Grouped, mark: Number | None) -> None:
         size, open_, keyed, adopt = self._spec.size, state.open, self.keyed, self._adopt
+        changed = state.changed
         for start, bucket in grouped.buckets.items():
             end = start + size
             if mark is not None and end <= mark:
                 n, first, last = bucket[:3]
                 self._late(state, Late(start, end, None, n, first, last))
                 continue
+            changed.add(start)
             s = open_.get(start, _MISSING)
             if not keyed:
                 partials = bucket[3]
@@ -226,9 +245,10 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
             if not sessions:
                 del state.sessions[key]
 
-    def close_batch(self, state: WindowsState) -> tuple[list[WindowResult], list[Late]]:
+    def close_batch(self, state: WindowsState) -> tuple[list[Closed], list[Late]]:
         """After a batch was folded: move the watermark, close and evict the windows that end at or
-        before it, and hand them over in close order with the batch's late records."""
+        before it, and hand them over in close order (a keyed window as one ``KeyedWindow``) with
+        the batch's late records."""
         if state.pending is not None and (state.top is None or state.pending > state.top):
             state.top = state.pending
         state.pending = None
@@ -236,13 +256,13 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
         mark = self.watermark(state)
         return ([] if mark is None else self._close(state, mark)), late
 
-    def close_all(self, state: WindowsState) -> list[WindowResult]:
+    def close_all(self, state: WindowsState) -> list[Closed]:
         """Close every open window (the end of a finite source), in close order."""
         return self._close(state, float("inf"))
 
-    def _close(self, state: WindowsState, mark: Number) -> list[WindowResult]:
-        closed: list[WindowResult] = []
+    def _close(self, state: WindowsState, mark: Number) -> list[Closed]:
         if self._spec.kind == "session":
+            results: list[WindowResult] = []
             heap, value, gap = state.heap, self._unit.value, self._spec.gap
             while heap and heap[0][0] <= mark:
                 end, _, key, start = heapq.heappop(heap)
@@ -250,19 +270,21 @@ class Windows(StateIO, Aggregator[Any, WindowsState, OpenWindows]):
                 for i, session in enumerate(sessions):
                     if session[0] == start and session[1] + gap == end:
                         del sessions[i]
-                        closed.append(WindowResult(start, end, value(session[2]), key))
+                        results.append(WindowResult(start, end, value(session[2]), key))
                         break
                 if not sessions:
                     state.sessions.pop(key, None)
-            closed = _sorted(closed)
-        else:
-            size, open_ = self._spec.size, state.open
-            for start in sorted(open_):
-                end = start + size
-                if end > mark:
-                    break
-                closed.extend(self._results(start, end, open_.pop(start)))
-        state.emitted += len(closed)
+            state.emitted += len(results)
+            return list(_sorted(results))
+        closed: list[Closed] = []
+        size, open_, changed = self._spec.size, state.open, state.changed
+        for start in sorted(open_):
+            end = start + size
+            if end > mark:
+                break
+            closed.append(self._closed(start, end, open_.pop(start)))
+            changed.discard(start)  # without checkpoints nothing else empties it
+        state.emitted += count_results(closed)
         return closed
 
 
@@ -291,7 +313,20 @@ class WindowedFn:
         self.ints = ints
 
     def __call__(self, records: list[Any]) -> Grouped:
-        return group(self.fn(records), self.spec, self.keyed, self.reduce, self.ints)
+        # The cyclic collector is paused while fn runs and its pairs are grouped: the pairs (one
+        # per record) stay alive until then, so collections meanwhile would walk them and free
+        # nothing; they are freed before it resumes. Cyclic garbage fn leaves is collected later.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            result = self.fn(records)
+            grouped = group(result, self.spec, self.keyed, self.reduce, self.ints)
+            del result
+        finally:
+            if paused:
+                gc.enable()
+        return grouped
 
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.fn, self.spec, self.keyed, self.reduce, self.ints)

@@ -9,15 +9,19 @@ import datetime
 import functools
 import heapq
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
 from .._core.keys import key_from_json, key_to_json
 from .._core.windows import Number, Spec
+from ..checkpoints.windowfiles import WindowChanges
 from .base import JSON, Aggregator
 
-__all__ = ["FORMAT", "Late", "OpenWindows", "StateIO", "WindowResult", "WindowsState", "iso"]
+__all__ = [
+    "FORMAT", "Closed", "KeyedWindow", "Late", "OpenWindows", "StateIO", "WindowResult", "WindowsState",
+    "count_results", "each_result", "iso",
+]
 
 FORMAT = "microbatch.windows/1"
 _EPOCH = datetime.datetime(1970, 1, 1)
@@ -39,6 +43,41 @@ class WindowResult(NamedTuple):
             out["key"] = key_to_json(self.key)
         out["value"] = self.value
         return out
+
+
+class KeyedWindow(NamedTuple):
+    """One closed window of a ``ByKey`` inner with all its keys: ``values`` maps each key to its
+    value, keys in the order they first came in the stream (the same whatever the batch cuts of an
+    in-order stream). What ``WindowStream.by_window()`` gives: one item per window, built without
+    work per key (the window's dict is handed over as the state held it, for ``Count``).
+    ``results()`` gives the ``WindowResult`` of each key, what the other ways hand over."""
+
+    start: Number
+    end: Number
+    values: dict[Any, Any]
+
+    def results(self) -> Iterator[WindowResult]:
+        """A ``WindowResult(start, end, value, key)`` per key, in the order of ``values``."""
+        values = self.values
+        # built at C speed: one window may hold many keys
+        return map(_make, zip(repeat(self.start), repeat(self.end), values.values(), values))
+
+
+Closed = WindowResult | KeyedWindow
+
+
+def each_result(closed: Iterable[Closed]) -> Iterator[WindowResult]:
+    """The ``WindowResult``s of closed windows, a ``KeyedWindow`` giving one per key."""
+    for item in closed:
+        if type(item) is KeyedWindow:
+            yield from item.results()
+        else:
+            yield item  # type: ignore[misc]
+
+
+def count_results(closed: Iterable[Closed]) -> int:
+    """How many ``WindowResult``s ``closed`` makes (one per key of a ``KeyedWindow``)."""
+    return sum(len(item.values) if type(item) is KeyedWindow else 1 for item in closed)
 
 
 class Late(NamedTuple):
@@ -64,7 +103,7 @@ class WindowsState:
     """The open windows, the watermark's base and the counts; see the module's docstring."""
 
     __slots__ = ("open", "sessions", "heap", "top", "pending", "emitted", "late_records", "late", "tick",
-                 "broken")
+                 "broken", "changed")
 
     def __init__(self) -> None:
         self.open: dict[Number, Any] = {}  # window start -> inner state (keyed: dict key -> state)
@@ -78,6 +117,8 @@ class WindowsState:
         self.tick = 0
         #: Why this state can neither fold nor be saved: it holds part of a refused batch result.
         self.broken: str | None = None
+        #: The starts of the windows folded into since the last ``window_changes``.
+        self.changed: set[Number] = set()
 
 
 _make = functools.partial(tuple.__new__, WindowResult)
@@ -106,16 +147,23 @@ class StateIO:
     def watermark(self, state: WindowsState) -> Number | None:
         raise NotImplementedError
 
-    def _results(self, start: Number, end: Number, s: Any) -> list[WindowResult]:
+    def _closed(self, start: Number, end: Number, s: Any) -> Closed:
+        """The window ``[start, end)`` with state ``s``, taken out of the state, as handed over."""
         if not self.keyed:
-            return [WindowResult(start, end, self._unit.value(s))]
+            return WindowResult(start, end, self._unit.value(s))
         # Keys in the order they first came in the stream (a dict's order, kept by the checkpoint):
         # the same whatever the batch cuts of an in-order stream, and no sort per window.
-        values: Iterable[Any] = s.values()
         if self._ints != 1:  # Count keeps ints: the state is the value
+            s = dict(zip(s, map(self._folder.value, s.values()), strict=True))
+        return KeyedWindow(start, end, s)
+
+    def _results(self, start: Number, end: Number, s: Any) -> Iterable[WindowResult]:
+        if not self.keyed:
+            return [WindowResult(start, end, self._unit.value(s))]
+        values: Iterable[Any] = s.values()
+        if self._ints != 1:
             values = map(self._folder.value, values)
-        # built at C speed: one window may hold many keys
-        return list(map(_make, zip(repeat(start), repeat(end), values, s)))
+        return map(_make, zip(repeat(start), repeat(end), values, s))
 
     def value(self, state: WindowsState) -> OpenWindows:
         """The open windows with their values so far (they may still change), in close order: a
@@ -140,13 +188,37 @@ class StateIO:
         return {"open_windows": opened, "watermark": self.watermark(state), "emitted": state.emitted,
                 "late_records": state.late_records}
 
-    def dump(self, state: WindowsState) -> JSON:
+    def _head(self, state: WindowsState, where: str) -> dict[str, JSON]:
         if state.broken is not None:
             raise ValueError(state.broken)
         if state.pending is not None or state.late:
-            raise ValueError(f"{self.describe()}.dump(): a batch is half folded (close_batch not called)")
-        data: dict[str, JSON] = {"format": FORMAT, "top": state.top, "emitted": state.emitted,
-                                 "late": state.late_records}
+            raise ValueError(f"{self.describe()}.{where}(): a batch is half folded (close_batch not called)")
+        return {"format": FORMAT, "top": state.top, "emitted": state.emitted, "late": state.late_records}
+
+    def window_changes(self, state: WindowsState) -> WindowChanges | None:
+        """What an incremental checkpoint writes (see :mod:`microbatch.checkpoints.windowfiles`):
+        the open windows, and the keys and states of those folded into since the last call; None
+        when the state is not kept that way (windows without keys and sessions are small: ``dump``
+        writes them whole)."""
+        if not self.keyed or self._spec.kind == "session":
+            return None
+        head = self._head(state, "window_changes")
+        open_, dump_all = state.open, self._folder.dump_all
+        documents = {}
+        for start in state.changed:
+            s = open_.get(start)
+            if s is not None:  # else closed since
+                documents[start] = (_keys_to_json(s), dump_all(s.values()))
+        state.changed = set()
+        return WindowChanges(head, list(open_), documents)
+
+    def mark_windows_changed(self, state: WindowsState) -> None:
+        """Have the next ``window_changes`` give every open window (a state loaded from JSON, or
+        files lost)."""
+        state.changed = set(state.open)
+
+    def dump(self, state: WindowsState) -> JSON:
+        data = self._head(state, "dump")
         if self._spec.kind == "session":
             dump = self._unit.dump
             data["sessions"] = [
@@ -155,7 +227,7 @@ class StateIO:
             ]
         elif self.keyed:
             data["windows"] = [
-                [start, {"keys": [key_to_json(k) for k in s], "states": self._folder.dump_all(s.values())}]
+                [start, {"keys": _keys_to_json(s), "states": self._folder.dump_all(s.values())}]
                 for start, s in state.open.items()
             ]
         else:
@@ -193,6 +265,13 @@ class StateIO:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a state this aggregator dumped ({exc}): {data!r:.200}") from None
         return state
+
+
+def _keys_to_json(keys: dict[Any, Any]) -> list[Any]:
+    """The JSON forms of a window's keys, in order: the keys themselves unless some is a tuple."""
+    if set(map(type, keys)) <= {str, int}:
+        return list(keys)
+    return [key_to_json(k) for k in keys]
 
 
 class OpenWindows(Sequence[WindowResult]):

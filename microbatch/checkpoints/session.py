@@ -12,7 +12,9 @@ thread.
 Keyed state (``ByKey``, ``TopK``) in a folder or SQLite store is not written whole each time: each
 save writes the shards' changes since the last one into shard files beside the store (``keyed/``
 in a folder, ``NAME.keyed/`` beside a SQLite file), compacted into new bases as they grow, and
-the checkpoint's state is the manifest naming them, so a checkpoint costs what changed.
+the checkpoint's state is the manifest naming them, so a checkpoint costs what changed. Keyed
+time windows are kept the same way, one file per open window (``windows/``, ``NAME.windows/``),
+rewritten only when the window changed (:mod:`microbatch.checkpoints.windowfiles`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .shards import MANIFEST_FORMAT, ShardFiles, ShardFilesLost
 from .sqlite import SqliteStore
 from .store import CheckpointStore
 from .targets import is_sqlite_target, open_store
+from .windowfiles import WindowChanges, WindowFiles, WindowFilesLost, is_manifest
 
 __all__ = ["Checkpoints", "DeferredShards", "Restored", "ShardBarrier", "dead_letter_path", "restore"]
 
@@ -251,6 +254,8 @@ class Checkpoints:
         self.identify: Callable[[int], Any] | None = None
         self._files: ShardFiles | None = None
         self._manifests: collections.deque[Any] = collections.deque(maxlen=_KEEP_MANIFESTS)
+        self._windows: WindowFiles | None = None
+        self._window_manifests: collections.deque[Any] = collections.deque(maxlen=_KEEP_MANIFESTS)
         #: Shard owners will hold keyed state: a keyed checkpoint resumed from is not loaded here
         #: but given as ``DeferredShards``, and saves ask the aggregator's ``barrier``.
         self.defer_keyed = False
@@ -263,8 +268,24 @@ class Checkpoints:
             self._files = ShardFiles(folder)
         return self._files
 
+    def _window_files(self) -> WindowFiles | None:
+        """Where keyed time windows' files go: beside a folder or SQLite store; None for others."""
+        if self._windows is None and isinstance(self.target, (str, os.PathLike)):
+            target = os.fspath(self.target)
+            folder = target + ".windows" if is_sqlite_target(target) else os.path.join(target, "windows")
+            self._windows = WindowFiles(folder)
+        return self._windows
+
     def dump(self, agg: StateCodec, state: Any) -> Any:
         """What a checkpoint of ``state`` holds, taken without awaiting (folding may go on after)."""
+        window_changes = getattr(agg, "window_changes", None)
+        windows = self._window_files()
+        if window_changes is not None and windows is not None:
+            if windows.needs_whole():  # the folder was deleted under the run: every window again
+                agg.mark_windows_changed(state)  # type: ignore[attr-defined]
+            changes = window_changes(state)
+            if changes is not None:
+                return changes
         files = self._shard_files()
         barrier = getattr(agg, "barrier", None)
         if barrier is not None and files is not None:
@@ -279,6 +300,14 @@ class Checkpoints:
         """How a resumed run turns a checkpoint's state back into the aggregator's state."""
 
         def load(data: Any) -> Any:
+            windows = self._window_files()
+            if is_manifest(data) and windows is not None:
+                if not hasattr(agg, "window_changes"):
+                    raise ValueError(f"window state files cannot be loaded by {agg.describe()}")
+                state = agg.load(windows.read(data))
+                windows.adopt(data)
+                self._keep(data, self._window_manifests)
+                return state
             files = self._shard_files()
             if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and files is not None:
                 if not isinstance(agg, ShardedCodec):
@@ -299,6 +328,8 @@ class Checkpoints:
             state = agg.load(data)
             if isinstance(agg, ShardedCodec):
                 agg.mark_all_changed(state)  # the first save writes every shard whole
+            if hasattr(agg, "mark_windows_changed"):
+                agg.mark_windows_changed(state)  # the first save writes every open window
             return state
 
         load.__qualname__ = f"{agg.describe()}.load"  # how a refusal names it
@@ -324,6 +355,9 @@ class Checkpoints:
             files = self._shard_files()
             if files is not None and files.path.is_dir():
                 await anyio.to_thread.run_sync(files.collect, [])
+            windows = self._window_files()
+            if windows is not None and windows.path.is_dir():
+                await anyio.to_thread.run_sync(windows.collect, [])
             return None
         restored = await anyio.to_thread.run_sync(
             functools.partial(
@@ -355,11 +389,18 @@ class Checkpoints:
         store = self.store
         if store is None:
             return
-        files = self._files
+        files, windows = self._files, self._windows
 
         def write() -> bool:
             data = state
-            if isinstance(state, ShardBarrier):
+            if isinstance(state, WindowChanges):
+                assert windows is not None
+                try:
+                    data = windows.write(batches, state)
+                except WindowFilesLost as exc:
+                    log.warning("checkpoint at batch %d not written: %s", batches, exc)
+                    return False
+            elif isinstance(state, ShardBarrier):
                 data = state.write_shards(batches)
             elif isinstance(state, _KeyedChanges):
                 assert files is not None
@@ -383,6 +424,9 @@ class Checkpoints:
             if files is not None and isinstance(state, (_KeyedChanges, ShardBarrier)):
                 self._keep(data)
                 files.collect(self._manifests)  # shard files no kept checkpoint names
+            if windows is not None and isinstance(state, WindowChanges):
+                self._keep(data, self._window_manifests)
+                windows.collect(self._window_manifests)  # window files no kept checkpoint names
             return True
 
         # A save once begun is finished, also when the run is cancelled meanwhile: the changes it
@@ -398,13 +442,15 @@ class Checkpoints:
         self.saved += 1
         log.debug("checkpoint %d written to %s at batch %d", self.saved, store.location, batches)
 
-    def _keep(self, manifest: Any) -> None:
-        """Remember ``manifest`` among those of the checkpoints the store keeps. A checkpoint with
-        the number of the last one replaces it in the store (the final save after a regular one),
-        so its manifest replaces the last one here too, and the older ones' files stay."""
-        if self._manifests and self._manifests[-1]["seq"] == manifest["seq"]:
-            self._manifests.pop()
-        self._manifests.append(manifest)
+    def _keep(self, manifest: Any, kept: collections.deque[Any] | None = None) -> None:
+        """Remember ``manifest`` among those of the checkpoints the store keeps (in ``kept``, the
+        keyed manifests by default). A checkpoint with the number of the last one replaces it in
+        the store (the final save after a regular one), so its manifest replaces the last one here
+        too, and the older ones' files stay."""
+        kept = self._manifests if kept is None else kept
+        if kept and kept[-1]["seq"] == manifest["seq"]:
+            kept.pop()
+        kept.append(manifest)
 
     def _identity(self, position: Any) -> Any:
         """Which file the offset belongs to, so a resume can tell a grown file from another one."""

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .._core.keys import key_to_json
-from ..aggregate.windows import WindowResult, Windows, iso
+from ..aggregate.windows import Closed, WindowResult, Windows, each_result, iso
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -50,12 +50,12 @@ class _Printer:
     async def __call__(self, seq: int, window: WindowResult) -> None:
         await self.deliver(seq, [window])
 
-    async def deliver(self, seq: int, windows: list[WindowResult]) -> None:
+    async def deliver(self, seq: int, windows: list[Closed]) -> None:
         if self.user is not None:
-            for window in windows:
+            for window in each_result(windows):
                 await self.user(seq, window)
         as_json = self.as_json
-        self.out.write("".join(window_line(w, as_json=as_json) + "\n" for w in windows))
+        self.out.write("".join(window_line(w, as_json=as_json) + "\n" for w in each_result(windows)))
         self.out.flush()
 
 
@@ -73,7 +73,12 @@ def windows_summary(state: Any, description: str) -> dict[str, Any] | None:
     import re
 
     from ..aggregate.windows import FORMAT
+    from ..checkpoints.windowfiles import is_manifest
 
+    if is_manifest(state) and isinstance(state.get("state"), dict):  # keyed windows, one file each
+        windows = [[w.get("start"), {"count": w.get("count")}] for w in state.get("windows", [])
+                   if isinstance(w, dict)]
+        state = {**state["state"], "windows": windows}
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return None
     found = re.search(r"grace=([0-9.e+-]+)", description)
@@ -87,6 +92,7 @@ def windows_summary(state: Any, description: str) -> dict[str, Any] | None:
         size = re.search(r"size=([0-9.e+-]+)", description)
         spans = [f"{iso(start)}" + (f" {iso(start + float(size.group(1)))}" if size else "")
                  + (f" ({len(inner['keys'])} keys)" if isinstance(inner, dict) and "keys" in inner else "")
+                 + (f" ({inner['count']} keys)" if isinstance(inner, dict) and "count" in inner else "")
                  for start, inner in sorted(state.get("windows", []), key=lambda w: w[0])]
     return {"watermark": None if mark is None else iso(mark), "open_windows": spans,
             "emitted": state.get("emitted"), "late_records": state.get("late")}

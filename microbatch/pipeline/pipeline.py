@@ -259,7 +259,8 @@ class Pipeline(Generic[R, V]):
         to leave early (see :class:`~microbatch.pipeline.windowed.WindowStream`). In one run each
         window comes out once. Across a crash and resume, a window may come out again, always with
         the same ``(start, end, key)`` and value; a window that a checkpoint records as emitted
-        never comes out again.
+        never comes out again. ``stream.by_window()`` gives the same windows one item per window
+        (a ``KeyedWindow`` with every key's value for a ``ByKey`` inner), with no object per key.
         """
         if not isinstance(self.aggregate, Windows):
             raise TypeError(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..aggregate.windows import WindowResult
+from ..aggregate.windows import Closed, KeyedWindow, WindowResult, each_result
 from .run import Run
 from .stats import Stats
 
@@ -39,9 +39,9 @@ class _Deliver:
     async def __call__(self, seq: int, window: Any) -> None:  # the sink's plain form, unused here
         await self.deliver(seq, [window])
 
-    async def deliver(self, seq: int, windows: list[WindowResult]) -> None:
+    async def deliver(self, seq: int, windows: list[Closed]) -> None:
         if self.user is not None:
-            for window in windows:
+            for window in each_result(windows):
                 await self.user(seq, window)
         await self.stream._send.send(windows)
         await self.stream._send.send(_TAKEN)
@@ -69,11 +69,11 @@ class WindowStream:
         self, pipeline: Pipeline[Any, Any], source: Source, checkpoint: Target | None, fresh: bool,
         accept_changes: bool,
     ) -> None:
-        self._send, self._recv = anyio.create_memory_object_stream[list[WindowResult] | None](0)
+        self._send, self._recv = anyio.create_memory_object_stream[list[Closed] | None](0)
         run_pipeline = pipeline.replace(sink=_Deliver(self, pipeline.sink))
         self.run: Run[Any, Any] = Run(run_pipeline, source, checkpoint, fresh,
                                       accept_changes=accept_changes)
-        self._ready: collections.deque[WindowResult] = collections.deque()
+        self._ready: collections.deque[Closed] = collections.deque()
         self._state = "new"  # then "open", "closed"
 
     @property
@@ -123,28 +123,51 @@ class WindowStream:
 
     def __aiter__(self) -> AsyncIterator[WindowResult]:
         if self._state == "open":
-            return self._each()  # entered with ``async with``: no run to start or stop here
+            return self._each(True)  # type: ignore[return-value]  # entered: no run to start or stop here
         return self
 
-    async def _each(self) -> AsyncIterator[WindowResult]:
+    def by_window(self) -> AsyncIterator[WindowResult | KeyedWindow]:
+        """The closed windows one per window: a keyed window (``ByKey`` inner) as one
+        :class:`~microbatch.KeyedWindow` holding every key's value, others as ``WindowResult``.
+        The same windows in the same order as ``async for w in stream``, with the same guarantees,
+        but no object per key: ``async for window in stream.by_window()``."""
+        if self._state == "open":
+            return self._each(False)
+        return _ByWindow(self)
+
+    async def _each(self, expand: bool) -> AsyncIterator[Closed]:
         """The windows, for a stream entered with ``async with`` (an async generator step costs
-        less than an ``__anext__`` call, and this one holds no cancel scope across its yields)."""
+        less than an ``__anext__`` call, and this one holds no cancel scope across its yields);
+        ``expand``: a ``KeyedWindow`` as its ``WindowResult``s."""
         recv = self._recv
         while self._ready:
-            yield self._ready.popleft()
+            item = self._ready.popleft()
+            if expand and type(item) is KeyedWindow:
+                for window in item.results():
+                    yield window
+            else:
+                yield item
         while True:
             try:
-                item = await recv.receive()
+                got = await recv.receive()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
-            if item is not _TAKEN:
-                for window in item:
-                    yield window
+            if got is _TAKEN:
+                continue
+            for item in got:
+                if expand and type(item) is KeyedWindow:
+                    for window in item.results():  # no generator between: one step per key
+                        yield window
+                else:
+                    yield item
 
     async def __anext__(self) -> WindowResult:
+        return await self._next(True)  # type: ignore[return-value]
+
+    async def _next(self, expand: bool) -> Closed:
         ready = self._ready
         if ready:
-            return ready.popleft()
+            return self._first(expand)
         if self._state == "new":
             await self._open()
         elif self._state == "closed":
@@ -153,7 +176,7 @@ class WindowStream:
             while not ready:
                 item = await self._recv.receive()
                 if item is not _TAKEN:
-                    ready.extend(item)
+                    ready.extend(each_result(item) if expand else item)
         except anyio.EndOfStream:
             await self._close(None, None, None)
             raise StopAsyncIteration from None
@@ -162,4 +185,27 @@ class WindowStream:
             if await self._close(type(exc), exc, exc.__traceback__):
                 raise StopAsyncIteration from None
             raise
-        return ready.popleft()
+        return self._first(expand)
+
+    def _first(self, expand: bool) -> Closed:
+        """The next window of ``_ready``; ``expand``: a ``KeyedWindow`` left there by
+        ``by_window()`` as its ``WindowResult``s."""
+        ready = self._ready
+        item = ready.popleft()
+        if expand and type(item) is KeyedWindow:
+            ready.extendleft(reversed(list(item.results())))
+            item = ready.popleft()
+        return item
+
+
+class _ByWindow:
+    """``stream.by_window()`` of a stream not entered with ``async with``."""
+
+    def __init__(self, stream: WindowStream) -> None:
+        self.stream = stream
+
+    def __aiter__(self) -> _ByWindow:
+        return self
+
+    async def __anext__(self) -> WindowResult | KeyedWindow:
+        return await self.stream._next(False)

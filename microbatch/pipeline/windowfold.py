@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from ..aggregate.windows import Late, WindowResult, Windows, iso
+from ..aggregate.windows import Closed, Late, Windows, each_result, iso
 from ..checkpoints.deadletters import DeadLetter, DeadLetterFile
 from .stats import Stats
 
@@ -27,8 +27,9 @@ log = logging.getLogger("microbatch")
 class WindowHook:
     """What the folder does for a ``Windows`` aggregate; ``sink`` gets the closed windows.
 
-    A sink with a ``deliver(seq, windows)`` method gets each batch's windows as one list (and
-    ``end()`` when folding is over); a plain ``sink(seq, window)`` gets them one by one.
+    A sink with a ``deliver(seq, windows)`` method gets each batch's closed windows as one list, a
+    keyed window as one ``KeyedWindow`` (and ``end()`` when folding is over); a plain
+    ``sink(seq, window)`` gets them one ``WindowResult`` at a time.
     """
 
     def __init__(
@@ -49,7 +50,7 @@ class WindowHook:
             return results
         return self.agg.stamp(results, time.time() - (anyio.current_time() - cut_at))
 
-    def close(self, state: Any, seq: int) -> list[WindowResult]:
+    def close(self, state: Any, seq: int) -> list[Closed]:
         """After batch ``seq``: move the watermark, take the windows it closed, record late records."""
         agg = self.agg
         closed, late = agg.close_batch(state)
@@ -61,10 +62,10 @@ class WindowHook:
                      iso(item.start), iso(item.end))
         return closed
 
-    def close_all(self, state: Any) -> list[WindowResult]:
+    def close_all(self, state: Any) -> list[Closed]:
         return self.agg.close_all(state)
 
-    async def deliver(self, seq: int, closed: list[WindowResult]) -> None:
+    async def deliver(self, seq: int, closed: list[Closed]) -> None:
         """Hand over the windows batch ``seq`` closed. Until they are out, ``undelivered``: the
         state no longer holds them, so no final checkpoint may be written (a rerun hands them over
         again)."""
@@ -74,7 +75,7 @@ class WindowHook:
         if deliver is not None:
             await deliver(seq, closed)
         elif sink is not None:
-            for item in closed:
+            for item in each_result(closed):
                 await sink(seq, item)
         self.undelivered = False
         if sink is None and not self.warned:
