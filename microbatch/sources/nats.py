@@ -138,15 +138,9 @@ class NatsStream:
         return self._chunks()
 
     async def _chunks(self) -> AsyncGenerator[Chunk[Any], None]:
-        from .natsclient import LoopThread, Puller
         from .natssplit import decode_messages
 
-        self.skipped = 0
-        self.idle_ended = False
-        thread = LoopThread(f"microbatch-nats-{self.stream}")
-        puller = Puller(
-            self.servers, self.stream, self.subject, start=self.start, batch=self.batch, timeout=self.timeout
-        )
+        thread, puller = self._begin()
         try:
             state = await thread.call(puller.open())
             self._check_start(state.first, state.last)
@@ -207,15 +201,9 @@ class NatsStream:
         and then the same ranges. None when no more than one range is left: the stream is then
         read as chunks (:meth:`chunks`). Checks ``start`` as :meth:`chunks` does.
         """
-        from .natsclient import LoopThread, Puller
         from .natssplit import NatsSplit, split_length
 
-        self.skipped = 0
-        self.idle_ended = False
-        thread = LoopThread(f"microbatch-nats-{self.stream}")
-        puller = Puller(
-            self.servers, self.stream, self.subject, start=self.start, batch=self.batch, timeout=self.timeout
-        )
+        thread, puller = self._begin()
         try:
             state = await thread.call(puller.open(consumer=False))
         finally:
@@ -241,6 +229,18 @@ class NatsStream:
             )
             lo = hi
         return splits
+
+    def _begin(self) -> tuple[Any, Any]:
+        """A new reading: the counts reset, and the loop thread and puller that read from ``start``."""
+        from .natsclient import LoopThread, Puller
+
+        self.skipped = 0
+        self.idle_ended = False
+        thread = LoopThread(f"microbatch-nats-{self.stream}")
+        puller = Puller(
+            self.servers, self.stream, self.subject, start=self.start, batch=self.batch, timeout=self.timeout
+        )
+        return thread, puller
 
     def _check_start(self, first: int, last: int) -> None:
         """A resumed reading must find the message after its position, or know it was never written."""
