@@ -26,10 +26,31 @@ from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
 from .stats import Stats
 
 __all__ = [
-    "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owner_count", "prepare_executor", "uses_owners"
+    "OWNED_SPLIT_SIZE", "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owned_split_sizes",
+    "owner_count", "prepare_executor", "uses_owners",
 ]
 
 log = logging.getLogger("microbatch")
+
+
+#: Bytes per split of a file a run with shard owners reads, when ``split_size`` is not given.
+OWNED_SPLIT_SIZE = 8 << 20
+
+
+def owned_split_sizes(
+    size: int | None, default_size: bool, default_batch: bool
+) -> tuple[int | None, int | None]:
+    """The split size and the lines per batch inside a split of a run with shard owners.
+
+    Each batch result's distinct keys cost a cut, a message and a fold in an owner; the records of
+    a batch cost only ``fn``. Batches that are large against the number of keys combine many
+    records per key, so when not given: splits of ``OWNED_SPLIT_SIZE`` bytes (instead of 2 MiB),
+    each one batch (``max_size`` stays the bound of batches read in the pipeline process).
+    """
+    if default_size and size is not None:
+        size = OWNED_SPLIT_SIZE
+    batch = size if default_batch and size is not None else None  # a line holds at least one byte
+    return size, batch
 
 
 def owner_count(agg: object, workers: int | None) -> int:

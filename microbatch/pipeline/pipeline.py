@@ -16,7 +16,7 @@ from ..aggregate.windows import WindowedFn, Windows, combine_in_worker
 from ..checkpoints.store import CheckpointStore
 from ..executors import Executor
 from .reader import describe_source
-from .run import Discard, Run, UnsetSplitSize
+from .run import Discard, Run, UnsetMaxSize, UnsetSplitSize
 from .windowed import WindowStream
 
 __all__ = ["DEFAULT_SPLIT_SIZE", "Pipeline"]
@@ -95,7 +95,7 @@ class Pipeline(Generic[R, V]):
         fn: Callable[[list[Any]], R],
         *,
         aggregate: Aggregator[R, Any, V] | None = None,
-        max_size: int = 10_000,
+        max_size: int = UnsetMaxSize(10_000),
         max_wait: float | None = 0.5,
         workers: int | None = None,
         queue_size: int = 4,

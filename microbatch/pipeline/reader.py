@@ -199,12 +199,14 @@ async def read(
     *,
     position: Any = None,
     split_size: int | None = None,
+    split_max_size: int | None = None,
 ) -> None:
     """Batch ``source`` (as :func:`resume_source` returned it, after ``position``) into ``emit``.
 
     Every batch's ``end`` is the source position just after it: a byte offset for line parts, a
     chunk position for chunk sources (None when its chunks are plain lists), a record count for
-    other iterables. With ``split_size``, a splittable line source is emitted as splits instead.
+    other iterables. With ``split_size``, a splittable line source is emitted as splits instead,
+    whose batches hold ``split_max_size`` lines (``max_size`` when None).
     """
     if isinstance(source, LineParts):
         if (
@@ -212,7 +214,7 @@ async def read(
             and isinstance(source, SplittableLines)
             and await anyio.to_thread.run_sync(worth_splitting, source, split_size)
         ):
-            await read_splits(source, split_size, max_size, emit)
+            await read_splits(source, split_size, split_max_size or max_size, emit)
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):

@@ -40,7 +40,7 @@ from ..executors import Executor, InlineExecutor, ProcessExecutor, ThreadExecuto
 from ..sources.protocol import ended_idle
 from .dispatch import BatchDispatcher, End, Event
 from .fold import FoldStage, fold_stage_for
-from .owned import loaded_here, owned_run, prepare_executor
+from .owned import loaded_here, owned_run, owned_split_sizes, prepare_executor
 from .reader import (
     Batch,
     Begin,
@@ -324,8 +324,11 @@ class Run(Generic[R, V]):
             emit = Emitter(send, window, ticket, events)
             p = self.pipeline
             with self._intake or anyio.CancelScope():
-                size = split_size_for(p.split_size, p.executor)
-                await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
+                size, split_batch = read_sizes(p, self.checkpoints.defer_keyed)
+                await read(
+                    self.source, int(p.max_size), p.max_wait, emit, position=position, split_size=size,
+                    split_max_size=split_batch,
+                )
                 if not self._stopped and not ended_idle(self.source):
                     # The source ended (not asked to, nor quiet): these many batches make the whole run.
                     await send.send(End(emit.ticket))
@@ -441,6 +444,21 @@ class _Updates(Generic[V]):
 
 class UnsetSplitSize(int):
     """A ``split_size`` the user did not give: the pipeline's default, which an executor may replace."""
+
+
+class UnsetMaxSize(int):
+    """A ``max_size`` the user did not give: the pipeline's default, which a run with shard owners
+    replaces inside splits (see :func:`microbatch.pipeline.owned.read_sizes`)."""
+
+
+def read_sizes(pipeline: Any, owned: bool) -> tuple[int | None, int | None]:
+    """The split size a run reads a file with, and the lines per batch inside a split (None:
+    ``max_size``); a run with shard owners replaces the defaults (:func:`owned_split_sizes`)."""
+    size = split_size_for(pipeline.split_size, pipeline.executor)
+    if not owned:
+        return size, None
+    default_size = type(pipeline.split_size) is UnsetSplitSize and size == pipeline.split_size
+    return owned_split_sizes(size, default_size, type(pipeline.max_size) is UnsetMaxSize)
 
 
 def split_size_for(split_size: int | None, executor: object) -> int | None:
