@@ -12,8 +12,10 @@ Like a worker it dies with the pipeline (``PR_SET_PDEATHSIG`` plus a thread watc
 the worker's own code) and ignores SIGINT and SIGTERM (the pipeline decides when it stops). It
 exits when its control connection closes.
 
-The state is one dict of key -> int per shard it holds. A part folds with C-level operations
-only: ``d.update(zip(keys, map(add, map(d.get, keys, repeat(0)), values)))``.
+The state is one dict of key -> int per shard it holds. A part (see
+:func:`microbatch.executors.ownerwire.unpack_part`) folds with C-level operations only:
+``d.update(zip(keys, map(add, map(d.get, keys, repeat(0)), values)))``, or ``dict(zip(keys, values))``
+for a shard still empty.
 """
 
 from __future__ import annotations
@@ -164,12 +166,12 @@ class Owner:
             requests.popleft()
 
     def _fold(self, payload: bytes) -> None:
-        for shard, items in wire.unpack(payload).items():
+        for shard, keys, values in wire.unpack_part(payload):
             state = self.shards.get(shard)
-            if state is None:
-                state = self.shards[shard] = {}
-            keys = items.keys()
-            state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), items.values()), strict=False))
+            if not state:
+                state = self.shards[shard] = dict(zip(keys, values, strict=True))  # adopted
+            else:
+                state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), values), strict=True))
             whole = self.whole
             if whole is None or shard in whole:
                 continue

@@ -127,7 +127,7 @@ class OwnerRoute:
         for owner, part in enumerate(parts):
             if part:
                 ident = wire.part_id()
-                wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack(part))
+                wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
                 sent.append((owner, ident))
         return OwnedParts(tuple(sent), len(result))
 

@@ -1,8 +1,16 @@
 """The frames shard owners, workers and the pipeline exchange over Unix sockets.
 
-Workers hand owners their parts as files: a worker writes owner ``k``'s part of a batch result,
-msgpack ``{shard: {key: partial}}``, to ``FOLDER/p{k}-{id:016x}`` (``id``: 64 random bits), whole
-before its receipt returns. The pipeline talks to each owner over one Unix socket connection, in
+Workers hand owners their parts as files: a worker writes owner ``k``'s part of a batch result to
+``FOLDER/p{k}-{id:016x}`` (``id``: 64 random bits), whole before its receipt returns. A part is one
+block per shard (:func:`pack_part`), each a 13-byte header ``<BIII`` (kind, shard, keys, bytes) and
+its bytes:
+
+- kind 0 (str keys without a newline, int64 partials: the common case, decoded with no per-key
+  step in Python): the keys, UTF-8 (``surrogatepass``), joined by ``\n``, then the partials as
+  little-endian int64s (``8 * keys`` bytes, after the header's byte count);
+- kind 1 (any other keys or ints): msgpack ``{key: partial}``.
+
+The pipeline talks to each owner over one Unix socket connection, in
 frames: a 13-byte header ``<BQI`` (kind, id, payload length) and the payload.
 
     pipeline -> owner   CONTROL  opens the control connection (one per owner); on it, in order:
@@ -31,15 +39,20 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import msgpack
 
-__all__ = ["HEADER", "connect", "pack", "unpack"]
+__all__ = ["HEADER", "connect", "pack", "pack_part", "unpack", "unpack_part"]
 
 HEADER = struct.Struct("<BQI")
+BLOCK = struct.Struct("<BIII")
+TEXT, MSGPACK = 0, 1
+_LITTLE = sys.byteorder == "little"
 
 CONTROL = 2
 FOLD = 3
@@ -68,6 +81,69 @@ def unpack(data: bytes | memoryview) -> Any:
 def unpack_json(data: bytes | memoryview) -> Any:
     """Like ``unpack``, arrays as lists: for JSON documents (manifests and their entries)."""
     return msgpack.unpackb(data, strict_map_key=False, unicode_errors="surrogatepass")
+
+
+def pack_part(part: Mapping[int, Mapping[Any, int]]) -> bytes:
+    """An owner's part of a batch result, ``{shard: {key: partial}}``, as part file bytes."""
+    pieces: list[bytes] = []
+    for shard, items in part.items():
+        block = _text_block(items)
+        if block is None:
+            data = pack(items)
+            pieces += (BLOCK.pack(MSGPACK, shard, len(items), len(data)), data)
+        else:
+            text, values = block
+            pieces += (BLOCK.pack(TEXT, shard, len(items), len(text)), text, values)
+    return b"".join(pieces)
+
+
+def _text_block(items: Mapping[Any, int]) -> tuple[bytes, bytes] | None:
+    """``items`` as kind 0 bytes (keys text, int64 values), or None when they do not fit it."""
+    keys = items.keys()
+    if set(map(type, keys)) != {str}:
+        return None
+    joined = "\n".join(keys)
+    if joined.count("\n") != len(items) - 1:
+        return None  # a key holds a newline
+    try:
+        values = array("q", items.values())
+    except (OverflowError, TypeError):
+        return None
+    if not _LITTLE:  # pragma: no cover - big-endian machines
+        values.byteswap()
+    return joined.encode("utf-8", "surrogatepass"), values.tobytes()
+
+
+def unpack_part(data: bytes) -> Iterator[tuple[int, list[Any] | Any, Any]]:
+    """The blocks of part file bytes: ``(shard, keys, partials)``, two sequences of equal length.
+
+    ``ValueError`` when the bytes are cut short or a block's lengths do not add up.
+    """
+    view = memoryview(data)
+    pos, end, size = 0, len(data), BLOCK.size
+    while pos < end:
+        if end - pos < size:
+            raise ValueError(f"part cut short at byte {pos}: {end - pos} bytes where a block header goes")
+        kind, shard, count, length = BLOCK.unpack_from(data, pos)
+        at, pos = pos, pos + size
+        stop = pos + length + (8 * count if kind == TEXT else 0)
+        if stop > end:
+            raise ValueError(f"part cut short: the block at byte {at} needs {stop - end} more bytes")
+        if kind == TEXT:
+            keys = str(view[pos : pos + length], "utf-8", "surrogatepass").split("\n")
+            values = array("q")
+            values.frombytes(view[pos + length : stop])
+            if not _LITTLE:  # pragma: no cover - big-endian machines
+                values.byteswap()
+            if len(keys) != count:
+                raise ValueError(f"part block at byte {at}: {len(keys)} keys where {count} were written")
+            yield shard, keys, values
+        elif kind == MSGPACK:
+            items = unpack(view[pos:stop])
+            yield shard, items.keys(), items.values()
+        else:
+            raise ValueError(f"part block at byte {at} has an unknown kind {kind}")
+        pos = stop
 
 
 def frame(kind: int, ident: int, payload: bytes = b"") -> bytes:
