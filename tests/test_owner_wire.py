@@ -51,3 +51,22 @@ def test_a_run_with_owners_reads_whole_splits_unless_told_otherwise() -> None:
     assert owned_split_sizes(2 << 20, False, True) == (2 << 20, 2 << 20)  # split_size given
     assert owned_split_sizes(OWNED_SPLIT_SIZE, True, False) == (OWNED_SPLIT_SIZE, None)  # max_size given
     assert owned_split_sizes(None, False, True) == (None, None)  # no splits
+
+
+def test_the_final_values_read_from_part_bytes_shard_by_shard() -> None:
+    from microbatch._core.ring import ring
+    from microbatch.pipeline.owned import PackedValues
+
+    place = ring(8)
+    expected: dict[Any, int] = {f"k{i}": i for i in range(500)} | {("t", 1): 7, 3: 9, "a\nb": 2}
+    by_shard: dict[int, dict[Any, int]] = {}
+    for key, value in expected.items():
+        by_shard.setdefault(place.shard_of(key), {})[key] = value
+    owners = [{s: v for s, v in by_shard.items() if s % 2 == o} for o in range(2)]
+    values = PackedValues([bytearray(wire.pack_part(part)) for part in owners], place)
+    assert len(values) == len(expected)
+    assert dict(values) == expected
+    assert dict(values.items()) == expected
+    assert sorted(values.values()) == sorted(expected.values())
+    assert values["k7"] == 7 and values[("t", 1)] == 7 and values["a\nb"] == 2
+    assert values.get("missing") is None and 1.5 not in values and "k499" in values

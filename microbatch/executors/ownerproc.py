@@ -82,6 +82,7 @@ class Owner:
         self.shards: dict[int, dict[Any, int]] = {}
         self.control: socket.socket | None = None
         self.folded = 0
+        self.taken = False  # TAKE answered: the state is gone, the owner exits
         # Checkpoints: per shard, the keys changed since the last barrier; shards to write whole
         # (every shard until a barrier or a load gave it files); the shard files' writer.
         self.changed: dict[int, set[Any]] = {}
@@ -90,7 +91,7 @@ class Owner:
 
     def serve(self) -> None:
         """Serve until the control connection closes."""
-        while True:
+        while not self.taken:
             for key, _ in self.selector.select():
                 if key.data is None:
                     sock, _addr = self.listener.accept()
@@ -152,6 +153,9 @@ class Owner:
                 self._reply(wire.VALUE, wire.pack(sum(map(len, self.shards.values()))))
             elif kind == wire.DUMP:
                 self._reply(wire.VALUE, wire.pack(self.shards))
+            elif kind == wire.TAKE:
+                self._take()
+                return
             elif kind in (wire.BARRIER, wire.LOAD):
                 answer: Any
                 try:
@@ -164,6 +168,14 @@ class Owner:
                 else:
                     self._reply(wire.VALUE, wire.pack(answer))
             requests.popleft()
+
+    def _take(self) -> None:
+        """Send the whole state as part bytes, shard by shard, each freed once packed; then exit."""
+        shards = self.shards
+        pieces = [wire.pack_part({shard: shards.pop(shard)}) for shard in sorted(shards)]
+        assert self.control is not None
+        wire.send_frame(self.control, wire.VALUE, pieces)
+        self.taken = True
 
     def _fold(self, payload: bytes) -> None:
         for shard, keys, values in wire.unpack_part(payload):

@@ -19,6 +19,8 @@ frames: a 13-byte header ``<BQI`` (kind, id, payload length) and the payload.
                         GET      payload: msgpack key                     -> VALUE [found, value]
                         COUNT    keys held                                -> VALUE int
                         DUMP     every key the owner holds                -> VALUE {shard: {key: value}}
+                        TAKE     every key the owner holds, as part bytes (:func:`pack_part`), its
+                                 last answer: it then exits             -> VALUE part bytes
                         LOAD     msgpack [folder, manifest, own shards, shard count]: load those
                                  shards from the shard files the manifest names -> VALUE keys loaded
                         BARRIER  msgpack [seq, folder, own shards, shard count]: write the changes of
@@ -47,7 +49,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["HEADER", "connect", "pack", "pack_part", "unpack", "unpack_part"]
+__all__ = ["HEADER", "connect", "pack", "pack_part", "part_blocks", "unpack", "unpack_part"]
 
 HEADER = struct.Struct("<BQI")
 BLOCK = struct.Struct("<BIII")
@@ -61,6 +63,7 @@ COUNT = 5
 DUMP = 6
 LOAD = 7
 BARRIER = 8
+TAKE = 9
 VALUE = 10
 FAILED = 11
 
@@ -73,12 +76,12 @@ def pack(obj: Any) -> bytes:
     return data
 
 
-def unpack(data: bytes | memoryview) -> Any:
+def unpack(data: bytes | bytearray | memoryview) -> Any:
     # arrays come back as tuples, so tuple keys stay tuples (hashable, equal to the original)
     return msgpack.unpackb(data, use_list=False, strict_map_key=False, unicode_errors="surrogatepass")
 
 
-def unpack_json(data: bytes | memoryview) -> Any:
+def unpack_json(data: bytes | bytearray | memoryview) -> Any:
     """Like ``unpack``, arrays as lists: for JSON documents (manifests and their entries)."""
     return msgpack.unpackb(data, strict_map_key=False, unicode_errors="surrogatepass")
 
@@ -114,36 +117,54 @@ def _text_block(items: Mapping[Any, int]) -> tuple[bytes, bytes] | None:
     return joined.encode("utf-8", "surrogatepass"), values.tobytes()
 
 
-def unpack_part(data: bytes) -> Iterator[tuple[int, list[Any] | Any, Any]]:
-    """The blocks of part file bytes: ``(shard, keys, partials)``, two sequences of equal length.
+#: One block of part bytes: kind, shard, keys, and where its keys' bytes start and its bytes end.
+Block = tuple[int, int, int, int, int, int]
 
-    ``ValueError`` when the bytes are cut short or a block's lengths do not add up.
+
+def part_blocks(data: bytes | bytearray | memoryview) -> Iterator[Block]:
+    """The blocks of part bytes, ``(kind, shard, keys, start, length, stop)`` each, checked to fit.
+
+    ``ValueError`` when the bytes are cut short or a block has an unknown kind.
     """
-    view = memoryview(data)
     pos, end, size = 0, len(data), BLOCK.size
     while pos < end:
         if end - pos < size:
             raise ValueError(f"part cut short at byte {pos}: {end - pos} bytes where a block header goes")
         kind, shard, count, length = BLOCK.unpack_from(data, pos)
-        at, pos = pos, pos + size
-        stop = pos + length + (8 * count if kind == TEXT else 0)
+        if kind not in (TEXT, MSGPACK):
+            raise ValueError(f"part block at byte {pos} has an unknown kind {kind}")
+        start = pos + size
+        stop = start + length + (8 * count if kind == TEXT else 0)
         if stop > end:
-            raise ValueError(f"part cut short: the block at byte {at} needs {stop - end} more bytes")
-        if kind == TEXT:
-            keys = str(view[pos : pos + length], "utf-8", "surrogatepass").split("\n")
-            values = array("q")
-            values.frombytes(view[pos + length : stop])
-            if not _LITTLE:  # pragma: no cover - big-endian machines
-                values.byteswap()
-            if len(keys) != count:
-                raise ValueError(f"part block at byte {at}: {len(keys)} keys where {count} were written")
-            yield shard, keys, values
-        elif kind == MSGPACK:
-            items = unpack(view[pos:stop])
-            yield shard, items.keys(), items.values()
-        else:
-            raise ValueError(f"part block at byte {at} has an unknown kind {kind}")
+            raise ValueError(f"part cut short: the block at byte {pos} needs {stop - end} more bytes")
+        yield kind, shard, count, start, length, stop
         pos = stop
+
+
+def block_items(data: bytes | bytearray | memoryview, block: Block) -> tuple[Any, Any]:
+    """A block's keys and partials, two sequences of equal length (``ValueError`` when not)."""
+    kind, _shard, count, start, length, stop = block
+    view = memoryview(data)
+    if kind == MSGPACK:
+        items = unpack(view[start:stop])
+        return items.keys(), items.values()
+    keys = str(view[start : start + length], "utf-8", "surrogatepass").split("\n")
+    values = array("q")
+    values.frombytes(view[start + length : stop])
+    if not _LITTLE:  # pragma: no cover - big-endian machines
+        values.byteswap()
+    if len(keys) != count:
+        raise ValueError(f"part block of shard {_shard}: {len(keys)} keys where {count} were written")
+    return keys, values
+
+
+def unpack_part(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, Any, Any]]:
+    """The blocks of part bytes decoded: ``(shard, keys, partials)``, two sequences of equal length.
+
+    ``ValueError`` when the bytes are cut short or a block's lengths do not add up.
+    """
+    for block in part_blocks(data):
+        yield (block[1], *block_items(data, block))
 
 
 def frame(kind: int, ident: int, payload: bytes = b"") -> bytes:
@@ -172,13 +193,22 @@ def connect(path: str, *, wait: float, alive: Callable[[], bool] = lambda: True)
         return sock
 
 
-def receive_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+def send_frame(sock: socket.socket, kind: int, pieces: list[bytes]) -> None:
+    """Send a frame whose payload is ``pieces`` joined, without joining them (a final state is
+    large); each piece is dropped from the list once sent."""
+    sock.sendall(HEADER.pack(kind, 0, sum(map(len, pieces))))
+    pieces.reverse()
+    while pieces:
+        sock.sendall(pieces.pop())
+
+
+def receive_frame(sock: socket.socket) -> tuple[int, int, bytearray]:
     """One frame from a blocking socket; ``ConnectionError`` at end of file."""
     kind, ident, size = HEADER.unpack(_exactly(sock, HEADER.size))
     return kind, ident, _exactly(sock, size)
 
 
-def _exactly(sock: socket.socket, size: int) -> bytes:
+def _exactly(sock: socket.socket, size: int) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -187,7 +217,7 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
         if n == 0:
             raise ConnectionError("the shard owner closed its connection")
         got += n
-    return bytes(buf)
+    return buf
 
 
 def part_id() -> int:
