@@ -172,7 +172,10 @@ class Owner:
     def _take(self) -> None:
         """Send the whole state as part bytes, shard by shard, each freed once packed; then exit."""
         shards = self.shards
-        pieces = [wire.pack_part({shard: shards.pop(shard)}) for shard in sorted(shards)]
+        pieces = []
+        for shard in sorted(shards):
+            items = shards.pop(shard)
+            pieces.append(wire.pack_part({shard: (items.keys(), items.values())}))
         assert self.control is not None
         wire.send_frame(self.control, wire.VALUE, pieces)
         self.taken = True

@@ -44,10 +44,15 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import msgpack
+
+try:
+    from .._core.owners import EncodedKeys
+except ImportError:  # in an owner run as a script (see ownerproc): its parts are never encoded
+    EncodedKeys = None  # type: ignore[assignment,misc]
 
 __all__ = ["HEADER", "connect", "pack", "pack_part", "part_blocks", "unpack", "unpack_part"]
 
@@ -86,35 +91,41 @@ def unpack_json(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, strict_map_key=False, unicode_errors="surrogatepass")
 
 
-def pack_part(part: Mapping[int, Mapping[Any, int]]) -> bytes:
-    """An owner's part of a batch result, ``{shard: {key: partial}}``, as part file bytes."""
+def pack_part(part: Mapping[int, tuple[Collection[Any], Collection[int]]]) -> bytes:
+    """An owner's part of a batch result, ``{shard: (keys, partials)}`` (two collections of equal
+    length, such as a dict's keys and values), as part file bytes."""
     pieces: list[bytes] = []
-    for shard, items in part.items():
-        block = _text_block(items)
+    for shard, (keys, values) in part.items():
+        block = _text_block(keys, values)
         if block is None:
-            data = pack(items)
-            pieces += (BLOCK.pack(MSGPACK, shard, len(items), len(data)), data)
+            if type(keys) is EncodedKeys:
+                keys = [key.decode("utf-8", "surrogatepass") for key in keys]
+            data = pack(dict(zip(keys, values, strict=True)))
+            pieces += (BLOCK.pack(MSGPACK, shard, len(keys), len(data)), data)
         else:
-            text, values = block
-            pieces += (BLOCK.pack(TEXT, shard, len(items), len(text)), text, values)
+            text, packed = block
+            pieces += (BLOCK.pack(TEXT, shard, len(keys), len(text)), text, packed)
     return b"".join(pieces)
 
 
-def _text_block(items: Mapping[Any, int]) -> tuple[bytes, bytes] | None:
-    """``items`` as kind 0 bytes (keys text, int64 values), or None when they do not fit it."""
-    keys = items.keys()
-    if set(map(type, keys)) != {str}:
-        return None
-    joined = "\n".join(keys)
-    if joined.count("\n") != len(items) - 1:
-        return None  # a key holds a newline
+def _text_block(keys: Collection[Any], values: Collection[int]) -> tuple[bytes, bytes] | None:
+    """Kind 0 bytes (keys text, int64 values), or None when the keys or values do not fit it."""
+    if type(keys) is EncodedKeys:
+        text = b"\n".join(keys)
+    else:
+        if set(map(type, keys)) != {str}:
+            return None
+        joined = "\n".join(keys)
+        if joined.count("\n") != len(keys) - 1:
+            return None  # a key holds a newline
+        text = joined.encode("utf-8", "surrogatepass")
     try:
-        values = array("q", items.values())
+        packed = array("q", values)
     except (OverflowError, TypeError):
         return None
     if not _LITTLE:  # pragma: no cover - big-endian machines
-        values.byteswap()
-    return joined.encode("utf-8", "surrogatepass"), values.tobytes()
+        packed.byteswap()
+    return text, packed.tobytes()
 
 
 #: One block of part bytes: kind, shard, keys, and where its keys' bytes start and its bytes end.
