@@ -15,7 +15,7 @@ pipeline process's share of the run's CPU. Peak RSS of the whole process tree co
 sampled run of each variant (sampling costs CPU).
 
     python benchmarks/bench_bykey_pipeline.py [--records 5000000] [--keys 50000 2000000] [--repeat 2]
-        [--max-size 10000] [--variants counter bykey bykey_ckpt] [--no-memory]
+        [--max-size N] [--variants counter bykey bykey_ckpt] [--no-memory]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def make_file(path: str, records: int, keys: int) -> None:
             f.writelines(names[rng.randrange(keys)] for _ in range(min(100_000, records - start)))
 
 
-def variant(name: str, path: str, folder: str | None, max_size: int) -> None:
+def variant(name: str, path: str, folder: str | None, max_size: int | None) -> None:
     check: Any
     if name == "counter":
         counts: Counter[str] = Counter()
@@ -61,9 +61,10 @@ def variant(name: str, path: str, folder: str | None, max_size: int) -> None:
         import microbatch as mb
 
         ckpt = name == "bykey_ckpt"
+        sizes = {} if max_size is None else {"max_size": max_size}
         pipeline = mb.Pipeline(
-            count_keys, aggregate=mb.ByKey(mb.Count()), max_size=max_size, max_wait=None, workers=2,
-            checkpoint_every=1.0 if ckpt else 5.0,
+            count_keys, aggregate=mb.ByKey(mb.Count()), max_wait=None, workers=2,
+            checkpoint_every=1.0 if ckpt else 5.0, **sizes,
         )
 
         async def main() -> list[int]:
@@ -87,7 +88,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--no-memory", action="store_true", help="skip the sampled memory runs")
-    parser.add_argument("--max-size", type=int, default=10_000, help="records per batch")
+    parser.add_argument(
+        "--max-size", type=int, help="records per batch (default: the pipeline's, whole splits with owners)"
+    )
     parser.add_argument("--variant")
     parser.add_argument("--path")
     parser.add_argument("--folder")
@@ -112,14 +115,16 @@ def main() -> None:
             path = os.path.join(tmp, f"keys-{keys}.txt")
             make_file(path, args.records, keys)
             print(
-                f"{args.records:,} records over {keys:,} keys, batches of {args.max_size:,}; medians of "
+                f"{args.records:,} records over {keys:,} keys, batches of {args.max_size or 'whole splits'}; "
+                f"medians of "
                 f"{args.repeat} interleaved rounds"
             )
 
             def once(name: str, sample: bool, path: str = path) -> dict[str, Any]:
                 folder = tempfile.mkdtemp(dir=tmp)
                 argv = [me, "--variant", name, "--path", path, "--folder", folder]
-                argv += ["--max-size", str(args.max_size)]
+                if args.max_size is not None:
+                    argv += ["--max-size", str(args.max_size)]
                 start = time.perf_counter()
                 result = run_variant(argv, 0.05 if sample else None)
                 result["seconds"] = time.perf_counter() - start
