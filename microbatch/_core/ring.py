@@ -149,14 +149,16 @@ class Ring:
             return None  # a key holds a newline
         pieces = joined.encode("utf-8", "surrogatepass").split(b"\n")
         del joined
-        hashes = list(map(_hash, pieces, repeat(STR_SEED)))
+        # The hashes are not kept (a list of big ints): a key in a range of several shards is
+        # hashed again.
+        hashes = map(_hash, pieces, repeat(STR_SEED))
         shards = list(map(self._table.__getitem__, map(rshift, hashes, repeat(_SHIFT))))
         points, owners, n = self._points, self._owners, len(self._points)
         i = -1
         with contextlib.suppress(ValueError):  # the end of the ranges holding several shards
             while True:
                 i = shards.index(_MIXED, i + 1)
-                shards[i] = owners[bisect_left(points, hashes[i]) % n]
+                shards[i] = owners[bisect_left(points, _hash(pieces[i], STR_SEED)) % n]
         key_lists: list[list[bytes]] = [[] for _ in range(self.shards)]
         value_lists: list[list[Any]] = [[] for _ in range(self.shards)]
         add_key = [part.append for part in key_lists]

@@ -124,13 +124,16 @@ class OwnerRoute:
                 f"{key!r:.100} has {result[key]!r:.100}; give ByKey(owners=0) to fold other values"
             )
         parts = cut(result, ring(self.shards), owner_of_shards(self.shards, self.owners), self.owners)
+        keys = len(result)
+        del result, values  # the parts hold what is left to send: less memory at the peak
         sent = []
-        for owner, part in enumerate(parts):
+        for owner in range(self.owners):
+            part, parts[owner] = parts[owner], {}
             if part:
                 ident = wire.part_id()
                 wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
                 sent.append((owner, ident))
-        return OwnedParts(tuple(sent), len(result))
+        return OwnedParts(tuple(sent), keys)
 
 
 class Barrier:
