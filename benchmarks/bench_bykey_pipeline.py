@@ -15,7 +15,7 @@ pipeline process's share of the run's CPU. Peak RSS of the whole process tree co
 sampled run of each variant (sampling costs CPU).
 
     python benchmarks/bench_bykey_pipeline.py [--records 5000000] [--keys 50000 2000000] [--repeat 2]
-        [--max-size N] [--variants counter bykey bykey_ckpt] [--no-memory]
+        [--max-size N] [--split-size BYTES] [--variants counter bykey bykey_ckpt] [--no-memory]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def make_file(path: str, records: int, keys: int) -> None:
             f.writelines(names[rng.randrange(keys)] for _ in range(min(100_000, records - start)))
 
 
-def variant(name: str, path: str, folder: str | None, max_size: int | None) -> None:
+def variant(name: str, path: str, folder: str | None, max_size: int | None, split_size: int | None) -> None:
     check: Any
     if name == "counter":
         counts: Counter[str] = Counter()
@@ -61,7 +61,9 @@ def variant(name: str, path: str, folder: str | None, max_size: int | None) -> N
         import microbatch as mb
 
         ckpt = name == "bykey_ckpt"
-        sizes = {} if max_size is None else {"max_size": max_size}
+        sizes: dict[str, Any] = {} if max_size is None else {"max_size": max_size}
+        if split_size is not None:
+            sizes["split_size"] = split_size
         pipeline = mb.Pipeline(
             count_keys, aggregate=mb.ByKey(mb.Count()), max_wait=None, workers=2,
             checkpoint_every=1.0 if ckpt else 5.0, **sizes,
@@ -91,12 +93,13 @@ def main() -> None:
     parser.add_argument(
         "--max-size", type=int, help="records per batch (default: the pipeline's, whole splits with owners)"
     )
+    parser.add_argument("--split-size", type=int, help="bytes per split (default: the pipeline's)")
     parser.add_argument("--variant")
     parser.add_argument("--path")
     parser.add_argument("--folder")
     args = parser.parse_args()
     if args.variant:
-        variant(args.variant, args.path, args.folder, args.max_size)
+        variant(args.variant, args.path, args.folder, args.max_size, args.split_size)
         return
 
     import compileall
@@ -116,8 +119,8 @@ def main() -> None:
             make_file(path, args.records, keys)
             print(
                 f"{args.records:,} records over {keys:,} keys, batches of {args.max_size or 'whole splits'}; "
-                f"medians of "
-                f"{args.repeat} interleaved rounds"
+                f"splits of {args.split_size or 'the default size'}; medians of {args.repeat} "
+                "interleaved rounds"
             )
 
             def once(name: str, sample: bool, path: str = path) -> dict[str, Any]:
@@ -125,6 +128,8 @@ def main() -> None:
                 argv = [me, "--variant", name, "--path", path, "--folder", folder]
                 if args.max_size is not None:
                     argv += ["--max-size", str(args.max_size)]
+                if args.split_size is not None:
+                    argv += ["--split-size", str(args.split_size)]
                 start = time.perf_counter()
                 result = run_variant(argv, 0.05 if sample else None)
                 result["seconds"] = time.perf_counter() - start
