@@ -33,7 +33,7 @@ log = logging.getLogger("microbatch")
 
 
 #: Bytes per split of a file a run with shard owners reads, when ``split_size`` is not given.
-OWNED_SPLIT_SIZE = 8 << 20
+OWNED_SPLIT_SIZE = 4 << 20
 
 
 def owned_split_sizes(
