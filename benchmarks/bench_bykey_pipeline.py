@@ -11,7 +11,8 @@ interpreter whose start-up is included in its time (measured from outside, by th
 Rounds are interleaved (a noisy neighbour slows every variant of a round alike); the package and
 the jobs are byte-compiled first. Each variant reports the CPU time of its own process
 (``getrusage(RUSAGE_SELF)``) and of its waited-for children (workers, shard owners), from which the
-pipeline process's share of the run's CPU. Peak RSS of the whole process tree comes from one more,
+pipeline process's share of the run's CPU, and the longest time between two updates of the run
+(the largest of its rounds). Peak RSS of the whole process tree comes from one more,
 sampled run of each variant (sampling costs CPU).
 
     python benchmarks/bench_bykey_pipeline.py [--records 5000000] [--keys 50000 2000000] [--repeat 2]
@@ -49,6 +50,7 @@ def make_file(path: str, records: int, keys: int) -> None:
 
 def variant(name: str, path: str, folder: str | None, max_size: int | None, split_size: int | None) -> None:
     check: Any
+    gap = 0.0  # the longest time between two updates
     if name == "counter":
         counts: Counter[str] = Counter()
         with open(path) as f:
@@ -70,7 +72,14 @@ def variant(name: str, path: str, folder: str | None, max_size: int | None, spli
         )
 
         async def main() -> list[int]:
-            result = await pipeline.run(mb.read_lines(path), checkpoint=folder if ckpt else None)
+            nonlocal gap
+            async with pipeline.start(mb.read_lines(path), checkpoint=folder if ckpt else None) as run:
+                last = None
+                async for _update in run.updates():
+                    now = time.perf_counter()
+                    gap = max(gap, 0.0 if last is None else now - last)
+                    last = now
+                result = await run.result()
             return [len(result), sum(result.values()), result.get("user-0000001", 0)]
 
         check = anyio.run(main)
@@ -80,6 +89,7 @@ def variant(name: str, path: str, folder: str | None, max_size: int | None, spli
         "check": check,
         "self_cpu": me.ru_utime + me.ru_stime,
         "children_cpu": kids.ru_utime + kids.ru_stime,
+        "gap": gap,
     }))
 
 
@@ -155,9 +165,11 @@ def main() -> None:
                 )
                 cpu = statistics.median(r["self_cpu"] + r["children_cpu"] for r in rs)
                 peak = peaks.get(name, float("nan"))
+                gap = max(r["gap"] for r in rs)
                 print(
                     f"  {name:11s} {secs:7.2f} s  {ratio:5.2f}x {args.variants[0]}  "
-                    f"cpu {cpu:6.2f} s (own process {share:4.0%})  peak {peak:7.1f} MB"
+                    f"cpu {cpu:6.2f} s (own process {share:4.0%})  peak {peak:7.1f} MB  "
+                    f"longest gap between updates {gap:5.2f} s"
                 )
             if "bykey" in runs and "bykey_ckpt" in runs:
                 vs = statistics.median(
