@@ -221,14 +221,16 @@ class Owner:
             if whole is None or shard in whole:
                 kind, names = "base", items
             elif shard in self.changed:
-                kind, names = "delta", {key: items[key] for key in self.changed[shard]}
+                changed = self.changed[shard]
+                kind, names = "delta", dict(zip(changed, map(items.__getitem__, changed), strict=True))
             else:
                 continue
+            keys = list(names)
+            if tuple in set(map(type, keys)):  # tuple keys in their JSON form; others as they are
+                keys = [key_to_json(key) if type(key) is tuple else key for key in keys]
             documents.append({
                 "format": "microbatch.keyed/1", "shard": shard, "shards": shards, "kind": kind,
-                "count": len(items),
-                "keys": [key_to_json(key) if type(key) is tuple else key for key in names],
-                "states": list(names.values()),
+                "count": len(items), "keys": keys, "states": list(names.values()),
             })
         manifest = files.write(seq, documents, shards=shards)  # CheckpointWriteError: changes kept
         self.whole = set()
