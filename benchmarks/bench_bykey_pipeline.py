@@ -11,11 +11,12 @@ interpreter whose start-up is included in its time (measured from outside, by th
 Rounds are interleaved (a noisy neighbour slows every variant of a round alike); the package and
 the jobs are byte-compiled first. Each variant reports the CPU time of its own process
 (``getrusage(RUSAGE_SELF)``) and of its waited-for children (workers, shard owners), from which the
-pipeline process's share of the run's CPU. Peak RSS of the whole process tree comes from one more,
+pipeline process's share of the run's CPU, and the longest time between two updates of the run
+(the largest of its rounds). Peak RSS of the whole process tree comes from one more,
 sampled run of each variant (sampling costs CPU).
 
     python benchmarks/bench_bykey_pipeline.py [--records 5000000] [--keys 50000 2000000] [--repeat 2]
-        [--max-size 10000] [--variants counter bykey bykey_ckpt] [--no-memory]
+        [--max-size N] [--split-size BYTES] [--variants counter bykey bykey_ckpt] [--no-memory]
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def make_file(path: str, records: int, keys: int) -> None:
             f.writelines(names[rng.randrange(keys)] for _ in range(min(100_000, records - start)))
 
 
-def variant(name: str, path: str, folder: str | None, max_size: int) -> None:
+def variant(name: str, path: str, folder: str | None, max_size: int | None, split_size: int | None) -> None:
     check: Any
+    gap = 0.0  # the longest time between two updates
     if name == "counter":
         counts: Counter[str] = Counter()
         with open(path) as f:
@@ -61,13 +63,23 @@ def variant(name: str, path: str, folder: str | None, max_size: int) -> None:
         import microbatch as mb
 
         ckpt = name == "bykey_ckpt"
+        sizes: dict[str, Any] = {} if max_size is None else {"max_size": max_size}
+        if split_size is not None:
+            sizes["split_size"] = split_size
         pipeline = mb.Pipeline(
-            count_keys, aggregate=mb.ByKey(mb.Count()), max_size=max_size, max_wait=None, workers=2,
-            checkpoint_every=1.0 if ckpt else 5.0,
+            count_keys, aggregate=mb.ByKey(mb.Count()), max_wait=None, workers=2,
+            checkpoint_every=1.0 if ckpt else 5.0, **sizes,
         )
 
         async def main() -> list[int]:
-            result = await pipeline.run(mb.read_lines(path), checkpoint=folder if ckpt else None)
+            nonlocal gap
+            async with pipeline.start(mb.read_lines(path), checkpoint=folder if ckpt else None) as run:
+                last = None
+                async for _update in run.updates():
+                    now = time.perf_counter()
+                    gap = max(gap, 0.0 if last is None else now - last)
+                    last = now
+                result = await run.result()
             return [len(result), sum(result.values()), result.get("user-0000001", 0)]
 
         check = anyio.run(main)
@@ -77,6 +89,7 @@ def variant(name: str, path: str, folder: str | None, max_size: int) -> None:
         "check": check,
         "self_cpu": me.ru_utime + me.ru_stime,
         "children_cpu": kids.ru_utime + kids.ru_stime,
+        "gap": gap,
     }))
 
 
@@ -87,13 +100,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--no-memory", action="store_true", help="skip the sampled memory runs")
-    parser.add_argument("--max-size", type=int, default=10_000, help="records per batch")
+    parser.add_argument(
+        "--max-size", type=int, help="records per batch (default: the pipeline's, whole splits with owners)"
+    )
+    parser.add_argument("--split-size", type=int, help="bytes per split (default: the pipeline's)")
     parser.add_argument("--variant")
     parser.add_argument("--path")
     parser.add_argument("--folder")
     args = parser.parse_args()
     if args.variant:
-        variant(args.variant, args.path, args.folder, args.max_size)
+        variant(args.variant, args.path, args.folder, args.max_size, args.split_size)
         return
 
     import compileall
@@ -112,14 +128,18 @@ def main() -> None:
             path = os.path.join(tmp, f"keys-{keys}.txt")
             make_file(path, args.records, keys)
             print(
-                f"{args.records:,} records over {keys:,} keys, batches of {args.max_size:,}; medians of "
-                f"{args.repeat} interleaved rounds"
+                f"{args.records:,} records over {keys:,} keys, batches of {args.max_size or 'whole splits'}; "
+                f"splits of {args.split_size or 'the default size'}; medians of {args.repeat} "
+                "interleaved rounds"
             )
 
             def once(name: str, sample: bool, path: str = path) -> dict[str, Any]:
                 folder = tempfile.mkdtemp(dir=tmp)
                 argv = [me, "--variant", name, "--path", path, "--folder", folder]
-                argv += ["--max-size", str(args.max_size)]
+                if args.max_size is not None:
+                    argv += ["--max-size", str(args.max_size)]
+                if args.split_size is not None:
+                    argv += ["--split-size", str(args.split_size)]
                 start = time.perf_counter()
                 result = run_variant(argv, 0.05 if sample else None)
                 result["seconds"] = time.perf_counter() - start
@@ -145,9 +165,11 @@ def main() -> None:
                 )
                 cpu = statistics.median(r["self_cpu"] + r["children_cpu"] for r in rs)
                 peak = peaks.get(name, float("nan"))
+                gap = max(r["gap"] for r in rs)
                 print(
                     f"  {name:11s} {secs:7.2f} s  {ratio:5.2f}x {args.variants[0]}  "
-                    f"cpu {cpu:6.2f} s (own process {share:4.0%})  peak {peak:7.1f} MB"
+                    f"cpu {cpu:6.2f} s (own process {share:4.0%})  peak {peak:7.1f} MB  "
+                    f"longest gap between updates {gap:5.2f} s"
                 )
             if "bykey" in runs and "bykey_ckpt" in runs:
                 vs = statistics.median(

@@ -48,12 +48,16 @@ def test_cut_files_each_key_under_its_owner_and_shard() -> None:
     parts = cut(result, r, owner, 3)
     seen = {}
     for o, part in enumerate(parts):
-        for shard, items in part.items():
-            assert items and owner[shard] == o
-            for key, value in items.items():
+        for shard, (keys, values) in part.items():
+            assert keys and len(keys) == len(values) and owner[shard] == o
+            for key, value in zip(keys, values, strict=True):
                 assert r.shard_of(key) == shard
                 seen[key] = value
     assert seen == result
+    only_str = {f"k{i}": i for i in range(1000)}  # the C-level path: every key a str
+    assert [r.split(only_str)[s] for s in range(16)] == [
+        dict(zip(*pair, strict=True)) for pair in zip(*r.split_lists(only_str), strict=True)
+    ]
 
 
 def test_cut_refuses_a_bad_key() -> None:

@@ -57,6 +57,23 @@ async def test_counts_equal_a_counter_over_the_input(tmp_path: Path) -> None:
         counts["nope"]
 
 
+async def test_splits_are_whole_batches_unless_max_size_is_given(tmp_path: Path) -> None:
+    lines = make_input(tmp_path / "in.txt", 120_000, 2_000)  # about 720 kB
+    sizes: dict[bool, list[int]] = {}
+    for given in (False, True):
+        extra = {"max_size": 10_000} if given else {}
+        pipeline = mb.Pipeline(
+            count_lines, aggregate=mb.ByKey(mb.Count()), workers=2, split_size=1 << 17, **extra
+        )
+        async with pipeline.start(mb.read_lines(tmp_path / "in.txt")) as run:
+            sizes[given] = [update.batch_records async for update in run.updates()]
+            counts = await run.result()
+        assert dict(counts) == Counter(lines)
+    assert max(sizes[True]) == 10_000
+    # splits of 128 KiB hold about 21,800 lines each; the first ones are smaller (1/8, 1/4, 1/2)
+    assert max(sizes[False]) > 15_000 and len(sizes[False]) < len(sizes[True])
+
+
 async def test_records_from_an_iterable_and_three_owners(tmp_path: Path) -> None:
     lines = [f"k{(i * 7919) % 500}" for i in range(12_000)]
     counts = await mb.Pipeline(

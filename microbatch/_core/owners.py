@@ -22,7 +22,7 @@ from typing import Any
 from .params import check_int
 from .ring import Ring
 
-__all__ = ["cut", "owner_of_shards"]
+__all__ = ["EncodedKeys", "cut", "owner_of_shards"]
 
 
 def owner_of_shards(shards: int, owners: int) -> list[int]:
@@ -45,16 +45,27 @@ def owner_of_shards(shards: int, owners: int) -> list[int]:
     return owner
 
 
+class EncodedKeys(list[bytes]):
+    """Keys of a part already UTF-8 (``surrogatepass``) encoded: every one was a str without a
+    newline (see :meth:`microbatch._core.ring.Ring.split_encoded`)."""
+
+    __slots__ = ()
+
+
 def cut(
     result: Mapping[Any, Any], ring: Ring, owner_of: list[int], owners: int
-) -> list[dict[int, dict[Any, Any]]]:
-    """``result`` cut into one ``{shard: {key: value}}`` per owner (empty dicts for owners without keys).
+) -> list[dict[int, tuple[list[Any], list[Any]]]]:
+    """``result`` cut into one ``{shard: (keys, values)}`` per owner (empty dicts for owners
+    without keys): two lists of equal length per shard; the keys an :class:`EncodedKeys` when
+    every key of ``result`` is a str without a newline.
 
     Each key is hashed once. ``TypeError`` naming the first key that is not a str, an int or a
     tuple of them, before anything is returned.
     """
-    parts: list[dict[int, dict[Any, Any]]] = [{} for _ in range(owners)]
-    for shard, part in enumerate(ring.split(result)):  # the ring's inlined per-key loop
-        if part:
-            parts[owner_of[shard]][shard] = part
+    parts: list[dict[int, tuple[list[Any], list[Any]]]] = [{} for _ in range(owners)]
+    encoded = ring.split_encoded(result)
+    key_lists, value_lists = ring.split_lists(result) if encoded is None else encoded
+    for shard, keys in enumerate(key_lists):
+        if keys:
+            parts[owner_of[shard]][shard] = (EncodedKeys(keys) if encoded else keys, value_lists[shard])
     return parts

@@ -19,9 +19,12 @@ the others (a few percent at 16 shards) search the sorted points.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from bisect import bisect_left
 from collections.abc import Mapping
+from itertools import repeat
+from operator import rshift
 from typing import Any
 
 import xxhash
@@ -116,6 +119,54 @@ class Ring:
                 shard = owners[bisect_left(points, h) % n]
             parts[shard][key] = value
         return parts
+
+    def split_lists(self, result: Mapping[Any, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
+        """``result``'s keys and values in one list each per shard (index = shard number), without
+        a dict per shard; ``TypeError`` naming the first bad key, as :meth:`split`."""
+        key_lists: list[list[Any]] = [[] for _ in range(self.shards)]
+        value_lists: list[list[Any]] = [[] for _ in range(self.shards)]
+        shard_of_hash = self.shard_of_hash
+        for key, value in result.items():
+            shard = shard_of_hash(key_hash(key))
+            key_lists[shard].append(key)
+            value_lists[shard].append(value)
+        return key_lists, value_lists
+
+    def split_encoded(self, result: Mapping[Any, Any]) -> tuple[list[list[bytes]], list[list[Any]]] | None:
+        """When every key of ``result`` is a str without a newline: its keys, UTF-8
+        (``surrogatepass``) encoded, and its values in one list each per shard (index = shard
+        number); else None.
+
+        One pass reads the key objects (a join); the hashing and the placing then run on the
+        joined bytes, which lie in order in memory: with many keys, each pass over scattered key
+        objects would cost a cache miss per key.
+        """
+        try:
+            joined = "\n".join(result)
+        except TypeError:
+            return None  # a key that is not a str
+        if joined.count("\n") != len(result) - 1:
+            return None  # a key holds a newline
+        pieces = joined.encode("utf-8", "surrogatepass").split(b"\n")
+        del joined
+        # The hashes are not kept (a list of big ints): a key in a range of several shards is
+        # hashed again.
+        hashes = map(_hash, pieces, repeat(STR_SEED))
+        shards = list(map(self._table.__getitem__, map(rshift, hashes, repeat(_SHIFT))))
+        points, owners, n = self._points, self._owners, len(self._points)
+        i = -1
+        with contextlib.suppress(ValueError):  # the end of the ranges holding several shards
+            while True:
+                i = shards.index(_MIXED, i + 1)
+                shards[i] = owners[bisect_left(points, _hash(pieces[i], STR_SEED)) % n]
+        key_lists: list[list[bytes]] = [[] for _ in range(self.shards)]
+        value_lists: list[list[Any]] = [[] for _ in range(self.shards)]
+        add_key = [part.append for part in key_lists]
+        add_value = [part.append for part in value_lists]
+        for key, value, shard in zip(pieces, result.values(), shards, strict=True):
+            add_key[shard](key)
+            add_value[shard](value)
+        return key_lists, value_lists
 
     def __reduce__(self) -> tuple[object, tuple[int, int]]:
         return (ring, (self.shards, self.vnodes))

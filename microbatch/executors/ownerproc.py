@@ -12,8 +12,10 @@ Like a worker it dies with the pipeline (``PR_SET_PDEATHSIG`` plus a thread watc
 the worker's own code) and ignores SIGINT and SIGTERM (the pipeline decides when it stops). It
 exits when its control connection closes.
 
-The state is one dict of key -> int per shard it holds. A part folds with C-level operations
-only: ``d.update(zip(keys, map(add, map(d.get, keys, repeat(0)), values)))``.
+The state is one dict of key -> int per shard it holds. A part (see
+:func:`microbatch.executors.ownerwire.unpack_part`) folds with C-level operations only:
+``d.update(zip(keys, map(add, map(d.get, keys, repeat(0)), values)))``, or ``dict(zip(keys, values))``
+for a shard still empty.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Owner:
         self.shards: dict[int, dict[Any, int]] = {}
         self.control: socket.socket | None = None
         self.folded = 0
+        self.taken = False  # TAKE answered: the state is gone, the owner exits
         # Checkpoints: per shard, the keys changed since the last barrier; shards to write whole
         # (every shard until a barrier or a load gave it files); the shard files' writer.
         self.changed: dict[int, set[Any]] = {}
@@ -88,7 +91,7 @@ class Owner:
 
     def serve(self) -> None:
         """Serve until the control connection closes."""
-        while True:
+        while not self.taken:
             for key, _ in self.selector.select():
                 if key.data is None:
                     sock, _addr = self.listener.accept()
@@ -150,6 +153,9 @@ class Owner:
                 self._reply(wire.VALUE, wire.pack(sum(map(len, self.shards.values()))))
             elif kind == wire.DUMP:
                 self._reply(wire.VALUE, wire.pack(self.shards))
+            elif kind == wire.TAKE:
+                self._take()
+                return
             elif kind in (wire.BARRIER, wire.LOAD):
                 answer: Any
                 try:
@@ -163,13 +169,24 @@ class Owner:
                     self._reply(wire.VALUE, wire.pack(answer))
             requests.popleft()
 
+    def _take(self) -> None:
+        """Send the whole state as part bytes, shard by shard, each freed once packed; then exit."""
+        shards = self.shards
+        pieces = []
+        for shard in sorted(shards):
+            items = shards.pop(shard)
+            pieces.append(wire.pack_part({shard: (items.keys(), items.values())}))
+        assert self.control is not None
+        wire.send_frame(self.control, wire.VALUE, pieces)
+        self.taken = True
+
     def _fold(self, payload: bytes) -> None:
-        for shard, items in wire.unpack(payload).items():
+        for shard, keys, values in wire.unpack_part(payload):
             state = self.shards.get(shard)
-            if state is None:
-                state = self.shards[shard] = {}
-            keys = items.keys()
-            state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), items.values()), strict=False))
+            if not state:
+                state = self.shards[shard] = dict(zip(keys, values, strict=True))  # adopted
+            else:
+                state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), values), strict=True))
             whole = self.whole
             if whole is None or shard in whole:
                 continue
@@ -204,14 +221,16 @@ class Owner:
             if whole is None or shard in whole:
                 kind, names = "base", items
             elif shard in self.changed:
-                kind, names = "delta", {key: items[key] for key in self.changed[shard]}
+                changed = self.changed[shard]
+                kind, names = "delta", dict(zip(changed, map(items.__getitem__, changed), strict=True))
             else:
                 continue
+            keys = list(names)
+            if tuple in set(map(type, keys)):  # tuple keys in their JSON form; others as they are
+                keys = [key_to_json(key) if type(key) is tuple else key for key in keys]
             documents.append({
                 "format": "microbatch.keyed/1", "shard": shard, "shards": shards, "kind": kind,
-                "count": len(items),
-                "keys": [key_to_json(key) if type(key) is tuple else key for key in names],
-                "states": list(names.values()),
+                "count": len(items), "keys": keys, "states": list(names.values()),
             })
         manifest = files.write(seq, documents, shards=shards)  # CheckpointWriteError: changes kept
         self.whole = set()

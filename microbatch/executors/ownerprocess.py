@@ -70,14 +70,17 @@ class OwnerProcess:
         """Send a frame; ``OSError`` when the owner is gone."""
         self.control().sendall(data)
 
-    def answer(self, *, lists: bool = False) -> Any:
-        """The next answer: a value, or ``OwnerFailed``; ``EOFError``/``OSError`` when it is gone."""
+    def answer(self, *, lists: bool = False, raw: bool = False) -> Any:
+        """The next answer: a value (``raw``: its bytes, undecoded), or ``OwnerFailed``;
+        ``EOFError``/``OSError`` when the owner is gone."""
         try:
             kind, _, data = wire.receive_frame(self.control())
         except ConnectionError as exc:
             raise EOFError(str(exc)) from None
         if kind == wire.FAILED:
             return OwnerFailed(data.decode(errors="replace"))
+        if raw:
+            return data
         return wire.unpack_json(data) if lists else wire.unpack(data)
 
     def exit(self) -> str:

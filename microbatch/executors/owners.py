@@ -11,8 +11,9 @@ With ``ByKey(Count())`` (or ``ByKey(Sum())`` given ``owners=``) on worker proces
 2. the pipeline's fold stage, in batch order, sends each owner a FOLD naming that batch's part ids
    (``Owners.fold``): no key crosses the pipeline process, and each part is folded once, in order,
    or never (the part of an attempt whose result never came back);
-3. reads ask the owners (``microbatch.pipeline.owned``); when the run ends, the owners' state is
-   taken into the pipeline process once, so the value outlives the owners.
+3. reads ask the owners (``microbatch.pipeline.owned``); when the run ends, each owner in turn
+   sends its whole state as part bytes and exits, so the value outlives the owners (decoded
+   shard by shard as it is read, never held twice over).
 
 A run with a checkpoint keeps each part file until a checkpoint covers it. An owner that dies is
 then started again: it loads its shards from the last checkpoint's files, the FOLDs sent since are
@@ -123,13 +124,16 @@ class OwnerRoute:
                 f"{key!r:.100} has {result[key]!r:.100}; give ByKey(owners=0) to fold other values"
             )
         parts = cut(result, ring(self.shards), owner_of_shards(self.shards, self.owners), self.owners)
+        keys = len(result)
+        del result, values  # the parts hold what is left to send: less memory at the peak
         sent = []
-        for owner, part in enumerate(parts):
+        for owner in range(self.owners):
+            part, parts[owner] = parts[owner], {}
             if part:
                 ident = wire.part_id()
-                wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack(part))
+                wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
                 sent.append((owner, ident))
-        return OwnedParts(tuple(sent), len(result))
+        return OwnedParts(tuple(sent), keys)
 
 
 class Barrier:
@@ -194,8 +198,9 @@ class Owners:
         self.processes: list[OwnerProcess] = []
         self._dead: list[OwnerProcess] = []
         self.restarts = [0] * count
-        #: Every owner's state, ``{shard: {key: int}}``, taken as the block was left normally.
-        self.final: dict[int, dict[Any, int]] | None = None
+        #: Every owner's state as part bytes (``ownerwire.pack_part``), one per owner, taken as the
+        #: block was left normally.
+        self.final: list[bytearray] | None = None
         self.batches = 0  # fold() calls (a batch split apart to isolate failures makes several)
         # The last manifest written (or loaded) and its folder; per owner, the part ids of the
         # FOLDs sent since: what a restarted owner loads and is sent again.
@@ -224,7 +229,7 @@ class Owners:
     async def __aexit__(self, *exc_info: object) -> None:
         try:
             if exc_info[1] is None:
-                self.final = await anyio.to_thread.run_sync(self.take_state)
+                self.final = await anyio.to_thread.run_sync(self.take_final)
         finally:
             await self._close()
 
@@ -270,15 +275,15 @@ class Owners:
         with self.lock:
             return self.request(owner, wire.frame(kind, 0, payload), lists=lists)
 
-    def request(self, owner: int, data: bytes, *, lists: bool = False) -> Any:
+    def request(self, owner: int, data: bytes, *, lists: bool = False, raw: bool = False) -> Any:
         """Send a question and read its answer, asking a restarted owner again; hold ``lock``."""
         try:
             self.processes[owner].send(data)
-            return self.processes[owner].answer(lists=lists)
+            return self.processes[owner].answer(lists=lists, raw=raw)
         except (OSError, EOFError) as exc:
             self._restart(owner, exc)
             self.processes[owner].send(data)
-            return self.processes[owner].answer(lists=lists)
+            return self.processes[owner].answer(lists=lists, raw=raw)
 
     def _restart(self, owner: int, cause: BaseException) -> None:
         """Start ``owner`` again from the last checkpoint's files and the FOLDs sent since."""
@@ -347,6 +352,19 @@ class Owners:
                 loaded += answer
         self.manifest, self.manifest_folder = manifest, folder
         return loaded
+
+    def take_final(self) -> list[bytearray]:
+        """Every owner's whole state as part bytes, one owner after the other, each owner exiting
+        once it sent its state: the state is never held twice over in memory."""
+        taken = []
+        for owner in range(self.count):
+            with self.lock:
+                answer = self.request(owner, wire.frame(wire.TAKE, 0), raw=True)
+            if isinstance(answer, OwnerFailed):  # pragma: no cover - TAKE does not fail
+                raise WorkerCrashed(f"shard owner {owner}: {answer}")
+            taken.append(answer)
+            self.processes[owner].stop()
+        return taken
 
     def take_state(self) -> dict[int, dict[Any, int]]:
         """Every owner's shards (after their pending folds), ``{shard: {key: int}}``."""

@@ -15,10 +15,9 @@ from typing import Any
 
 import anyio
 
-from .._core.ring import ring
+from .._core.ring import Ring, ring
 from .._core.task import BatchTask
 from ..aggregate import Aggregator, ByKey, Count, Sum
-from ..aggregate.keyed import KeyedState
 from ..checkpoints.session import Checkpoints, DeferredShards
 from ..executors import ProcessExecutor, check_picklable
 from ..executors import ownerwire as wire
@@ -26,10 +25,31 @@ from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
 from .stats import Stats
 
 __all__ = [
-    "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owner_count", "prepare_executor", "uses_owners"
+    "OWNED_SPLIT_SIZE", "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owned_split_sizes",
+    "owner_count", "PackedValues", "prepare_executor", "uses_owners",
 ]
 
 log = logging.getLogger("microbatch")
+
+
+#: Bytes per split of a file a run with shard owners reads, when ``split_size`` is not given.
+OWNED_SPLIT_SIZE = 4 << 20
+
+
+def owned_split_sizes(
+    size: int | None, default_size: bool, default_batch: bool
+) -> tuple[int | None, int | None]:
+    """The split size and the lines per batch inside a split of a run with shard owners.
+
+    Each batch result's distinct keys cost a cut, a message and a fold in an owner; the records of
+    a batch cost only ``fn``. Batches that are large against the number of keys combine many
+    records per key, so when not given: splits of ``OWNED_SPLIT_SIZE`` bytes (instead of 2 MiB),
+    each one batch (``max_size`` stays the bound of batches read in the pipeline process).
+    """
+    if default_size and size is not None:
+        size = OWNED_SPLIT_SIZE
+    batch = size if default_batch and size is not None else None  # a line holds at least one byte
+    return size, batch
 
 
 def owner_count(agg: object, workers: int | None) -> int:
@@ -126,8 +146,7 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
         self.agg = agg
         self.owners = owners
         self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now
-        self._final: KeyedState | None = None
-        self._final_view: Mapping[Any, Any] = {}
+        self._final: PackedValues | None = None
 
     def describe(self) -> str:
         return self.agg.describe()
@@ -142,15 +161,11 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
     def final(self) -> Mapping[Any, Any] | None:
         """The keyed values once the owners' final state was taken (the run's block was left)."""
         if self._final is None:
-            shards = self.owners.final
-            if shards is None:
+            taken = self.owners.final
+            if taken is None:
                 return None
-            state = KeyedState(ring(self.agg.shards))
-            for shard, items in shards.items():
-                state.shards[shard] = items
-            self._final = state
-            self._final_view = self.agg.value(state)
-        return self._final_view
+            self._final = PackedValues(taken, ring(self.agg.shards))
+        return self._final
 
     def value(self, state: OwnedState) -> Mapping[Any, Any]:
         final = self.final()
@@ -222,3 +237,77 @@ class OwnedView(Mapping[Any, Any]):
 
     def __repr__(self) -> str:
         return f"<keyed values held by {self._agg.owners.count} shard owners>"
+
+
+class PackedValues(Mapping[Any, Any]):
+    """The keyed values of a run's end: the owners' state as they sent it, part bytes
+    (:func:`microbatch.executors.ownerwire.pack_part`), decoded a shard at a time as it is read.
+    The owners hold int counts and sums, which are their own values.
+
+    A lookup hashes the key once and decodes its shard (the last shard decoded is kept);
+    iterating decodes each shard in turn. ``dict(values)`` makes an ordinary copy.
+    """
+
+    __slots__ = ("_taken", "_blocks", "_ring", "_len", "_decoded")
+
+    def __init__(self, taken: list[bytearray], place: Ring) -> None:
+        self._taken = taken
+        self._blocks: dict[int, tuple[int, wire.Block]] = {}
+        for index, data in enumerate(taken):
+            for block in wire.part_blocks(data):
+                self._blocks[block[1]] = (index, block)
+        self._ring = place
+        self._len = sum(block[2] for _, block in self._blocks.values())
+        self._decoded: tuple[int, dict[Any, Any]] = (-1, {})
+
+    def _items(self, shard: int) -> tuple[Any, Any]:
+        index, block = self._blocks[shard]
+        return wire.block_items(self._taken[index], block)
+
+    def _shard(self, shard: int) -> dict[Any, Any]:
+        if self._decoded[0] != shard:
+            self._decoded = (shard, dict(zip(*self._items(shard), strict=True)))
+        return self._decoded[1]
+
+    def __getitem__(self, key: object) -> Any:
+        try:
+            shard = self._ring.shard_of(key)
+        except TypeError:
+            raise KeyError(key) from None
+        if shard not in self._blocks:
+            raise KeyError(key)
+        return self._shard(shard)[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        for shard in sorted(self._blocks):
+            yield from self._items(shard)[0]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def values(self) -> ValuesView[Any]:
+        return _PackedValuesView(self)
+
+    def items(self) -> ItemsView[Any, Any]:
+        return _PackedItems(self)
+
+    def __repr__(self) -> str:
+        return f"<keyed values of {self._len} keys in {len(self._blocks)} shards>"
+
+
+class _PackedValuesView(ValuesView[Any]):
+    _mapping: PackedValues
+
+    def __iter__(self) -> Iterator[Any]:
+        packed = self._mapping
+        for shard in sorted(packed._blocks):
+            yield from packed._items(shard)[1]
+
+
+class _PackedItems(ItemsView[Any, Any]):
+    _mapping: PackedValues
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        packed = self._mapping
+        for shard in sorted(packed._blocks):
+            yield from zip(*packed._items(shard), strict=True)

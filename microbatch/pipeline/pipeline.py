@@ -16,7 +16,8 @@ from ..aggregate.windows import WindowedFn, Windows, combine_in_worker
 from ..checkpoints.store import CheckpointStore
 from ..executors import Executor
 from .reader import describe_source
-from .run import Discard, Run, UnsetSplitSize
+from .run import Discard, Run
+from .sizes import UnsetMaxSize, UnsetSplitSize
 from .windowed import WindowStream
 
 __all__ = ["DEFAULT_SPLIT_SIZE", "Pipeline"]
@@ -54,6 +55,9 @@ class Pipeline(Generic[R, V]):
     ``(queue_size + workers) * max_size`` records plus one read block):
 
     - ``max_size`` (10,000), ``max_wait`` (0.5 s): batch bounds, see :func:`microbatch.batches`.
+      A run whose ``ByKey`` state is held by shard owners cuts each split of a file into one
+      batch when ``max_size`` is not given, and splits at 4 MiB when ``split_size`` is not given
+      (``docs/aggregators.md``, "What a keyed pipeline costs").
     - ``workers``: worker processes (default: the number of CPUs); ignored with an executor instance.
     - ``executor``: ``"process"`` (default), ``"thread"``, ``"inline"`` or an ``Executor``.
     - ``queue_size`` (4): batches waiting for a worker; the reader stops reading when it is full.
@@ -97,7 +101,7 @@ class Pipeline(Generic[R, V]):
         fn: Callable[[list[Any]], R],
         *,
         aggregate: Aggregator[R, Any, V] | None = None,
-        max_size: int = 10_000,
+        max_size: int = UnsetMaxSize(10_000),
         max_wait: float | None = 0.5,
         workers: int | None = None,
         queue_size: int = 4,

@@ -207,23 +207,6 @@ def source_identity(source: object) -> Callable[[int, int], Any] | None:
     return position_at if isinstance(source, LineParts) and callable(position_at) else None
 
 
-def reads_again(source: object, position: Any) -> bool:
-    """Whether ``source`` can deliver again what a run that ended at ``position`` read, so that a
-    finished run's checkpoint can go on over it (reading what arrived since, or nothing).
-
-    Yes for a file (line parts with file positions, :func:`source_identity`), a chunk source with
-    positions (a NATS stream by sequence, many files, your own log: ``resume(position)`` continues
-    after it) and any other iterable (read again, as a resumed run reads it). No for the streams:
-    line parts without file positions (standard input, a pipe) and a chunk source whose chunks
-    carry no positions (a TCP server: its batches end at None).
-    """
-    if isinstance(source, LineParts):
-        return source_identity(source) is not None
-    if isinstance(source, Source):
-        return position is not None
-    return True
-
-
 # -- reading ----------------------------------------------------------------------------------------
 
 
@@ -235,13 +218,15 @@ async def read(
     *,
     position: Any = None,
     split_size: int | None = None,
+    split_max_size: int | None = None,
 ) -> None:
     """Batch ``source`` (as :func:`resume_source` returned it, after ``position``) into ``emit``.
 
     Every batch's ``end`` is the source position just after it: a byte offset for line parts, a
     chunk position for chunk sources (None when its chunks are plain lists), a record count for
     other iterables. With ``split_size``, a splittable line source (a file) or chunk source (a
-    stream read to its end) is emitted as splits instead.
+    stream read to its end) is emitted as splits instead; a file's splits hold batches of
+    ``split_max_size`` lines (``max_size`` when None).
     """
     if isinstance(source, LineParts):
         if (
@@ -249,7 +234,7 @@ async def read(
             and isinstance(source, SplittableLines)
             and await anyio.to_thread.run_sync(worth_splitting, source, split_size)
         ):
-            await read_splits(source, split_size, max_size, emit)
+            await read_splits(source, split_size, split_max_size or max_size, emit)
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):

@@ -12,9 +12,13 @@ from types import TracebackType
 from typing import Any
 
 from .._core.params import check_int
+from .._exceptions import CheckpointFinished
 from ..sources.protocol import Chunk, LineParts, Source, describe_source, ended_idle
 
-__all__ = ["aclose_iterator", "chunk_position", "reads_on_after_finish", "resume_source", "skip"]
+__all__ = [
+    "aclose_iterator", "chunk_position", "finished_value_stands", "reads_again", "reads_on_after_finish",
+    "resume_source", "skip",
+]
 
 
 def resume_source(source: Any, position: Any, file: Any = None) -> Any:
@@ -53,6 +57,37 @@ def resume_source(source: Any, position: Any, file: Any = None) -> Any:
     return skip(source, check_int("position", position))
 
 
+def finished_value_stands(source: Any, position: Any, file: Any, location: str) -> bool:
+    """For a finished checkpoint at ``position`` (in ``location``): True when its value stands as
+    the run's value, False when the run reads on (:func:`reads_on_after_finish`).
+
+    ``CheckpointFinished`` when ``source`` is a stream that cannot be read again
+    (:func:`reads_again`): its old value is not this input's.
+    """
+    if reads_on_after_finish(source, position, file):
+        return False
+    if not reads_again(source, position):
+        raise CheckpointFinished(location, getattr(source, "where", None) or repr(source))
+    return True
+
+
+def reads_again(source: object, position: Any) -> bool:
+    """Whether ``source`` can deliver again what a run that ended at ``position`` read, so that a
+    finished run's checkpoint can go on over it (reading what arrived since, or nothing).
+
+    Yes for a file (line parts with file positions, ``position_at``), a chunk source with
+    positions (a NATS stream by sequence, many files, your own log: ``resume(position)`` continues
+    after it) and any other iterable (read again, as a resumed run reads it). No for the streams:
+    line parts without file positions (standard input, a pipe) and a chunk source whose chunks
+    carry no positions (a TCP server: its batches end at None).
+    """
+    if isinstance(source, LineParts):
+        return callable(getattr(source, "position_at", None))
+    if isinstance(source, Source):
+        return position is not None
+    return True
+
+
 def reads_on_after_finish(source: Any, position: Any, file: Any = None) -> bool:
     """Whether a run over a *finished* checkpoint at ``position`` reads on, adding what the source
     gained since, rather than returning the finished value as it stands.
@@ -61,7 +96,7 @@ def reads_on_after_finish(source: Any, position: Any, file: Any = None) -> bool:
     (many files, a stream by sequence) read on: their position tells what is new. An iterable read
     again yields what it yielded before, and a source without positions (a TCP server) cannot
     tell what is new: those do not read on (the iterable keeps its finished value; a stream is
-    refused, :func:`microbatch.pipeline.reader.reads_again`).
+    refused, :func:`reads_again`).
     """
     if file is not None:
         return bool(file.kind == "grown")

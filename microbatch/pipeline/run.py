@@ -30,9 +30,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from .._core.params import check_int
 from .._core.task import BatchTask
-from .._exceptions import BatchFailed, CheckpointFinished
+from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
 from ..checkpoints.deadletters import DeadLetterFile
 from ..checkpoints.session import Checkpoints, dead_letter_path
@@ -48,11 +47,11 @@ from .reader import (
     decoding,
     position_kind,
     read,
-    reads_again,
     source_identity,
     stop_intake,
 )
-from .resume import reads_on_after_finish, resume_source
+from .resume import finished_value_stands, resume_source
+from .sizes import read_sizes
 from .stats import Stats, Update
 
 if TYPE_CHECKING:
@@ -170,19 +169,18 @@ class Run(Generic[R, V]):
             cp, self.initial_state, position = restored.checkpoint, restored.state, restored.position
             first_ticket = cp.batches  # a resumed run's tickets start at its batch count
             self.stats.batches, self.stats.records, self.stats.position = cp.batches, cp.records, position
-            if cp.finished and not reads_on_after_finish(self.source, position, restored.file):
-                if not reads_again(self.source, position):
-                    await stack.aclose()
-                    raise CheckpointFinished(str(self.checkpoints.store and self.checkpoints.store.location),
-                                             getattr(self.source, "where", None) or repr(self.source))
-                self._finished_before, self.initial_state = True, await loaded_here(self.initial_state)
-                log.info("the checkpoint is of a finished run: returning its value")
-                return self
             try:
-                self.source = resume_source(self.source, position, restored.file)
+                location = str(getattr(self.checkpoints.store, "location", ""))
+                stands = cp.finished and finished_value_stands(self.source, position, restored.file, location)
+                if not stands:
+                    self.source = resume_source(self.source, position, restored.file)
             except BaseException:
                 await stack.aclose()
                 raise
+            if stands:
+                self._finished_before, self.initial_state = True, await loaded_here(self.initial_state)
+                log.info("the checkpoint is of a finished run: returning its value")
+                return self
         ask_source_for_file_positions(self)
         try:
             stack.callback(self.dead.close)
@@ -328,8 +326,11 @@ class Run(Generic[R, V]):
             emit = Emitter(send, window, ticket, events)
             p = self.pipeline
             with self._intake or anyio.CancelScope():
-                size = split_size_for(p.split_size, p.executor)
-                await read(self.source, p.max_size, p.max_wait, emit, position=position, split_size=size)
+                size, split_batch = read_sizes(p, self.checkpoints.defer_keyed)
+                await read(
+                    self.source, int(p.max_size), p.max_wait, emit, position=position, split_size=size,
+                    split_max_size=split_batch,
+                )
                 if not self._stopped and not ended_idle(self.source):
                     # The source ended (not asked to, nor quiet): these many batches make the whole run.
                     await send.send(End(emit.ticket))
@@ -441,19 +442,6 @@ class _Updates(Generic[V]):
                 return
             if hold:
                 self.held.append(update)
-
-
-class UnsetSplitSize(int):
-    """A ``split_size`` the user did not give: the pipeline's default, which an executor may replace."""
-
-
-def split_size_for(split_size: int | None, executor: object) -> int | None:
-    """The split size a run uses: ``split_size`` when given (an int or None), else the executor's
-    ``split_size`` attribute when it has one (a remote executor wants larger splits)."""
-    if not isinstance(split_size, UnsetSplitSize):
-        return split_size
-    preferred = getattr(executor, "split_size", None)
-    return int(split_size) if preferred is None else check_int("executor.split_size", preferred, minimum=1)
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1,0 +1,73 @@
+"""The bytes of a part file: every key and partial comes back, and damaged bytes are refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from microbatch.executors import ownerwire as wire
+from microbatch.pipeline.owned import OWNED_SPLIT_SIZE, owned_split_sizes
+
+PART: dict[int, dict[Any, int]] = {
+    3: {"a": 1, "": 2, "\udcff-surrogate": 3, "é": -4},  # str keys: text block
+    5: {"two\nlines": 1, "b": 2},  # a key with a newline: msgpack block
+    7: {("t", 1): 4, 2: 5},  # other keys: msgpack block
+    11: {"": 7},  # one empty key
+    12: {"big": 1 << 63},  # beyond int64: msgpack block
+}
+
+
+def test_a_part_comes_back_whole_in_either_block_kind() -> None:
+    data = wire.pack_part({shard: (items.keys(), items.values()) for shard, items in PART.items()})
+    kinds = []
+    got = {}
+    pos = 0
+    while pos < len(data):
+        kind, shard, count, length = wire.BLOCK.unpack_from(data, pos)
+        kinds.append((shard, kind))
+        pos += wire.BLOCK.size + length + (8 * count if kind == wire.TEXT else 0)
+    for shard, keys, values in wire.unpack_part(data):
+        got[shard] = dict(zip(keys, values, strict=True))
+    assert got == PART
+    assert dict(kinds) == {3: wire.TEXT, 5: wire.MSGPACK, 7: wire.MSGPACK, 11: wire.TEXT, 12: wire.MSGPACK}
+
+
+def test_a_part_cut_short_or_damaged_is_refused() -> None:
+    data = wire.pack_part({shard: (items.keys(), items.values()) for shard, items in PART.items()})
+    for cut in range(1, len(data)):
+        try:
+            list(wire.unpack_part(data[:cut]))
+        except ValueError:
+            continue  # msgpack's errors are ValueErrors too
+    with pytest.raises(ValueError, match="cut short at byte 0"):
+        list(wire.unpack_part(data[:5]))
+    with pytest.raises(ValueError, match="unknown kind 9"):
+        list(wire.unpack_part(bytes([9]) + data[1:]))
+
+
+def test_a_run_with_owners_reads_whole_splits_unless_told_otherwise() -> None:
+    assert owned_split_sizes(2 << 20, True, True) == (OWNED_SPLIT_SIZE, OWNED_SPLIT_SIZE)
+    assert owned_split_sizes(2 << 20, False, True) == (2 << 20, 2 << 20)  # split_size given
+    assert owned_split_sizes(OWNED_SPLIT_SIZE, True, False) == (OWNED_SPLIT_SIZE, None)  # max_size given
+    assert owned_split_sizes(None, False, True) == (None, None)  # no splits
+
+
+def test_the_final_values_read_from_part_bytes_shard_by_shard() -> None:
+    from microbatch._core.ring import ring
+    from microbatch.pipeline.owned import PackedValues
+
+    place = ring(8)
+    expected: dict[Any, int] = {f"k{i}": i for i in range(500)} | {("t", 1): 7, 3: 9, "a\nb": 2}
+    by_shard: dict[int, dict[Any, int]] = {}
+    for key, value in expected.items():
+        by_shard.setdefault(place.shard_of(key), {})[key] = value
+    owners = [{s: v for s, v in by_shard.items() if s % 2 == o} for o in range(2)]
+    taken = [bytearray(wire.pack_part({s: (v.keys(), v.values()) for s, v in p.items()})) for p in owners]
+    values = PackedValues(taken, place)
+    assert len(values) == len(expected)
+    assert dict(values) == expected
+    assert dict(values.items()) == expected
+    assert sorted(values.values()) == sorted(expected.values())
+    assert values["k7"] == 7 and values[("t", 1)] == 7 and values["a\nb"] == 2
+    assert values.get("missing") is None and 1.5 not in values and "k499" in values
