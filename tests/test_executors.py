@@ -938,6 +938,40 @@ async def test_a_fork_server_killed_from_outside_is_replaced_and_no_call_fails()
     assert all_children() == []
 
 
+async def test_a_fork_cancelled_before_its_answer_leaves_the_next_fork_its_own_worker() -> None:
+    from microbatch.executors.forkserver import ServerHolder
+
+    def pipe_inodes(pid: int) -> set[int]:
+        return {os.stat(f"/proc/{pid}/fd/{fd}").st_ino for fd in os.listdir(f"/proc/{pid}/fd")}
+
+    holder = ServerHolder()
+    try:
+        from microbatch.executors import process
+
+        server = await holder.get(process._WORKER_SCRIPT, nice=0, start_timeout=DEADLINE)
+        first_r, first_w = os.pipe()
+        read_answers = server._read_until
+
+        async def cancelled_while_reading(done: Any) -> None:
+            scope.cancel()  # the FORK was sent: the start is cancelled while its answer is awaited
+            server._read_until = read_answers  # type: ignore[method-assign]
+            await read_answers(done)
+
+        server._read_until = cancelled_while_reading  # type: ignore[method-assign]
+        with anyio.CancelScope() as scope:
+            await server.fork(first_r, first_w)
+        os.close(first_r)
+        os.close(first_w)
+        read_fd, write_fd = os.pipe()
+        forked = await server.fork(read_fd, write_fd)
+        # The pid given is the worker holding the pipe just sent, not the one forked before it.
+        assert os.fstat(read_fd).st_ino in pipe_inodes(forked.pid)
+        os.close(read_fd)
+        os.close(write_fd)
+    finally:
+        await holder.close()
+
+
 # ---- workers die with their parent -------------------------------------------------------------
 
 PARENT_SCRIPT = textwrap.dedent(

@@ -43,6 +43,10 @@ __all__ = [
 PRELOAD = ("microbatch._core.splittask", "microbatch.executors.remote", "cloudpickle")
 
 
+#: Seconds the server may take to answer a FORK (it forks at once) before it counts as gone.
+FORK_ANSWER_TIMEOUT = 30.0
+
+
 class ServerGone(Exception):
     """The fork server died (killed from outside): start another one."""
 
@@ -102,7 +106,13 @@ class ForkServer:
         """
         async with self._forking:
             await self._send(wire.FORK_FRAME.pack(wire.FORK, 0, 0), [to_worker, from_worker])
-            await self._read_until(lambda: bool(self._forked))
+            # The server answers each FORK in order, at once: the answer to this one is taken even
+            # when the start is cancelled meanwhile, else the next FORK would take it as its own.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(FORK_ANSWER_TIMEOUT):
+                await self._read_until(lambda: bool(self._forked))
+            if not self._forked:
+                self.gone = True  # no answer: a server that does not answer is as good as gone
+                raise ServerGone
             pid = self._forked.pop(0)
         if pid < 0:
             raise OSError(-pid, f"the fork server {self.pid} could not fork a worker: {os.strerror(-pid)}")
