@@ -185,7 +185,10 @@ async def test_a_worker_goes_on_after_sigint_and_sigterm() -> None:
 
 
 CTRL_C_PARENT = """
-import os, sys, anyio
+import os, signal, sys, anyio
+# A terminal's defaults, whatever the test runner inherited (a background job ignores SIGINT).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 sys.path.insert(0, {tests!r})
 import microbatch as mb
 from test_worker_groups import children_in_batch
