@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "fsync_dir", "make_folder", "write_atomic"]
+__all__ = ["TEMP_SUFFIX", "folder_identity", "fsync_dir", "make_folder", "write_atomic"]
 
 #: The suffix of every temporary file :func:`write_atomic` makes.
 TEMP_SUFFIX = ".tmp"
@@ -78,3 +78,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def folder_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(device, inode)`` of the folder ``path`` (None: it does not exist): a folder deleted or
+    replaced since it was last written has another one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

@@ -39,7 +39,7 @@ import xxhash
 from .._core.keys import key_bytes, key_from_json, key_to_json
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from .atomic import TEMP_SUFFIX, fsync_dir, write_atomic
+from .atomic import TEMP_SUFFIX, folder_identity, fsync_dir, write_atomic
 from .format import JSON
 from .shardcodec import decode_document, encode_document
 
@@ -114,22 +114,15 @@ class ShardFiles:
             _check_manifest(manifest, self.path)
         self._manifest = manifest
         self._pending = []
-        self._folder = self._folder_identity()
+        self._folder = folder_identity(self.path)
         self.lost = False
-
-    def _folder_identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino
 
     def needs_base(self) -> bool:
         """Whether the next write must give every shard whole: the files the last manifest names are
         not all there (``lost``), or the folder was deleted or replaced since (one ``stat``)."""
         if self._manifest is None:
             return False
-        return self.lost or self._folder_identity() != self._folder
+        return self.lost or folder_identity(self.path) != self._folder
 
     def write(self, seq: int, documents: list[JSON], *, shards: int) -> JSON:
         """Write the documents of ``dump_changes`` at batch ``seq`` of a state of ``shards`` shards.
@@ -182,7 +175,7 @@ class ShardFiles:
             )
         self._pending = []
         self._manifest = manifest
-        self._folder = self._folder_identity()
+        self._folder = folder_identity(self.path)
         self.lost = False
         return manifest
 

@@ -34,7 +34,7 @@ from typing import Any
 import xxhash
 
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from .atomic import TEMP_SUFFIX, fsync_dir, write_atomic
+from .atomic import TEMP_SUFFIX, folder_identity, fsync_dir, write_atomic
 from .format import JSON
 from .shardcodec import decode_document, encode_document
 
@@ -86,22 +86,15 @@ class WindowFiles:
             _check_manifest(manifest, self.path)
         self._manifest = manifest
         self._pending = {}
-        self._folder = self._folder_identity()
+        self._folder = folder_identity(self.path)
         self.lost = False
-
-    def _folder_identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino
 
     def needs_whole(self) -> bool:
         """Whether the next write must hold every open window: files the last manifest names are
         gone, or the folder was deleted or replaced since (one ``stat``)."""
         if self._manifest is None:
             return False
-        return self.lost or self._folder_identity() != self._folder
+        return self.lost or folder_identity(self.path) != self._folder
 
     def write(self, seq: int, changes: WindowChanges) -> JSON:
         """Write the changed windows at batch ``seq``; return the new manifest.
@@ -151,7 +144,7 @@ class WindowFiles:
             )
         self._pending = {}
         self._manifest = manifest
-        self._folder = self._folder_identity()
+        self._folder = folder_identity(self.path)
         self.lost = False
         return manifest
 
