@@ -428,8 +428,9 @@ async def test_messages_purged_mid_run_end_the_reading_instead_of_waiting(
     assert run.finished and 0 < run.stats.records < 10_000
     if split_size is None:
         assert run.value == sum(range(run.stats.records))
-    else:  # whole ranges fetched before the purge, not always the first ones
-        assert run.stats.records % 100 == 0 and run.value < sum(range(10_000))
+    else:  # ranges fetched before the purge, not always the first ones, the last one maybe in part
+        n = run.stats.records
+        assert sum(range(n)) <= run.value <= sum(range(10_000 - n, 10_000))
 
 
 @pytest.mark.anyio
