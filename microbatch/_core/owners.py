@@ -11,18 +11,20 @@ two counts, the same in every process:
   only those shards, at most ``1 / (n + 1)`` of them, and the ring keeps shards about equal in keys.
 
 :func:`cut` is the worker's side of a sharded fold: one pass over a batch's combined result that
-hashes each key once and files it under its owner and shard.
+hashes each key once and files it under its owner and shard. :class:`SplitSizer` sizes the splits
+of a file from the keys its batches had.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from .params import check_int
 from .ring import Ring
 
-__all__ = ["EncodedKeys", "cut", "owner_of_shards"]
+__all__ = ["EncodedKeys", "SplitSizer", "cut", "key_universe", "owner_of_shards"]
 
 
 def owner_of_shards(shards: int, owners: int) -> list[int]:
@@ -69,3 +71,56 @@ def cut(
         if keys:
             parts[owner_of[shard]][shard] = (EncodedKeys(keys) if encoded else keys, value_lists[shard])
     return parts
+
+
+def key_universe(records: int, keys: int) -> float:
+    """How many distinct keys a stream draws from, estimated from one batch of ``records`` records
+    that held ``keys`` distinct keys, as if drawn uniformly: the ``K`` that solves
+    ``keys = K * (1 - exp(-records / K))``; ``inf`` when no key repeated. A skewed stream (a few
+    keys most of the time) gives a smaller estimate than its true count of keys."""
+    if keys >= records:
+        return math.inf
+    if keys <= 0:
+        return 0.0
+
+    def drawn(k: float) -> float:  # distinct keys expected of `records` draws among k
+        return -k * math.expm1(-records / k)
+
+    lo = hi = float(keys)
+    while drawn(hi) < keys:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if drawn(mid) < keys else (lo, mid)
+    return hi
+
+
+class SplitSizer:
+    """The size of the next split of a file read by a run with shard owners, from its keys so far.
+
+    Each distinct key of a batch's result costs a cut, a part and a fold in an owner; each record
+    costs only ``fn``; and a worker holds a split's lines and result while it runs. When the keys
+    seen say the file draws from more keys than a ``large`` split holds lines, a large split would
+    combine few records per key while holding more in memory (and out of the caches): splits are
+    ``small``. Else they are ``large``, and combine many records per key. Call it for the size now.
+    """
+
+    __slots__ = ("large", "small", "size")
+
+    #: Fewer records than this in a batch say too little about the keys.
+    MIN_RECORDS = 1_000
+
+    def __init__(self, large: int, small: int) -> None:
+        self.large = check_int("large", large, minimum=1)
+        self.small = check_int("small", small, minimum=1, maximum=large)
+        self.size = small
+
+    def __call__(self) -> int:
+        return self.size
+
+    def observe(self, records: int, keys: int, nbytes: int) -> None:
+        """A batch of ``records`` records (about ``nbytes`` bytes) had ``keys`` distinct keys."""
+        if records < self.MIN_RECORDS or nbytes < 1:
+            return
+        lines_in_large = records * self.large / nbytes
+        self.size = self.small if key_universe(records, keys) > lines_in_large else self.large

@@ -19,7 +19,7 @@ Standard library only: worker processes import this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["FileSplit", "SourceSplit", "next_boundary", "owned_range", "plan_splits"]
@@ -126,21 +126,23 @@ def next_boundary(offset: int, split_size: int) -> int:
     return (offset // split_size + 1) * split_size
 
 
-def plan_splits(start: int, size: int, split_size: int) -> Iterator[tuple[int, int]]:
+def plan_splits(start: int, size: int, split_size: int | Callable[[], int]) -> Iterator[tuple[int, int]]:
     """The ``(start, end)`` byte ranges that cover ``[start, size)``, cut on the grid.
 
     The first range runs from ``start`` to the next grid point (:func:`next_boundary`) or ``size``,
     the others from one grid point to the next; the last ends at ``size``. Nothing when
     ``start >= size``. The same ``size`` and ``split_size`` give the same ranges after any
-    ``start``.
+    ``start``. A callable ``split_size`` is asked before each range: the grid of the size it
+    gives then (sizes that are powers of two keep the larger grid's points).
     """
-    if split_size < 1:
+    if isinstance(split_size, int) and split_size < 1:
         raise ValueError(f"split_size must be >= 1 byte, got {split_size}")
     if start < 0:
         raise ValueError(f"start must be a byte offset >= 0, got {start}")
     lo = start
     while lo < size:
-        hi = min(next_boundary(lo, split_size), size)
+        step = split_size if isinstance(split_size, int) else split_size()
+        hi = min(next_boundary(lo, step), size)
         yield lo, hi
         lo = hi
 

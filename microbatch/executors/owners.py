@@ -82,16 +82,21 @@ def _alive(pid: int) -> bool:
 
 
 class OwnedParts:
-    """A worker's receipt for one batch result: ``(owner, part id)`` of each part it wrote."""
+    """A worker's receipt for one batch result: ``(owner, part id)`` of each part it wrote, and
+    the batch's records, their bytes (about: 0 when unknown) and the distinct keys of its result."""
 
-    __slots__ = ("parts", "keys")
+    __slots__ = ("parts", "keys", "records", "nbytes")
 
-    def __init__(self, parts: tuple[tuple[int, int], ...], keys: int) -> None:
+    def __init__(
+        self, parts: tuple[tuple[int, int], ...], keys: int, records: int = 0, nbytes: int = 0
+    ) -> None:
         self.parts = parts
         self.keys = keys
+        self.records = records
+        self.nbytes = nbytes
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (OwnedParts, (self.parts, self.keys))
+        return (OwnedParts, (self.parts, self.keys, self.records, self.nbytes))
 
     def __repr__(self) -> str:
         return f"OwnedParts({len(self.parts)} parts, {self.keys} keys)"
@@ -133,7 +138,23 @@ class OwnerRoute:
                 ident = wire.part_id()
                 wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
                 sent.append((owner, ident))
-        return OwnedParts(tuple(sent), keys)
+        return OwnedParts(tuple(sent), keys, len(records), _bytes_of(records))
+
+
+def _bytes_of(records: list[Any]) -> int:
+    """About the bytes of ``records`` as lines of a file (each with its newline), from the first
+    ones; 0 when they are not strings or bytes."""
+    head = records[:_SAMPLE]
+    if not head or type(head[0]) not in (str, bytes):
+        return 0
+    try:
+        return (sum(map(len, head)) + len(head)) * len(records) // len(head)
+    except TypeError:  # not all of them
+        return 0
+
+
+#: Records whose length tells a batch's bytes.
+_SAMPLE = 1_000
 
 
 class Barrier:

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from .._core.owners import SplitSizer
 from .._core.ring import Ring, ring
 from .._core.task import BatchTask
 from ..aggregate import Aggregator, ByKey, Count, Sum
@@ -25,31 +26,38 @@ from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
 from .stats import Stats
 
 __all__ = [
-    "OWNED_SPLIT_SIZE", "OwnedByKey", "OwnedView", "loaded_here", "owned_run", "owned_split_sizes",
-    "owner_count", "PackedValues", "prepare_executor", "uses_owners",
+    "OWNED_SMALL_SPLIT_SIZE", "OWNED_SPLIT_SIZE", "OwnedByKey", "OwnedView", "loaded_here", "owned_run",
+    "owned_split_sizes", "owner_count", "PackedValues", "prepare_executor", "uses_owners",
 ]
 
 log = logging.getLogger("microbatch")
 
 
-#: Bytes per split of a file a run with shard owners reads, when ``split_size`` is not given.
+#: Bytes per split of a file a run with shard owners reads, when ``split_size`` is not given:
+#: this many while its keys are few against a split's lines...
 OWNED_SPLIT_SIZE = 4 << 20
+#: ... and this many once they are many (see :class:`~microbatch._core.owners.SplitSizer`).
+OWNED_SMALL_SPLIT_SIZE = 1 << 20
 
 
 def owned_split_sizes(
     size: int | None, default_size: bool, default_batch: bool
-) -> tuple[int | None, int | None]:
+) -> tuple[int | SplitSizer | None, int | None]:
     """The split size and the lines per batch inside a split of a run with shard owners.
 
     Each batch result's distinct keys cost a cut, a message and a fold in an owner; the records of
     a batch cost only ``fn``. Batches that are large against the number of keys combine many
     records per key, so when not given: splits of ``OWNED_SPLIT_SIZE`` bytes (instead of 2 MiB),
-    each one batch (``max_size`` stays the bound of batches read in the pipeline process).
+    or of ``OWNED_SMALL_SPLIT_SIZE`` once the keys seen are too many for a split to combine them
+    (a :class:`SplitSizer`, told of each batch's keys by :class:`OwnedByKey`); each split one batch
+    (``max_size`` stays the bound of batches read in the pipeline process).
     """
+    sized: int | SplitSizer | None = size
     if default_size and size is not None:
         size = OWNED_SPLIT_SIZE
+        sized = SplitSizer(OWNED_SPLIT_SIZE, OWNED_SMALL_SPLIT_SIZE)
     batch = size if default_batch and size is not None else None  # a line holds at least one byte
-    return size, batch
+    return sized, batch
 
 
 def owner_count(agg: object, workers: int | None) -> int:
@@ -106,13 +114,14 @@ async def owned_run(
     stats: Stats,
     checkpoints: Checkpoints,
     workers: int | None,
+    sizer: SplitSizer | None = None,
 ) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
     """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
     the run uses shard owners (:func:`prepare_executor`); then they are started on ``stack``.
 
     ``state`` is the initial state, or the ``DeferredShards`` of the checkpoint resumed from, which
     the owners load (``CheckpointCorrupt`` naming a damaged file). With a checkpoint, a dead owner
-    is started again.
+    is started again. ``sizer`` is told of each batch's keys.
     """
     if not checkpoints.defer_keyed:
         return agg, task, state
@@ -126,7 +135,7 @@ async def owned_run(
         log.info("shard owners loaded %d keys from %s", loaded, folder)
     route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=type(agg.inner) is Count)
     owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
-    owned = OwnedByKey(agg, owners, stats)
+    owned = OwnedByKey(agg, owners, stats, sizer)
     return owned, owned_task, owned.initial()
 
 
@@ -142,10 +151,11 @@ class OwnedState:
 class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
     """Stands for a ``ByKey`` in the fold stage while shard owners hold its state."""
 
-    def __init__(self, agg: ByKey, owners: Owners, stats: Stats) -> None:
+    def __init__(self, agg: ByKey, owners: Owners, stats: Stats, sizer: SplitSizer | None = None) -> None:
         self.agg = agg
         self.owners = owners
         self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now
+        self.sizer = sizer  # told of each batch's keys: the reader's next splits follow
         self._final: PackedValues | None = None
 
     def describe(self) -> str:
@@ -156,6 +166,8 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
 
     def fold(self, state: OwnedState, result: OwnedParts) -> OwnedState:
         state.owners.fold(result)
+        if self.sizer is not None:
+            self.sizer.observe(result.records, result.keys, result.nbytes)
         return state
 
     def final(self) -> Mapping[Any, Any] | None:

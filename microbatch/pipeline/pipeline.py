@@ -56,7 +56,8 @@ class Pipeline(Generic[R, V]):
 
     - ``max_size`` (10,000), ``max_wait`` (0.5 s): batch bounds, see :func:`microbatch.batches`.
       A run whose ``ByKey`` state is held by shard owners cuts each split of a file into one
-      batch when ``max_size`` is not given, and splits at 4 MiB when ``split_size`` is not given
+      batch when ``max_size`` is not given, and reads splits of 1 or 4 MiB (as its keys say)
+      when ``split_size`` is not given
       (``docs/aggregators.md``, "What a keyed pipeline costs").
     - ``workers``: worker processes (default: the number of CPUs); ignored with an executor instance.
     - ``executor``: ``"process"`` (default), ``"thread"``, ``"inline"`` or an ``Executor``.

@@ -217,7 +217,7 @@ async def read(
     emit: Emitter,
     *,
     position: Any = None,
-    split_size: int | None = None,
+    split_size: int | Callable[[], int] | None = None,
     split_max_size: int | None = None,
 ) -> None:
     """Batch ``source`` (as :func:`resume_source` returned it, after ``position``) into ``emit``.
@@ -226,20 +226,23 @@ async def read(
     chunk position for chunk sources (None when its chunks are plain lists), a record count for
     other iterables. With ``split_size``, a splittable line source (a file) or chunk source (a
     stream read to its end) is emitted as splits instead; a file's splits hold batches of
-    ``split_max_size`` lines (``max_size`` when None).
+    ``split_max_size`` lines (``max_size`` when None). A callable ``split_size`` is asked before
+    each split of a file (a size that follows the run).
     """
+    size_now = split_size if split_size is None or isinstance(split_size, int) else split_size()
     if isinstance(source, LineParts):
         if (
             split_size is not None
+            and size_now is not None
             and isinstance(source, SplittableLines)
-            and await anyio.to_thread.run_sync(worth_splitting, source, split_size)
+            and await anyio.to_thread.run_sync(worth_splitting, source, size_now)
         ):
             await read_splits(source, split_size, split_max_size or max_size, emit)
         else:
             await read_line_blocks(source, max_size, max_wait, emit)
     elif isinstance(source, Source):
-        if split_size is not None and isinstance(source, SplittableSource) and source.splittable():
-            splits = await source.splits(max_size, split_size)
+        if size_now is not None and isinstance(source, SplittableSource) and source.splittable():
+            splits = await source.splits(max_size, size_now)
             if splits is not None:
                 await emit.begin(position)
                 for split in splits:
@@ -323,7 +326,9 @@ def worth_splitting(source: SplittableLines, split_size: int) -> bool:
         return False  # gone since: reading it reports the error
 
 
-async def read_splits(source: SplittableLines, split_size: int, max_size: int, emit: Emitter) -> None:
+async def read_splits(
+    source: SplittableLines, split_size: int | Callable[[], int], max_size: int, emit: Emitter
+) -> None:
     """Emit the file's byte-range splits (:func:`plan_splits`) from ``source.start`` to its size now.
 
     Reads one byte of the file (to check that ``start`` begins a line) and no more: workers read

@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
+from .._core.owners import SplitSizer
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
@@ -129,6 +130,7 @@ class Run(Generic[R, V]):
         self._intake: anyio.CancelScope | None = None  # the reader's scope, cancelled to stop intake
         self._updates: _Updates[V] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._sizes: tuple[int | SplitSizer | None, int | None] = (None, None)  # split, batch in it
         self._folded: anyio.Event | None = None  # the fold stage's task returned
         self._saved: anyio.Event | None = None  # the final checkpoint is (being) written
         self._save_error: Exception | None = None
@@ -184,9 +186,13 @@ class Run(Generic[R, V]):
         ask_source_for_file_positions(self)
         try:
             stack.callback(self.dead.close)
-            # Shard owners hold the keyed state, when the run uses them.
+            # Shard owners hold the keyed state, when the run uses them; their keys size its splits.
+            self._sizes = sizes = read_sizes(p, self.checkpoints.defer_keyed)
+            sizer = sizes[0] if isinstance(sizes[0], SplitSizer) else None
             self.agg, self.task, self.initial_state = await owned_run(
-                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p.workers)
+                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p.workers,
+                sizer,
+            )
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)
@@ -326,7 +332,7 @@ class Run(Generic[R, V]):
             emit = Emitter(send, window, ticket, events)
             p = self.pipeline
             with self._intake or anyio.CancelScope():
-                size, split_batch = read_sizes(p, self.checkpoints.defer_keyed)
+                size, split_batch = self._sizes
                 await read(
                     self.source, int(p.max_size), p.max_wait, emit, position=position, split_size=size,
                     split_max_size=split_batch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._core.owners import SplitSizer
 from .._core.params import check_int
 from .owned import owned_split_sizes
 
@@ -24,9 +25,10 @@ class UnsetMaxSize(int):
     replaces inside splits (see :func:`read_sizes`)."""
 
 
-def read_sizes(pipeline: Any, owned: bool) -> tuple[int | None, int | None]:
+def read_sizes(pipeline: Any, owned: bool) -> tuple[int | SplitSizer | None, int | None]:
     """The split size a run reads a file with, and the lines per batch inside a split (None:
-    ``max_size``); a run with shard owners replaces the defaults (:func:`owned_split_sizes`)."""
+    ``max_size``); a run with shard owners replaces the defaults (:func:`owned_split_sizes`: the
+    split size may then follow the keys, a :class:`SplitSizer`)."""
     size = split_size_for(pipeline.split_size, pipeline.executor)
     if not owned:
         return size, None
