@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from microbatch.executors import ownerwire as wire
+from microbatch._core import ownerwire as wire
 from microbatch.pipeline.owned import OWNED_SPLIT_SIZE, owned_split_sizes
 
 PART: dict[int, dict[Any, int]] = {

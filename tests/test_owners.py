@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 import microbatch as mb
-from microbatch.executors.owners import OwnerRoute, Owners
+from microbatch._core.owners import OwnerRoute
+from microbatch.executors.owners import Owners
 from microbatch.pipeline.owned import OwnedByKey, OwnedView, owner_count
 
 pytestmark = pytest.mark.anyio

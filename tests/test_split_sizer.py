@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 import microbatch as mb
-from microbatch._core.owners import SplitSizer, key_universe
+from microbatch._core.owners import OwnedParts, OwnerRoute, SplitSizer, key_universe
 from microbatch._core.splits import plan_splits
-from microbatch.executors.owners import OwnedParts, OwnerRoute
 from microbatch.pipeline.owned import OWNED_SMALL_SPLIT_SIZE, OWNED_SPLIT_SIZE, owned_split_sizes
 
 

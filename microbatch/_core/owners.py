@@ -11,20 +11,26 @@ two counts, the same in every process:
   only those shards, at most ``1 / (n + 1)`` of them, and the ring keeps shards about equal in keys.
 
 :func:`cut` is the worker's side of a sharded fold: one pass over a batch's combined result that
-hashes each key once and files it under its owner and shard. :class:`SplitSizer` sizes the splits
-of a file from the keys its batches had.
+hashes each key once and files it under its owner and shard; :class:`OwnerRoute` runs ``fn`` in a
+worker, cuts its result and writes each owner's part, returning a receipt (:class:`OwnedParts`).
+Workers import this module without the executors' (nor anyio). :class:`SplitSizer` sizes the
+splits of a file from the keys its batches had.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import ownerwire as wire
+from .ownerwire import EncodedKeys
 from .params import check_int
-from .ring import Ring
+from .ring import Ring, ring
 
-__all__ = ["EncodedKeys", "SplitSizer", "cut", "key_universe", "owner_of_shards"]
+__all__ = [
+    "OwnedParts", "OwnerRoute", "SplitSizer", "cut", "key_universe", "owner_of_shards",
+]
 
 
 def owner_of_shards(shards: int, owners: int) -> list[int]:
@@ -47,13 +53,6 @@ def owner_of_shards(shards: int, owners: int) -> list[int]:
     return owner
 
 
-class EncodedKeys(list[bytes]):
-    """Keys of a part already UTF-8 (``surrogatepass``) encoded: every one was a str without a
-    newline (see :meth:`microbatch._core.ring.Ring.split_encoded`)."""
-
-    __slots__ = ()
-
-
 def cut(
     result: Mapping[Any, Any], ring: Ring, owner_of: list[int], owners: int
 ) -> list[dict[int, tuple[list[Any], list[Any]]]]:
@@ -71,6 +70,82 @@ def cut(
         if keys:
             parts[owner_of[shard]][shard] = (EncodedKeys(keys) if encoded else keys, value_lists[shard])
     return parts
+
+
+class OwnedParts:
+    """A worker's receipt for one batch result: ``(owner, part id)`` of each part it wrote, and
+    the batch's records, their bytes (about: 0 when unknown) and the distinct keys of its result."""
+
+    __slots__ = ("parts", "keys", "records", "nbytes")
+
+    def __init__(
+        self, parts: tuple[tuple[int, int], ...], keys: int, records: int = 0, nbytes: int = 0
+    ) -> None:
+        self.parts = parts
+        self.keys = keys
+        self.records = records
+        self.nbytes = nbytes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (OwnedParts, (self.parts, self.keys, self.records, self.nbytes))
+
+    def __repr__(self) -> str:
+        return f"OwnedParts({len(self.parts)} parts, {self.keys} keys)"
+
+
+class OwnerRoute:
+    """Runs in a worker: ``fn``, then each owner's part of the result written for that owner."""
+
+    def __init__(
+        self, fn: Callable[[list[Any]], Any], shards: int, folder: str, owners: int, *, counts: bool
+    ) -> None:
+        self.fn = fn
+        self.shards = shards
+        self.folder = folder
+        self.owners = owners
+        self.counts = counts  # Count: partials must also be >= 0
+
+    def __call__(self, records: list[Any]) -> OwnedParts:
+        result = self.fn(records)
+        if not isinstance(result, Mapping):
+            raise TypeError(
+                f"with shard owners, fn must return a mapping of key -> int (such as a Counter), "
+                f"not {type(result).__qualname__}"
+            )
+        values = result.values()
+        if values and (not set(map(type, values)) <= {int} or (self.counts and min(values) < 0)):
+            key = next(k for k, v in result.items() if type(v) is not int or (self.counts and v < 0))
+            raise TypeError(
+                f"with shard owners, each partial must be an int{' >= 0' if self.counts else ''}; the key "
+                f"{key!r:.100} has {result[key]!r:.100}; give ByKey(owners=0) to fold other values"
+            )
+        parts = cut(result, ring(self.shards), owner_of_shards(self.shards, self.owners), self.owners)
+        keys = len(result)
+        del result, values  # the parts hold what is left to send: less memory at the peak
+        sent = []
+        for owner in range(self.owners):
+            part, parts[owner] = parts[owner], {}
+            if part:
+                ident = wire.part_id()
+                wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
+                sent.append((owner, ident))
+        return OwnedParts(tuple(sent), keys, len(records), _bytes_of(records))
+
+
+def _bytes_of(records: list[Any]) -> int:
+    """About the bytes of ``records`` as lines of a file (each with its newline), from the first
+    ones; 0 when they are not strings or bytes."""
+    head = records[:_SAMPLE]
+    if not head or type(head[0]) not in (str, bytes):
+        return 0
+    try:
+        return (sum(map(len, head)) + len(head)) * len(records) // len(head)
+    except TypeError:  # not all of them
+        return 0
+
+
+#: Records whose length tells a batch's bytes.
+_SAMPLE = 1_000
 
 
 def key_universe(records: int, keys: int) -> float:

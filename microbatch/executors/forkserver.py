@@ -38,9 +38,12 @@ __all__ = [
     "PRELOAD", "ForkServer", "ForkedProcess", "ServerGone", "ServerHolder", "available", "start_fork_server",
 ]
 
-#: What the server imports before it forks: what unpickling a pipeline's task needs in a worker,
-#: and ``cloudpickle`` (functions defined in ``__main__`` travel by value).
-PRELOAD = ("microbatch._core.splittask", "microbatch.executors.remote", "cloudpickle")
+#: What the server imports before it forks: what unpickling a pipeline's task needs in a worker
+#: (the task of a run with shard owners too), and ``cloudpickle`` (functions defined in
+#: ``__main__`` travel by value).
+PRELOAD = (
+    "microbatch._core.splittask", "microbatch._core.owners", "microbatch.executors.remote", "cloudpickle",
+)
 
 
 #: Seconds the server may take to answer a FORK (it forks at once) before it counts as gone.

@@ -4,7 +4,7 @@ Started by :class:`microbatch.executors.owners.Owners` as
 ``python .../microbatch/executors/ownerproc.py PARENT_PID SOCKET_PATH INDEX KEEP`` (the file, not
 ``-m``: the package's ``__init__`` files and anyio stay out of the owner). It listens on the Unix
 socket ``SOCKET_PATH`` (in a folder of mode 0700, where workers write its part files too) and
-serves the pipeline's control connection (frames in :mod:`microbatch.executors.ownerwire`).
+serves the pipeline's control connection (frames in :mod:`microbatch._core.ownerwire`).
 ``KEEP`` 1: part files stay after they are folded (the pipeline removes them once a checkpoint
 covers them); 0: each is removed once folded.
 
@@ -13,7 +13,7 @@ the worker's own code) and ignores SIGINT and SIGTERM (the pipeline decides when
 exits when its control connection closes.
 
 The state is one dict of key -> int per shard it holds. A part (see
-:func:`microbatch.executors.ownerwire.unpack_part`) folds with C-level operations only:
+:func:`microbatch._core.ownerwire.unpack_part`) folds with C-level operations only:
 ``d.update(zip(keys, map(add, map(d.get, keys, repeat(0)), values)))``, or ``dict(zip(keys, values))``
 for a shard still empty.
 """
@@ -30,6 +30,8 @@ from array import array
 from itertools import repeat
 from operator import add
 from typing import Any
+
+from microbatch._core import ownerwire as wire  # the core: no anyio, nor the executors' imports
 
 
 def _sibling(name: str) -> Any:
@@ -50,10 +52,8 @@ def _sibling(name: str) -> Any:
 
 
 try:
-    from . import ownerwire as wire
     from .worker import _die_with_parent
 except ImportError:  # run as a script: there is no package around this file
-    wire = _sibling("ownerwire")
     _die_with_parent = _sibling("worker")._die_with_parent
 
 __all__ = ["Owner", "main"]

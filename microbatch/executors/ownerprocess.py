@@ -15,8 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
+from .._core import ownerwire as wire
 from .._exceptions import ExecutorUnavailable
-from . import ownerwire as wire
 from .spawn import exit_description
 
 __all__ = ["START_TIMEOUT", "OwnerFailed", "OwnerProcess"]

@@ -34,19 +34,18 @@ import shutil
 import tempfile
 import threading
 from array import array
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 
-from .._core.owners import cut, owner_of_shards
+from .._core import ownerwire as wire
+from .._core.owners import OwnedParts, owner_of_shards
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError, WorkerCrashed
 from ..checkpoints.shards import MANIFEST_FORMAT
-from . import ownerwire as wire
 from .ownerprocess import OwnerFailed, OwnerProcess
 
-__all__ = ["Barrier", "OwnedParts", "OwnerRoute", "Owners"]
+__all__ = ["Barrier", "Owners"]
 
 log = logging.getLogger("microbatch")
 
@@ -79,82 +78,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-class OwnedParts:
-    """A worker's receipt for one batch result: ``(owner, part id)`` of each part it wrote, and
-    the batch's records, their bytes (about: 0 when unknown) and the distinct keys of its result."""
-
-    __slots__ = ("parts", "keys", "records", "nbytes")
-
-    def __init__(
-        self, parts: tuple[tuple[int, int], ...], keys: int, records: int = 0, nbytes: int = 0
-    ) -> None:
-        self.parts = parts
-        self.keys = keys
-        self.records = records
-        self.nbytes = nbytes
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (OwnedParts, (self.parts, self.keys, self.records, self.nbytes))
-
-    def __repr__(self) -> str:
-        return f"OwnedParts({len(self.parts)} parts, {self.keys} keys)"
-
-
-class OwnerRoute:
-    """Runs in a worker: ``fn``, then each owner's part of the result written for that owner."""
-
-    def __init__(
-        self, fn: Callable[[list[Any]], Any], shards: int, folder: str, owners: int, *, counts: bool
-    ) -> None:
-        self.fn = fn
-        self.shards = shards
-        self.folder = folder
-        self.owners = owners
-        self.counts = counts  # Count: partials must also be >= 0
-
-    def __call__(self, records: list[Any]) -> OwnedParts:
-        result = self.fn(records)
-        if not isinstance(result, Mapping):
-            raise TypeError(
-                f"with shard owners, fn must return a mapping of key -> int (such as a Counter), "
-                f"not {type(result).__qualname__}"
-            )
-        values = result.values()
-        if values and (not set(map(type, values)) <= {int} or (self.counts and min(values) < 0)):
-            key = next(k for k, v in result.items() if type(v) is not int or (self.counts and v < 0))
-            raise TypeError(
-                f"with shard owners, each partial must be an int{' >= 0' if self.counts else ''}; the key "
-                f"{key!r:.100} has {result[key]!r:.100}; give ByKey(owners=0) to fold other values"
-            )
-        parts = cut(result, ring(self.shards), owner_of_shards(self.shards, self.owners), self.owners)
-        keys = len(result)
-        del result, values  # the parts hold what is left to send: less memory at the peak
-        sent = []
-        for owner in range(self.owners):
-            part, parts[owner] = parts[owner], {}
-            if part:
-                ident = wire.part_id()
-                wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
-                sent.append((owner, ident))
-        return OwnedParts(tuple(sent), keys, len(records), _bytes_of(records))
-
-
-def _bytes_of(records: list[Any]) -> int:
-    """About the bytes of ``records`` as lines of a file (each with its newline), from the first
-    ones; 0 when they are not strings or bytes."""
-    head = records[:_SAMPLE]
-    if not head or type(head[0]) not in (str, bytes):
-        return 0
-    try:
-        return (sum(map(len, head)) + len(head)) * len(records) // len(head)
-    except TypeError:  # not all of them
-        return 0
-
-
-#: Records whose length tells a batch's bytes.
-_SAMPLE = 1_000
 
 
 class Barrier:

@@ -15,14 +15,14 @@ from typing import Any
 
 import anyio
 
-from .._core.owners import SplitSizer
+from .._core import ownerwire as wire
+from .._core.owners import OwnedParts, OwnerRoute, SplitSizer
 from .._core.ring import Ring, ring
 from .._core.task import BatchTask
 from ..aggregate import Aggregator, ByKey, Count, Sum
 from ..checkpoints.session import Checkpoints, DeferredShards
 from ..executors import ProcessExecutor, check_picklable
-from ..executors import ownerwire as wire
-from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
+from ..executors.owners import Barrier, Owners
 from .stats import Stats
 
 __all__ = [
@@ -114,14 +114,14 @@ async def owned_run(
     stats: Stats,
     checkpoints: Checkpoints,
     workers: int | None,
-    sizer: SplitSizer | None = None,
+    split_size: object = None,
 ) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
     """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
     the run uses shard owners (:func:`prepare_executor`); then they are started on ``stack``.
 
     ``state`` is the initial state, or the ``DeferredShards`` of the checkpoint resumed from, which
     the owners load (``CheckpointCorrupt`` naming a damaged file). With a checkpoint, a dead owner
-    is started again. ``sizer`` is told of each batch's keys.
+    is started again. A ``split_size`` that is a :class:`SplitSizer` is told of each batch's keys.
     """
     if not checkpoints.defer_keyed:
         return agg, task, state
@@ -135,7 +135,7 @@ async def owned_run(
         log.info("shard owners loaded %d keys from %s", loaded, folder)
     route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=type(agg.inner) is Count)
     owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
-    owned = OwnedByKey(agg, owners, stats, sizer)
+    owned = OwnedByKey(agg, owners, stats, split_size if isinstance(split_size, SplitSizer) else None)
     return owned, owned_task, owned.initial()
 
 
@@ -253,7 +253,7 @@ class OwnedView(Mapping[Any, Any]):
 
 class PackedValues(Mapping[Any, Any]):
     """The keyed values of a run's end: the owners' state as they sent it, part bytes
-    (:func:`microbatch.executors.ownerwire.pack_part`), decoded a shard at a time as it is read.
+    (:func:`microbatch._core.ownerwire.pack_part`), decoded a shard at a time as it is read.
     The owners hold int counts and sums, which are their own values.
 
     A lookup hashes the key once and decodes its shard (the last shard decoded is kept);

@@ -55,10 +55,8 @@ class Pipeline(Generic[R, V]):
     ``(queue_size + workers) * max_size`` records plus one read block):
 
     - ``max_size`` (10,000), ``max_wait`` (0.5 s): batch bounds, see :func:`microbatch.batches`.
-      A run whose ``ByKey`` state is held by shard owners cuts each split of a file into one
-      batch when ``max_size`` is not given, and reads splits of 1 or 4 MiB (as its keys say)
-      when ``split_size`` is not given
-      (``docs/aggregators.md``, "What a keyed pipeline costs").
+      With shard owners, each split of a file is one batch unless ``max_size`` is given, and
+      splits are of 1 or 4 MiB, as the keys say, unless ``split_size`` is (``docs/aggregators.md``).
     - ``workers``: worker processes (default: the number of CPUs); ignored with an executor instance.
     - ``executor``: ``"process"`` (default), ``"thread"``, ``"inline"`` or an ``Executor``.
     - ``queue_size`` (4): batches waiting for a worker; the reader stops reading when it is full.

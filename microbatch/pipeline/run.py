@@ -30,7 +30,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from .._core.owners import SplitSizer
 from .._core.task import BatchTask
 from .._exceptions import BatchFailed
 from ..aggregate import Aggregator
@@ -130,7 +129,6 @@ class Run(Generic[R, V]):
         self._intake: anyio.CancelScope | None = None  # the reader's scope, cancelled to stop intake
         self._updates: _Updates[V] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._sizes: tuple[int | SplitSizer | None, int | None] = (None, None)  # split, batch in it
         self._folded: anyio.Event | None = None  # the fold stage's task returned
         self._saved: anyio.Event | None = None  # the final checkpoint is (being) written
         self._save_error: Exception | None = None
@@ -187,11 +185,10 @@ class Run(Generic[R, V]):
         try:
             stack.callback(self.dead.close)
             # Shard owners hold the keyed state, when the run uses them; their keys size its splits.
-            self._sizes = sizes = read_sizes(p, self.checkpoints.defer_keyed)
-            sizer = sizes[0] if isinstance(sizes[0], SplitSizer) else None
+            sizes = read_sizes(p, self.checkpoints.defer_keyed)
             self.agg, self.task, self.initial_state = await owned_run(
                 stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p.workers,
-                sizer,
+                sizes[0],
             )
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
@@ -213,7 +210,7 @@ class Run(Generic[R, V]):
             stack.push_async_callback(self._save_final)
             log.info("run started: %r over %s", p, self.checkpoints.fingerprint["source"])
             tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
-            tg.start_soon(self._read, batch_send, event_send.clone(), window, first_ticket, position)
+            tg.start_soon(_read, self, batch_send, event_send.clone(), window, first_ticket, position, sizes)
             tg.start_soon(_work, p, self.task, executor, batch_recv, event_send, window)
             tg.start_soon(_then_set, self._folded, self.fold_stage.run, event_recv, update_send, window)
         except BaseException:
@@ -317,29 +314,6 @@ class Run(Generic[R, V]):
             saved.set()
         _log_end(fold_stage.finished, self.stats, self.dead.path)
 
-    # -- stages -------------------------------------------------------------------------------------
-
-    async def _read(
-        self,
-        send: ObjectSendStream[Batch | End],
-        events: ObjectSendStream[Event | Begin],
-        window: anyio.Semaphore,
-        ticket: int,
-        position: Any,
-    ) -> None:
-        async with send, events:
-            # Before any batch, the reader says where it starts: a fresh run's first checkpoint.
-            emit = Emitter(send, window, ticket, events)
-            p = self.pipeline
-            with self._intake or anyio.CancelScope():
-                size, split_batch = self._sizes
-                await read(
-                    self.source, int(p.max_size), p.max_wait, emit, position=position, split_size=size,
-                    split_max_size=split_batch,
-                )
-                if not self._stopped and not ended_idle(self.source):
-                    # The source ended (not asked to, nor quiet): these many batches make the whole run.
-                    await send.send(End(emit.ticket))
 
 
 
@@ -374,6 +348,31 @@ def make_executor(spec: Executor | str, workers: int | None) -> Executor:
         return InlineExecutor()
     assert not isinstance(spec, str)
     return spec
+
+
+async def _read(
+    run: Run[Any, Any],
+    send: ObjectSendStream[Batch | End],
+    events: ObjectSendStream[Event | Begin],
+    window: anyio.Semaphore,
+    ticket: int,
+    position: Any,
+    sizes: tuple[Any, int | None],
+) -> None:
+    """Read ``run``'s source into batches (splits of ``sizes``: split size, lines per batch)."""
+    async with send, events:
+        # Before any batch, the reader says where it starts: a fresh run's first checkpoint.
+        emit = Emitter(send, window, ticket, events)
+        p = run.pipeline
+        with run._intake or anyio.CancelScope():
+            size, split_batch = sizes
+            await read(
+                run.source, int(p.max_size), p.max_wait, emit, position=position, split_size=size,
+                split_max_size=split_batch,
+            )
+            if not run._stopped and not ended_idle(run.source):
+                # The source ended (not asked to, nor quiet): these many batches make the whole run.
+                await send.send(End(emit.ticket))
 
 
 async def _work(

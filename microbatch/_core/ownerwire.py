@@ -49,15 +49,19 @@ from typing import Any
 
 import msgpack
 
-try:
-    from .._core.owners import EncodedKeys
-except ImportError:  # in an owner run as a script (see ownerproc): its parts are never encoded
-    EncodedKeys = None  # type: ignore[assignment,misc]
-
-__all__ = ["HEADER", "connect", "pack", "pack_part", "part_blocks", "unpack", "unpack_part"]
+__all__ = ["HEADER", "EncodedKeys", "connect", "pack", "pack_part", "part_blocks", "unpack", "unpack_part"]
 
 HEADER = struct.Struct("<BQI")
 BLOCK = struct.Struct("<BIII")
+
+
+class EncodedKeys(list[bytes]):
+    """Keys of a part already UTF-8 (``surrogatepass``) encoded: every one was a str without a
+    newline (see :meth:`microbatch._core.ring.Ring.split_encoded`)."""
+
+    __slots__ = ()
+
+
 TEXT, MSGPACK = 0, 1
 _LITTLE = sys.byteorder == "little"
 
