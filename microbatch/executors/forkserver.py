@@ -16,8 +16,9 @@ not learn otherwise). :class:`ForkedProcess` is a worker's stand-in for ``anyio.
 A forked worker leads its own session and process group, dies with the server (which dies with
 this process), catches SIGINT and SIGTERM as a spawned one does, and closes the server's
 descriptors: every guarantee of :mod:`microbatch.executors.spawn` holds. If the server dies
-(killed from outside), its workers die with it; their exit code is then unknown (None), and the
-executor starts a new server for the next worker.
+(killed from outside), its workers die with it (``PR_SET_PDEATHSIG``): each counts as killed by
+SIGKILL as soon as the server's end of file is seen, so that no call is sent to one of them, and
+the executor starts a new server for the next worker.
 """
 
 from __future__ import annotations
@@ -67,19 +68,23 @@ class ForkedProcess:
 
     @property
     def returncode(self) -> int | None:
-        """The exit code once the server reported it (what it sent is taken without waiting)."""
+        """The exit code once the server reported it (what it sent is taken without waiting);
+        ``-SIGKILL`` once the server is gone without reporting it: the worker died with it."""
         if self.ended:
             return self._code
-        self.server.poll()
-        return self.server.exit_code(self.pid)
+        server = self.server
+        server.poll()
+        code = server.exit_code(self.pid)
+        return -signal.SIGKILL if code is None and server.gone else code
 
     async def wait(self) -> int | None:
-        """Wait until the process ended; its exit code (None: its server died, it is unknown).
+        """Wait until the process ended; its exit code (``-SIGKILL``: it died with its server).
         Several tasks may wait at once."""
         await self.server.wait_exit(self)
         if not self.ended:
             self.ended = True
-            self._code = self.server.release(self.pid)
+            code = self.server.release(self.pid)
+            self._code = -signal.SIGKILL if code is None else code
         return self._code
 
 
@@ -140,8 +145,9 @@ class ForkServer:
             except OSError:
                 self.gone = True
                 return
-            if not data:
-                return  # end of file: the reading task finds it too
+            if not data:  # end of file: the server died (its workers with it)
+                self.gone = True
+                return
             self.pipes.feed(data)
             while (frame := self.pipes.take_frame(wire.FORK_FRAME.size)) is not None:
                 self._take(frame)
