@@ -87,6 +87,11 @@ class Owner:
         # (every shard until a barrier or a load gave it files); the shard files' writer.
         self.changed: dict[int, set[Any]] = {}
         self.whole: set[int] | None = None  # None: every shard
+        # Shards most of whose keys changed before the last barrier: written whole again once
+        # folded into, without a set of their changed keys (its inserts would cost more than the
+        # write); the keys folded into each since, and the shards that crossed half this time.
+        self.hot: dict[int, int] = {}
+        self.crossed: set[int] = set()
         self.files: Any = None
 
     def serve(self) -> None:
@@ -188,7 +193,13 @@ class Owner:
             else:
                 state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), values), strict=True))
             whole = self.whole
-            if whole is None or shard in whole:
+            if whole is None:
+                continue
+            folded = self.hot.get(shard)
+            if folded is not None:
+                self.hot[shard] = folded + len(keys)
+                whole.add(shard)
+            if shard in whole:
                 continue
             changed = self.changed.get(shard)
             if changed is None:
@@ -196,6 +207,7 @@ class Owner:
             changed.update(keys)
             if len(changed) > 64 and 2 * len(changed) > len(state):
                 whole.add(shard)  # most of the shard changed: write it whole, forget the keys
+                self.crossed.add(shard)
                 del self.changed[shard]
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -233,8 +245,10 @@ class Owner:
                 "count": len(items), "keys": keys, "states": list(names.values()),
             })
         manifest = files.write(seq, documents, shards=shards)  # CheckpointWriteError: changes kept
-        self.whole = set()
-        self.changed = {}
+        # Hot until a period folds fewer keys into the shard than half of it holds.
+        hot = [s for s, folded in self.hot.items() if 2 * folded > len(self.shards.get(s, ()))]
+        self.hot = dict.fromkeys([*self.crossed, *hot], 0)
+        self.whole, self.changed, self.crossed = set(), {}, set()
         return {shard: manifest["entries"][shard] for shard in own}
 
     def _load(self, folder: str, manifest: Any, own: list[int], shards: int) -> int:
@@ -262,7 +276,7 @@ class Owner:
                 self._load_document(doc, key_from_json, (place, mine))
             files.adopt(None)
             self.whole = None
-        self.changed = {}
+        self.changed, self.hot, self.crossed = {}, {}, set()
         return sum(map(len, self.shards.values()))
 
     def _load_document(self, doc: Any, key_from_json: Any, placing: Any) -> None:
