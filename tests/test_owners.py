@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psutil
 import pytest
 
@@ -245,3 +246,26 @@ def test_folders_of_killed_pipelines_are_removed(tmp_path: Path) -> None:
     other.mkdir()
     assert remove_stale_folders(str(tmp_path)) == [stale.name]
     assert not stale.exists() and mine.exists() and other.exists()
+
+
+async def test_updates_do_not_wait_for_an_owner_to_fold(tmp_path: Path) -> None:
+    """The fold stage tells an owner what to fold and goes on: an owner that folds slowly (here:
+    stopped) delays no update; its FOLDs wait in its connection, in order."""
+    lines = make_input(tmp_path / "in.txt", 40_000, 500)
+    pipeline = mb.Pipeline(count_lines, aggregate=mb.ByKey(mb.Count()), max_size=500, workers=2)
+    after = 0
+    async with pipeline.updates(mb.read_lines(tmp_path / "in.txt")) as run:
+        stopped = run.agg.owners.processes[0].pid  # type: ignore[attr-defined]
+        try:
+            with anyio.fail_after(60):  # were updates to wait for the owner, none would come
+                async for update in run:
+                    if update.seq == 2:
+                        os.kill(stopped, signal.SIGSTOP)
+                    elif update.seq > 2:
+                        after += 1
+                        if after == 60:
+                            os.kill(stopped, signal.SIGCONT)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        counts = run.value
+    assert after == 80 - 3 and dict(counts) == Counter(lines)
