@@ -21,6 +21,8 @@ from ..aggregate import Aggregator, ByKey, Count, Sum
 from ..checkpoints.session import Checkpoints, DeferredShards
 from ..executors import ProcessExecutor, check_picklable
 from ..executors import ownerwire as wire
+from ..executors.dask import DaskExecutor
+from ..executors.dask_owners import DaskOwnerRoute, DaskOwners
 from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
 from .stats import Stats
 
@@ -73,7 +75,19 @@ def owner_count(agg: object, workers: int | None) -> int:
 def uses_owners(agg: object, executor: object, checkpoints: Checkpoints, workers: int | None) -> bool:
     """Whether a run of ``agg`` on ``executor`` keeps its keyed state in shard owners: a ``ByKey``
     that :func:`owner_count` gives owners, on worker processes, without a checkpoint or with one
-    in a folder or SQLite file (whose shard files the owners write), not a store object."""
+    in a folder or SQLite file (whose shard files the owners write), not a store object; on a
+    Dask cluster (owners as actors), without a checkpoint only (``ValueError`` naming ``owners``
+    when given with a checkpoint)."""
+    if isinstance(executor, DaskExecutor) and owner_count(agg, 1) > 0:
+        if checkpoints.target is None:
+            return True
+        if isinstance(agg, ByKey) and agg.owners is not None:
+            raise ValueError(
+                f"{agg.describe()}: owners= on a DaskExecutor keeps keyed state in Dask actors, which "
+                f"write no checkpoints; leave owners unset (or owners=0) to fold keyed state in the "
+                f"pipeline process with checkpoint=, or drop checkpoint="
+            )
+        return False
     if not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
         return False
     return checkpoints.target is None or isinstance(checkpoints.target, (str, os.PathLike))
@@ -106,6 +120,7 @@ async def owned_run(
     stats: Stats,
     checkpoints: Checkpoints,
     workers: int | None,
+    executor: object = None,
 ) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
     """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
     the run uses shard owners (:func:`prepare_executor`); then they are started on ``stack``.
@@ -117,6 +132,13 @@ async def owned_run(
     if not checkpoints.defer_keyed:
         return agg, task, state
     assert isinstance(agg, ByKey)
+    counts = type(agg.inner) is Count
+    if isinstance(executor, DaskExecutor):
+        actors = await stack.enter_async_context(DaskOwners(executor, agg.owners, agg.shards))
+        route: OwnerRoute = DaskOwnerRoute(task.fn, agg.shards, actors.actors, counts=counts)
+        owned = OwnedByKey(agg, actors, stats)
+        task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
+        return owned, task, owned.initial()
     owners = await stack.enter_async_context(
         Owners(owner_count(agg, workers), agg.shards, keep_parts=checkpoints.target is not None)
     )
@@ -124,7 +146,7 @@ async def owned_run(
         manifest, folder = state.manifest, state.folder
         loaded = await anyio.to_thread.run_sync(lambda: owners.load(manifest, folder))
         log.info("shard owners loaded %d keys from %s", loaded, folder)
-    route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=type(agg.inner) is Count)
+    route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=counts)
     owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
     owned = OwnedByKey(agg, owners, stats)
     return owned, owned_task, owned.initial()
@@ -135,14 +157,14 @@ class OwnedState:
 
     __slots__ = ("owners",)
 
-    def __init__(self, owners: Owners) -> None:
+    def __init__(self, owners: Owners | DaskOwners) -> None:
         self.owners = owners
 
 
 class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
     """Stands for a ``ByKey`` in the fold stage while shard owners hold its state."""
 
-    def __init__(self, agg: ByKey, owners: Owners, stats: Stats) -> None:
+    def __init__(self, agg: ByKey, owners: Owners | DaskOwners, stats: Stats) -> None:
         self.agg = agg
         self.owners = owners
         self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now

@@ -1,0 +1,283 @@
+"""Shard owners on a Dask cluster: Dask actors that hold a keyed count's state, fed by tasks directly.
+
+With ``ByKey(Count())`` (or ``ByKey(Sum())`` given ``owners=``) on a ``DaskExecutor``, a run starts
+one actor per shard owner (``client.submit(OwnerActor, ..., actor=True)``), by default one per
+worker of the cluster, placed round-robin on the workers. Each holds the ring shards
+:func:`microbatch._core.owners.owner_of_shards` gives it, in a
+:class:`microbatch.executors.ownerproc.ShardState`: the owner processes' own state and fold. Then:
+
+1. a task runs ``fn`` on its batch, checks and cuts the result exactly as an owner process's worker
+   does (:class:`microbatch.executors.owners.OwnerRoute`), and hands each owner its part (part bytes,
+   :func:`microbatch.executors.ownerwire.pack_part`) through the actor's handle, from inside the
+   task: the part is in the actor before the task returns; the task returns only a receipt
+   (``OwnedParts``: part ids);
+2. the pipeline's fold stage sends every owner, in batch order, a ticket numbered ``n`` naming that
+   batch's part ids for it (:meth:`DaskOwners.fold`); an actor folds ticket ``n`` only after
+   ticket ``n - 1`` (tickets travel over separate connections and may arrive out of order), so each
+   part is folded once, in order, or never. The part of a task attempt whose result never reached
+   the pipeline (a task Dask ran twice, an attempt retried, a bundle re-run) is never named: it is
+   dropped once ``keep`` (``KEEP_TICKETS``) tickets were folded after it arrived, so such parts
+   never pile up. A ticket naming a part the actor does not hold fails the run naming the part;
+3. when the run ends, each actor sends its whole state as part bytes: the run's value reads them
+   (``PackedValues``), a shard at a time.
+
+Limits: an actor lives on one worker: its keyed state is lost with that worker (the run then fails
+with ``WorkerCrashed``; tasks lost with other workers are re-run as usual). The state is not
+checkpointed: a run with a checkpoint folds keyed state in the pipeline process (and refuses
+``owners=`` given explicitly). The value is readable once the run ended, not while it runs.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._core.owners import owner_of_shards
+from .._core.ring import ring
+from .._exceptions import WorkerCrashed
+from . import ownerwire as wire
+from .dask import DaskExecutor, close_client
+from .ownerproc import ShardState
+from .owners import OwnedParts, OwnerRoute
+
+__all__ = ["KEEP_TICKETS", "DaskOwnerRoute", "DaskOwners", "OwnerActor"]
+
+#: Tickets an actor folds after a part arrived before it drops the part as never to be named.
+KEEP_TICKETS = 4096
+
+
+class OwnerActor:
+    """One shard owner as a Dask actor; Dask runs its methods one at a time (the actor's thread)."""
+
+    def __init__(self, index: int, keep: int) -> None:
+        self.index = index
+        self.keep = keep
+        self.state = ShardState()
+        self.parts: dict[int, tuple[int, bytes]] = {}  # part id -> (tickets received then, bytes)
+        self.tickets: dict[int, list[int]] = {}  # received ahead of their turn
+        self.next = 0  # the next ticket to fold
+        self.received = 0  # one past the highest ticket received
+        self.dropped = 0  # parts dropped as never to be named
+
+    def put(self, ident: int, data: bytes) -> None:
+        """Keep a task's part until a ticket names it (or ``keep`` tickets pass)."""
+        self.parts[ident] = (self.received, data)
+
+    def fold(self, ticket: int, ids: list[int]) -> int:
+        """Fold ticket ``ticket``'s parts, once every ticket before it was folded; the next ticket due.
+
+        ``LookupError`` naming a part it names that this actor does not hold."""
+        self.tickets[ticket] = ids
+        self.received = max(self.received, ticket + 1)
+        while self.next in self.tickets:
+            for ident in self.tickets.pop(self.next):
+                found = self.parts.pop(ident, None)
+                if found is None:
+                    raise LookupError(
+                        f"shard owner {self.index}: part {ident:016x} named by ticket {self.next} is not "
+                        f"here (it never arrived, or waited past {self.keep} tickets and was dropped)"
+                    )
+                self.state.fold_part(found[1])
+            self.next += 1
+        limit = self.next - self.keep
+        if self.parts and limit > 0:
+            stale = [ident for ident, (stamp, _) in self.parts.items() if stamp < limit]
+            for ident in stale:
+                del self.parts[ident]
+            self.dropped += len(stale)
+        return self.next
+
+    def stats(self) -> dict[str, int]:
+        """Keys held, parts waiting for a ticket, parts dropped, tickets folded."""
+        keys = sum(map(len, self.state.shards.values()))
+        return {"keys": keys, "waiting": len(self.parts), "dropped": self.dropped, "folded": self.next}
+
+    def take(self) -> bytes:
+        """The whole state as part bytes (the state is gone after)."""
+        return b"".join(self.state.take_pieces())
+
+
+class DaskOwnerRoute(OwnerRoute):
+    """Runs in a Dask task: ``fn``, then each owner's part handed to its actor."""
+
+    def __init__(
+        self, fn: Callable[[list[Any]], Any], shards: int, actors: list[Any], *, counts: bool
+    ) -> None:
+        super().__init__(fn, shards, "", len(actors), counts=counts)
+        self.actors = actors
+
+    def send(self, parts: list[dict[int, tuple[list[Any], list[Any]]]]) -> tuple[tuple[int, int], ...]:
+        sent, calls = [], []
+        for owner, actor in enumerate(self.actors):
+            part, parts[owner] = parts[owner], {}
+            if part:
+                ident = wire.part_id()
+                calls.append(actor.put(ident, wire.pack_part(part)))
+                sent.append((owner, ident))
+        for call in calls:
+            call.result()  # in the actor before the receipt leaves
+        return tuple(sent)
+
+
+def _not_while_running() -> RuntimeError:
+    return RuntimeError("keyed values held by shard owners on Dask are readable once the run ended")
+
+
+class DaskOwners:
+    """The owner actors of one run (an async context manager) and the pipeline's side of them.
+
+    ``wanted``: owners asked for (None: one per worker of the cluster, at most ``shards``). Leaving
+    the block normally waits for every ticket's fold and takes the actors' whole state
+    (:attr:`final`); the actors are then released.
+    """
+
+    def __init__(
+        self, executor: DaskExecutor, wanted: int | None, shards: int, *, keep: int | None = None
+    ) -> None:
+        self.executor = executor
+        self.wanted = wanted
+        self.shards = shards
+        self.keep = KEEP_TICKETS if keep is None else keep
+        self.count = 0
+        self.owner_of: list[int] = []
+        self.addresses: list[str] = []  # the worker of each owner
+        self.actors: list[Any] = []
+        self.final: list[bytearray] | None = None
+        self.batches = 0  # tickets sent (fold() calls)
+        self.error: WorkerCrashed | None = None
+        self._client: Any = None
+        self._owns_client = False
+        self._futures: list[Any] = []
+        self._tickets: MemoryObjectSendStream[tuple[int, Any]] | None = None
+        self._stack = AsyncExitStack()  # the task group of the ticket watcher
+        self._watcher: anyio.CancelScope | None = None
+
+    async def __aenter__(self) -> DaskOwners:
+        self._client, self._owns_client = await self.executor.open_client()
+        try:
+            await self._start()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        client = self._client
+        await client.wait_for_workers(1, timeout=self.executor.worker_timeout)
+        workers = sorted(await client.nthreads())
+        self.count = min(self.wanted or len(workers), self.shards)
+        self.owner_of = owner_of_shards(self.shards, self.count)
+        run = uuid.uuid4().hex[:12]
+        for owner in range(self.count):
+            address = workers[owner % len(workers)]
+            self.addresses.append(address)
+            self._futures.append(client.submit(
+                OwnerActor, owner, self.keep, actor=True, workers=[address], allow_other_workers=False,
+                key=f"microbatch-owner-{owner}-{run}",
+            ))
+        for future in self._futures:
+            await future  # the actor is created
+        # Handles bound to this client: a handle binds to the default client, which this one is not.
+        with client.as_current():
+            self.actors = [
+                self.executor.actor(OwnerActor, address, future.key)
+                for address, future in zip(self.addresses, self._futures, strict=True)
+            ]
+        send, receive = anyio.create_memory_object_stream[tuple[int, Any]](math.inf)
+        self._tickets = send
+        tg = await self._stack.enter_async_context(anyio.create_task_group())
+        self._watcher = tg.cancel_scope
+        tg.start_soon(self._watch, receive)
+
+    async def _watch(self, receive: MemoryObjectReceiveStream[tuple[int, Any]]) -> None:
+        """Wait for each ticket's fold in turn; the first failure is kept for ``fold`` to raise."""
+        async with receive:
+            async for owner, call in receive:
+                try:
+                    await call
+                except Exception as exc:
+                    if self.error is None:
+                        self.error = self._lost(owner, exc)
+
+    def _lost(self, owner: int, exc: BaseException) -> WorkerCrashed:
+        return WorkerCrashed(
+            f"shard owner {owner} (a Dask actor on {self.addresses[owner]}) failed: {type(exc).__name__}: "
+            f"{exc}; keyed state held by an actor is lost with its worker"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._tickets is not None:
+                self._tickets.close()
+            if exc_info[1] is not None and self._watcher is not None:
+                self._watcher.cancel()  # the run failed: no need to wait for the folds
+            await self._stack.aclose()  # every ticket's fold answered
+            if exc_info[1] is None:
+                if self.error is not None:
+                    raise self.error
+                self.final = [bytearray(await self._call(o, "take")) for o in range(self.count)]
+        finally:
+            await self._close()
+
+    async def _call(self, owner: int, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.actors[owner], method)(*args)
+        except Exception as exc:
+            raise self._lost(owner, exc) from exc
+
+    async def stats(self) -> list[dict[str, int]]:
+        """Each actor's :meth:`OwnerActor.stats`."""
+        return [await self._call(owner, "stats") for owner in range(self.count)]
+
+    async def _close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._watcher is not None:
+                self._watcher.cancel()
+            await self._stack.aclose()
+            futures, self._futures = self._futures, []
+            client = self._client
+            if client is None:
+                return
+            if futures and not self._owns_client:
+                await client.cancel(futures)
+            if self._owns_client:
+                await close_client(client)
+
+    def own(self, owner: int) -> list[int]:
+        return [shard for shard, o in enumerate(self.owner_of) if o == owner]
+
+    def fold(self, receipt: OwnedParts) -> None:
+        """Send every owner this batch's ticket (in batch order: call in order)."""
+        if self.error is not None:
+            raise self.error
+        assert self._tickets is not None
+        by_owner: list[list[int]] = [[] for _ in range(self.count)]
+        for owner, ident in receipt.parts:
+            by_owner[owner].append(ident)
+        for owner, ids in enumerate(by_owner):
+            try:
+                call = self.actors[owner].fold(self.batches, ids)
+            except Exception as exc:  # the actor's worker is known lost
+                raise self._lost(owner, exc) from exc
+            self._tickets.send_nowait((owner, call))
+        self.batches += 1
+
+    # --- reads while running: not on Dask -------------------------------------------------------
+
+    def owner_of_key(self, key: object) -> int:
+        return self.owner_of[ring(self.shards).shard_of(key)]
+
+    def ask(self, owner: int, kind: int, payload: bytes = b"", *, lists: bool = False) -> Any:
+        raise _not_while_running()
+
+    def take_state(self) -> dict[int, dict[Any, int]]:
+        raise _not_while_running()
+
+    def barrier(self, seq: int, folder: str) -> Any:
+        raise ValueError("shard owners on Dask do not write checkpoints")
