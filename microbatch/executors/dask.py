@@ -320,10 +320,6 @@ class DaskExecutor:
         check_asyncio()
         return await _connect(self._distributed, self._given_client, self._address, self.connect_timeout)
 
-    def actor(self, cls: type, address: str, key: str) -> Any:
-        """A handle to the Dask actor ``key`` (of class ``cls``) on worker ``address``."""
-        return self._distributed.Actor(cls, address, key)
-
     # -- calls --------------------------------------------------------------------------------------
 
     async def run(

@@ -184,9 +184,12 @@ class DaskOwners:
         for future in self._futures:
             await future  # the actor is created
         # Handles bound to this client: a handle binds to the default client, which this one is not.
+        import distributed
+
+        handle: Any = distributed.Actor
         with client.as_current():
             self.actors = [
-                self.executor.actor(OwnerActor, address, future.key)
+                handle(OwnerActor, address, future.key)
                 for address, future in zip(self.addresses, self._futures, strict=True)
             ]
         send, receive = anyio.create_memory_object_stream[tuple[int, Any]](math.inf)

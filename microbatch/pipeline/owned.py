@@ -119,15 +119,16 @@ async def owned_run(
     state: Any,
     stats: Stats,
     checkpoints: Checkpoints,
-    workers: int | None,
-    executor: object = None,
+    pipeline: Any,
+    executor: Any,
 ) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
     """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
     the run uses shard owners (:func:`prepare_executor`); then they are started on ``stack``.
 
     ``state`` is the initial state, or the ``DeferredShards`` of the checkpoint resumed from, which
     the owners load (``CheckpointCorrupt`` naming a damaged file). With a checkpoint, a dead owner
-    is started again.
+    is started again. On a ``DaskExecutor`` the owners are Dask actors
+    (:mod:`microbatch.executors.dask_owners`); elsewhere processes, one per ``pipeline.workers``.
     """
     if not checkpoints.defer_keyed:
         return agg, task, state
@@ -140,7 +141,7 @@ async def owned_run(
         task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
         return owned, task, owned.initial()
     owners = await stack.enter_async_context(
-        Owners(owner_count(agg, workers), agg.shards, keep_parts=checkpoints.target is not None)
+        Owners(owner_count(agg, pipeline.workers), agg.shards, keep_parts=checkpoints.target is not None)
     )
     if isinstance(state, DeferredShards):
         manifest, folder = state.manifest, state.folder

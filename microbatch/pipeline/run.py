@@ -186,8 +186,7 @@ class Run(Generic[R, V]):
             stack.callback(self.dead.close)
             # Shard owners hold the keyed state, when the run uses them.
             self.agg, self.task, self.initial_state = await owned_run(
-                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p.workers,
-                executor)
+                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p, executor)
             # The window opens to queue_size now and by the executor's capacity once it runs, so
             # the reader fills the queue while the workers start.
             window = anyio.Semaphore(p.queue_size, fast_acquire=True)
