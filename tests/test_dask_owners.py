@@ -12,6 +12,9 @@ import collections
 import functools
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,30 +216,87 @@ def test_an_actor_folds_tickets_in_order_and_drops_unnamed_parts() -> None:
 
 
 @pytest.mark.anyio
-async def test_owners_with_a_checkpoint_are_refused_and_the_default_folds_here_and_resumes(
-    cluster: DaskCluster, tmp_path: Path
+async def test_a_checkpointed_run_stopped_midway_resumes_exact_with_another_owner_count(
+    cluster: DaskCluster, tmp_path: Path, receipts: list[type]
 ) -> None:
     path = tmp_path / "words.txt"
     expected = write_words(path, 30_000, 1_000)
     state = tmp_path / "state"
-    given = mb.Pipeline(
-        words, aggregate=mb.ByKey(mb.Count(), owners=2), max_size=1_000, executor=DaskExecutor(cluster)
-    )
-    with pytest.raises(ValueError, match=r"owners= on a DaskExecutor.*checkpoint"):
-        await given.run(mb.read_lines(path), checkpoint=state)
-    pipeline = mb.Pipeline(
-        words, aggregate=mb.ByKey(mb.Count()), max_size=1_000, executor=DaskExecutor(cluster),
-        checkpoint_every=None, checkpoint_every_batches=1,
-    )
-    async with pipeline.updates(mb.read_lines(path), checkpoint=state) as updates:
+
+    def pipeline(owners: int | None) -> mb.Pipeline[Any, Any]:
+        return mb.Pipeline(
+            words, aggregate=mb.ByKey(mb.Count(), owners=owners), max_size=1_000,
+            executor=DaskExecutor(cluster), checkpoint_every=None, checkpoint_every_batches=1,
+        )
+
+    async with pipeline(None).updates(mb.read_lines(path), checkpoint=state) as updates:
         async for update in updates:
             if update.seq == 4:
                 break
     folded = updates.stats.batches
     assert 5 <= folded < 30
-    async with pipeline.updates(mb.read_lines(path), checkpoint=state) as resumed:
+    assert list((state / "keyed").glob("*.mbk"))  # written by the actors, binary shard files
+    async with pipeline(1).updates(mb.read_lines(path), checkpoint=state) as resumed:
         seqs = [update.seq async for update in resumed]
     assert seqs == list(range(folded, 30))
+    assert dict(resumed.value) == expected
+    assert set(receipts) == {OwnedParts}
+
+
+_KILLED_RUN = textwrap.dedent(
+    """
+    import sys, time, anyio, microbatch as mb
+    from collections import Counter
+    from microbatch.executors.dask import DaskExecutor
+
+    def slow_words(lines):
+        time.sleep(0.05)
+        return Counter(line.split()[0] for line in lines)
+
+    async def main():
+        pipeline = mb.Pipeline(
+            slow_words, aggregate=mb.ByKey(mb.Count()), max_size=500, executor=DaskExecutor(sys.argv[1]),
+            checkpoint_every=None, checkpoint_every_batches=1,
+        )
+        async with pipeline.updates(mb.read_lines(sys.argv[2]), checkpoint=sys.argv[3]) as updates:
+            async for update in updates:
+                print(update.seq, flush=True)
+
+    anyio.run(main, backend="asyncio")
+    """
+)
+
+
+@pytest.mark.anyio
+async def test_a_run_killed_with_sigkill_resumes_exact_from_the_owners_shard_files(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "words.txt"
+    expected = write_words(path, 30_000, 1_000)
+    state = tmp_path / "state"
+    script = tmp_path / "run.py"
+    script.write_text(_KILLED_RUN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    argv = [sys.executable, str(script), cluster.scheduler_address, str(path), str(state)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        for _ in range(6):
+            assert proc.stdout.readline()  # a batch folded and checkpointed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    pipeline = mb.Pipeline(
+        words, aggregate=mb.ByKey(mb.Count()), max_size=500, executor=DaskExecutor(cluster),
+        checkpoint_every=None, checkpoint_every_batches=1,
+    )
+    # The killed run's fn is the script's own copy of ``words`` (with a sleep): the same counts.
+    async with pipeline.updates(mb.read_lines(path), checkpoint=state, accept_changes=True) as resumed:
+        seqs = [update.seq async for update in resumed]
+    assert 6 <= seqs[0] and seqs[-1] == 59
     assert dict(resumed.value) == expected
 
 

@@ -29,7 +29,9 @@ checkpointed: a run with a checkpoint folds keyed state in the pipeline process 
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -40,13 +42,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._core.owners import owner_of_shards
 from .._core.ring import ring
-from .._exceptions import WorkerCrashed
+from .._exceptions import CheckpointCorrupt, CheckpointWriteError, WorkerCrashed
 from . import ownerwire as wire
 from .dask import DaskExecutor, close_client
 from .ownerproc import ShardState
-from .owners import OwnedParts, OwnerRoute
+from .owners import OwnedParts, OwnerRoute, manifest_of
 
-__all__ = ["KEEP_TICKETS", "DaskOwnerRoute", "DaskOwners", "OwnerActor"]
+__all__ = ["KEEP_TICKETS", "ActorRef", "DaskBarrier", "DaskOwnerRoute", "DaskOwners", "OwnerActor"]
 
 #: Tickets an actor folds after a part arrived before it drops the part as never to be named.
 KEEP_TICKETS = 4096
@@ -93,6 +95,14 @@ class OwnerActor:
             self.dropped += len(stale)
         return self.next
 
+    def write_barrier(self, seq: int, folder: str, own: list[int], shards: int) -> dict[int, Any]:
+        """Write this owner's shards' changes as shard files in ``folder``; their manifest entries."""
+        return self.state.write_barrier(seq, folder, own, shards)
+
+    def load_shards(self, folder: str, manifest: Any, own: list[int], shards: int) -> int:
+        """Load this owner's shards from the files ``manifest`` names; the keys loaded."""
+        return self.state.load_shards(folder, manifest, own, shards)
+
     def stats(self) -> dict[str, int]:
         """Keys held, parts waiting for a ticket, parts dropped, tickets folded."""
         keys = sum(map(len, self.state.shards.values()))
@@ -103,26 +113,106 @@ class OwnerActor:
         return b"".join(self.state.take_pieces())
 
 
+class ActorRef:
+    """An owner actor's worker address and key: what a task needs to call it.
+
+    Calls go straight to the actor's worker (``actor_execute``, as a ``distributed.Actor`` handle
+    sends them) and fail when the actor is gone: a handle's call would then wait forever (its
+    worker answers a released actor's key with an error the handle does not catch), holding the
+    task's thread, and with it a worker slot, for good.
+    """
+
+    __slots__ = ("address", "key")
+
+    def __init__(self, address: str, key: str) -> None:
+        self.address = address
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ActorRef, (self.address, self.key))
+
+    async def call(self, rpc: Any, method: str, *args: Any) -> Any:
+        """``method(*args)`` of the actor through ``rpc`` (a worker's or a client's connection
+        to the actor's worker); its value, or its exception raised."""
+        from distributed.protocol.serialize import to_serialize
+
+        wrap: Any = to_serialize  # sent as is (bytes stay bytes), as a handle's arguments
+        answer = await rpc.actor_execute(
+            function=method, actor=self.key, args=[wrap(arg) for arg in args], kwargs={}
+        )
+        if answer["status"] != "OK":
+            raise answer["exception"]
+        return answer["result"]
+
+
+def _client_rpc(client: Any, address: str) -> Any:
+    """A client's connection to a worker, straight or through the scheduler (as Dask's actors)."""
+    if client.direct_to_workers:
+        return client.rpc(address)
+    from distributed import actor
+
+    proxy: Any = actor.ProxyRPC
+    return proxy(client.scheduler, address)
+
+
 class DaskOwnerRoute(OwnerRoute):
     """Runs in a Dask task: ``fn``, then each owner's part handed to its actor."""
 
     def __init__(
-        self, fn: Callable[[list[Any]], Any], shards: int, actors: list[Any], *, counts: bool
+        self, fn: Callable[[list[Any]], Any], shards: int, actors: list[ActorRef], *, counts: bool
     ) -> None:
         super().__init__(fn, shards, "", len(actors), counts=counts)
         self.actors = actors
 
     def send(self, parts: list[dict[int, tuple[list[Any], list[Any]]]]) -> tuple[tuple[int, int], ...]:
-        sent, calls = [], []
+        from distributed import get_worker
+        from distributed.utils import sync
+
+        worker = get_worker()
+        sent, puts = [], []
         for owner, actor in enumerate(self.actors):
             part, parts[owner] = parts[owner], {}
             if part:
                 ident = wire.part_id()
-                calls.append(actor.put(ident, wire.pack_part(part)))
+                puts.append((actor, ident, wire.pack_part(part)))
                 sent.append((owner, ident))
-        for call in calls:
-            call.result()  # in the actor before the receipt leaves
+
+        async def put() -> None:
+            await asyncio.gather(*(ref.call(worker.rpc(ref.address), "put", i, d) for ref, i, d in puts))
+
+        sync(worker.loop, put)  # every part in its actor before the receipt leaves
         return tuple(sent)
+
+
+class DaskBarrier:
+    """A checkpoint asked of every owner actor after the first ``tickets`` tickets, at batch ``seq``."""
+
+    def __init__(self, owners: DaskOwners, seq: int, folder: str) -> None:
+        self.owners = owners
+        self.seq = seq
+        self.folder = folder
+        self.tickets = owners.batches
+
+    def write_shards(self, seq: int) -> Any:
+        """The manifest naming every owner's shard files (blocking: the checkpoint thread's call),
+        once every owner folded the tickets sent before the checkpoint was taken.
+
+        ``CheckpointWriteError`` when an owner could not write, or failed (the previous
+        checkpoint stands)."""
+        owners = self.owners
+        with owners.progress:
+            owners.progress.wait_for(lambda: owners.error is not None or min(owners.folded) >= self.tickets)
+        if owners.error is not None:
+            raise CheckpointWriteError(f"keyed state at batch {self.seq} not written: {owners.error}")
+        answers = [
+            anyio.from_thread.run(owners.answer, owner, "write_barrier", self.seq, self.folder,
+                                  owners.own(owner), owners.shards)
+            for owner in range(owners.count)
+        ]
+        errors = [f"shard owner {o}: {a}" for o, a in enumerate(answers) if isinstance(a, str)]
+        if errors:
+            raise CheckpointWriteError(f"keyed state at batch {self.seq} not written: {'; '.join(errors)}")
+        return manifest_of(answers, self.seq, owners.shards)
 
 
 def _not_while_running() -> RuntimeError:
@@ -147,10 +237,14 @@ class DaskOwners:
         self.count = 0
         self.owner_of: list[int] = []
         self.addresses: list[str] = []  # the worker of each owner
-        self.actors: list[Any] = []
+        self.actors: list[ActorRef] = []
         self.final: list[bytearray] | None = None
         self.batches = 0  # tickets sent (fold() calls)
         self.error: WorkerCrashed | None = None
+        #: Per owner, the tickets it folded (as far as known here); ``progress`` is notified when
+        #: that grows or an owner failed (a checkpoint waits for it in the checkpoint thread).
+        self.folded: list[int] = []
+        self.progress = threading.Condition()
         self._client: Any = None
         self._owns_client = False
         self._futures: list[Any] = []
@@ -173,6 +267,7 @@ class DaskOwners:
         workers = sorted(await client.nthreads())
         self.count = min(self.wanted or len(workers), self.shards)
         self.owner_of = owner_of_shards(self.shards, self.count)
+        self.folded = [0] * self.count
         run = uuid.uuid4().hex[:12]
         for owner in range(self.count):
             address = workers[owner % len(workers)]
@@ -183,15 +278,8 @@ class DaskOwners:
             ))
         for future in self._futures:
             await future  # the actor is created
-        # Handles bound to this client: a handle binds to the default client, which this one is not.
-        import distributed
-
-        handle: Any = distributed.Actor
-        with client.as_current():
-            self.actors = [
-                handle(OwnerActor, address, future.key)
-                for address, future in zip(self.addresses, self._futures, strict=True)
-            ]
+        pairs = zip(self.addresses, self._futures, strict=True)
+        self.actors = [ActorRef(address, future.key) for address, future in pairs]
         send, receive = anyio.create_memory_object_stream[tuple[int, Any]](math.inf)
         self._tickets = send
         tg = await self._stack.enter_async_context(anyio.create_task_group())
@@ -203,10 +291,16 @@ class DaskOwners:
         async with receive:
             async for owner, call in receive:
                 try:
-                    await call
-                except Exception as exc:
-                    if self.error is None:
-                        self.error = self._lost(owner, exc)
+                    folded = await call
+                except WorkerCrashed as exc:
+                    with self.progress:
+                        if self.error is None:
+                            self.error = exc
+                        self.progress.notify_all()
+                else:
+                    with self.progress:
+                        self.folded[owner] = max(self.folded[owner], folded)
+                        self.progress.notify_all()
 
     def _lost(self, owner: int, exc: BaseException) -> WorkerCrashed:
         return WorkerCrashed(
@@ -229,10 +323,19 @@ class DaskOwners:
             await self._close()
 
     async def _call(self, owner: int, method: str, *args: Any) -> Any:
+        """``method(*args)`` of an owner's actor; ``WorkerCrashed`` when it fails or is gone."""
         try:
-            return await getattr(self.actors[owner], method)(*args)
+            rpc = _client_rpc(self._client, self.addresses[owner])
+            return await self.actors[owner].call(rpc, method, *args)
         except Exception as exc:
             raise self._lost(owner, exc) from exc
+
+    async def answer(self, owner: int, method: str, *args: Any) -> Any:
+        """Like ``_call``, but an error comes back as its message (a str)."""
+        try:
+            return await self._call(owner, method, *args)
+        except WorkerCrashed as exc:
+            return str(exc)
 
     async def stats(self) -> list[dict[str, int]]:
         """Each actor's :meth:`OwnerActor.stats`."""
@@ -264,10 +367,8 @@ class DaskOwners:
         for owner, ident in receipt.parts:
             by_owner[owner].append(ident)
         for owner, ids in enumerate(by_owner):
-            try:
-                call = self.actors[owner].fold(self.batches, ids)
-            except Exception as exc:  # the actor's worker is known lost
-                raise self._lost(owner, exc) from exc
+            # Sent now (the watcher awaits the answers in order): tickets travel while folds go on.
+            call = asyncio.ensure_future(self._call(owner, "fold", self.batches, ids))
             self._tickets.send_nowait((owner, call))
         self.batches += 1
 
@@ -282,5 +383,20 @@ class DaskOwners:
     def take_state(self) -> dict[int, dict[Any, int]]:
         raise _not_while_running()
 
-    def barrier(self, seq: int, folder: str) -> Any:
-        raise ValueError("shard owners on Dask do not write checkpoints")
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def barrier(self, seq: int, folder: str) -> DaskBarrier:
+        """A checkpoint of the owners' state after the tickets sent so far, at batch ``seq``: each
+        actor writes its shard files into ``folder``, which must be reachable from its worker."""
+        return DaskBarrier(self, seq, folder)
+
+    async def load(self, manifest: Any, folder: str) -> int:
+        """Each actor loads its shards from the files ``manifest`` names in ``folder`` (reachable from
+        its worker); the keys loaded. ``CheckpointCorrupt`` naming the file an owner cannot load."""
+        loaded = 0
+        for owner in range(self.count):
+            answer = await self.answer(owner, "load_shards", folder, manifest, self.own(owner), self.shards)
+            if isinstance(answer, str):
+                raise CheckpointCorrupt(f"cannot load the shards of the checkpoint in {folder}: {answer}")
+            loaded += answer
+        return loaded

@@ -22,7 +22,7 @@ from ..checkpoints.session import Checkpoints, DeferredShards
 from ..executors import ProcessExecutor, check_picklable
 from ..executors import ownerwire as wire
 from ..executors.dask import DaskExecutor
-from ..executors.dask_owners import DaskOwnerRoute, DaskOwners
+from ..executors.dask_owners import DaskBarrier, DaskOwnerRoute, DaskOwners
 from ..executors.owners import Barrier, OwnedParts, OwnerRoute, Owners
 from .stats import Stats
 
@@ -74,21 +74,13 @@ def owner_count(agg: object, workers: int | None) -> int:
 
 def uses_owners(agg: object, executor: object, checkpoints: Checkpoints, workers: int | None) -> bool:
     """Whether a run of ``agg`` on ``executor`` keeps its keyed state in shard owners: a ``ByKey``
-    that :func:`owner_count` gives owners, on worker processes, without a checkpoint or with one
-    in a folder or SQLite file (whose shard files the owners write), not a store object; on a
-    Dask cluster (owners as actors), without a checkpoint only (``ValueError`` naming ``owners``
-    when given with a checkpoint)."""
-    if isinstance(executor, DaskExecutor) and owner_count(agg, 1) > 0:
-        if checkpoints.target is None:
-            return True
-        if isinstance(agg, ByKey) and agg.owners is not None:
-            raise ValueError(
-                f"{agg.describe()}: owners= on a DaskExecutor keeps keyed state in Dask actors, which "
-                f"write no checkpoints; leave owners unset (or owners=0) to fold keyed state in the "
-                f"pipeline process with checkpoint=, or drop checkpoint="
-            )
-        return False
-    if not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
+    that :func:`owner_count` gives owners, on worker processes or a Dask cluster (owners as actors),
+    without a checkpoint or with one in a folder or SQLite file (whose shard files the owners
+    write), not a store object."""
+    if isinstance(executor, DaskExecutor):
+        if owner_count(agg, 1) == 0:
+            return False
+    elif not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
         return False
     return checkpoints.target is None or isinstance(checkpoints.target, (str, os.PathLike))
 
@@ -136,6 +128,9 @@ async def owned_run(
     counts = type(agg.inner) is Count
     if isinstance(executor, DaskExecutor):
         actors = await stack.enter_async_context(DaskOwners(executor, agg.owners, agg.shards))
+        if isinstance(state, DeferredShards):
+            loaded = await actors.load(state.manifest, state.folder)
+            log.info("shard owners on Dask loaded %d keys from %s", loaded, state.folder)
         route: OwnerRoute = DaskOwnerRoute(task.fn, agg.shards, actors.actors, counts=counts)
         owned = OwnedByKey(agg, actors, stats)
         task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
@@ -198,7 +193,7 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
         """Progress without asking the owners: the batches they were told to fold."""
         return {"owners": self.owners.count, "batches": self.owners.batches}
 
-    def barrier(self, state: OwnedState, folder: str) -> Barrier:
+    def barrier(self, state: OwnedState, folder: str) -> Barrier | DaskBarrier:
         """A checkpoint of the owners' state now: each writes its shard files into ``folder``."""
         return self.owners.barrier(self.stats.batches, folder)
 
