@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,15 +205,21 @@ def test_an_actor_folds_tickets_in_order_and_drops_unnamed_parts() -> None:
     actor.put(1, pack({0: (["a"], [1])}))
     actor.put(2, pack({0: (["a", "b"], [2, 5])}))
     actor.put(3, pack({1: (["c"], [7])}))  # never named
-    assert actor.fold(1, [2]) == 0  # ahead of its turn: waits for ticket 0
-    assert actor.fold(0, [1]) == 2
+    assert actor.fold(1, [2]) == (0, actor.life)  # ahead of its turn: waits for ticket 0
+    assert actor.fold(0, [1]) == (2, actor.life)
     assert actor.state.shards == {0: {"a": 3, "b": 5}}
     assert actor.stats()["waiting"] == 1
     actor.fold(2, [])
     assert actor.stats() == {"keys": 2, "waiting": 0, "dropped": 1, "folded": 3}
     with pytest.raises(LookupError, match=r"part 0000000000000003 named by ticket 3"):
         actor.fold(3, [3])
-    assert dask_owners.wire.unpack_part(actor.take()) is not None
+    # An actor Dask started again (another life), or one that missed tickets, gives no state.
+    with pytest.raises(LookupError, match="started it again"):
+        actor.take(actor.life + 1, 3)
+    with pytest.raises(LookupError, match="folded 3 tickets where 5 were sent"):
+        actor.take(actor.life, 5)
+    [(shard, keys, values)] = dask_owners.wire.unpack_part(actor.take(actor.life, 3))
+    assert (shard, keys, values) == (0, ["a", "b"], array("q", [3, 5]))
 
 
 @pytest.mark.anyio

@@ -8,9 +8,9 @@ worker of the cluster, placed round-robin on the workers. Each holds the ring sh
 
 1. a task runs ``fn`` on its batch, checks and cuts the result exactly as an owner process's worker
    does (:class:`microbatch.executors.owners.OwnerRoute`), and hands each owner its part (part bytes,
-   :func:`microbatch.executors.ownerwire.pack_part`) through the actor's handle, from inside the
-   task: the part is in the actor before the task returns; the task returns only a receipt
-   (``OwnedParts``: part ids);
+   :func:`microbatch.executors.ownerwire.pack_part`) straight to the actor's worker, from inside
+   the task (:class:`ActorRef`): the part is in the actor before the task returns; the task
+   returns only a receipt (``OwnedParts``: part ids);
 2. the pipeline's fold stage sends every owner, in batch order, a ticket numbered ``n`` naming that
    batch's part ids for it (:meth:`DaskOwners.fold`); an actor folds ticket ``n`` only after
    ticket ``n - 1`` (tickets travel over separate connections and may arrive out of order), so each
@@ -18,19 +18,23 @@ worker of the cluster, placed round-robin on the workers. Each holds the ring sh
    the pipeline (a task Dask ran twice, an attempt retried, a bundle re-run) is never named: it is
    dropped once ``keep`` (``KEEP_TICKETS``) tickets were folded after it arrived, so such parts
    never pile up. A ticket naming a part the actor does not hold fails the run naming the part;
-3. when the run ends, each actor sends its whole state as part bytes: the run's value reads them
+3. at a checkpoint (:class:`DaskBarrier`), once every actor folded the tickets sent before it,
+   each writes its shards' changes as shard files into the checkpoint's folder (which its worker
+   must reach, at the same path: a ``LocalCluster``, or a shared filesystem) and answers with their
+   manifest entries; a resumed run's actors load their own shards;
+4. when the run ends, each actor sends its whole state as part bytes: the run's value reads them
    (``PackedValues``), a shard at a time.
 
 Limits: an actor lives on one worker: its keyed state is lost with that worker (the run then fails
-with ``WorkerCrashed``; tasks lost with other workers are re-run as usual). The state is not
-checkpointed: a run with a checkpoint folds keyed state in the pipeline process (and refuses
-``owners=`` given explicitly). The value is readable once the run ended, not while it runs.
+with ``WorkerCrashed``; the last checkpoint resumes exact; tasks lost with other workers are re-run
+as usual). The value is readable once the run ended, not while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -66,13 +70,27 @@ class OwnerActor:
         self.next = 0  # the next ticket to fold
         self.received = 0  # one past the highest ticket received
         self.dropped = 0  # parts dropped as never to be named
+        # This actor's own: one Dask started again (on a worker of the same address) differs.
+        self.life = int.from_bytes(os.urandom(8), "little")
 
     def put(self, ident: int, data: bytes) -> None:
         """Keep a task's part until a ticket names it (or ``keep`` tickets pass)."""
         self.parts[ident] = (self.received, data)
 
-    def fold(self, ticket: int, ids: list[int]) -> int:
-        """Fold ticket ``ticket``'s parts, once every ticket before it was folded; the next ticket due.
+    def identity(self) -> int:
+        return self.life
+
+    def check(self, life: int, tickets: int) -> None:
+        """``LookupError`` unless this is the actor ``life`` names and it folded ``tickets`` tickets."""
+        if life != self.life or self.next != tickets:
+            raise LookupError(
+                f"shard owner {self.index} is not the one the run started (Dask started it again) or "
+                f"folded {self.next} tickets where {tickets} were sent: its keyed state is not the run's"
+            )
+
+    def fold(self, ticket: int, ids: list[int]) -> tuple[int, int]:
+        """Fold ticket ``ticket``'s parts, once every ticket before it was folded; the next ticket
+        due, and this actor's ``life``.
 
         ``LookupError`` naming a part it names that this actor does not hold."""
         self.tickets[ticket] = ids
@@ -93,10 +111,13 @@ class OwnerActor:
             for ident in stale:
                 del self.parts[ident]
             self.dropped += len(stale)
-        return self.next
+        return self.next, self.life
 
-    def write_barrier(self, seq: int, folder: str, own: list[int], shards: int) -> dict[int, Any]:
+    def write_barrier(
+        self, life: int, tickets: int, seq: int, folder: str, own: list[int], shards: int
+    ) -> dict[int, Any]:
         """Write this owner's shards' changes as shard files in ``folder``; their manifest entries."""
+        self.check(life, tickets)
         return self.state.write_barrier(seq, folder, own, shards)
 
     def load_shards(self, folder: str, manifest: Any, own: list[int], shards: int) -> int:
@@ -108,8 +129,9 @@ class OwnerActor:
         keys = sum(map(len, self.state.shards.values()))
         return {"keys": keys, "waiting": len(self.parts), "dropped": self.dropped, "folded": self.next}
 
-    def take(self) -> bytes:
+    def take(self, life: int, tickets: int) -> bytes:
         """The whole state as part bytes (the state is gone after)."""
+        self.check(life, tickets)
         return b"".join(self.state.take_pieces())
 
 
@@ -205,8 +227,8 @@ class DaskBarrier:
         if owners.error is not None:
             raise CheckpointWriteError(f"keyed state at batch {self.seq} not written: {owners.error}")
         answers = [
-            anyio.from_thread.run(owners.answer, owner, "write_barrier", self.seq, self.folder,
-                                  owners.own(owner), owners.shards)
+            anyio.from_thread.run(owners.answer, owner, "write_barrier", owners.lives[owner], self.tickets,
+                                  self.seq, self.folder, owners.own(owner), owners.shards)
             for owner in range(owners.count)
         ]
         errors = [f"shard owner {o}: {a}" for o, a in enumerate(answers) if isinstance(a, str)]
@@ -238,12 +260,13 @@ class DaskOwners:
         self.owner_of: list[int] = []
         self.addresses: list[str] = []  # the worker of each owner
         self.actors: list[ActorRef] = []
-        self.final: list[bytearray] | None = None
+        self.final: list[bytes] | None = None
         self.batches = 0  # tickets sent (fold() calls)
         self.error: WorkerCrashed | None = None
         #: Per owner, the tickets it folded (as far as known here); ``progress`` is notified when
         #: that grows or an owner failed (a checkpoint waits for it in the checkpoint thread).
         self.folded: list[int] = []
+        self.lives: list[int] = []  # each actor's ``life``
         self.progress = threading.Condition()
         self._client: Any = None
         self._owns_client = False
@@ -282,6 +305,7 @@ class DaskOwners:
         self.actors = [ActorRef(address, future.key) for address, future in pairs]
         send, receive = anyio.create_memory_object_stream[tuple[int, Any]](math.inf)
         self._tickets = send
+        self.lives = [await self._call(owner, "identity") for owner in range(self.count)]
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._watcher = tg.cancel_scope
         tg.start_soon(self._watch, receive)
@@ -291,7 +315,9 @@ class DaskOwners:
         async with receive:
             async for owner, call in receive:
                 try:
-                    folded = await call
+                    folded, life = await call
+                    if life != self.lives[owner]:
+                        raise self._lost(owner, LookupError("Dask started it again, empty"))
                 except WorkerCrashed as exc:
                     with self.progress:
                         if self.error is None:
@@ -318,7 +344,8 @@ class DaskOwners:
             if exc_info[1] is None:
                 if self.error is not None:
                     raise self.error
-                self.final = [bytearray(await self._call(o, "take")) for o in range(self.count)]
+                lives, tickets = self.lives, self.batches
+                self.final = [await self._call(o, "take", lives[o], tickets) for o in range(self.count)]
         finally:
             await self._close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -268,7 +268,7 @@ class PackedValues(Mapping[Any, Any]):
 
     __slots__ = ("_taken", "_blocks", "_ring", "_len", "_decoded")
 
-    def __init__(self, taken: list[bytearray], place: Ring) -> None:
+    def __init__(self, taken: Sequence[bytes | bytearray], place: Ring) -> None:
         self._taken = taken
         self._blocks: dict[int, tuple[int, wire.Block]] = {}
         for index, data in enumerate(taken):
