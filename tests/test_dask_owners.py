@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 pytest.importorskip("distributed")
@@ -146,9 +147,7 @@ def actor_stats(monkeypatch: pytest.MonkeyPatch) -> list[list[dict[str, int]]]:
 
     async def recording(self: DaskOwners, *exc_info: object) -> None:
         if exc_info[1] is None and self.error is None:
-            if self._tickets is not None:
-                self._tickets.close()
-            await self._stack.aclose()  # every ticket folded
+            await self.drain(failed=False)  # every ticket folded
             taken.append(await self.stats())
         await leave(self, *exc_info)
 
@@ -181,6 +180,39 @@ async def test_a_worker_killed_mid_split_is_rerun_and_its_parts_are_dropped_unfo
     assert stats["folded"] >= 200
     assert stats["dropped"] >= 1  # the parts of the killed attempt, never folded,
     assert stats["waiting"] == 0  # did not stay
+
+
+def words_kill_an_owner(marker: Path, lines: list[str]) -> collections.Counter[str]:
+    """Count words; a worker holding an owner kills itself once (the owner's state goes with it)."""
+    from distributed import get_worker
+
+    if get_worker().state.actors and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return words(lines)
+
+
+@pytest.mark.anyio
+async def test_an_owner_lost_with_its_worker_fails_the_run_naming_it(
+    cluster: DaskCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "words.txt"
+    write_words(path, 20_000, 500)
+    pipeline = mb.Pipeline(
+        functools.partial(words_kill_an_owner, tmp_path / "killed"),
+        aggregate=mb.ByKey(mb.Count(), owners=2),
+        max_size=500,
+        executor=DaskExecutor(cluster),
+    )
+    with anyio.fail_after(120), pytest.raises(Exception) as caught:
+        await pipeline.run(mb.read_lines(path))
+    assert (tmp_path / "killed").exists()
+    chain = []
+    error: BaseException | None = caught.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert any(isinstance(e, mb.WorkerCrashed) and "shard owner" in str(e) for e in chain), chain
 
 
 @pytest.mark.anyio

@@ -57,6 +57,15 @@ __all__ = ["KEEP_TICKETS", "ActorRef", "DaskBarrier", "DaskOwnerRoute", "DaskOwn
 #: Tickets an actor folds after a part arrived before it drops the part as never to be named.
 KEEP_TICKETS = 4096
 
+#: Seconds a task waits for its parts to be taken, before it fails (and the pipeline runs the batch
+#: again; parts already handed over are never named, and dropped): an owner whose worker is gone
+#: would otherwise hold the task, and its worker thread, for Dask's connect timeout (30 s).
+PUT_TIMEOUT = 10.0
+
+#: Seconds between two looks at the cluster's workers: a worker holding an owner that left fails
+#: the run at once (the tasks that would hand it parts wait on it, and no batch would fold).
+WATCH_INTERVAL = 0.5
+
 
 class OwnerActor:
     """One shard owner as a Dask actor; Dask runs its methods one at a time (the actor's thread)."""
@@ -202,7 +211,7 @@ class DaskOwnerRoute(OwnerRoute):
         async def put() -> None:
             await asyncio.gather(*(ref.call(worker.rpc(ref.address), "put", i, d) for ref, i, d in puts))
 
-        sync(worker.loop, put)  # every part in its actor before the receipt leaves
+        sync(worker.loop, put, callback_timeout=PUT_TIMEOUT)  # every part in its actor before the receipt
         return tuple(sent)
 
 
@@ -274,6 +283,7 @@ class DaskOwners:
         self._tickets: MemoryObjectSendStream[tuple[int, Any]] | None = None
         self._stack = AsyncExitStack()  # the task group of the ticket watcher
         self._watcher: anyio.CancelScope | None = None
+        self._workers_scope = anyio.CancelScope()  # the look at the workers, cancelled on leaving
 
     async def __aenter__(self) -> DaskOwners:
         self._client, self._owns_client = await self.executor.open_client()
@@ -309,6 +319,21 @@ class DaskOwners:
         tg = await self._stack.enter_async_context(anyio.create_task_group())
         self._watcher = tg.cancel_scope
         tg.start_soon(self._watch, receive)
+        tg.start_soon(self._watch_workers)
+
+    async def _watch_workers(self) -> None:
+        """Fail the run (``WorkerCrashed``, raised in the block) once a worker holding an owner left."""
+        with self._workers_scope:
+            while True:
+                await anyio.sleep(WATCH_INTERVAL)
+                present = await self._client.nthreads()
+                gone = [owner for owner, address in enumerate(self.addresses) if address not in present]
+                if gone:
+                    error = self._lost(gone[0], ConnectionError("its worker left the cluster"))
+                    with self.progress:
+                        self.error = self.error or error
+                        self.progress.notify_all()
+                    raise error
 
     async def _watch(self, receive: MemoryObjectReceiveStream[tuple[int, Any]]) -> None:
         """Wait for each ticket's fold in turn; the first failure is kept for ``fold`` to raise."""
@@ -336,11 +361,7 @@ class DaskOwners:
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
-            if self._tickets is not None:
-                self._tickets.close()
-            if exc_info[1] is not None and self._watcher is not None:
-                self._watcher.cancel()  # the run failed: no need to wait for the folds
-            await self._stack.aclose()  # every ticket's fold answered
+            await self.drain(failed=exc_info[1] is not None)
             if exc_info[1] is None:
                 if self.error is not None:
                     raise self.error
@@ -348,6 +369,16 @@ class DaskOwners:
                 self.final = [await self._call(o, "take", lives[o], tickets) for o in range(self.count)]
         finally:
             await self._close()
+
+    async def drain(self, *, failed: bool) -> None:
+        """Stop sending tickets and watching the workers; unless ``failed``, wait until every
+        ticket's fold was answered."""
+        self._workers_scope.cancel()
+        if self._tickets is not None:
+            self._tickets.close()
+        if failed and self._watcher is not None:
+            self._watcher.cancel()  # the run failed: no need to wait for the folds
+        await self._stack.aclose()
 
     async def _call(self, owner: int, method: str, *args: Any) -> Any:
         """``method(*args)`` of an owner's actor; ``WorkerCrashed`` when it fails or is gone."""
