@@ -25,9 +25,11 @@ worker of the cluster, placed round-robin on the workers. Each holds the ring sh
 4. when the run ends, each actor sends its whole state as part bytes: the run's value reads them
    (``PackedValues``), a shard at a time.
 
-Limits: an actor lives on one worker: its keyed state is lost with that worker (the run then fails
-with ``WorkerCrashed``; the last checkpoint resumes exact; tasks lost with other workers are re-run
-as usual). The value is readable once the run ended, not while it runs.
+Limits: an actor lives on one worker: its keyed state is lost with that worker. The owners look at
+the cluster's workers every ``WATCH_INTERVAL`` seconds and the run then fails with ``WorkerCrashed``
+(the last checkpoint resumes exact); an actor Dask started again, empty, is told apart by the
+identity (``life``) it draws when created. Tasks lost with other workers are re-run as usual. The
+value is readable once the run ended, not while it runs.
 """
 
 from __future__ import annotations
