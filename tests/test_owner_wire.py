@@ -78,33 +78,30 @@ def test_a_shard_mostly_changed_is_written_whole_untracked_until_it_quiets(tmp_p
     """An owner tracks a shard's changed keys for a delta; once most changed between two
     checkpoints it writes the shard whole, and keeps doing so without tracking keys while each
     period folds more keys into it than half it holds; a quiet period brings deltas back."""
-    import socket
-
     from microbatch.checkpoints.shards import MANIFEST_FORMAT
-    from microbatch.executors.ownerproc import Owner
+    from microbatch.executors.ownerproc import ShardState
 
     folder = str(tmp_path / "state")
-    with socket.socket(socket.AF_UNIX) as listener:
-        owner = Owner(listener, str(tmp_path), 0, False)
-        keys = [f"k{i}" for i in range(1_000)]
-        expected: dict[str, int] = {}
+    owner = ShardState()
+    keys = [f"k{i}" for i in range(1_000)]
+    expected: dict[str, int] = {}
 
-        def fold(some: list[str]) -> None:
-            owner._fold(wire.pack_part({0: (some, [1] * len(some))}))
-            for key in some:
-                expected[key] = expected.get(key, 0) + 1
+    def fold(some: list[str]) -> None:
+        owner.fold_part(wire.pack_part({0: (some, [1] * len(some))}))
+        for key in some:
+            expected[key] = expected.get(key, 0) + 1
 
-        kinds = []
-        for seq, some in enumerate([keys, keys[:900], keys[:900], keys[:10], keys[:10]], 1):
-            fold(some)
-            if seq == 3:
-                assert owner.changed == {} and 0 in owner.hot  # hot: no set of its keys
-            entry = owner._barrier(seq, folder, [0], 1)[0]
-            kinds.append("delta" if entry["deltas"] else "base")
-        # 1: the first checkpoint; 2: 900 of 1,000 keys changed (tracked); 3: hot, 900 folded;
-        # 4: hot and folded into, 10 keys (then no longer hot); 5: tracked again, a delta.
-        assert kinds == ["base", "base", "base", "base", "delta"]
-        manifest = {"format": MANIFEST_FORMAT, "seq": 5, "shards": 1, "entries": [entry]}
-        loaded = Owner(listener, str(tmp_path), 0, False)
-        assert loaded._load(folder, manifest, [0], 1) == 1_000
-        assert loaded.shards[0] == expected
+    kinds = []
+    for seq, some in enumerate([keys, keys[:900], keys[:900], keys[:10], keys[:10]], 1):
+        fold(some)
+        if seq == 3:
+            assert owner.changed == {} and 0 in owner.hot  # hot: no set of its keys
+        entry = owner.write_barrier(seq, folder, [0], 1)[0]
+        kinds.append("delta" if entry["deltas"] else "base")
+    # 1: the first checkpoint; 2: 900 of 1,000 keys changed (tracked); 3: hot, 900 folded;
+    # 4: hot and folded into, 10 keys (then no longer hot); 5: tracked again, a delta.
+    assert kinds == ["base", "base", "base", "base", "delta"]
+    manifest = {"format": MANIFEST_FORMAT, "seq": 5, "shards": 1, "entries": [entry]}
+    loaded = ShardState()
+    assert loaded.load_shards(folder, manifest, [0], 1) == 1_000
+    assert loaded.shards[0] == expected

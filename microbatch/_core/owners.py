@@ -122,6 +122,11 @@ class OwnerRoute:
         parts = cut(result, ring(self.shards), owner_of_shards(self.shards, self.owners), self.owners)
         keys = len(result)
         del result, values  # the parts hold what is left to send: less memory at the peak
+        return OwnedParts(self.send(parts), keys, len(records), _bytes_of(records))
+
+    def send(self, parts: list[dict[int, tuple[list[Any], list[Any]]]]) -> tuple[tuple[int, int], ...]:
+        """Hand each owner its part (:func:`cut`), whole before returning: here as a part file in
+        the owners' folder; ``(owner, part id)`` of each part."""
         sent = []
         for owner in range(self.owners):
             part, parts[owner] = parts[owner], {}
@@ -129,7 +134,7 @@ class OwnerRoute:
                 ident = wire.part_id()
                 wire.write_part(wire.part_path(self.folder, owner, ident), wire.pack_part(part))
                 sent.append((owner, ident))
-        return OwnedParts(tuple(sent), keys, len(records), _bytes_of(records))
+        return tuple(sent)
 
 
 def _bytes_of(records: list[Any]) -> int:

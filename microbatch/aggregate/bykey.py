@@ -211,7 +211,8 @@ class ByKey(KeyedAggregator[Mapping[Any, Any]]):
     held by shard owner processes, one per worker by default, which workers feed directly (see
     :mod:`microbatch.executors.owners`); ``owners=N`` (0 to ``shards``) sets how many, and also
     gives ``ByKey(Sum())`` owners (int partials only); ``owners=0`` folds in the pipeline process.
-    Not part of ``describe()``.
+    On a ``DaskExecutor`` the owners are Dask actors, one per worker by default (see
+    :mod:`microbatch.executors.dask_owners`). Not part of ``describe()``.
 
     Memory: every key's inner state is kept, a dict entry (about 100 bytes) plus the key and the
     state; ``Count`` and ``Sum`` keep plain ints while partials are ints.

@@ -60,7 +60,10 @@ from .base import FunctionCache, PickledFunction, check_timeout
 from .dask_bundles import CLOSED, FALLBACK, Bundler, Failed
 from .dask_tasks import task_key, wait_task
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_SPLIT_SIZE", "DaskExecutor", "PathNotVisible", "check_path_visible"]
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_SPLIT_SIZE", "DaskExecutor", "PathNotVisible", "check_asyncio",
+    "check_path_visible", "close_client",
+]
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -255,13 +258,7 @@ class DaskExecutor:
                 "this DaskExecutor is already in use: one 'async with' at a time (it can be entered "
                 "again once left); create one DaskExecutor per concurrent pipeline run"
             )
-        library = _current_library()
-        if library != "asyncio":
-            raise BackendNotSupported(
-                f"DaskExecutor needs asyncio (Dask's client runs on asyncio), but this code runs on "
-                f"{library}: run the pipeline with anyio.run(..., backend='asyncio') or asyncio.run(...), "
-                f"or use ProcessExecutor"
-            )
+        check_asyncio()
         self._state = "open"
         try:
             self.client, self._owns_client = await _connect(
@@ -315,7 +312,13 @@ class DaskExecutor:
         self._paths = _VisiblePaths()  # workers may differ the next time
         client, self.client = self.client, None
         if client is not None and self._owns_client:
-            await _close_client(client)
+            await close_client(client)
+
+    async def open_client(self) -> tuple[Any, bool]:
+        """Another asynchronous client to this executor's cluster (the given client itself when it
+        is asynchronous), and whether it is the caller's to close (with :func:`close_client`)."""
+        check_asyncio()
+        return await _connect(self._distributed, self._given_client, self._address, self.connect_timeout)
 
     # -- calls --------------------------------------------------------------------------------------
 
@@ -367,6 +370,17 @@ class DaskExecutor:
         return remote.unwrap(outcome, fn)
 
 
+def check_asyncio() -> None:
+    """``BackendNotSupported`` unless the running async library is asyncio (Dask's client's)."""
+    library = _current_library()
+    if library != "asyncio":
+        raise BackendNotSupported(
+            f"DaskExecutor needs asyncio (Dask's client runs on asyncio), but this code runs on "
+            f"{library}: run the pipeline with anyio.run(..., backend='asyncio') or asyncio.run(...), "
+            f"or use ProcessExecutor"
+        )
+
+
 async def _connect(
     distributed: Any, given: Any, address: str | None, connect_timeout: float
 ) -> tuple[Any, bool]:
@@ -384,14 +398,14 @@ async def _connect(
     try:
         await client
     except (OSError, asyncio.TimeoutError) as exc:  # asyncio's differs from OSError's on 3.10
-        await _close_client(client)
+        await close_client(client)
         raise ConnectionError(
             f"cannot connect to the Dask scheduler at {address} within "
             f"connect_timeout={connect_timeout} s: {exc}; start one there with "
             f"'dask scheduler' and workers with 'dask worker {address}'"
         ) from exc
     except BaseException:
-        await _close_client(client)
+        await close_client(client)
         raise
     return client, True
 
@@ -410,7 +424,7 @@ async def _count_threads(client: Any, address: str | None, worker_timeout: float
     return max(1, sum(nthreads.values()))
 
 
-async def _close_client(client: Any) -> None:
+async def close_client(client: Any) -> None:
     with anyio.CancelScope(shield=True):
         try:
             await client.close()

@@ -56,7 +56,7 @@ try:
 except ImportError:  # run as a script: there is no package around this file
     _die_with_parent = _sibling("worker")._die_with_parent
 
-__all__ = ["Owner", "main"]
+__all__ = ["Owner", "ShardState", "main"]
 
 _READ = 1 << 20
 
@@ -70,19 +70,15 @@ class _Connection:
         self.control = False
 
 
-class Owner:
-    """The owner's loop: accept connections, keep parts, fold FOLDs in order, answer questions."""
+class ShardState:
+    """An owner's shards of keyed ints: folds parts, writes and loads shard files, gives its state.
 
-    def __init__(self, listener: socket.socket, folder: str, index: int, keep: bool) -> None:
-        self.listener = listener
-        self.folder, self.index, self.keep = folder, index, keep
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(listener, selectors.EVENT_READ, None)
-        self.requests: collections.deque[tuple[int, bytes]] = collections.deque()
+    The one state of both kinds of owner: an owner process (:class:`Owner`) and a Dask actor
+    (:mod:`microbatch.executors.dask_owners`).
+    """
+
+    def __init__(self) -> None:
         self.shards: dict[int, dict[Any, int]] = {}
-        self.control: socket.socket | None = None
-        self.folded = 0
-        self.taken = False  # TAKE answered: the state is gone, the owner exits
         # Checkpoints: per shard, the keys changed since the last barrier; shards to write whole
         # (every shard until a barrier or a load gave it files); the shard files' writer.
         self.changed: dict[int, set[Any]] = {}
@@ -93,6 +89,144 @@ class Owner:
         self.hot: dict[int, int] = {}
         self.crossed: set[int] = set()
         self.files: Any = None
+
+    def take_pieces(self) -> list[bytes]:
+        """The whole state as part bytes (one piece per shard), each shard freed once packed."""
+        shards = self.shards
+        pieces = []
+        for shard in sorted(shards):
+            items = shards.pop(shard)
+            pieces.append(wire.pack_part({shard: (items.keys(), items.values())}))
+        return pieces
+
+    def fold_part(self, payload: bytes) -> None:
+        """Fold one part (:func:`microbatch._core.ownerwire.pack_part` bytes) into the shards."""
+        for shard, keys, values in wire.unpack_part(payload):
+            state = self.shards.get(shard)
+            if not state:
+                state = self.shards[shard] = dict(zip(keys, values, strict=True))  # adopted
+            else:
+                state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), values), strict=True))
+            whole = self.whole
+            if whole is None:
+                continue
+            folded = self.hot.get(shard)
+            if folded is not None:
+                self.hot[shard] = folded + len(keys)
+                whole.add(shard)
+            if shard in whole:
+                continue
+            changed = self.changed.get(shard)
+            if changed is None:
+                changed = self.changed[shard] = set()
+            changed.update(keys)
+            if len(changed) > 64 and 2 * len(changed) > len(state):
+                whole.add(shard)  # most of the shard changed: write it whole, forget the keys
+                self.crossed.add(shard)
+                del self.changed[shard]
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _writer(self, folder: str) -> Any:
+        if self.files is None:
+            from microbatch.checkpoints.shards import ShardFiles
+
+            self.files = ShardFiles(folder, binary=True)
+        return self.files
+
+    def write_barrier(self, seq: int, folder: str, own: list[int], shards: int) -> dict[int, Any]:
+        """Write this owner's shards' changes at batch ``seq``; their manifest entries."""
+        from microbatch._core.keys import key_to_json
+
+        files = self._writer(folder)
+        if files.needs_base():  # the folder or files of the last manifest are gone
+            self.whole = None
+        whole = self.whole
+        documents = []
+        for shard in own:
+            items = self.shards.get(shard, {})
+            if whole is None or shard in whole:
+                kind, names = "base", items
+            elif shard in self.changed:
+                changed = self.changed[shard]
+                kind, names = "delta", dict(zip(changed, map(items.__getitem__, changed), strict=True))
+            else:
+                continue
+            keys = list(names)
+            if tuple in set(map(type, keys)):  # tuple keys in their JSON form; others as they are
+                keys = [key_to_json(key) if type(key) is tuple else key for key in keys]
+            documents.append({
+                "format": "microbatch.keyed/1", "shard": shard, "shards": shards, "kind": kind,
+                "count": len(items), "keys": keys, "states": list(names.values()),
+            })
+        manifest = files.write(seq, documents, shards=shards)  # CheckpointWriteError: changes kept
+        # Hot until a period folds fewer keys into the shard than half of it holds.
+        hot = [s for s, folded in self.hot.items() if 2 * folded > len(self.shards.get(s, ()))]
+        self.hot = dict.fromkeys([*self.crossed, *hot], 0)
+        self.whole, self.changed, self.crossed = set(), {}, set()
+        return {shard: manifest["entries"][shard] for shard in own}
+
+    def load_shards(self, folder: str, manifest: Any, own: list[int], shards: int) -> int:
+        """Load this owner's shards from the files ``manifest`` names; the keys loaded."""
+        from microbatch._core.keys import key_from_json
+        from microbatch._core.ring import ring
+
+        files = self._writer(folder)
+        mine = set(own)
+        if manifest["shards"] == shards:
+            # Only this owner's shards' files; it continues their deltas.
+            entries = [
+                entry if entry["shard"] in mine else {**entry, "count": 0, "base": None, "deltas": []}
+                for entry in manifest["entries"]
+            ]
+            manifest = {**manifest, "entries": entries}
+            for doc in files.read(manifest):
+                self._load_document(doc, key_from_json, None)
+            files.adopt(manifest)
+            self.whole = {e["shard"] for e in entries if e["shard"] in mine and e["base"] is None}
+        else:
+            # Another shard count: every file, the keys placed again; every shard written whole.
+            place = ring(shards)
+            for doc in files.read(manifest):
+                self._load_document(doc, key_from_json, (place, mine))
+            files.adopt(None)
+            self.whole = None
+        self.changed, self.hot, self.crossed = {}, {}, set()
+        return sum(map(len, self.shards.values()))
+
+    def _load_document(self, doc: Any, key_from_json: Any, placing: Any) -> None:
+        for key_data, state in zip(doc["keys"], doc["states"], strict=True):
+            if type(state) is not int:
+                raise ValueError(
+                    f"shard {doc['shard']}: the state {state!r:.100} is not an int (shard owners hold "
+                    f"int counts and sums; resume with ByKey(owners=0))"
+                )
+            key = key_from_json(key_data) if type(key_data) is list else key_data
+            if placing is None:
+                shard = doc["shard"]
+            else:
+                shard = placing[0].shard_of(key)
+                if shard not in placing[1]:
+                    continue
+            target = self.shards.get(shard)
+            if target is None:
+                target = self.shards[shard] = {}
+            target[key] = state
+
+
+class Owner(ShardState):
+    """The owner's loop: accept connections, keep parts, fold FOLDs in order, answer questions."""
+
+    def __init__(self, listener: socket.socket, folder: str, index: int, keep: bool) -> None:
+        super().__init__()
+        self.listener = listener
+        self.folder, self.index, self.keep = folder, index, keep
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.requests: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.control: socket.socket | None = None
+        self.folded = 0
+        self.taken = False  # TAKE answered: the state is gone, the owner exits
 
     def serve(self) -> None:
         """Serve until the control connection closes."""
@@ -142,7 +276,7 @@ class Owner:
                 ids.frombytes(payload)
                 for i in ids:
                     path = wire.part_path(self.folder, self.index, i)
-                    self._fold(wire.read_part(path))  # an error ends the owner (see ownerwire)
+                    self.fold_part(wire.read_part(path))  # an error ends the owner (see ownerwire)
                     if not self.keep:
                         os.unlink(path)
                 self.folded += 1
@@ -165,9 +299,9 @@ class Owner:
                 answer: Any
                 try:
                     if kind == wire.BARRIER:
-                        answer = self._barrier(*wire.unpack(payload))
+                        answer = self.write_barrier(*wire.unpack(payload))
                     else:
-                        answer = self._load(*wire.unpack_json(payload))
+                        answer = self.load_shards(*wire.unpack_json(payload))
                 except Exception as exc:
                     self._reply(wire.FAILED, f"{type(exc).__name__}: {exc}".encode())
                 else:
@@ -175,128 +309,10 @@ class Owner:
             requests.popleft()
 
     def _take(self) -> None:
-        """Send the whole state as part bytes, shard by shard, each freed once packed; then exit."""
-        shards = self.shards
-        pieces = []
-        for shard in sorted(shards):
-            items = shards.pop(shard)
-            pieces.append(wire.pack_part({shard: (items.keys(), items.values())}))
+        """Send the whole state as part bytes, shard by shard; then exit."""
         assert self.control is not None
-        wire.send_frame(self.control, wire.VALUE, pieces)
+        wire.send_frame(self.control, wire.VALUE, self.take_pieces())
         self.taken = True
-
-    def _fold(self, payload: bytes) -> None:
-        for shard, keys, values in wire.unpack_part(payload):
-            state = self.shards.get(shard)
-            if not state:
-                state = self.shards[shard] = dict(zip(keys, values, strict=True))  # adopted
-            else:
-                state.update(zip(keys, map(add, map(state.get, keys, repeat(0)), values), strict=True))
-            whole = self.whole
-            if whole is None:
-                continue
-            folded = self.hot.get(shard)
-            if folded is not None:
-                self.hot[shard] = folded + len(keys)
-                whole.add(shard)
-            if shard in whole:
-                continue
-            changed = self.changed.get(shard)
-            if changed is None:
-                changed = self.changed[shard] = set()
-            changed.update(keys)
-            if len(changed) > 64 and 2 * len(changed) > len(state):
-                whole.add(shard)  # most of the shard changed: write it whole, forget the keys
-                self.crossed.add(shard)
-                del self.changed[shard]
-
-    # --- checkpoints ----------------------------------------------------------------------------
-
-    def _writer(self, folder: str) -> Any:
-        if self.files is None:
-            from microbatch.checkpoints.shards import ShardFiles
-
-            self.files = ShardFiles(folder, binary=True)
-        return self.files
-
-    def _barrier(self, seq: int, folder: str, own: list[int], shards: int) -> dict[int, Any]:
-        """Write this owner's shards' changes at batch ``seq``; their manifest entries."""
-        from microbatch._core.keys import key_to_json
-
-        files = self._writer(folder)
-        if files.needs_base():  # the folder or files of the last manifest are gone
-            self.whole = None
-        whole = self.whole
-        documents = []
-        for shard in own:
-            items = self.shards.get(shard, {})
-            if whole is None or shard in whole:
-                kind, names = "base", items
-            elif shard in self.changed:
-                changed = self.changed[shard]
-                kind, names = "delta", dict(zip(changed, map(items.__getitem__, changed), strict=True))
-            else:
-                continue
-            keys = list(names)
-            if tuple in set(map(type, keys)):  # tuple keys in their JSON form; others as they are
-                keys = [key_to_json(key) if type(key) is tuple else key for key in keys]
-            documents.append({
-                "format": "microbatch.keyed/1", "shard": shard, "shards": shards, "kind": kind,
-                "count": len(items), "keys": keys, "states": list(names.values()),
-            })
-        manifest = files.write(seq, documents, shards=shards)  # CheckpointWriteError: changes kept
-        # Hot until a period folds fewer keys into the shard than half of it holds.
-        hot = [s for s, folded in self.hot.items() if 2 * folded > len(self.shards.get(s, ()))]
-        self.hot = dict.fromkeys([*self.crossed, *hot], 0)
-        self.whole, self.changed, self.crossed = set(), {}, set()
-        return {shard: manifest["entries"][shard] for shard in own}
-
-    def _load(self, folder: str, manifest: Any, own: list[int], shards: int) -> int:
-        """Load this owner's shards from the files ``manifest`` names; the keys loaded."""
-        from microbatch._core.keys import key_from_json
-        from microbatch._core.ring import ring
-
-        files = self._writer(folder)
-        mine = set(own)
-        if manifest["shards"] == shards:
-            # Only this owner's shards' files; it continues their deltas.
-            entries = [
-                entry if entry["shard"] in mine else {**entry, "count": 0, "base": None, "deltas": []}
-                for entry in manifest["entries"]
-            ]
-            manifest = {**manifest, "entries": entries}
-            for doc in files.read(manifest):
-                self._load_document(doc, key_from_json, None)
-            files.adopt(manifest)
-            self.whole = {e["shard"] for e in entries if e["shard"] in mine and e["base"] is None}
-        else:
-            # Another shard count: every file, the keys placed again; every shard written whole.
-            place = ring(shards)
-            for doc in files.read(manifest):
-                self._load_document(doc, key_from_json, (place, mine))
-            files.adopt(None)
-            self.whole = None
-        self.changed, self.hot, self.crossed = {}, {}, set()
-        return sum(map(len, self.shards.values()))
-
-    def _load_document(self, doc: Any, key_from_json: Any, placing: Any) -> None:
-        for key_data, state in zip(doc["keys"], doc["states"], strict=True):
-            if type(state) is not int:
-                raise ValueError(
-                    f"shard {doc['shard']}: the state {state!r:.100} is not an int (shard owners hold "
-                    f"int counts and sums; resume with ByKey(owners=0))"
-                )
-            key = key_from_json(key_data) if type(key_data) is list else key_data
-            if placing is None:
-                shard = doc["shard"]
-            else:
-                shard = placing[0].shard_of(key)
-                if shard not in placing[1]:
-                    continue
-            target = self.shards.get(shard)
-            if target is None:
-                target = self.shards[shard] = {}
-            target[key] = state
 
     def _reply(self, kind: int, payload: bytes) -> None:
         assert self.control is not None

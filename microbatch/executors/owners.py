@@ -45,7 +45,7 @@ from .._exceptions import CheckpointCorrupt, CheckpointWriteError, WorkerCrashed
 from ..checkpoints.shards import MANIFEST_FORMAT
 from .ownerprocess import OwnerFailed, OwnerProcess
 
-__all__ = ["Barrier", "Owners"]
+__all__ = ["Barrier", "Owners", "manifest_of"]
 
 log = logging.getLogger("microbatch")
 
@@ -80,6 +80,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def manifest_of(answers: list[Any], seq: int, shards: int) -> Any:
+    """The manifest of a checkpoint at batch ``seq`` from every owner's ``{shard: entry}``."""
+    entries: list[Any] = [None] * shards
+    for answer in answers:
+        for shard, entry in answer.items():
+            entries[shard] = entry
+    return {"format": MANIFEST_FORMAT, "seq": seq, "shards": shards, "entries": entries}
+
+
 class Barrier:
     """A checkpoint asked of every owner at batch ``seq``; ``write_shards`` waits for it."""
 
@@ -111,11 +120,7 @@ class Barrier:
         errors = [f"shard owner {o}: {a}" for o, a in enumerate(answers) if isinstance(a, OwnerFailed)]
         if errors:
             raise CheckpointWriteError(f"keyed state at batch {self.seq} not written: {'; '.join(errors)}")
-        entries: list[Any] = [None] * owners.shards
-        for answer in answers:
-            for shard, entry in answer.items():
-                entries[shard] = entry
-        manifest = {"format": MANIFEST_FORMAT, "seq": self.seq, "shards": owners.shards, "entries": entries}
+        manifest = manifest_of(answers, self.seq, owners.shards)
         owners.covered(manifest, self.folder)
         return manifest
 

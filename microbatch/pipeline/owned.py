@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import ItemsView, Iterator, Mapping, ValuesView
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -22,6 +22,8 @@ from .._core.task import BatchTask
 from ..aggregate import Aggregator, ByKey, Count, Sum
 from ..checkpoints.session import Checkpoints, DeferredShards
 from ..executors import ProcessExecutor, check_picklable
+from ..executors.dask import DaskExecutor
+from ..executors.dask_owners import DaskBarrier, DaskOwnerRoute, DaskOwners
 from ..executors.owners import Barrier, Owners
 from .stats import Stats
 
@@ -80,9 +82,13 @@ def owner_count(agg: object, workers: int | None) -> int:
 
 def uses_owners(agg: object, executor: object, checkpoints: Checkpoints, workers: int | None) -> bool:
     """Whether a run of ``agg`` on ``executor`` keeps its keyed state in shard owners: a ``ByKey``
-    that :func:`owner_count` gives owners, on worker processes, without a checkpoint or with one
-    in a folder or SQLite file (whose shard files the owners write), not a store object."""
-    if not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
+    that :func:`owner_count` gives owners, on worker processes or a Dask cluster (owners as actors),
+    without a checkpoint or with one in a folder or SQLite file (whose shard files the owners
+    write), not a store object."""
+    if isinstance(executor, DaskExecutor):
+        if owner_count(agg, 1) == 0:
+            return False
+    elif not isinstance(executor, ProcessExecutor) or owner_count(agg, workers) == 0:
         return False
     return checkpoints.target is None or isinstance(checkpoints.target, (str, os.PathLike))
 
@@ -113,7 +119,8 @@ async def owned_run(
     state: Any,
     stats: Stats,
     checkpoints: Checkpoints,
-    workers: int | None,
+    pipeline: Any,
+    executor: Any,
     split_size: object = None,
 ) -> tuple[Aggregator[Any, Any, Any], BatchTask[Any], Any]:
     """The aggregator, task and state a run goes on with: as given, unless ``checkpoints`` says
@@ -121,21 +128,34 @@ async def owned_run(
 
     ``state`` is the initial state, or the ``DeferredShards`` of the checkpoint resumed from, which
     the owners load (``CheckpointCorrupt`` naming a damaged file). With a checkpoint, a dead owner
-    is started again. A ``split_size`` that is a :class:`SplitSizer` is told of each batch's keys.
+    is started again. On a ``DaskExecutor`` the owners are Dask actors
+    (:mod:`microbatch.executors.dask_owners`); elsewhere processes, one per ``pipeline.workers``.
+    A ``split_size`` that is a :class:`SplitSizer` is told of each batch's keys.
     """
     if not checkpoints.defer_keyed:
         return agg, task, state
     assert isinstance(agg, ByKey)
+    counts = type(agg.inner) is Count
+    sizer = split_size if isinstance(split_size, SplitSizer) else None
+    if isinstance(executor, DaskExecutor):
+        actors = await stack.enter_async_context(DaskOwners(executor, agg.owners, agg.shards))
+        if isinstance(state, DeferredShards):
+            loaded = await actors.load(state.manifest, state.folder)
+            log.info("shard owners on Dask loaded %d keys from %s", loaded, state.folder)
+        route: OwnerRoute = DaskOwnerRoute(task.fn, agg.shards, actors.actors, counts=counts)
+        owned = OwnedByKey(agg, actors, stats, sizer)
+        task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
+        return owned, task, owned.initial()
     owners = await stack.enter_async_context(
-        Owners(owner_count(agg, workers), agg.shards, keep_parts=checkpoints.target is not None)
+        Owners(owner_count(agg, pipeline.workers), agg.shards, keep_parts=checkpoints.target is not None)
     )
     if isinstance(state, DeferredShards):
         manifest, folder = state.manifest, state.folder
         loaded = await anyio.to_thread.run_sync(lambda: owners.load(manifest, folder))
         log.info("shard owners loaded %d keys from %s", loaded, folder)
-    route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=type(agg.inner) is Count)
+    route = OwnerRoute(task.fn, agg.shards, owners.folder, owners.count, counts=counts)
     owned_task = BatchTask(route, encoding=task.encoding, errors=task.errors, where=task.where)
-    owned = OwnedByKey(agg, owners, stats, split_size if isinstance(split_size, SplitSizer) else None)
+    owned = OwnedByKey(agg, owners, stats, sizer)
     return owned, owned_task, owned.initial()
 
 
@@ -144,14 +164,16 @@ class OwnedState:
 
     __slots__ = ("owners",)
 
-    def __init__(self, owners: Owners) -> None:
+    def __init__(self, owners: Owners | DaskOwners) -> None:
         self.owners = owners
 
 
 class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
     """Stands for a ``ByKey`` in the fold stage while shard owners hold its state."""
 
-    def __init__(self, agg: ByKey, owners: Owners, stats: Stats, sizer: SplitSizer | None = None) -> None:
+    def __init__(
+        self, agg: ByKey, owners: Owners | DaskOwners, stats: Stats, sizer: SplitSizer | None = None
+    ) -> None:
         self.agg = agg
         self.owners = owners
         self.stats = stats  # the fold stage's: ``batches`` is the number of a checkpoint taken now
@@ -187,7 +209,7 @@ class OwnedByKey(Aggregator[OwnedParts, OwnedState, Mapping[Any, Any]]):
         """Progress without asking the owners: the batches they were told to fold."""
         return {"owners": self.owners.count, "batches": self.owners.batches}
 
-    def barrier(self, state: OwnedState, folder: str) -> Barrier:
+    def barrier(self, state: OwnedState, folder: str) -> Barrier | DaskBarrier:
         """A checkpoint of the owners' state now: each writes its shard files into ``folder``."""
         return self.owners.barrier(self.stats.batches, folder)
 
@@ -262,7 +284,7 @@ class PackedValues(Mapping[Any, Any]):
 
     __slots__ = ("_taken", "_blocks", "_ring", "_len", "_decoded")
 
-    def __init__(self, taken: list[bytearray], place: Ring) -> None:
+    def __init__(self, taken: Sequence[bytes | bytearray], place: Ring) -> None:
         self._taken = taken
         self._blocks: dict[int, tuple[int, wire.Block]] = {}
         for index, data in enumerate(taken):

@@ -187,7 +187,7 @@ class Run(Generic[R, V]):
             # Shard owners hold the keyed state, when the run uses them; their keys size its splits.
             sizes = read_sizes(p, self.checkpoints.defer_keyed)
             self.agg, self.task, self.initial_state = await owned_run(
-                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p.workers,
+                stack, self.agg, self.task, self.initial_state, self.stats, self.checkpoints, p, executor,
                 sizes[0],
             )
             # The window opens to queue_size now and by the executor's capacity once it runs, so

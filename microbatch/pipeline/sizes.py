@@ -11,6 +11,7 @@ from typing import Any
 
 from .._core.owners import SplitSizer
 from .._core.params import check_int
+from ..executors.dask import DEFAULT_SPLIT_SIZE
 from .owned import owned_split_sizes
 
 __all__ = ["UnsetMaxSize", "UnsetSplitSize", "read_sizes", "split_size_for"]
@@ -32,7 +33,10 @@ def read_sizes(pipeline: Any, owned: bool) -> tuple[int | SplitSizer | None, int
     size = split_size_for(pipeline.split_size, pipeline.executor)
     if not owned:
         return size, None
-    default_size = type(pipeline.split_size) is UnsetSplitSize and size == pipeline.split_size
+    # The pipeline's default, or a Dask executor's (large for few tasks; with owners, a task's
+    # result is a receipt, and smaller splits spread a file over more workers).
+    unset = type(pipeline.split_size) is UnsetSplitSize
+    default_size = unset and size in (pipeline.split_size, DEFAULT_SPLIT_SIZE)
     return owned_split_sizes(size, default_size, type(pipeline.max_size) is UnsetMaxSize)
 
 
