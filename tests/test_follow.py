@@ -128,6 +128,25 @@ async def test_copytruncate_reads_the_rest_from_the_copy_and_warns(
     assert str(tmp_path / "app.log.1") in warning
 
 
+async def test_copytruncate_drops_a_line_the_copy_tore_and_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The copy was made while the writer was inside a line: the copy ends in part of it, and the
+    rest went to the file before the truncation took it away. That part is no record: dropped."""
+    path = tmp_path / "app.log"
+    path.write_bytes(b"line a\nline b\n")
+    caplog.set_level(logging.WARNING, "microbatch.sources")
+    async with _follow(mb.read_lines(path, follow=True, poll_interval=POLL)) as records:
+        assert await _take(records, 2) == ["line a", "line b"]
+        (tmp_path / "app.log.1").write_bytes(b"line a\nline b\nline c\nline d is t")
+        with open(path, "r+b") as f:
+            f.truncate(0)
+        _append(path, b"new\n")
+        assert await _take(records, 2) == ["line c", "new"]
+    (torn,) = [r.getMessage() for r in caplog.records if "partial line" in r.getMessage()]
+    assert str(tmp_path / "app.log.1") in torn and "11 bytes" in torn and "dropped" in torn
+
+
 async def test_copytruncate_twice_while_the_reader_was_behind_reads_every_copy(tmp_path: Path) -> None:
     """Two copytruncate rotations (logrotate: shift ``app.log.N``, copy, truncate) while the reader
     was not looking: the rest of the first copy, the whole second copy, then the file itself."""

@@ -389,6 +389,7 @@ async def follow_parts(
     wakeup = Wakeup(path, source.poll_interval)
     block_size, tail = source.block_size, b""
     quiet, idle_since = source.stop_when_idle, anyio.current_time()
+    copy: str | None = None  # the name of the copytruncate copy being read, if it is one
     try:
         while True:
             data = await anyio.to_thread.run_sync(_read, f, block_size, tail)
@@ -417,12 +418,14 @@ async def follow_parts(
                     return  # a partial last line waits for the next reading
                 await wakeup.wait()
                 continue
+            torn = None
             if new is not None:
                 logger.info("%s: rotated; the old file was read to its end, reading %s from byte 0",
                             where, new.name)
                 await anyio.to_thread.run_sync(seen.leave, f)
                 f = new
                 seen.add(f)
+                torn, copy = copy, None
             else:
                 position = f.tell()
                 copy, lost = await anyio.to_thread.run_sync(_copy_of, path, position, tail)
@@ -442,15 +445,23 @@ async def follow_parts(
                     trail.replace(f, opened)  # and closes f: the file it is now is found as the next
                     f = opened
                     continue
+                copy = None
                 logger.warning(
                     "%s: truncated at byte %d (now %d bytes) and no copy of it found beside it: "
                     "the bytes written after byte %d before the truncation were skipped (how many "
                     "is unknown); reading again from byte 0", where, position, now, position,
                 )
                 await anyio.to_thread.run_sync(f.seek, 0)
-            # The file this partial line belongs to has ended: it will not be completed.
+            # The file this partial line belongs to has ended: it will not be completed. A copy
+            # ends in part of a line when the writer was inside it: its rest went to the file
+            # before the truncation took it away, so the part is no record.
             part = reader.finish()
-            if part is not None:
+            if part is not None and torn is not None:
+                logger.warning(
+                    "%s: the copy %s ends in a partial line (%d bytes), the rest of which was "
+                    "truncated away: dropped", where, torn, len(part[1]),
+                )
+            elif part is not None:
                 trail.records += _count(part[1], part[2])
                 yield part
             trail.add(f)
