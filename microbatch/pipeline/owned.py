@@ -43,7 +43,7 @@ OWNED_SMALL_SPLIT_SIZE = 1 << 20
 
 
 def owned_split_sizes(
-    size: int | None, default_size: bool, default_batch: bool
+    size: int | None, default_size: bool, default_batch: bool, *, adapt: bool = True
 ) -> tuple[int | SplitSizer | None, int | None]:
     """The split size and the lines per batch inside a split of a run with shard owners.
 
@@ -52,12 +52,15 @@ def owned_split_sizes(
     records per key, so when not given: splits of ``OWNED_SPLIT_SIZE`` bytes (instead of 2 MiB),
     or of ``OWNED_SMALL_SPLIT_SIZE`` once the keys seen are too many for a split to combine them
     (a :class:`SplitSizer`, told of each batch's keys by :class:`OwnedByKey`); each split one batch
-    (``max_size`` stays the bound of batches read in the pipeline process).
+    (``max_size`` stays the bound of batches read in the pipeline process). Without ``adapt``
+    (on Dask, where each split is a task and many are in flight before the first is folded),
+    always ``OWNED_SPLIT_SIZE``.
     """
     sized: int | SplitSizer | None = size
     if default_size and size is not None:
-        size = OWNED_SPLIT_SIZE
-        sized = SplitSizer(OWNED_SPLIT_SIZE, OWNED_SMALL_SPLIT_SIZE)
+        size = sized = OWNED_SPLIT_SIZE
+        if adapt:
+            sized = SplitSizer(OWNED_SPLIT_SIZE, OWNED_SMALL_SPLIT_SIZE)
     batch = size if default_batch and size is not None else None  # a line holds at least one byte
     return sized, batch
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .._core.owners import SplitSizer
 from .._core.params import check_int
-from ..executors.dask import DEFAULT_SPLIT_SIZE
+from ..executors.dask import DEFAULT_SPLIT_SIZE, DaskExecutor
 from .owned import owned_split_sizes
 
 __all__ = ["UnsetMaxSize", "UnsetSplitSize", "read_sizes", "split_size_for"]
@@ -37,7 +37,10 @@ def read_sizes(pipeline: Any, owned: bool) -> tuple[int | SplitSizer | None, int
     # result is a receipt, and smaller splits spread a file over more workers).
     unset = type(pipeline.split_size) is UnsetSplitSize
     default_size = unset and size in (pipeline.split_size, DEFAULT_SPLIT_SIZE)
-    return owned_split_sizes(size, default_size, type(pipeline.max_size) is UnsetMaxSize)
+    return owned_split_sizes(
+        size, default_size, type(pipeline.max_size) is UnsetMaxSize,
+        adapt=not isinstance(pipeline.executor, DaskExecutor),
+    )
 
 
 def split_size_for(split_size: int | None, executor: object) -> int | None:
