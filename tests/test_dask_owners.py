@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ import pytest
 
 pytest.importorskip("distributed")
 
-import _dask_cluster
-from _dask_cluster import DaskCluster, dask_cluster
-from distributed import Client
+from _dask_cluster import DaskCluster
+from _dask_fixtures import dask_backend, dask_cluster_of_module, module_cluster  # noqa: F401 - fixtures
 
 import microbatch as mb
 from microbatch._core.owners import OwnedParts
@@ -35,41 +33,6 @@ from microbatch.executors import dask_owners
 from microbatch.executors.dask import DaskExecutor
 from microbatch.executors.dask_owners import DaskOwners, OwnerActor
 from microbatch.pipeline import owned
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ],
-    scope="module",
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
-    if request.param[1].get("use_uvloop"):
-        pytest.importorskip("uvloop")
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module")
-def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaskCluster, Client]]:
-    tests = str(Path(__file__).parent)  # the workers import this module by name
-    with (
-        dask_cluster(tmp_path_factory.mktemp("dask"), workers=2, pythonpath=[tests]) as cluster,
-        Client(cluster.scheduler_address, set_as_default=False) as client,
-    ):
-        yield cluster, client
-
-
-@pytest.fixture
-def cluster(_cluster: tuple[DaskCluster, Client]) -> DaskCluster:
-    """The module's cluster, once both workers are connected (a killed one is restarted by its nanny)."""
-    cluster, client = _cluster
-    try:
-        client.wait_for_workers(2, timeout=_dask_cluster.START_TIMEOUT)
-    except TimeoutError as exc:
-        raise RuntimeError(f"{exc}; the cluster's logs:\n{cluster.logs()}") from exc
-    return cluster
-
 
 # -- functions the workers run (module level: workers import this module by name) -------------------
 
