@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "folder_identity", "fsync_dir", "make_folder", "write_atomic"]
+__all__ = ["TEMP_SUFFIX", "folder_identity", "fsync_dir", "make_folder", "remove_unnamed", "write_atomic"]
 
 #: The suffix of every temporary file :func:`write_atomic` makes.
 TEMP_SUFFIX = ".tmp"
@@ -88,3 +88,23 @@ def folder_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+def remove_unnamed(
+    folder: Path, keep: set[str], *, prefix: str, suffixes: tuple[str, ...], temp_prefix: str
+) -> list[str]:
+    """Remove the files of ``folder`` named ``prefix...suffix`` (one of ``suffixes``) that are not
+    in ``keep``, and the temporary files ``write_atomic`` left (``temp_prefix``); the names removed,
+    sorted. Nothing when the folder is gone."""
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for file in folder.iterdir():
+        name = file.name
+        ours = name.startswith(prefix) and name.endswith(suffixes)
+        temporary = name.startswith(temp_prefix) and name.endswith(TEMP_SUFFIX)
+        if (ours or temporary) and name not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+            removed.append(name)
+    return sorted(removed)

@@ -26,7 +26,6 @@ loop, on documents that share nothing with the state being folded.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ import xxhash
 from .._core.keys import key_bytes, key_from_json, key_to_json
 from .._core.ring import ring
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from .atomic import TEMP_SUFFIX, folder_identity, fsync_dir, write_atomic
+from .atomic import folder_identity, fsync_dir, remove_unnamed, write_atomic
 from .format import JSON
 from .shardcodec import decode_document, encode_document
 
@@ -290,17 +289,9 @@ class ShardFiles:
         for manifest in [*manifests, self._manifest]:
             if manifest is not None:
                 keep.update(_names(manifest))
-        removed: list[str] = []
-        if not self.path.is_dir():
-            return removed
-        for file in self.path.iterdir():
-            shard_file = file.name.startswith("shard-") and file.name.endswith((".json", ".mbk"))
-            temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(TEMP_SUFFIX)
-            if (shard_file or temporary) and file.name not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    file.unlink()
-                removed.append(file.name)
-        return sorted(removed)
+        return remove_unnamed(
+            self.path, keep, prefix="shard-", suffixes=(".json", ".mbk"), temp_prefix=_TEMP_PREFIX
+        )
 
 
 def _encode(doc: JSON) -> bytes:

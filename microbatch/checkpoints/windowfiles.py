@@ -23,7 +23,6 @@ share nothing with the state being folded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -34,7 +33,7 @@ from typing import Any
 import xxhash
 
 from .._exceptions import CheckpointCorrupt, CheckpointWriteError
-from .atomic import TEMP_SUFFIX, folder_identity, fsync_dir, write_atomic
+from .atomic import folder_identity, fsync_dir, remove_unnamed, write_atomic
 from .format import JSON
 from .shardcodec import decode_document, encode_document
 
@@ -193,17 +192,7 @@ class WindowFiles:
         for manifest in [*manifests, self._manifest]:
             if manifest is not None:
                 keep.update(entry["name"] for entry in manifest["windows"])
-        removed: list[str] = []
-        if not self.path.is_dir():
-            return removed
-        for file in self.path.iterdir():
-            window_file = file.name.startswith("window-") and file.name.endswith(".mbw")
-            temporary = file.name.startswith(_TEMP_PREFIX) and file.name.endswith(TEMP_SUFFIX)
-            if (window_file or temporary) and file.name not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    file.unlink()
-                removed.append(file.name)
-        return sorted(removed)
+        return remove_unnamed(self.path, keep, prefix="window-", suffixes=(".mbw",), temp_prefix=_TEMP_PREFIX)
 
 
 def is_manifest(data: object) -> bool:
